@@ -1,0 +1,98 @@
+"""The reference Mistral model in PyTorch: the oracle every export is checked against.
+
+RMSNorm, rotate-half RoPE, grouped-query attention with a sliding window, SwiGLU,
+and chunked prefill over a rolling buffer cache (see cache.py). Each chunk's
+queries attend to the cache as it was before the chunk plus the chunk itself;
+the chunk is written to the cache afterwards, so a chunk of C <= W tokens never
+overwrites a key one of its own queries still needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgeError
+from .cache import RollingKVCache
+from .config import ModelConfig
+from .weights import output_weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)) * weight.float()
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [*positions.shape, head_dim] for rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, C, D]; cos/sin: [B, C, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class ReferenceModel:
+    """Functional model over a canonical weight dict, computing in `dtype` (fp32 by default)."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.cfg = config
+        self.dtype = dtype
+        self.w = {k: v.to(dtype) for k, v in weights.items()}
+        self.head = output_weight(self.w)
+
+    @property
+    def window(self) -> int:
+        return self.cfg.sliding_window or self.cfg.max_position
+
+    def new_cache(self, batch: int = 1, window: int | None = None) -> RollingKVCache:
+        c = self.cfg
+        return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: RollingKVCache, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one chunk of [B, C] tokens through the model; returns logits [B, C, V]."""
+        c = self.cfg
+        B, C = tokens.shape
+        W = cache.window
+        if C > W:
+            raise EdgeError(f"chunk of {C} tokens is larger than the window W={W}")
+        n_valid = torch.full((B,), C, dtype=torch.long) if n_valid is None else n_valid.long()
+        qpos = cache.pos[:, None] + torch.arange(C)  # [B, C]
+        kpos = torch.cat([cache.slot_positions(), torch.where(torch.arange(C) < n_valid[:, None], qpos, -1)], 1)
+        visible = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - W)
+        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill(~visible, float("-inf"))[:, None]
+        cos, sin = rope_tables(qpos, c.head_dim, c.rope_theta)
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+
+        h = F.embedding(tokens, self.w["tok_embeddings.weight"])
+        for i in range(c.n_layers):
+            p = f"layers.{i}."
+            x = rms_norm(h, self.w[p + "attention_norm.weight"], c.norm_eps).to(self.dtype)
+            q = (x @ self.w[p + "attention.wq.weight"].T).view(B, C, c.n_heads, c.head_dim).transpose(1, 2)
+            k = (x @ self.w[p + "attention.wk.weight"].T).view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            v = (x @ self.w[p + "attention.wv.weight"].T).view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            keys = torch.cat([cache.k[i].to(self.dtype), k], 2).repeat_interleave(c.gqa_ratio, 1)
+            vals = torch.cat([cache.v[i].to(self.dtype), v], 2).repeat_interleave(c.gqa_ratio, 1)
+            scores = (q @ keys.transpose(-1, -2)) * c.head_dim**-0.5 + bias
+            attn = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(self.dtype) @ vals
+            cache.write(i, k, v, n_valid)
+            h = h + attn.transpose(1, 2).reshape(B, C, -1) @ self.w[p + "attention.wo.weight"].T
+            x = rms_norm(h, self.w[p + "ffn_norm.weight"], c.norm_eps).to(self.dtype)
+            gate = F.silu(x @ self.w[p + "feed_forward.w1.weight"].T) * (x @ self.w[p + "feed_forward.w3.weight"].T)
+            h = h + gate @ self.w[p + "feed_forward.w2.weight"].T
+        cache.advance(n_valid)
+        return (rms_norm(h, self.w["norm.weight"], c.norm_eps).to(self.dtype) @ self.head.T).float()
+
+    def prefill(self, tokens: torch.Tensor, cache: RollingKVCache, chunk: int) -> torch.Tensor:
+        """Process [B, T] tokens chunk by chunk; returns logits for every position [B, T, V]."""
+        if chunk <= 0:
+            raise EdgeError(f"chunk size must be a positive integer, got {chunk}")
+        return torch.cat([self.forward(tokens[:, s:s + chunk], cache) for s in range(0, tokens.shape[1], chunk)], 1)
