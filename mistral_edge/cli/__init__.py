@@ -1,0 +1,1 @@
+"""Typer command-line interface: thin entry points over the library."""

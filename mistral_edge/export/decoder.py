@@ -1,0 +1,114 @@
+"""Build the decoder-step ONNX graph (the graph contract is in docs/graph-contract.md).
+
+One call processes a chunk of C <= W tokens per sequence: embeddings, per layer
+RMSNorm -> fused QKV -> RoPE -> WindowedGroupQueryAttention (which updates the
+rolling cache) -> output projection -> RMSNorm -> fused gate/up -> SwiGLU -> down,
+then the final norm and the LM head on the rows picked by `logits_index` only, so
+decoding pays for one row of the vocabulary projection, evaluation for all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from ..model.config import ModelConfig
+from ..model.weights import output_weight
+from .attention import DOMAIN, OP, attention_function
+from .linear import WeightEmitter
+from .onnx_builder import FLOAT, INT64, Builder
+
+GRAPH_CONTRACT_VERSION = 1
+OPSET = 24
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What a runtime needs to know about an exported graph (also stored as model metadata)."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    window: int
+    chunk: int
+    vocab_size: int
+
+
+def _rope(b: Builder, x: str, cos: str, sin: str, n_heads: int, head_dim: int) -> str:
+    x4 = b.op("Reshape", [x, b.const([0, 0, n_heads, head_dim])])
+    half = head_dim // 2
+    x1 = b.op("Slice", [x4, b.const([0]), b.const([half]), b.const([3])])
+    x2 = b.op("Slice", [x4, b.const([half]), b.const([head_dim]), b.const([3])])
+    rotated = b.op("Concat", [b.op("Neg", [x2]), x1], axis=3)
+    out = b.op("Add", [b.op("Mul", [x4, cos]), b.op("Mul", [rotated, sin])])
+    return b.op("Reshape", [out, b.const([0, 0, n_heads * head_dim])])
+
+
+def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: int, chunk: int,
+                  emitter: WeightEmitter) -> onnx.ModelProto:
+    b = emitter.builder
+    c = cfg
+    kv_shape = ["batch", c.n_kv_heads, window, c.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", INT64, ["batch", "chunk"]),
+        helper.make_tensor_value_info("positions", INT64, ["batch"]),
+        helper.make_tensor_value_info("valid_lens", INT64, ["batch"]),
+        helper.make_tensor_value_info("logits_index", INT64, ["batch", "n_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "n_logits", c.vocab_size])]
+    for i in range(c.n_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", FLOAT, kv_shape))
+
+    # RoPE tables for the chunk's absolute positions, shared by all layers: [B, C, 1, D]
+    n_chunk = b.op("Squeeze", [b.op("Slice", [b.op("Shape", ["input_ids"]), b.const([1]), b.const([2])]), b.const([0])])
+    qpos = b.op("Add", [b.op("Unsqueeze", ["positions", b.const([1])]), b.op("Range", [b.const(0), n_chunk, b.const(1)])])
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.int64).astype(np.float32) / c.head_dim))
+    freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [qpos], to=FLOAT), b.const([2])]),
+                         b.init("rope.inv_freq", inv_freq.astype(np.float32))])
+    emb = b.op("Unsqueeze", [b.op("Concat", [freqs, freqs], axis=2), b.const([2])])
+    cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
+
+    def norm(x: str, name: str) -> str:
+        return b.op("RMSNormalization", [x, b.init(name, weights[name].float().numpy())], axis=-1, epsilon=c.norm_eps)
+
+    q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    h = emitter.embedding("input_ids", "tok_embeddings", weights["tok_embeddings.weight"])
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        x = norm(h, p + "attention_norm.weight")
+        wqkv = torch.cat([weights[p + f"attention.{n}.weight"] for n in ("wq", "wk", "wv")])
+        q, k, v = b.op("Split", [emitter.linear(x, p + "attention.wqkv", wqkv), b.const([q_size, kv_size, kv_size])],
+                       n_out=3, axis=-1)
+        q, k = _rope(b, q, cos, sin, c.n_heads, c.head_dim), _rope(b, k, cos, sin, c.n_kv_heads, c.head_dim)
+        attn, _, _ = b.op(OP, [q, k, v, f"past_key.{i}", f"past_value.{i}", "positions", "valid_lens"],
+                          domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
+                          name=f"{p}attention")
+        h = b.op("Add", [h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"])])
+        x = norm(h, p + "ffn_norm.weight")
+        w13 = torch.cat([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]])
+        gate, up = b.op("Split", [emitter.linear(x, p + "feed_forward.w13", w13), b.const([c.hidden_dim] * 2)],
+                        n_out=2, axis=-1)
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        h = b.op("Add", [h, emitter.linear(act, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])])
+
+    picked = b.op("GatherND", [h, b.op("Unsqueeze", ["logits_index", b.const([2])])], batch_dims=1)
+    head_name = "output" if "output.weight" in weights else "tok_embeddings"
+    emitter.linear(norm(picked, "norm.weight"), head_name, output_weight(weights), output="logits")
+
+    graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
+    model = helper.make_model(
+        graph, functions=[attention_function()], producer_name="mistral-edge",
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
+                       helper.make_opsetid("com.microsoft", 1)],
+    )
+    model.ir_version = 10
+    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size)
+    helper.set_model_props(model, {"mistral_edge.graph_contract": str(GRAPH_CONTRACT_VERSION),
+                                   **{f"mistral_edge.{k}": str(v) for k, v in info.__dict__.items()}})
+    return model

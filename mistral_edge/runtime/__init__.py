@@ -1,0 +1,1 @@
+"""On-device runtime: onnxruntime + numpy + a tokenizer library, never torch or transformers."""
