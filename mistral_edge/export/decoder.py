@@ -98,7 +98,9 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
         h = b.op("Add", [h, emitter.linear(act, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])])
 
     picked = b.op("GatherND", [h, b.op("Unsqueeze", ["logits_index", b.const([2])])], batch_dims=1)
-    head_name = "output" if "output.weight" in weights else "tok_embeddings"
+    # a tied head shares the embedding's storage when both have the same precision
+    shared = "output.weight" not in weights and emitter.plan.get("output") == emitter.plan.get("tok_embeddings")
+    head_name = "tok_embeddings" if shared else "output"
     emitter.linear(norm(picked, "norm.weight"), head_name, output_weight(weights), output="logits")
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)

@@ -13,10 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 import torch
 
+from ..errors import EdgeError
+from ..quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
+from ..quantize.int8 import Int8Weight, quantize_int8
+from ..quantize.stats import error_stats
 from .onnx_builder import FLOAT, Builder
+
+INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
 
 
 @dataclass(frozen=True)
@@ -40,26 +48,95 @@ class WeightEmitter:
     def _quant(self, name: str) -> TensorQuant:
         return self.plan.get(name, TensorQuant("fp32"))
 
+    def _record(self, name: str, tq: TensorQuant, w: torch.Tensor, wq: torch.Tensor) -> None:
+        self.log.append((name, tq.kind, tuple(w.shape), error_stats(w, wq)))
+
     def linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         """y = x @ w.T for w [N, K]."""
         b, tq = self.builder, self._quant(name)
         outs = [output] if output else None
         n, k = w.shape
         if tq.kind in ("fp32", "fp16"):
-            wt = self._stored.get(name) or b.init(name + ".weight_t", _float(w.T, tq.kind))
-            self._stored[name] = wt
+            wt = b.init(name + ".weight_t", _float(w.T, tq.kind))
             if tq.kind == "fp16":
                 wt = b.op("Cast", [wt], to=FLOAT)
             return b.op("MatMul", [x, wt], outputs=outs)
-        raise NotImplementedError(tq.kind)
+        if tq.kind == "int8" and self.fmt == "nbits":
+            packed, block = self._int8_nbits(name, w)
+            blocks = math.ceil(k / block)
+            scales = self._once(name + ".scales", lambda: self._int8(name, w).scale.repeat_interleave(blocks).numpy())
+            return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
+                        K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
+        if tq.kind == "int8":
+            q8 = self._int8(name, w)
+            dq = b.op("DequantizeLinear", [b.init(name + ".q_t", q8.q.T.contiguous().numpy()),
+                                           self._once(name + ".row_scale", lambda: q8.scale.numpy())], axis=1)
+            return b.op("MatMul", [x, dq], outputs=outs)
+        if tq.kind == "int4":
+            q4 = quantize_int4(w, tq.group_size, tq.symmetric, tq.method)
+            self._record(name, tq, w, q4.dequantize())
+            if self.fmt == "nbits":
+                packed, scales, zeros = pack_matmul_nbits(q4)
+                ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", scales)]
+                if zeros is not None:
+                    ins.append(b.init(name + ".zero_points", zeros))
+                return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=tq.group_size, accuracy_level=self.accuracy_level)
+            q, scale, zero = blocked_qdq(q4)
+            ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", scale)]
+            if zero is not None:
+                ins.append(b.init(name + ".zero_points", zero))
+            dq = b.op("DequantizeLinear", ins, axis=0, block_size=tq.group_size)
+            return b.op("MatMul", [x, dq], outputs=outs)
+        raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
 
     def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
+        """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
         b, tq = self.builder, self._quant(name)
         if tq.kind in ("fp32", "fp16"):
-            table = b.init(name + ".weight", _float(w, tq.kind))
-            rows = b.op("Gather", [table, ids], axis=0)
+            rows = b.op("Gather", [b.init(name + ".weight", _float(w, tq.kind)), ids], axis=0)
             return b.op("Cast", [rows], to=FLOAT) if tq.kind == "fp16" else rows
-        raise NotImplementedError(tq.kind)
+        if tq.kind != "int8":
+            raise EdgeError(f"the embedding can be fp32, fp16 or int8, not {tq.kind}")
+        if self.fmt == "nbits":  # the same storage as an int8 MatMulNBits head, so a tied head shares it
+            packed, _ = self._int8_nbits(name, w)
+            rows = b.op("Gather", [packed, ids], axis=0)  # [B, C, blocks, block]
+            rows = b.op("Reshape", [rows, b.const([0, 0, -1])])
+            rows = b.op("Slice", [rows, b.const([0]), b.const([w.shape[1]]), b.const([2])])
+            rows = b.op("Sub", [b.op("Cast", [rows], to=FLOAT), b.const(float(INT8_ZERO), np.float32)])
+        else:
+            rows = b.op("Cast", [b.op("Gather", [b.init(name + ".q", self._int8(name, w).q.numpy()), ids], axis=0)],
+                        to=FLOAT)
+        row_scale = self._once(name + ".row_scale", lambda: self._int8(name, w).scale.numpy())
+        scale = b.op("Unsqueeze", [b.op("Gather", [row_scale, ids], axis=0), b.const([2])])
+        return b.op("Mul", [rows, scale])
+
+    def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
+        if name not in self._stored:
+            q8 = quantize_int8(w)
+            self._record(name, TensorQuant("int8"), w, q8.dequantize())
+            self._stored[name] = q8
+        return self._stored[name]
+
+    def _once(self, init_name: str, make) -> str:
+        """Add an initializer the first time it is asked for (tied head and embedding share)."""
+        if init_name not in self._stored:
+            self._stored[init_name] = self.builder.init(init_name, make())
+        return self._stored[init_name]
+
+    def _int8_nbits(self, name: str, w: torch.Tensor) -> tuple[str, int]:
+        """int8 per channel as MatMulNBits 8-bit blocks [N, blocks, block] (K padded with the zero
+        point); the caller gives every block of a row the row's scale, which is exactly
+        per-channel quantization. Returns (initializer name, block size)."""
+        n, k = w.shape
+        block = 128 if k >= 128 else max(16, 1 << (k.bit_length() - 1))
+        blocks = math.ceil(k / block)
+
+        def pack() -> np.ndarray:
+            packed = torch.full((n, blocks * block), INT8_ZERO, dtype=torch.uint8)
+            packed[:, :k] = (self._int8(name, w).q.to(torch.int16) + INT8_ZERO).to(torch.uint8)
+            return packed.view(n, blocks, block).numpy()
+        return self._once(name + ".q8", pack), block
 
 
 def _float(w: torch.Tensor, kind: str) -> np.ndarray:

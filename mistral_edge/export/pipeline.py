@@ -1,0 +1,68 @@
+"""Checkpoint + quantization spec -> model.onnx, with a per-tensor error log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import EdgeError
+from ..model.checkpoint import Checkpoint
+from ..quantize.spec import QuantSpec
+from .decoder import GraphInfo, build_decoder
+from .linear import TensorQuant, WeightEmitter
+from .onnx_builder import Builder
+
+DEFAULT_WINDOW = 1024
+"""W for models without a sliding window (Llama layout): the cache must have a fixed size."""
+DEFAULT_CHUNK = 128
+LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+FORMATS = ("nbits", "qdq")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    info: GraphInfo
+    plan: dict[str, TensorQuant]
+    errors: list  # (name, kind, shape, ErrorStats) per quantized tensor
+    ops: tuple[str, ...]  # "domain::op" used by the graph (function bodies included)
+
+
+def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tuple[int, int]:
+    w = window if window is not None else (ck.config.sliding_window or DEFAULT_WINDOW)
+    if w <= 0:
+        raise EdgeError(f"window must be a positive integer, got {w}")
+    c = chunk if chunk is not None else min(DEFAULT_CHUNK, w)
+    if not 0 < c <= w:
+        raise EdgeError(f"chunk size must be between 1 and the window W={w}, got {c}")
+    return w, c
+
+
+def quant_plan(ck: Checkpoint, spec: QuantSpec) -> dict[str, TensorQuant]:
+    def tq(kind: str) -> TensorQuant:
+        return TensorQuant(kind, spec.group_size or 32, spec.symmetric, spec.method or "rtn")
+
+    plan = {f"layers.{i}.{n}": tq(spec.linear) for i in range(ck.config.n_layers) for n in LAYER_LINEARS}
+    plan["tok_embeddings"] = tq(spec.embedding)
+    plan["output"] = tq(spec.head)
+    return plan
+
+
+def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
+                chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
+                plan: dict[str, TensorQuant] | None = None) -> ExportResult:
+    """Write the decoder-step graph to out_path (weights external when the model is large)."""
+    if fmt not in FORMATS:
+        raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    w, c = resolve_window(ck, window, chunk)
+    plan = plan or quant_plan(ck, spec)
+    emitter = WeightEmitter(Builder(), plan, fmt, accuracy_level)
+    model = build_decoder(ck.config, ck.weights, w, c, emitter)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
+    onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")
+    ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node}
+                 | {f"{n.domain or 'ai.onnx'}::{n.op_type}" for f in model.functions for n in f.node})
+    info = GraphInfo(ck.config.n_layers, ck.config.n_kv_heads, ck.config.head_dim, w, c, ck.config.vocab_size)
+    return ExportResult(out_path, info, plan, emitter.log, tuple(ops))

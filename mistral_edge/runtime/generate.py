@@ -1,0 +1,122 @@
+"""Chunked prefill, decoding, stop handling and streaming over a DecoderSession."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EdgeError
+from .sampling import Sampler, SamplingParams
+from .session import DecoderSession
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop_strings: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] = ()  # in addition to the tokenizer's EOS ids
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise EdgeError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
+
+
+class Generator:
+    """Generation for one conversation (batch 1): the session keeps its cache between calls,
+    so a chat feeds only each turn's new tokens and may run past W (the cache rolls)."""
+
+    def __init__(self, session: DecoderSession, tokenizer):
+        if session.batch != 1:
+            raise EdgeError("Generator needs a batch-1 session; use generate_batch for batches")
+        self.session = session
+        self.tokenizer = tokenizer
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Feed tokens chunk by chunk; returns the logits [V] after the last one."""
+        if not ids:
+            raise EdgeError("empty prompt")
+        c = self.session.chunk
+        for s in range(0, len(ids), c):
+            logits = self.session.step(np.asarray([ids[s:s + c]], np.int64))
+        return logits[0, -1]
+
+    def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
+        """Yield generated token ids until EOS/stop token or the token budget."""
+        stops = set(self.tokenizer.eos_ids) | set(cfg.stop_tokens)
+        sampler = Sampler(cfg.sampling)
+        history = list(prompt_ids)
+        logits = self.prefill(prompt_ids)
+        for _ in range(cfg.max_new_tokens):
+            tok = sampler(logits, history)
+            if tok in stops:
+                return
+            history.append(tok)
+            yield tok
+            logits = self.session.step(np.asarray([[tok]], np.int64))[0, -1]
+
+    def stream(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[str]:
+        """Yield text pieces as they become final; stops at a stop string (not included)."""
+        from ..tokenizer import StreamDecoder
+
+        decoder = StreamDecoder(self.tokenizer)
+        hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
+        text, emitted = "", 0
+        for tok in self.stream_ids(prompt_ids, cfg):
+            text += decoder.add(tok)
+            # a stop string ends in the newest text, so it starts at or after `emitted`
+            cut = min((i for i in (text.find(s, emitted) for s in cfg.stop_strings) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def generate(self, prompt_ids: list[int], cfg: GenerationConfig) -> str:
+        return "".join(self.stream(prompt_ids, cfg))
+
+
+def generate_batch(session: DecoderSession, prompts: list[list[int]], cfg: GenerationConfig,
+                   eos_ids: tuple[int, ...] = ()) -> list[list[int]]:
+    """Generate for prompts of different lengths at once: shorter prompts sit out the
+    chunks they have no tokens for (valid length 0), finished sequences stop advancing."""
+    if session.batch != len(prompts):
+        raise EdgeError(f"session batch {session.batch} does not match {len(prompts)} prompts")
+    if any(not p for p in prompts):
+        raise EdgeError("empty prompt")
+    b, c = len(prompts), session.chunk
+    last = np.zeros((b, session.vocab_size), np.float32)
+    for s in range(0, max(map(len, prompts)), c):
+        pieces = [p[s:s + c] for p in prompts]
+        width = max(map(len, pieces))
+        tokens = np.zeros((b, width), np.int64)
+        for i, piece in enumerate(pieces):
+            tokens[i, :len(piece)] = piece
+        valid = np.array([len(p) for p in pieces])
+        logits = session.step(tokens, valid)
+        for i in np.nonzero(valid)[0]:
+            last[i] = logits[i, -1]
+    stops = set(eos_ids) | set(cfg.stop_tokens)
+    samplers = [Sampler(cfg.sampling) for _ in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    active = np.ones(b, bool)
+    for _ in range(cfg.max_new_tokens):
+        step = np.zeros((b, 1), np.int64)
+        for i in np.nonzero(active)[0]:
+            tok = samplers[i](last[i], prompts[i] + out[i])
+            if tok in stops:
+                active[i] = False
+            else:
+                out[i].append(tok)
+                step[i, 0] = tok
+        if not active.any():
+            break
+        last = session.step(step, active.astype(np.int64))[:, -1].copy()
+    return out
