@@ -43,28 +43,35 @@ class Generator:
             logits = self.session.step(np.asarray([ids[s:s + c]], np.int64))
         return logits[0, -1]
 
-    def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
-        """Yield generated token ids until EOS/stop token or the token budget."""
+    def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig,
+                   history: list[int] | None = None) -> Iterator[int]:
+        """Feed `prompt_ids`, then yield generated ids until EOS/stop token or the token budget.
+        A yielded id is already in the cache. `history` (default: the prompt) feeds the
+        repetition penalty."""
         stops = set(self.tokenizer.eos_ids) | set(cfg.stop_tokens)
         sampler = Sampler(cfg.sampling)
-        history = list(prompt_ids)
+        history = list(prompt_ids if history is None else history)
         logits = self.prefill(prompt_ids)
         for _ in range(cfg.max_new_tokens):
             tok = sampler(logits, history)
             if tok in stops:
                 return
             history.append(tok)
-            yield tok
             logits = self.session.step(np.asarray([[tok]], np.int64))[0, -1]
+            yield tok
 
-    def stream(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[str]:
-        """Yield text pieces as they become final; stops at a stop string (not included)."""
+    def stream(self, prompt_ids: list[int], cfg: GenerationConfig, on_token=None,
+               history: list[int] | None = None) -> Iterator[str]:
+        """Yield text pieces as they become final; stops at a stop string (not included).
+        `on_token(id)` sees every id that entered the cache."""
         from ..tokenizer import StreamDecoder
 
         decoder = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
         text, emitted = "", 0
-        for tok in self.stream_ids(prompt_ids, cfg):
+        for tok in self.stream_ids(prompt_ids, cfg, history):
+            if on_token:
+                on_token(tok)
             text += decoder.add(tok)
             # a stop string ends in the newest text, so it starts at or after `emitted`
             cut = min((i for i in (text.find(s, emitted) for s in cfg.stop_strings) if i >= 0), default=-1)

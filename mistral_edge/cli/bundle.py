@@ -1,0 +1,53 @@
+"""`mistral-edge inspect` and `mistral-edge verify`: read a bundle's manifest, check its files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..runtime.bundle import read_manifest, verify as verify_bundle
+from .commands import COMMANDS
+
+BundleArg = Annotated[Path, typer.Argument(help="bundle directory")]
+
+
+def inspect(bundle: BundleArg) -> None:
+    """Show a bundle's manifest as a table."""
+    m = read_manifest(bundle)
+    table = Table(title=f"{bundle} ({m['target']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("toolkit", "source", "window", "chunk", "graph_contract", "model", "activation_dtype"):
+        table.add_row(key, json.dumps(m[key]) if isinstance(m[key], dict) else str(m[key]))
+    table.add_row("quant", m["quant"]["spec"] + f" ({m['quant']['format']})")
+    for group, scheme in m["quant"]["tensors"].items():
+        table.add_row(f"  {group}", scheme)
+    for key, value in m["config"].items():
+        table.add_row(f"config.{key}", str(value))
+    for key, value in m["memory_budget"].items():
+        table.add_row(f"memory.{key}", "-" if value is None else f"{value:,} B ({value / 2**20:.1f} MiB)")
+    table.add_row("providers", ", ".join(m["runtime"]["providers"]))
+    table.add_row("ops", ", ".join(m["ops"]) or "-")
+    for f in m["files"]:
+        table.add_row(f"file {f['path']}", f"{f['bytes']:,} B  sha256 {f['sha256'][:16]}…")
+    Console().print(table)
+
+
+def verify(bundle: BundleArg) -> None:
+    """Re-hash every file and check the graph against the manifest; exit 1 on any problem."""
+    problems = verify_bundle(bundle)
+    console = Console(stderr=True)
+    for p in problems:
+        console.print(f"[red]FAIL[/] {p}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK {bundle}: every file matches the manifest")
+
+
+COMMANDS["inspect"] = inspect
+COMMANDS["verify"] = verify

@@ -1,0 +1,48 @@
+"""`mistral-edge export`: checkpoint -> quantized target bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..model.loaders import load_checkpoint
+from ..quantize.spec import parse_quant
+from ..targets.bundle import BundleRequest, write_bundle
+from ..targets.profiles import TARGETS, get_target
+from .commands import COMMANDS
+from .options import ChunkOpt, ModelArg, TrustPickleOpt, WindowOpt
+
+
+def export(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write (replaced atomically)")] = Path("bundle"),
+    target: Annotated[str, typer.Option(help=f"one of {', '.join(TARGETS)}")] = "cpu",
+    quant: Annotated[Optional[str], typer.Option(help="fp32, fp16, int8, int4[-g32|-g64|-g128][-sym][-rtn|-search] (default: the target's)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="int4 group size (32, 64, 128)")] = None,
+    head: Annotated[Optional[str], typer.Option(help="output head precision (fp32, fp16, int8)")] = None,
+    embedding: Annotated[Optional[str], typer.Option(help="embedding precision (fp32, fp16, int8)")] = None,
+    weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast) or qdq (DequantizeLinear, portable)")] = None,
+    window: WindowOpt = None,
+    chunk: ChunkOpt = None,
+    device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Export a model, quantized, as a self-contained bundle for a target device."""
+    profile = get_target(target)
+    spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
+    console = Console(stderr=True)
+    with console.status(f"loading {model or 'the embedded demo model'}"):
+        ck = load_checkpoint(model, trust_pickle=trust_pickle)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format)
+    with console.status(f"exporting {spec.name} for {target}"):
+        manifest = write_bundle(ck, req, out, log=lambda line: console.print(line, highlight=False))
+    b = manifest["memory_budget"]
+    console.print(f"[green]wrote[/] {out}: {len(manifest['files'])} files, W={manifest['window']}, "
+                  f"chunk={manifest['chunk']}, weights {b['weight_bytes'] / 2**20:.1f} MiB, "
+                  f"KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, total {b['total_bytes'] / 2**20:.1f} MiB")
+
+
+COMMANDS["export"] = export

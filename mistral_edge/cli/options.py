@@ -1,0 +1,15 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="HF directory, mistral-inference directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model to load (default: the embedded demo model)")]
+WindowOpt = Annotated[Optional[int], typer.Option(help="W, the number of rolling KV-cache slots (overrides the model's)")]
+ChunkOpt = Annotated[Optional[int], typer.Option(help="prefill chunk size C (1 <= C <= W)")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow torch pickle checkpoints (.bin/.pth/.pt)")]
+ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: all cores)")]

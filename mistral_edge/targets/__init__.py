@@ -1,0 +1,1 @@
+"""Target writers: turn a quantized model into what each deployment stack loads."""

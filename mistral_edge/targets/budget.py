@@ -1,0 +1,61 @@
+"""Memory budget of a bundle, computed from the config and quant plan before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..export.linear import TensorQuant
+from ..model.config import ModelConfig
+from ..quantize.spec import bits_per_weight
+
+CACHE_DTYPE_BYTES = 4  # the exported cache is fp32
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    weight_bytes: int
+    """Resident weights: fp16 tensors count twice (ONNX Runtime casts them to fp32 at load)."""
+    kv_cache_bytes: int
+    """layers x 2 x batch x n_kv_heads x W x head_dim x 4, whatever the sequence length."""
+    activation_bytes: int
+    """Estimate of one prefill chunk's working set, doubled for allocator slack."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[N, K] of every planned tensor (fused QKV and gate/up, as exported)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"tok_embeddings": (cfg.vocab_size, cfg.dim), "output": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention.wqkv": (q + 2 * kv, cfg.dim), p + "attention.wo": (cfg.dim, q),
+                       p + "feed_forward.w13": (2 * cfg.hidden_dim, cfg.dim),
+                       p + "feed_forward.w2": (cfg.dim, cfg.hidden_dim)})
+    return shapes
+
+
+def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False) -> int:
+    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric)
+    if resident and tq.kind == "fp16":
+        bits = 32
+    return int(n * k * bits / 8)
+
+
+def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1) -> MemoryBudget:
+    shapes = tensor_shapes(cfg)
+    if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
+        shapes.pop("output")  # shared storage
+    weights = sum(tensor_bytes(n, k, plan[name], resident=True) for name, (n, k) in shapes.items())
+    weights += (2 * cfg.n_layers + 1) * cfg.dim * 4  # norms
+    kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * CACHE_DTYPE_BYTES
+    c, q = batch * chunk, cfg.n_heads * cfg.head_dim
+    floats = (4 * c * cfg.dim + c * (q + 2 * cfg.n_kv_heads * cfg.head_dim) + 2 * cfg.n_heads * c * (window + chunk)
+              + 2 * batch * cfg.n_kv_heads * (window + chunk) * cfg.head_dim + 3 * c * cfg.hidden_dim
+              + c * cfg.vocab_size)
+    return MemoryBudget(weights, kv, 2 * floats * 4)
