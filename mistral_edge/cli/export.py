@@ -8,9 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..model.loaders import load_checkpoint
 from ..quantize.spec import parse_quant
-from ..targets.bundle import BundleRequest, write_bundle
 from ..targets.profiles import TARGETS, get_target
 from .commands import COMMANDS
 from .options import ChunkOpt, ModelArg, TrustPickleOpt, WindowOpt
@@ -31,6 +29,9 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export a model, quantized, as a self-contained bundle for a target device."""
+    from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
+    from ..targets.bundle import BundleRequest, write_bundle
+
     profile = get_target(target)
     spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
     console = Console(stderr=True)

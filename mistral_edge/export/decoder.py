@@ -38,6 +38,23 @@ class GraphInfo:
     vocab_size: int
 
 
+def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical weights from the exporter's names (fused wqkv / w13, 'output'), e.g. to run the
+    reference model on exactly the weights a quantized graph uses."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("attention.wqkv"):
+            for part, piece in zip(("wq", "wk", "wv"), t.split([q, kv, kv])):
+                out[name.replace("wqkv", part) + ".weight"] = piece
+        elif name.endswith("feed_forward.w13"):
+            for part, piece in zip(("w1", "w3"), t.split([cfg.hidden_dim] * 2)):
+                out[name.replace("w13", part) + ".weight"] = piece
+        else:
+            out[name + ".weight"] = t
+    return out
+
+
 def _rope(b: Builder, x: str, cos: str, sin: str, n_heads: int, head_dim: int) -> str:
     x4 = b.op("Reshape", [x, b.const([0, 0, n_heads, head_dim])])
     half = head_dim // 2

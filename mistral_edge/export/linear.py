@@ -1,6 +1,6 @@
 """Emit weight initializers and the ops that use them, per tensor precision.
 
-fp32 / fp16: plain MatMul (fp16 weights are cast up once, at session start).
+fp32 / fp16: Gemm on the [N, K] table (fp16 weights are cast up once, at session start).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 per output channel is stored as 8-bit blocks that share their
 row's scale, which is exactly per-channel quantization).
@@ -43,6 +43,8 @@ class WeightEmitter:
     fmt: str = "nbits"  # or "qdq"
     accuracy_level: int = 4
     log: list = field(default_factory=list)
+    dequantized: dict = field(default_factory=dict)
+    """name -> the weight the graph really computes with (quantized tensors only)."""
     _stored: dict = field(default_factory=dict)
 
     def _quant(self, name: str) -> TensorQuant:
@@ -50,17 +52,18 @@ class WeightEmitter:
 
     def _record(self, name: str, tq: TensorQuant, w: torch.Tensor, wq: torch.Tensor) -> None:
         self.log.append((name, tq.kind, tuple(w.shape), error_stats(w, wq)))
+        self.dequantized[name] = wq
 
     def linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         """y = x @ w.T for w [N, K]."""
         b, tq = self.builder, self._quant(name)
         outs = [output] if output else None
         n, k = w.shape
-        if tq.kind in ("fp32", "fp16"):
-            wt = b.init(name + ".weight_t", _float(w.T, tq.kind))
-            if tq.kind == "fp16":
-                wt = b.op("Cast", [wt], to=FLOAT)
-            return b.op("MatMul", [x, wt], outputs=outs)
+        if tq.kind in ("fp32", "fp16"):  # Gemm with transB reads the [N, K] table an embedding shares
+            flat = b.op("Gemm", [b.op("Reshape", [x, b.const([-1, k])]), self._float(name, w, tq)], transB=1)
+            shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x]), b.const([0]), b.const([-1])]),
+                                    b.const([n])], axis=0)
+            return b.op("Reshape", [flat, shape], outputs=outs)
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             blocks = math.ceil(k / block)
@@ -94,8 +97,7 @@ class WeightEmitter:
         """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
         b, tq = self.builder, self._quant(name)
         if tq.kind in ("fp32", "fp16"):
-            rows = b.op("Gather", [b.init(name + ".weight", _float(w, tq.kind)), ids], axis=0)
-            return b.op("Cast", [rows], to=FLOAT) if tq.kind == "fp16" else rows
+            return b.op("Gather", [self._float(name, w, tq), ids], axis=0)
         if tq.kind != "int8":
             raise EdgeError(f"the embedding can be fp32, fp16 or int8, not {tq.kind}")
         if self.fmt == "nbits":  # the same storage as an int8 MatMulNBits head, so a tied head shares it
@@ -110,6 +112,15 @@ class WeightEmitter:
         row_scale = self._once(name + ".row_scale", lambda: self._int8(name, w).scale.numpy())
         scale = b.op("Unsqueeze", [b.op("Gather", [row_scale, ids], axis=0), b.const([2])])
         return b.op("Mul", [rows, scale])
+
+    def _float(self, name: str, w: torch.Tensor, tq: TensorQuant) -> str:
+        """The [N, K] float table (fp16 storage is cast up once, when the session starts)."""
+        def make() -> np.ndarray:
+            if tq.kind == "fp16":
+                self._record(name, tq, w, w.half().float())
+            return w.detach().to(torch.float16 if tq.kind == "fp16" else torch.float32).contiguous().numpy()
+        table = self._once(name + ".weight", make)
+        return self.builder.op("Cast", [table], to=FLOAT) if tq.kind == "fp16" else table
 
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if name not in self._stored:
@@ -138,6 +149,3 @@ class WeightEmitter:
             return packed.view(n, blocks, block).numpy()
         return self._once(name + ".q8", pack), block
 
-
-def _float(w: torch.Tensor, kind: str) -> np.ndarray:
-    return w.detach().to(torch.float16 if kind == "fp16" else torch.float32).contiguous().numpy()

@@ -10,6 +10,7 @@ import onnx
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..quantize.spec import QuantSpec
+from ..runtime.bundle import graph_ops
 from .decoder import GraphInfo, build_decoder
 from .linear import TensorQuant, WeightEmitter
 from .onnx_builder import Builder
@@ -62,7 +63,6 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
     model = build_decoder(ck.config, ck.weights, w, c, emitter)
     big = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
     onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")
-    ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node}
-                 | {f"{n.domain or 'ai.onnx'}::{n.op_type}" for f in model.functions for n in f.node})
+    ops = graph_ops(model)
     info = GraphInfo(ck.config.n_layers, ck.config.n_kv_heads, ck.config.head_dim, w, c, ck.config.vocab_size)
     return ExportResult(out_path, info, plan, emitter.log, tuple(ops))

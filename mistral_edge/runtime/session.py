@@ -23,6 +23,7 @@ class SessionConfig:
     threads: int = 0  # 0: onnxruntime's default (all physical cores)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     chunk: int | None = None  # prefill chunk; default: the export's
+    entries: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
 
 
 class _Slot:
@@ -45,6 +46,8 @@ class DecoderSession:
         so.intra_op_num_threads = config.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in config.entries:
+            so.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=list(config.providers))
         except Exception as e:  # onnxruntime raises several types for unreadable models
