@@ -28,3 +28,128 @@ def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, voc
 def checkpoint_of(model: MistralForCausalLM) -> Checkpoint:
     cfg = config_from_hf({**model.config.to_dict(), "architectures": ["MistralForCausalLM"]})
     return Checkpoint(cfg, canonical_weights(dict(model.state_dict())), source="fixture", source_format="hf")
+
+
+# --- Checkpoints on disk in the layouts users bring (tests/test_loaders.py) ---------------------
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import sentencepiece  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from mistral_edge.model.weights import half_to_interleaved  # noqa: E402
+
+SPM_V1 = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+"""mistral-common's bundled Mistral 7B SentencePiece tokenizer (32000 pieces)."""
+
+
+def save_mistral_inference(model: MistralForCausalLM, path: Path) -> Path:
+    """Mistral's own layout: params.json + consolidated.safetensors with wq/wk rows interleaved."""
+    ck = checkpoint_of(model)
+    c = ck.config
+    weights = dict(ck.weights)
+    for i in range(c.n_layers):
+        for name, heads in (("wq", c.n_heads), ("wk", c.n_kv_heads)):
+            key = f"layers.{i}.attention.{name}.weight"
+            weights[key] = half_to_interleaved(weights[key], heads)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, path / "consolidated.safetensors")
+    params = {"dim": c.dim, "n_layers": c.n_layers, "head_dim": c.head_dim, "hidden_dim": c.hidden_dim,
+              "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "norm_eps": c.norm_eps, "vocab_size": c.vocab_size,
+              "rope_theta": c.rope_theta, "sliding_window": c.sliding_window}
+    (path / "params.json").write_text(json.dumps(params))
+    return path
+
+
+# llama.cpp's convert_hf_to_gguf.py names, written out here rather than taken from the loader.
+_GGUF_TOP = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down", "mlp.up_proj": "ffn_up"}
+
+
+def _gguf_name(hf_name: str) -> tuple[str, str]:
+    """(tensor kind like 'attn_q', full GGUF name like 'blk.0.attn_q.weight')."""
+    if hf_name in _GGUF_TOP:
+        kind = _GGUF_TOP[hf_name]
+        return kind, f"{kind}.weight"
+    _, _, i, rest = hf_name.split(".", 3)
+    kind = _GGUF_LAYER[rest.removesuffix(".weight")]
+    return kind, f"blk.{i}.{kind}.weight"
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half rows -> interleaved RoPE pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_spm_vocab(writer: gguf.GGUFWriter, spm_path: Path) -> None:
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+    T = gguf.TokenType
+
+    def kind(i: int) -> int:
+        return (T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else T.BYTE if sp.is_byte(i)
+                else T.UNUSED if sp.is_unused(i) else T.NORMAL)
+
+    n = sp.get_piece_size()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([kind(i) for i in range(n)])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+
+
+def save_gguf(model, path: Path, qtypes: dict | None = None, spm: Path | None = None,
+              chat_template: str | None = None, arch: str = "llama") -> dict[str, torch.Tensor]:
+    """Write a tiny HF Llama/Mistral as llama.cpp would; returns its state dict as stored.
+
+    `qtypes` maps a tensor kind ('attn_q', 'ffn_down', 'token_embd', ...) to its GGML type
+    (default F32). The returned tensors are quantized and dequantized back, in HF row order:
+    blocks run along rows and the wq/wk permutation only moves whole rows, so quantizing
+    before or after it gives the same values.
+    """
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if spm is None:
+        writer.add_vocab_size(cfg.vocab_size)
+    else:
+        _write_spm_vocab(writer, spm)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    Q = gguf.GGMLQuantizationType
+    stored = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        kind, gguf_name = _gguf_name(name)
+        w = t.float().numpy()
+        if kind in ("attn_q", "attn_k"):
+            w = _llama_cpp_permute(w, cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads)
+        qtype = (qtypes or {}).get(kind, Q.F32)
+        if qtype in (Q.F32, Q.F16):
+            data = w.astype(np.float32 if qtype == Q.F32 else np.float16)
+            writer.add_tensor(gguf_name, data)
+        else:
+            data = gguf.quants.quantize(w, qtype)
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+        back = gguf.quants.dequantize(gguf.quants.quantize(t.float().numpy(), qtype), qtype)
+        stored[name] = torch.from_numpy(np.array(back, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored

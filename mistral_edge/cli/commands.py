@@ -6,3 +6,6 @@ COMMANDS: dict = {}
 # Each cli module registers itself here, e.g. in cli/info.py:
 #     from .commands import COMMANDS; COMMANDS["info"] = info
 # and is imported below.
+
+from . import info  # noqa: E402,F401
+from . import bundle, export, generate  # noqa: E402,F401

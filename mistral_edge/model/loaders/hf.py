@@ -7,9 +7,13 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ...errors import EdgeError
+from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..weights import expected_shapes, validate
 
 ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
 
@@ -46,6 +50,8 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise EdgeError(f"unsupported architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise EdgeError("unsupported model: attention or MLP biases (a Mistral-architecture model has none)")
     scaling = cfg.get("rope_scaling") or {}
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise EdgeError(f"unsupported rope_scaling {scaling!r}")
@@ -89,6 +95,103 @@ def load_config(path: Path) -> ModelConfig:
     if not f.is_file():
         raise EdgeError(f"{path}: no config.json")
     try:
-        return config_from_hf(json.loads(f.read_text()))
+        cfg = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise EdgeError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise EdgeError(f"{f}: expected a JSON object")
+    return config_from_hf(cfg)
+
+
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt")
+_WEIGHT_LAYOUTS = (  # (single file, shard index), safetensors before pickles
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
+def first_line(e: BaseException) -> str:
+    """A library's error message cut to one line, for an EdgeError."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def require_trust(path: Path, trust_pickle: bool) -> None:
+    """Pickles can run code when unpickled, so loading one is the user's explicit decision."""
+    if not trust_pickle:
+        raise EdgeError(f"{path} is a pickle checkpoint, which can run code when loaded; "
+                        "pass --trust-pickle if you trust where it came from")
+
+
+def read_tensors(files: list[Path], trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """All tensors of safetensors files and (with trust) torch pickles, merged into one dict."""
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                state.update(load_file(f))
+            except (SafetensorError, OSError) as e:
+                raise EdgeError(f"{f}: unreadable safetensors file, truncated or corrupt ({first_line(e)})") from None
+            continue
+        require_trust(f, trust_pickle)
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise EdgeError(f"{f}: cannot load pickle checkpoint ({first_line(e)})") from None
+        if not isinstance(obj, dict) or not all(isinstance(t, torch.Tensor) for t in obj.values()):
+            raise EdgeError(f"{f}: pickle does not hold a flat dict of tensors")
+        state.update(obj)
+    return state
+
+
+def has_weights(path: Path) -> bool:
+    return any((path / name).is_file() for layout in _WEIGHT_LAYOUTS for name in layout)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: one file or the shards its index lists."""
+    for single, index in _WEIGHT_LAYOUTS:
+        if (path / single).is_file():
+            return [path / single]
+        if (path / index).is_file():
+            try:
+                shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise EdgeError(f"{path / index}: not a valid shard index") from None
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise EdgeError(f"{path / index} lists {missing[0]}, which is missing")
+            return [path / s for s in shards]
+    raise EdgeError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def model_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Validate, then keep only the tensors the model uses (a tied model's saved lm_head goes)."""
+    validate(state, cfg)
+    return {name: state[name] for name in expected_shapes(cfg)}
+
+
+def tokenizer_files(path: Path) -> dict[str, Path]:
+    return {name: path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()}
+
+
+def chat_template(path: Path) -> str | None:
+    """The template transformers would use: chat_template.jinja, else tokenizer_config.json's."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    f = path / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    try:
+        template = json.loads(f.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        raise EdgeError(f"{f}: not a valid JSON object") from None
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def load(path: Path, trust_pickle: bool = False, weights: Path | None = None) -> Checkpoint:
+    """A Hugging Face directory; `weights` overrides the weight file (a pickle the user named)."""
+    cfg = load_config(path)
+    state = canonical_weights(read_tensors([weights] if weights else weight_files(path), trust_pickle))
+    return Checkpoint(cfg, model_tensors(state, cfg), str(path), tokenizer_files(path), chat_template(path), "hf")

@@ -1,0 +1,44 @@
+"""`mistral-edge info`: what a model is and what it costs on a device (weights and KV cache)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from ..model.loaders import load_checkpoint
+from .commands import COMMANDS
+from .options import ModelArg, TrustPickleOpt, WindowOpt
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} B ({n / 2**20:,.2f} MiB)"
+
+
+def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPickleOpt = False) -> None:
+    """Show a model's config, parameter count, weight bytes and KV-cache bytes."""
+    ck = load_checkpoint(model, window=window, trust_pickle=trust_pickle)
+    cfg = ck.config
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in cfg.to_dict().items():
+        table.add_row(key, str(value))
+    table.add_row("parameters", f"{ck.n_params:,}")
+    per_dtype: Counter[str] = Counter()
+    for t in ck.weights.values():
+        per_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+    for dtype, n in sorted(per_dtype.items()):
+        table.add_row(f"weights {dtype}", _bytes(n))
+    W = cfg.sliding_window
+    for label, size in (("fp32", 4), ("fp16", 2)):
+        table.add_row(f"KV per token {label}", _bytes(cfg.kv_bytes_per_token(size)))
+        table.add_row(f"KV for W={W} {label}" if W else f"KV for window {label}",
+                      _bytes(cfg.kv_bytes_per_token(size) * W) if W else "no window: give --window")
+    console = Console()
+    console.print(f"{ck.source} ({ck.source_format})", highlight=False, soft_wrap=True)
+    console.print(table)
+
+
+COMMANDS["info"] = info

