@@ -7,7 +7,6 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from ..model.loaders import load_checkpoint
 from .commands import COMMANDS
 from .options import ModelArg, TrustPickleOpt, WindowOpt
 
@@ -18,6 +17,8 @@ def _bytes(n: int) -> str:
 
 def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPickleOpt = False) -> None:
     """Show a model's config, parameter count, weight bytes and KV-cache bytes."""
+    from ..model.loaders import load_checkpoint  # torch: only for commands that load checkpoints
+
     ck = load_checkpoint(model, window=window, trust_pickle=trust_pickle)
     cfg = ck.config
     table = Table(show_header=False)

@@ -11,6 +11,13 @@ from . import commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export Mistral-architecture models, quantized, to edge devices.")
+
+
+@app.callback()
+def _root() -> None:
+    """Export Mistral-architecture models, quantized, to edge devices."""
+
+
 for _name, _fn in commands.COMMANDS.items():
     app.command(_name)(_fn)
 
