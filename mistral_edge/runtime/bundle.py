@@ -25,19 +25,44 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_FIELDS = {"toolkit": dict, "target": str, "source": dict, "config": dict, "window": int, "chunk": int,
+           "graph_contract": int, "quant": dict, "activation_dtype": str, "ops": list, "runtime": dict,
+           "tokenizer": dict, "generation": dict, "memory_budget": dict, "files": list}
+"""Top-level manifest fields and their JSON types (`model` is a file name, or null for MLC)."""
+_JSON_TYPES = {dict: "an object", str: "a string", int: "an integer", list: "an array"}
+
+
 def read_manifest(bundle: Path) -> dict:
+    """The parsed manifest; any defect in it is one EdgeError line, never a KeyError later."""
     path = Path(bundle) / MANIFEST
     if not Path(bundle).is_dir():
         raise EdgeError(f"{bundle}: no such bundle directory")
     if not path.is_file():
         raise EdgeError(f"{bundle}: not a bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as e:
+        raise EdgeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgeError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise EdgeError(f"{path}: unsupported bundle format version {manifest.get('format_version')!r}"
-                        if isinstance(manifest, dict) else f"{path}: not a manifest object")
+    if not isinstance(manifest, dict):
+        raise EdgeError(f"{path}: not a manifest object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise EdgeError(f"{path}: unsupported bundle format version {manifest.get('format_version')!r} "
+                        f"(this toolkit reads version {FORMAT_VERSION})")
+    for key, kind in {**_FIELDS, "model": str}.items():
+        value = manifest.get(key, 0)
+        if not isinstance(value, kind) and not (key == "model" and value is None):
+            raise EdgeError(f"{path}: field {key!r} is missing or not {_JSON_TYPES[kind]}")
+    for f in manifest["files"]:
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
+                and isinstance(f.get("sha256"), str)):
+            raise EdgeError(f"{path}: malformed entry in 'files': {json.dumps(f)[:80]}")
+        rel = Path(f["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise EdgeError(f"{path}: file {f['path']!r} lies outside the bundle")
     return manifest
 
 
@@ -50,8 +75,8 @@ def verify(bundle: Path) -> list[str]:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     problems = []
-    listed = {f["path"] for f in manifest.get("files", [])}
-    for f in manifest.get("files", []):
+    listed = {f["path"] for f in manifest["files"]}
+    for f in manifest["files"]:
         p = bundle / f["path"]
         if not p.is_file():
             problems.append(f"missing file {f['path']}")
@@ -84,19 +109,21 @@ def _check_graph(bundle: Path, manifest: dict) -> list[str]:
         if onnx is None:
             import onnxruntime as ort
 
-            props = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            props = session.get_modelmeta().custom_metadata_map
         else:
             model = onnx.load(str(path), load_external_data=False)
             props = {p.key: p.value for p in model.metadata_props}
     except Exception as e:  # a corrupt protobuf raises DecodeError, onnxruntime its own types
         return [f"{manifest['model']}: unreadable model ({str(e).splitlines()[0]})"]
-    expected = {"graph_contract": manifest["graph_contract"], "window": manifest["window"],
-                "n_layers": manifest["config"]["n_layers"], "vocab_size": manifest["config"]["vocab_size"]}
+    cfg = manifest["config"]
+    expected = {"graph_contract": manifest["graph_contract"], "window": manifest["window"], "chunk": manifest["chunk"],
+                **{k: cfg.get(k) for k in ("n_layers", "n_kv_heads", "head_dim", "vocab_size")}}
     problems = [f"graph {k} is {props.get('mistral_edge.' + k)!r}, manifest says {v!r}"
                 for k, v in expected.items() if props.get("mistral_edge." + k) != str(v)]
     if onnx is None:
         return problems
-    if graph_ops(model) != sorted(manifest.get("ops", [])):
+    if graph_ops(model) != sorted(manifest["ops"]):
         problems.append("graph ops differ from the manifest's op list")
     return problems
 
@@ -130,14 +157,23 @@ class Bundle:
         return self.path / self.manifest["model"]
 
     def session(self, threads: int = 0, chunk: int | None = None, batch: int = 1):
-        """A DecoderSession with the manifest's execution providers that this onnxruntime has."""
+        """A DecoderSession with the manifest's runtime settings: its execution providers that this
+        onnxruntime has (in the manifest's order, with their options), its intra-op threads unless
+        `threads` is given, and its `session.*` config entries."""
         import onnxruntime as ort
 
         from .session import DecoderSession, SessionConfig
 
-        have = set(ort.get_available_providers())
-        providers = tuple(p for p in self.manifest["runtime"]["providers"] if p in have) or ("CPUExecutionProvider",)
-        return DecoderSession(self.model_path, batch, SessionConfig(threads, providers, chunk))
+        if self.manifest["model"] is None:
+            raise EdgeError(f"{self.path}: a {self.manifest['target']} bundle has no ONNX model to run here")
+        rt = self.manifest["runtime"]
+        have, options = set(ort.get_available_providers()), rt.get("provider_options", {})
+        providers = tuple((p, options[p]) if options.get(p) else p for p in rt["providers"] if p in have)
+        settings = rt.get("session_options", {})
+        entries = tuple((k, str(v)) for k, v in settings.items() if k.startswith("session."))
+        threads = threads or int(settings.get("intra_op_num_threads", 0))
+        config = SessionConfig(threads, providers or ("CPUExecutionProvider",), chunk, entries)
+        return DecoderSession(self.model_path, batch, config)
 
     def tokenizer(self):
         from ..tokenizer import Tokenizer

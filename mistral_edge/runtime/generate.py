@@ -83,6 +83,7 @@ class Generator:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+        text += decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
 

@@ -1,0 +1,176 @@
+"""The on-device runtime: generation loop, stops, streaming, batches, chat past W, memory, no torch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from mistral_edge.errors import EdgeError
+from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.bundle import Bundle
+from mistral_edge.runtime.chat import ChatEngine
+from mistral_edge.runtime.generate import GenerationConfig, Generator, generate_batch
+from mistral_edge.runtime.sampling import SamplingParams
+from mistral_edge.targets.bundle import BundleRequest, write_bundle
+from mistral_edge.targets.profiles import get_target
+from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+
+W = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
+    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    return ck, out
+
+
+def greedy_reference(ck, prompt, n):
+    """Greedy continuation by the PyTorch reference, token by token after the prompt."""
+    ref = ReferenceModel(ck.config, ck.weights)
+    cache = ref.new_cache()
+    logits = ref.prefill(torch.tensor([prompt]), cache, 5)[0, -1]
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = ref.forward(torch.tensor([[out[-1]]]), cache)[0, -1]
+    return out
+
+
+def test_greedy_generation_matches_reference_past_the_window(tiny):
+    ck, out = tiny
+    b = Bundle.open(out)
+    gen = Generator(b.session(), b.tokenizer())
+    prompt = list(range(100, 123))  # 23 tokens: prefill crosses W
+    got = list(gen.stream_ids(prompt, GenerationConfig(max_new_tokens=3 * W, stop_tokens=())))
+    expected = greedy_reference(ck, prompt, len(got))
+    assert got == expected[:len(got)] and len(got) > W  # stopped only by EOS, if at all
+
+
+def test_stream_equals_decode_and_stop_strings(tiny):
+    ck, out = tiny
+    b = Bundle.open(out)
+    tok = b.tokenizer()
+    gen = Generator(b.session(), tok)
+    prompt = tok.encode("Hello there")
+    cfg = GenerationConfig(max_new_tokens=20)
+    ids = list(gen.stream_ids(prompt, cfg))
+    gen.session.reset()
+    text = "".join(gen.stream(prompt, cfg))
+    assert text == tok.decode(ids)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    if stop.strip():
+        gen.session.reset()
+        cut = "".join(gen.stream(prompt, GenerationConfig(max_new_tokens=20, stop_strings=(stop,))))
+        assert cut == text[:text.find(stop)]
+
+
+def test_stop_token_and_seeded_sampling(tiny):
+    _, out = tiny
+    b = Bundle.open(out)
+    gen = Generator(b.session(), b.tokenizer())
+    prompt = list(range(50, 60))
+    greedy = list(gen.stream_ids(prompt, GenerationConfig(max_new_tokens=8)))
+    gen.session.reset()
+    stopped = list(gen.stream_ids(prompt, GenerationConfig(max_new_tokens=8, stop_tokens=(greedy[2],))))
+    assert stopped == greedy[:greedy.index(greedy[2])]
+    runs = []
+    for _ in range(2):
+        gen.session.reset()
+        cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingParams(1.0, 50, 0.9, 1.1, seed=7))
+        runs.append(list(gen.stream_ids(prompt, cfg)))
+    assert runs[0] == runs[1]
+
+
+def test_batch_of_prompts_of_different_lengths(tiny):
+    _, out = tiny
+    b = Bundle.open(out)
+    prompts = [list(range(10, 33)), list(range(200, 207))]
+    cfg = GenerationConfig(max_new_tokens=12)
+    batched = generate_batch(b.session(batch=2), prompts, cfg, eos_ids=(2,))
+    for prompt, got in zip(prompts, batched):
+        alone = Generator(b.session(), b.tokenizer())
+        assert got == list(alone.stream_ids(prompt, cfg))
+
+
+def test_chat_longer_than_window_keeps_working(tiny):
+    _, out = tiny
+    b = Bundle.open(out)
+    from mistral_edge.chat import ChatFormat
+
+    tok = b.tokenizer()
+    fmt = ChatFormat.from_manifest(b.manifest)
+    gen = Generator(b.session(), tok)
+    engine = ChatEngine(gen, lambda m: fmt.encode(m, tok))
+    for turn in range(4):
+        "".join(engine.reply(f"turn {turn}: tell me something", GenerationConfig(max_new_tokens=6)))
+    assert gen.session.positions[0] > 3 * W
+    assert len(engine.messages) == 8
+    assert gen.session.positions[0] == len(engine.fed)  # each turn fed only the new tokens
+
+
+def test_memory_stays_flat_after_many_windows(tiny):
+    """Cache bytes are fixed, and RSS after 10*W generated tokens is within a few MB of after W."""
+    _, out = tiny
+    b = Bundle.open(out)
+    session = b.session()
+    cfg = b.manifest["config"]
+    assert session.cache_bytes == cfg["n_layers"] * 2 * cfg["n_kv_heads"] * W * cfg["head_dim"] * 4
+    proc = psutil.Process()
+    tok = np.array([[5]])
+    for _ in range(W):
+        session.step(tok)
+    after_w = proc.memory_info().rss
+    for _ in range(9 * W):
+        session.step(tok)
+    assert session.positions[0] == 10 * W
+    assert proc.memory_info().rss - after_w < 4 * 2**20
+
+
+def test_runtime_runs_without_torch_and_transformers(tiny, tmp_path):
+    """A phone has no torch: block both imports and run the CLI on the bundle."""
+    _, out = tiny
+    blocker = tmp_path / "block"
+    for name in ("torch", "transformers"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = ("import sys; from mistral_edge.cli.main import main; "
+            f"sys.argv = ['mistral-edge', 'generate', '--bundle', {str(out)!r}, 'Hello', '--max-new-tokens', '5']; main()")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert check.returncode != 0  # the blocker really blocks
+
+
+def test_cli_generate_needs_bundle_or_torch(tiny):
+    r = subprocess.run(["mistral-edge", "generate", "--backend", "onnx", "hi"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: give --bundle DIR")
+    r = subprocess.run(["mistral-edge", "generate", "--bundle", "/nonexistent", "hi"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == "error: /nonexistent: no such bundle directory"
+
+
+def test_bundle_missing_files_refused(tiny, tmp_path):
+    import shutil
+
+    _, out = tiny
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "tokenizer.model").unlink()
+    with pytest.raises(EdgeError, match="missing file tokenizer.model"):
+        Bundle.open(broken)
+
+
+def test_bad_sampling_params():
+    with pytest.raises(EdgeError, match="top-p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(EdgeError, match="temperature"):
+        SamplingParams(temperature=-1)
