@@ -1,0 +1,281 @@
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mistral_edge.errors import EdgeError
+from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
+from mistral_edge.quantize.int8 import quantize_int8
+from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
+from mistral_edge.quantize.stats import error_stats
+
+
+def randw(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def group_err(w, qw, weight=None):
+    """Squared error per (row, group), optionally weighted per input channel."""
+    d = (w - qw.dequantize()) ** 2
+    if weight is not None:
+        d = d * weight
+    g = qw.group_size
+    return torch.nn.functional.pad(d, (0, qw.q.shape[1] - w.shape[1])).view(w.shape[0], -1, g).sum(-1)
+
+
+# ---- spec -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, bits, group, sym, method, head",
+    [
+        ("fp32", 32, None, True, None, "fp32"),
+        ("fp16", 16, None, True, None, "fp16"),
+        ("int8", 8, None, True, None, "int8"),
+        ("int4", 4, 32, False, "search", "int8"),
+        ("int4-g128", 4, 128, False, "search", "int8"),
+        ("INT4-g64-sym", 4, 64, True, "search", "int8"),
+        ("int4-sym-rtn", 4, 32, True, "rtn", "int8"),
+        ("int4-g32-search", 4, 32, False, "search", "int8"),
+    ],
+)
+def test_parse_quant_forms(text, bits, group, sym, method, head):
+    spec = parse_quant(text)
+    assert (spec.bits, spec.group_size, spec.symmetric, spec.method, spec.head, spec.embedding) == (
+        bits, group, sym, method, head, head,
+    )
+    assert parse_quant(spec.name) == spec
+
+
+def test_parse_quant_options():
+    assert parse_quant("int4", group_size=128).group_size == 128
+    assert parse_quant("int4-g64", group_size=64).group_size == 64
+    spec = parse_quant("int4", head="fp16")
+    assert (spec.head, spec.embedding) == ("fp16", "fp16")
+    spec = parse_quant("fp16", embedding="int8")
+    assert (spec.head, spec.embedding) == ("fp16", "int8")
+
+
+@pytest.mark.parametrize(
+    "text, kwargs, message",
+    [
+        ("int3", {}, "valid forms: fp32, fp16, int8, int4"),
+        ("int4-g48", {}, "group size 48"),
+        ("int4-g32-g64", {}, "valid forms"),
+        ("int4-hqq-rtn", {}, "valid forms"),
+        ("int8-sym", {}, "valid forms"),
+        ("int8", {"group_size": 32}, "int4 only"),
+        ("int4-g32", {"group_size": 128}, "contradicts"),
+        ("int4", {"head": "int2"}, "head precision"),
+        ("int4", {"embedding": "bf16"}, "embedding precision"),
+    ],
+)
+def test_parse_quant_errors(text, kwargs, message):
+    with pytest.raises(EdgeError, match=message):
+        parse_quant(text, **kwargs)
+
+
+def test_bits_per_weight():
+    # 576 = 18 groups of 32: 4 + 16/32 scale + 4/32 zero point.
+    assert bits_per_weight("int4", 10, 576, 32) == 4.625
+    assert bits_per_weight("int4", 10, 576, 32, symmetric=True) == 4.5
+    # 576 = 4.5 groups of 128 -> 5 groups, 640 padded codes, 3 zero-point bytes per row.
+    assert bits_per_weight("int4", 10, 576, 128) == (640 * 4 + 5 * 16 + 3 * 8) / 576
+    assert bits_per_weight("int8", 10, 576) == 8 + 16 / 576
+    assert bits_per_weight("int8", 10, 576, scale_bits=32) == 8 + 32 / 576
+    assert parse_quant("fp16").bits_per_weight(10, 576) == 16
+    assert parse_quant("int4-g128-sym").bits_per_weight(3, 1536) == 4 + 16 / 128
+    with pytest.raises(EdgeError):
+        bits_per_weight("int2", 1, 1)
+
+
+# ---- int8 ------------------------------------------------------------------------------
+
+
+def test_int8_per_channel():
+    w = randw(16, 40) * torch.logspace(-3, 1, 16)[:, None]
+    w[3] = 0
+    qw = quantize_int8(w)
+    assert qw.q.dtype == torch.int8 and qw.scale.shape == (16,) and qw.scale.dtype == torch.float32
+    assert int(qw.q.abs().max()) == 127
+    assert torch.equal(qw.q.abs().amax(1)[[0, 1, 2, 4]], torch.full((4,), 127, dtype=torch.int8))
+    err = (qw.dequantize() - w).abs()
+    assert bool((err <= qw.scale[:, None] / 2 + 1e-7).all())
+    assert bool((qw.dequantize()[3] == 0).all())
+
+
+# ---- int4 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_rtn_recovers_grid_values(symmetric):
+    """Weights that already lie on a 4-bit grid (each group spans codes 0 and 15) come back exactly."""
+    n, g, groups = 6, 32, 3
+    gen = torch.Generator().manual_seed(1)
+    low = 1 if symmetric else 0  # the symmetric grid spans -7..7 around 8
+    q = torch.randint(low, 16, (n, groups, g), generator=gen)
+    q[..., 0], q[..., 1] = low, 15
+    z = torch.full((n, groups, 1), 8) if symmetric else torch.randint(0, 16, (n, groups, 1), generator=gen)
+    s = torch.rand(n, groups, 1, generator=gen) + 0.1
+    w = ((q - z) * s).view(n, -1)
+    qw = quantize_int4(w, g, symmetric, "rtn")
+    torch.testing.assert_close(qw.dequantize(), w, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qw.q.view(n, groups, g).long(), q)
+    assert torch.equal(qw.zero_points.long(), z[..., 0])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_layout_and_rtn_bound(symmetric):
+    w = randw(8, 80)
+    qw = quantize_int4(w, 32, symmetric, "rtn")
+    assert qw.q.shape == (8, 96) and qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
+    assert qw.scales.shape == (8, 3) and qw.scales.dtype == torch.float32
+    assert qw.zero_points.shape == (8, 3) and qw.zero_points.dtype == torch.uint8
+    assert (qw.k, qw.group_size, qw.n_groups) == (80, 32, 3)
+    assert qw.dequantize().shape == (8, 80)
+    # padding columns hold the zero point, so they dequantize to exactly 0
+    assert torch.equal(qw.q[:, 80:], qw.zero_points[:, 2:].expand(8, 16))
+    if symmetric:
+        assert bool((qw.zero_points == 8).all())
+    # RTN never clips: every weight is within half a step of its code
+    step = qw.scales.repeat_interleave(32, 1)[:, :80]
+    assert bool(((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("method", ["rtn", "search"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_partial_last_group_ignores_padding(method, symmetric):
+    """K = 80 with G = 32: the last group (16 real columns) is fitted as if it had no padding."""
+    w = randw(12, 80, seed=2) + 0.3  # off-centre, so the range matters
+    last = quantize_int4(w[:, 64:], 16, symmetric, method)
+    full = quantize_int4(w, 32, symmetric, method)
+    torch.testing.assert_close(full.scales[:, 2], last.scales[:, 0], rtol=1e-6, atol=0)
+    assert torch.equal(full.zero_points[:, 2], last.zero_points[:, 0])
+    torch.testing.assert_close(full.dequantize()[:, 64:], last.dequantize(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_search_beats_rtn_in_every_group(symmetric):
+    w = randw(64, 256, seed=3)
+    w[::7, 5] *= 6  # a few outliers, where clipping pays
+    rtn, search = (quantize_int4(w, 64, symmetric, m) for m in ("rtn", "search"))
+    e_rtn, e_search = group_err(w, rtn), group_err(w, search)
+    assert bool((e_search <= e_rtn * (1 + 1e-5)).all())
+    assert float(e_search.sum()) < 0.95 * float(e_rtn.sum())
+
+
+def test_int4_act_scale_weights_the_error():
+    """AWQ-style: weighting by act_scale^2 lowers the error that the activations see."""
+    w = randw(64, 128, seed=4)
+    act = torch.ones(128)
+    act[::16] = 8.0
+    plain = quantize_int4(w, 32, act_scale=None)
+    aware = quantize_int4(w, 32, act_scale=act)
+    seen = act**2
+    assert float(group_err(w, aware, seen).sum()) < 0.8 * float(group_err(w, plain, seen).sum())
+    assert float(group_err(w, aware).sum()) > float(group_err(w, plain).sum())
+
+
+def test_int4_constant_and_zero_groups():
+    w = torch.zeros(3, 64)
+    w[1, :32] = 0.5
+    w[2, 32:] = -2.0
+    for method in ("rtn", "search"):
+        for symmetric in (False, True):
+            qw = quantize_int4(w, 32, symmetric, method)
+            assert bool(torch.isfinite(qw.scales).all())
+            torch.testing.assert_close(qw.dequantize(), w, rtol=0, atol=1e-6)
+
+
+def test_int4_rejects_unknown_method():
+    with pytest.raises(EdgeError, match="int4 method"):
+        quantize_int4(randw(2, 32), 32, method="gptq")
+
+
+# ---- ONNX layouts, checked by ONNX Runtime ---------------------------------------------
+
+
+def run_onnx(nodes, inits, x, n, optimize=True):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, x.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(a, name) for name, a in inits.items() if a is not None],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+CASES = [(200, 32, False), (200, 128, True), (576, 128, False), (256, 64, True)]
+
+
+def _case(k, g, symmetric):
+    n = 24
+    qw = quantize_int4(randw(n, k, seed=k + g), g, symmetric)
+    x = np.random.default_rng(k).standard_normal((5, k)).astype(np.float32)
+    return qw, x, x @ qw.dequantize().numpy().T
+
+
+def rel(y, ref):
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("k, g, symmetric", CASES)
+def test_matmul_nbits_layout(k, g, symmetric):
+    qw, x, ref = _case(k, g, symmetric)
+    b, scales, zeros = pack_matmul_nbits(qw)
+    blocks = math.ceil(k / g)
+    assert b.shape == (24, blocks, g // 2) and b.dtype == np.uint8
+    assert scales.shape == (24 * blocks,) and scales.dtype == np.float32
+    assert zeros is None if symmetric else (zeros.shape == (24 * math.ceil(blocks / 2),) and zeros.dtype == np.uint8)
+    inputs = ["x", "B", "scales"] + ([] if symmetric else ["zeros"])
+    for level, tol in ((0, 1e-5), (4, 3e-2)):  # level 4 quantizes x to int8 blocks
+        node = helper.make_node(
+            "MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=24, bits=4, block_size=g, accuracy_level=level
+        )
+        y = run_onnx([node], {"B": b, "scales": scales, "zeros": zeros}, x, 24)
+        assert rel(y, ref) < tol, level
+
+
+@pytest.mark.parametrize("k, g, symmetric", CASES)
+def test_blocked_qdq_layout(k, g, symmetric):
+    qw, x, ref = _case(k, g, symmetric)
+    q, scale, zero = blocked_qdq(qw)
+    assert q.shape == (k, 24) and scale.shape == (math.ceil(k / g), 24)
+    assert str(q.dtype) == ("int4" if symmetric else "uint4") and (zero is None) == symmetric
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "scale"] + ([] if symmetric else ["zero"]), ["wt"], axis=0, block_size=g),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    inits = {"q": q, "scale": scale, "zero": zero}
+    assert rel(run_onnx(nodes, inits, x, 24, optimize=False), ref) < 1e-5
+    # ORT's optimizer fuses DequantizeLinear + MatMul into MatMulNBits (int8 activations by default)
+    assert rel(run_onnx(nodes, inits, x, 24), ref) < 3e-2
+
+
+# ---- stats -----------------------------------------------------------------------------
+
+
+def test_error_stats():
+    w = torch.tensor([[3.0, 4.0]])
+    s = error_stats(w, torch.tensor([[3.0, 4.5]]))
+    assert s.rel_fro == pytest.approx(0.1)
+    assert s.max_abs == pytest.approx(0.5)
+    assert s.snr_db == pytest.approx(20.0)
+    assert error_stats(w, w).snr_db == math.inf and error_stats(w, w).rel_fro == 0
+    assert "snr 20.0 dB" in str(s)
+
+
+def test_quant_spec_is_frozen():
+    with pytest.raises(Exception):
+        QuantSpec(4).bits = 8
