@@ -1,0 +1,177 @@
+"""int4 weights in groups of G along K, and their two ONNX layouts.
+
+W[n, k] ~= (q[n, k] - z[n, k // G]) * s[n, k // G], q and z integers in [0, 15]
+(ONNX MatMulNBits and DequantizeLinear both need an integer zero point).
+Symmetric means z = 8 everywhere. K is zero-padded to whole groups; padding never
+moves a scale, because every group's range already includes 0 (an integer zero
+point makes 0 exactly representable), and it carries zero weight in the error.
+
+Methods:
+- "rtn": range [min(w, 0), max(w, 0)] (symmetric: absmax / 7), round to nearest.
+- "search": for each of CLIP_RATIOS, shrink that range, then alternate exact
+  least-squares steps (codes given scale/zero; integer zero given codes/scale;
+  scale given codes/zero). Each step can only lower the group's squared error,
+  ratio 1.0 starts from RTN, and each group keeps its best candidate, so search
+  is never worse than RTN. The error may be weighted per input channel by
+  `act_scale` (AWQ-style calibration: typical |x_k|, the error is weighted by its
+  square, which is what x @ (W - Wq).T sees for independent channels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import EdgeError
+from .spec import INT4_METHODS
+
+CLIP_RATIOS = torch.linspace(1.0, 0.75, 20).tolist()
+REFINE_STEPS = 3
+_ROW_CHUNK = 4096  # bounds temporaries on 49k-row embeddings
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    q: torch.Tensor
+    """uint8 [N, Kpad], values 0..15; padding columns hold the zero point (they dequantize to 0)."""
+    scales: torch.Tensor
+    """float32 [N, n_groups]."""
+    zero_points: torch.Tensor
+    """uint8 [N, n_groups], values 0..15 (all 8 when symmetric)."""
+    group_size: int
+    k: int
+    """The real K (q is padded to n_groups * group_size)."""
+    symmetric: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]."""
+        g = self.group_size
+        z = self.zero_points.float().repeat_interleave(g, dim=1)
+        s = self.scales.repeat_interleave(g, dim=1)
+        return ((self.q.float() - z) * s)[:, : self.k]
+
+
+def quantize_int4(
+    w: torch.Tensor,
+    group_size: int = 32,
+    symmetric: bool = False,
+    method: str = "search",
+    act_scale: torch.Tensor | None = None,
+) -> Int4Weight:
+    """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K."""
+    if method not in INT4_METHODS:
+        raise EdgeError(f"unknown int4 method {method!r}; expected one of {', '.join(INT4_METHODS)}")
+    if group_size % 2:
+        raise EdgeError(f"int4 group size must be even, got {group_size}")
+    w = w.detach().float()
+    n, k = w.shape
+    groups = math.ceil(k / group_size)
+    pad = groups * group_size - k
+    weight = torch.ones(k) if act_scale is None else act_scale.detach().float().reshape(k) ** 2
+    weight = F.pad(weight, (0, pad)).view(1, groups, group_size)
+    grouped = F.pad(w, (0, pad)).view(n, groups, group_size)
+    fits = [_fit(rows, weight, symmetric, method) for rows in grouped.split(_ROW_CHUNK)]
+    scales = torch.cat([s for s, _ in fits])
+    zeros = torch.cat([z for _, z in fits])
+    q = _codes(grouped, scales, zeros).view(n, -1)
+    return Int4Weight(q, scales, zeros.to(torch.uint8), group_size, k, symmetric)
+
+
+def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return torch.round(w / s[..., None] + z[..., None]).clamp_(0, 15).to(torch.uint8)
+
+
+def _error(w: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    q = torch.round(w / s[..., None] + z[..., None]).clamp_(0, 15)
+    return (((q - z[..., None]) * s[..., None] - w) ** 2 * weight).sum(-1)
+
+
+def _range(w: torch.Tensor, symmetric: bool, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ratio * [min(w, 0), max(w, 0)] of each group."""
+    if symmetric:
+        s = w.abs().amax(-1) * (ratio / 7)
+        z = torch.full_like(s, 8.0)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0) * ratio, w.amax(-1).clamp(min=0) * ratio
+        s = (hi - lo) / 15
+        z = torch.round(-lo / torch.where(s > 0, s, 1.0)).clamp_(0, 15)
+    return torch.where(s > 0, s, 1.0), z
+
+
+def _refine(
+    w: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternating exact minimisation of the weighted squared error (never increases it)."""
+    total = weight.sum(-1).clamp(min=1e-30)
+    for _ in range(REFINE_STEPS):
+        q = torch.round(w / s[..., None] + z[..., None]).clamp_(0, 15)
+        if not symmetric:
+            z = torch.round(((q - w / s[..., None]) * weight).sum(-1) / total).clamp_(0, 15)
+        d = q - z[..., None]
+        den = (d * d * weight).sum(-1)
+        best = (w * d * weight).sum(-1) / den.clamp(min=1e-30)
+        s = torch.where((den > 0) & (best > 0), best, s)
+    return s, z
+
+
+def _fit(w: torch.Tensor, weight: torch.Tensor, symmetric: bool, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero point) for w [rows, groups, G]."""
+    if method == "rtn":
+        return _range(w, symmetric, 1.0)
+    best_s = best_z = best_err = None
+    for ratio in CLIP_RATIOS:
+        s, z = _refine(w, weight, *_range(w, symmetric, ratio), symmetric)
+        err = _error(w, weight, s, z)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.minimum(err, best_err)
+    return best_s, best_z
+
+
+def pack_matmul_nbits(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Inputs B, scales, zero_points of com.microsoft.MatMulNBits (bits=4, block_size=G, K=w.k, N=w.n).
+
+    B: uint8 [N, n_blocks, G/2], two codes per byte along K, the first in the low
+    nibble. scales: float32 [N * n_blocks]. zero_points: uint8 [N * ceil(n_blocks/2)],
+    two per byte (low nibble first), each row padded to whole bytes; None when
+    symmetric (the operator's default zero point is 8).
+    """
+    q = w.q.view(w.n, w.n_groups, w.group_size)
+    b = q[..., 0::2] | (q[..., 1::2] << 4)
+    scales = w.scales.reshape(-1).numpy().astype(np.float32)
+    if w.symmetric:
+        return b.numpy(), scales, None
+    z = F.pad(w.zero_points, (0, w.n_groups % 2))
+    return b.numpy(), scales, (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).numpy()
+
+
+def blocked_qdq(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Inputs x, x_scale, x_zero_point of DequantizeLinear (opset 21+, axis=0, block_size=G).
+
+    Laid out [K, N] so that MatMul(x, DequantizeLinear(...)) computes x @ W.T with no
+    Transpose. x has the real K rows: the spec sizes the scale as ceil(K / G) blocks,
+    so the last block may be partial. Asymmetric: x and zero point are uint4
+    (ml_dtypes arrays, which onnx.numpy_helper.from_array stores as UINT4);
+    symmetric: x is int4 (q - 8) and there is no zero point. Scale: float32 [n_blocks, N].
+    """
+    q = w.q[:, : w.k].T.contiguous().numpy()
+    scale = w.scales.T.contiguous().numpy()
+    if w.symmetric:
+        return (q.astype(np.int8) - 8).astype(ml_dtypes.int4), scale, None
+    return q.astype(ml_dtypes.uint4), scale, w.zero_points.T.contiguous().numpy().astype(ml_dtypes.uint4)
