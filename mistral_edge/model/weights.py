@@ -8,6 +8,8 @@ interleaved-pair formats (mistral-inference, GGUF) permute rows on the way in.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..errors import EdgeError
@@ -55,6 +57,19 @@ def validate(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
             raise EdgeError(f"checkpoint is missing tensor {name!r}")
         if tuple(t.shape) != shape:
             raise EdgeError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def rename(name: str, top: dict[str, str], layer_re: re.Pattern, layer_map: dict[str, str],
+           suffix: str = "") -> str | None:
+    """Map a format's tensor name to the canonical one: `top` for whole-model tensors, and
+    `layer_re` (groups: layer index, per-layer key of `layer_map`) for layer tensors; None
+    for tensors that are not part of the model."""
+    if name in top:
+        return top[name]
+    m = layer_re.fullmatch(name)
+    if m and m.group(2) in layer_map:
+        return f"layers.{m.group(1)}.{layer_map[m.group(2)]}{suffix}"
+    return None
 
 
 def output_weight(weights: dict[str, torch.Tensor]) -> torch.Tensor:

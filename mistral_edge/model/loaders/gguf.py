@@ -22,7 +22,7 @@ from gguf.quants import dequantize
 from ...errors import EdgeError
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..weights import interleaved_to_half
+from ..weights import interleaved_to_half, rename
 from .hf import first_line, model_tensors
 
 ARCHITECTURES = ("llama", "mistral")
@@ -40,12 +40,7 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
 def canonical_name(gguf_name: str) -> str | None:
-    if gguf_name in _TOP_MAP:
-        return _TOP_MAP[gguf_name]
-    m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.weight"
-    return None
+    return rename(gguf_name, _TOP_MAP, _LAYER_RE, _LAYER_MAP, suffix=".weight")
 
 
 def cache_dir() -> Path:

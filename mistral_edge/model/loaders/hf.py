@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ...errors import EdgeError
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
-from ..weights import expected_shapes, validate
+from ..weights import expected_shapes, rename, validate
 
 ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
 
@@ -38,12 +38,7 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 def canonical_name(hf_name: str) -> str | None:
     """Map a transformers parameter name to the canonical one (None: not part of the model)."""
-    if hf_name in _TOP_MAP:
-        return _TOP_MAP[hf_name]
-    m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
-    return None
+    return rename(hf_name, _TOP_MAP, _LAYER_RE, _LAYER_MAP)
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
@@ -90,17 +85,22 @@ def canonical_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def read_json_object(f: Path) -> dict:
+    """A config file's JSON object, or a one-line EdgeError."""
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise EdgeError(f"{f}: expected a JSON object")
+    return data
+
+
 def load_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not f.is_file():
         raise EdgeError(f"{path}: no config.json")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise EdgeError(f"{f}: expected a JSON object")
-    return config_from_hf(cfg)
+    return config_from_hf(read_json_object(f))
 
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt")

@@ -6,14 +6,13 @@ in Meta's interleaved RoPE order, which we turn into rotate-half order.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ...errors import EdgeError
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..weights import interleaved_to_half
-from .hf import PICKLE_SUFFIXES, model_tensors, read_tensors
+from .hf import PICKLE_SUFFIXES, model_tensors, read_json_object, read_tensors
 
 _SENTENCEPIECE = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
 
@@ -68,14 +67,7 @@ def _tokenizer_files(path: Path) -> dict[str, Path]:
 
 
 def load(path: Path, trust_pickle: bool = False, weights: Path | None = None) -> Checkpoint:
-    f = path / "params.json"
-    try:
-        params = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgeError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(params, dict):
-        raise EdgeError(f"{f}: expected a JSON object")
-    cfg = config_from_params(params)
+    cfg = config_from_params(read_json_object(path / "params.json"))
     state = model_tensors(read_tensors([weights] if weights else _weight_files(path), trust_pickle), cfg)
     for i in range(cfg.n_layers):
         for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
