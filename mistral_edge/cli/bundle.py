@@ -23,15 +23,17 @@ def inspect(bundle: BundleArg) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key in ("toolkit", "source", "window", "chunk", "graph_contract", "model", "activation_dtype"):
-        table.add_row(key, json.dumps(m[key]) if isinstance(m[key], dict) else str(m[key]))
-    table.add_row("quant", m["quant"]["spec"] + f" ({m['quant']['format']})")
-    for group, scheme in m["quant"]["tensors"].items():
+        value = m.get(key)
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else "-" if value is None else str(value))
+    quant = m["quant"]
+    table.add_row("quant", f"{quant.get('spec')} ({quant.get('format')})")
+    for group, scheme in (quant.get("tensors") or {}).items():
         table.add_row(f"  {group}", scheme)
     for key, value in m["config"].items():
         table.add_row(f"config.{key}", str(value))
     for key, value in m["memory_budget"].items():
-        table.add_row(f"memory.{key}", "-" if value is None else f"{value:,} B ({value / 2**20:.1f} MiB)")
-    table.add_row("providers", ", ".join(m["runtime"]["providers"]))
+        table.add_row(f"memory.{key}", f"{value:,} B ({value / 2**20:.1f} MiB)" if isinstance(value, int) else "-")
+    table.add_row("providers", ", ".join(m["runtime"].get("providers", ())) or "-")
     table.add_row("ops", ", ".join(m["ops"]) or "-")
     for f in m["files"]:
         table.add_row(f"file {f['path']}", f"{f['bytes']:,} B  sha256 {f['sha256'][:16]}…")
@@ -41,9 +43,8 @@ def inspect(bundle: BundleArg) -> None:
 def verify(bundle: BundleArg) -> None:
     """Re-hash every file and check the graph against the manifest; exit 1 on any problem."""
     problems = verify_bundle(bundle)
-    console = Console(stderr=True)
     for p in problems:
-        console.print(f"[red]FAIL[/] {p}", highlight=False)
+        typer.secho(f"FAIL {p}", fg="red", err=True)
     if problems:
         raise typer.Exit(1)
     typer.echo(f"OK {bundle}: every file matches the manifest")

@@ -34,10 +34,10 @@ def export(
 
     profile = get_target(target)
     spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format)
     console = Console(stderr=True)
     with console.status(f"loading {model or 'the embedded demo model'}"):
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
-    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format)
     with console.status(f"exporting {spec.name} for {target}"):
         manifest = write_bundle(ck, req, out, log=lambda line: console.print(line, highlight=False))
     b = manifest["memory_budget"]

@@ -14,7 +14,8 @@ CACHE_DTYPE_BYTES = 4  # the exported cache is fp32
 @dataclass(frozen=True)
 class MemoryBudget:
     weight_bytes: int
-    """Resident weights: fp16 tensors count twice (ONNX Runtime casts them to fp32 at load)."""
+    """Resident weights: fp16 tensors count twice (ONNX Runtime casts them to fp32 at load);
+    int8/int4 scales are fp32 in an ONNX graph (its activation type), fp16 in MLC's q4f16_1."""
     kv_cache_bytes: int
     """layers x 2 x batch x n_kv_heads x W x head_dim x 4, whatever the sequence length."""
     activation_bytes: int
@@ -40,18 +41,19 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False) -> int:
-    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric)
+def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, scale_bits: int = 32) -> int:
+    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric, scale_bits)
     if resident and tq.kind == "fp16":
         bits = 32
     return int(n * k * bits / 8)
 
 
-def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1) -> MemoryBudget:
+def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1,
+             scale_bits: int = 32) -> MemoryBudget:
     shapes = tensor_shapes(cfg)
     if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
         shapes.pop("output")  # shared storage
-    weights = sum(tensor_bytes(n, k, plan[name], resident=True) for name, (n, k) in shapes.items())
+    weights = sum(tensor_bytes(n, k, plan[name], True, scale_bits) for name, (n, k) in shapes.items())
     weights += (2 * cfg.n_layers + 1) * cfg.dim * 4  # norms
     kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * CACHE_DTYPE_BYTES
     c, q = batch * chunk, cfg.n_heads * cfg.head_dim

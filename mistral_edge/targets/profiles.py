@@ -12,7 +12,7 @@ from ..errors import EdgeError
 class TargetProfile:
     name: str
     quant: str  # default --quant
-    fmt: str = "nbits"  # MatMulNBits (fast) or qdq (portable)
+    fmt: str = "nbits"  # MatMulNBits (fast) or qdq (portable); MLC's own q4f16_1 for mlc
     accuracy_level: int = 4  # MatMulNBits: int8 compute on CPU
     activation_dtype: str = "fp32"
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -39,15 +39,18 @@ TARGETS: dict[str, TargetProfile] = {p.name: p for p in (
                   note="Jetson Orin: CPU and GPU share the board's memory, so the budget is checked against it."),
     TargetProfile("android", "int4", providers=("XnnpackExecutionProvider", "CPUExecutionProvider"),
                   provider_options={"XnnpackExecutionProvider": {"intra_op_num_threads": 4}},
-                  session_options={"intra_op_num_threads": 1, "session.intra_op.allow_spinning": "0"},
+                  session_options={"session.intra_op.allow_spinning": "0"},
                   ort_format=True, device_memory="phone-4gb", usable_fraction=0.5,
-                  note="onnxruntime-android (full package: MatMulNBits is a contrib op). NNAPI can be added, "
-                       "but XNNPACK is the better default for int4 LLM decode."),
+                  note="onnxruntime-android (the full package: MatMulNBits is a contrib op). XNNPACK takes the "
+                       "float ops it supports; the int4 MatMulNBits run on the CPU provider, so its intra-op "
+                       "threads are left at the default, without spinning to spare the battery. NNAPI can be "
+                       "added, but XNNPACK is the better default for LLM decode."),
     TargetProfile("ios", "int4", providers=("CoreMLExecutionProvider", "CPUExecutionProvider"),
                   provider_options={"CoreMLExecutionProvider": {"ModelFormat": "MLProgram", "MLComputeUnits": "CPUAndGPU"}},
                   ort_format=True, device_memory="phone-4gb", usable_fraction=0.5,
                   note="onnxruntime-objc / onnxruntime-c pods; CoreML takes the nodes it supports, the CPU EP the rest."),
-    TargetProfile("mlc", "int4", note="MLC-LLM weights (q4f16_1) and mlc-chat-config.json for `mlc_llm compile`."),
+    TargetProfile("mlc", "int4", fmt="q4f16_1", activation_dtype="fp16", providers=(),
+                  note="MLC-LLM weights (q4f16_1) and mlc-chat-config.json for `mlc_llm compile` and `package`."),
 )}
 
 DEVICES = {  # named device profiles -> total memory in bytes

@@ -1,0 +1,491 @@
+"""Target bundles on a tiny Mistral: written, verified, loaded and run; the manifest, tampering,
+the memory budget, atomic replacement and the CLI (docs/bundle-format.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from onnx import numpy_helper
+
+import mistral_edge
+from mistral_edge.cli.main import main
+from mistral_edge.errors import EdgeError
+from mistral_edge.model.config import ModelConfig
+from mistral_edge.model.loaders.hf import config_from_hf
+from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.bundle import Bundle, read_manifest, verify
+from mistral_edge.targets import bundle as bundle_mod
+from mistral_edge.targets.bundle import BundleRequest, write_bundle
+from mistral_edge.targets.profiles import DEVICES, TARGETS, get_target, parse_memory
+
+W = 16
+ONNX_TARGETS = ("cpu", "gpu", "jetson", "android", "ios")
+MODEL_FILE = {"cpu": "model.onnx", "gpu": "model.onnx", "jetson": "model.onnx", "android": "model.ort",
+              "ios": "model.ort"}
+MLC_FILES = {"mlc-chat-config.json", "tensor-cache.json", "params_shard_0.bin"}
+
+
+def fixture_checkpoint(**kw):
+    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32, **kw))
+    ck.tokenizer_files = {"tokenizer.model": SPM_V1}  # 32000 pieces: agrees with the vocabulary
+    return ck
+
+
+def export(ck, out, target="cpu", quant=None, **kw) -> dict:
+    profile = get_target(target)
+    return write_bundle(ck, BundleRequest(profile, parse_quant(quant or profile.quant), **kw), out, log=lambda _: None)
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """The installed `mistral-edge` console script, in a process of its own."""
+    return subprocess.run(["mistral-edge", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The same entry point in-process (the script only calls main()): no interpreter start-up."""
+    def run(*args) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["mistral-edge", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, e.value.code or 0, out.out, out.err)
+    return run
+
+
+def snapshot(path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+TOKENS = np.random.default_rng(0).integers(0, 32000, (1, W + 9))
+
+
+def run_tokens(session, tokens=TOKENS) -> np.ndarray:
+    """Logits of every token: a prefill chunk of W, then one token per step past the window."""
+    out = [session.step(tokens[:, :W], all_logits=True).copy()]
+    out += [session.step(tokens[:, t:t + 1], all_logits=True).copy() for t in range(W, tokens.shape[1])]
+    return np.concatenate(out, 1)
+
+
+@pytest.fixture(scope="module")
+def ck():
+    return fixture_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def bundles(ck, tmp_path_factory):
+    """One bundle per target, each with the target's default quant (int4)."""
+    root = tmp_path_factory.mktemp("bundles")
+    return {t: (root / t, export(ck, root / t, t)) for t in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def cpu_logits(bundles):
+    return run_tokens(Bundle.open(bundles["cpu"][0]).session())
+
+
+@pytest.fixture
+def copy_of(bundles, tmp_path):
+    def make(target: str):
+        dst = tmp_path / target
+        shutil.copytree(bundles[target][0], dst)
+        return dst
+    return make
+
+
+# --- one test per target ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ONNX_TARGETS)
+def test_onnx_target_bundle(bundles, cpu_logits, cli, target):
+    path, manifest = bundles[target]
+    profile = TARGETS[target]
+    assert {p.name for p in path.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", MODEL_FILE[target]}
+    assert manifest["model"] == MODEL_FILE[target] and manifest["target"] == target
+    assert manifest["runtime"]["providers"] == list(profile.providers)
+    assert profile.note in (path / "README.md").read_text()
+    assert verify(path) == []
+    result = cli("verify", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK ")
+
+    session = Bundle.open(path).session()
+    have = ort.get_available_providers()
+    expected = [p for p in profile.providers if p in have] or ["CPUExecutionProvider"]
+    assert session.session.get_providers() == expected
+    options = session.session.get_session_options()
+    for key, value in profile.session_options.items():
+        if key.startswith("session."):
+            assert options.get_session_config_entry(key) == value
+    # the same int4 weights whatever the target: the .ort and every provider setting give the cpu logits
+    np.testing.assert_allclose(run_tokens(session), cpu_logits, atol=1e-5, rtol=0)
+
+
+def test_ort_format_is_not_onnx(bundles):
+    """android/ios ship the ORT flatbuffer format, which onnx cannot parse but onnxruntime runs."""
+    assert bundles["android"][1]["runtime"]["converted_by"] == f"onnxruntime {ort.__version__}"
+    assert "converted_by" not in bundles["cpu"][1]["runtime"]
+    data = (bundles["android"][0] / "model.ort").read_bytes()
+    assert data[4:8] == b"ORTM"  # the flatbuffer file identifier of ORT format models
+    with pytest.raises(Exception):
+        onnx.load_from_string(data)
+
+
+def test_mlc_target_bundle(bundles, cli):
+    path, manifest = bundles["mlc"]
+    assert {p.name for p in path.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", *MLC_FILES}
+    assert manifest["model"] is None and manifest["ops"] == [] and manifest["activation_dtype"] == "fp16"
+    assert manifest["quant"]["spec"] == manifest["quant"]["format"] == "q4f16_1"
+    assert set(manifest["quant"]["tensors"].values()) == {"int4-g32-sym-rtn"}
+    chat = json.loads((path / "mlc-chat-config.json").read_text())
+    assert chat["quantization"] == "q4f16_1" and chat["model_type"] == "mistral"
+    assert chat["sliding_window_size"] == manifest["window"] == W
+    assert chat["prefill_chunk_size"] == manifest["chunk"]
+    # the budget counts what the shards hold (norms are fp32 in the estimate, fp16 in MLC)
+    param_bytes = json.loads((path / "tensor-cache.json").read_text())["metadata"]["ParamBytes"]
+    assert manifest["memory_budget"]["weight_bytes"] == pytest.approx(param_bytes, rel=0.01)
+    assert "mlc_llm compile" in (path / "README.md").read_text()
+    assert verify(path) == []
+    result = cli("verify", path)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(EdgeError, match="no ONNX model"):
+        Bundle.open(path).session()
+
+
+def test_mlc_refuses_other_quants(ck, tmp_path):
+    for quant, kw in (("int8", {}), ("int4-g128", {}), ("int4", {"fmt": "qdq"})):
+        with pytest.raises(EdgeError, match="q4f16_1"):
+            export(ck, tmp_path / "mlc", "mlc", quant, **kw)
+    assert siblings(tmp_path / "mlc") == []
+
+
+def test_fp32_bundle_matches_reference(ck, tmp_path):
+    """The whole path (write, open, session with the profile's settings) computes the model."""
+    export(ck, tmp_path / "b", "android", "fp32")
+    ref = ReferenceModel(ck.config, ck.weights)
+    expected = ref.prefill(torch.from_numpy(TOKENS), ref.new_cache(), W).numpy()
+    np.testing.assert_allclose(run_tokens(Bundle.open(tmp_path / "b").session()), expected, atol=1e-4, rtol=0)
+
+
+# --- the manifest ---------------------------------------------------------------------------------
+
+def test_manifest_round_trip(ck, bundles):
+    path, written = bundles["cpu"]
+    m = read_manifest(path)
+    assert m == written
+    assert m["format_version"] == 1 and m["graph_contract"] == 1
+    assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
+    assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
+    assert ModelConfig.from_dict(m["config"]) == ck.config
+    assert (m["window"], m["chunk"], m["activation_dtype"]) == (W, W, "fp32")
+    assert m["quant"] == {"spec": "int4-g32-search", "format": "nbits", "tensors": {
+        "layers.*.attention.wqkv": "int4-g32-asym-search", "layers.*.attention.wo": "int4-g32-asym-search",
+        "layers.*.feed_forward.w13": "int4-g32-asym-search", "layers.*.feed_forward.w2": "int4-g32-asym-search",
+        "tok_embeddings": "int8", "output": "int8"}}
+    model = onnx.load(str(path / "model.onnx"))
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    assert m["ops"] == sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in nodes})
+    assert {"com.microsoft::MatMulNBits", "mistral_edge::WindowedGroupQueryAttention"} <= set(m["ops"])
+    files = {p.name: p for p in path.iterdir() if p.name != "manifest.json"}
+    assert [f["path"] for f in m["files"]] == sorted(files)
+    for f in m["files"]:
+        data = files[f["path"]].read_bytes()
+        assert (f["bytes"], f["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert m["tokenizer"] == {"file": "tokenizer.model", "bos_id": 1, "eos_ids": [2], "chat_template": None}
+    assert m["runtime"]["providers"] == ["CPUExecutionProvider"]
+
+    budget, c = m["memory_budget"], ck.config
+    assert budget["kv_cache_bytes"] == c.n_layers * 2 * c.n_kv_heads * W * c.head_dim * 4 == 4096
+    assert budget["total_bytes"] == budget["weight_bytes"] + budget["kv_cache_bytes"] + budget["activation_bytes"]
+    assert budget["activation_bytes"] > 0 and budget["device_usable_bytes"] is None
+    stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    assert budget["weight_bytes"] == pytest.approx(stored, rel=0.01)
+
+
+def test_kv_budget_follows_the_window(ck, tmp_path):
+    m = export(ck, tmp_path / "b", "cpu", "int8", window=64, chunk=8)
+    assert (m["window"], m["chunk"]) == (64, 8)
+    assert m["memory_budget"]["kv_cache_bytes"] == 4 * 4096
+    assert verify(tmp_path / "b") == []
+
+
+# --- tampering ------------------------------------------------------------------------------------
+
+def assert_cli_rejects(cli, path, *needles):
+    result = cli("verify", path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+    return result
+
+
+@pytest.mark.parametrize("target", ["cpu", "android"])
+def test_flipped_byte_is_reported(copy_of, cli, target):
+    path = copy_of(target)
+    model = path / MODEL_FILE[target]
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    assert verify(path) == [f"{model.name}: sha256 mismatch (file changed since export)"]
+    # once through the installed script, in its own process
+    assert_cli_rejects(run_cli if target == "cpu" else cli, path, "FAIL", model.name, "sha256 mismatch")
+    with pytest.raises(EdgeError, match="--no-verify") as e:
+        Bundle.open(path)
+    assert "sha256 mismatch" in str(e.value)
+
+
+def test_missing_truncated_and_unlisted_files(copy_of, cli):
+    path = copy_of("cpu")
+    (path / "tokenizer.model").unlink()
+    (path / "notes.txt").write_text("stray")
+    readme = (path / "README.md").read_bytes()
+    (path / "README.md").write_bytes(readme[:-1])
+    problems = verify(path)
+    assert problems == [f"README.md: size {len(readme) - 1} bytes, manifest says {len(readme)}",
+                        "missing file tokenizer.model", "unlisted file notes.txt"]
+    result = assert_cli_rejects(cli, path, "missing file tokenizer.model", "unlisted file notes.txt", "README.md: size")
+    assert len(result.stderr.strip().splitlines()) == 3
+    with pytest.raises(EdgeError, match=r"and 2 more.*--no-verify"):
+        Bundle.open(path)
+
+
+def test_edited_manifest_disagrees_with_the_graph(copy_of, cli):
+    path = copy_of("cpu")
+    m = json.loads((path / "manifest.json").read_text())
+    m["window"] = 32
+    m["ops"] = m["ops"][1:]
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert verify(path) == ["graph window is '16', manifest says 32", "graph ops differ from the manifest's op list"]
+    assert_cli_rejects(cli, path, "graph window")
+
+
+def test_edited_manifest_disagrees_with_the_ort_graph(copy_of):
+    path = copy_of("ios")
+    m = json.loads((path / "manifest.json").read_text())
+    m["config"]["n_layers"] = 3
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert verify(path) == ["graph n_layers is '2', manifest says 3"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{\"format_version\": 1, ", "invalid JSON"),
+    ("[1, 2]", "not a manifest object"),
+    ("{\"format_version\": 99}", "unsupported bundle format version 99"),
+])
+def test_corrupt_manifest_is_one_line(copy_of, cli, text, message):
+    path = copy_of("cpu")
+    (path / "manifest.json").write_text(text)
+    with pytest.raises(EdgeError, match=message):
+        verify(path)
+    for command in ("verify", "inspect"):
+        result = cli(command, path)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("files"), "field 'files' is missing or not an array"),
+    (lambda m: m.update(model=3), "field 'model' is missing or not a string"),
+    (lambda m: m["files"][0].pop("sha256"), "malformed entry in 'files'"),
+    (lambda m: m["files"].append({"path": "../escape", "bytes": 1, "sha256": "0"}), "lies outside the bundle"),
+])
+def test_malformed_manifest_fields(copy_of, edit, message):
+    path = copy_of("cpu")
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EdgeError, match=message):
+        verify(path)
+
+
+def test_no_verify_opens_a_tampered_bundle(copy_of, cpu_logits):
+    path = copy_of("cpu")
+    (path / "README.md").write_text("edited by hand")
+    with pytest.raises(EdgeError, match="README.md: size 14 bytes.*--no-verify"):
+        Bundle.open(path)
+    np.testing.assert_allclose(run_tokens(Bundle.open(path, check=False).session()), cpu_logits, atol=1e-5, rtol=0)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(EdgeError, match="no such bundle directory"):
+        verify(tmp_path / "absent")
+    with pytest.raises(EdgeError, match="not a bundle"):
+        verify(tmp_path)
+
+
+# --- memory budget --------------------------------------------------------------------------------
+
+def test_budget_refusal_writes_nothing(ck, bundles, tmp_path):
+    out = tmp_path / "out" / "bundle"
+    with pytest.raises(EdgeError) as e:
+        export(ck, out, "cpu", device_memory="1MB")
+    msg = str(e.value)
+    total = bundles["cpu"][1]["memory_budget"]["total_bytes"]
+    short = total - int(2**20 * TARGETS["cpu"].usable_fraction)
+    assert f"{short / 2**20:.1f} MiB short" in msg and f"needs {total / 2**20:.1f} MiB" in msg
+    assert "--quant" in msg and "--window" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()  # not even the parent, nor a temp dir beside it
+
+
+def test_default_device_budgets(bundles):
+    usable = {t: bundles[t][1]["memory_budget"]["device_usable_bytes"] for t in TARGETS}
+    assert usable == {"cpu": None, "gpu": None, "mlc": None, "jetson": int(0.6 * (8 << 30)),
+                      "android": 2 << 30, "ios": 2 << 30}
+
+
+def test_a_phone_budget_refuses_a_big_model(tmp_path):
+    """A 7B-shaped config at fp16 needs ~28 GB resident: far past a phone, and no file is written."""
+    ck = fixture_checkpoint()
+    ck.config = dataclasses.replace(ck.config, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                                    hidden_dim=14336)
+    with pytest.raises(EdgeError, match=r"but phone-4gb leaves 2048\.0 MiB \(50%\) for the model on android"):
+        export(ck, tmp_path / "b", "android", "fp16")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, size", [
+    ("phone-4gb", 4 << 30), ("orin-nano-8gb", 8 << 30), ("ORIN-NX-16GB", 16 << 30), ("8GB", 8 << 30),
+    ("512MiB", 512 << 20), ("1.5g", 3 << 29), ("640k", 640 << 10), ("100", 100),
+])
+def test_parse_memory(text, size):
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "8XB", "8 GB GB", ""])
+def test_parse_memory_refuses(text):
+    with pytest.raises(EdgeError, match="memory"):
+        parse_memory(text)
+    with pytest.raises(EdgeError):
+        BundleRequest(TARGETS["cpu"], parse_quant("int4"), device_memory=text)
+
+
+def test_named_devices_are_listed_in_the_error():
+    with pytest.raises(EdgeError) as e:
+        parse_memory("tablet")
+    assert all(name in str(e.value) for name in DEVICES)
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+def dying_export(error: BaseException):
+    """An export_onnx that writes part of the model, then dies with `error`."""
+    def export_onnx(ck, spec, out_path, **kw):
+        out_path.write_bytes(b"half a model")
+        raise error
+    return export_onnx
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_export_leaves_nothing(ck, tmp_path, monkeypatch, error):
+    monkeypatch.setattr(bundle_mod, "export_onnx", dying_export(error))
+    with pytest.raises(type(error)):
+        export(ck, tmp_path / "b")
+    assert siblings(tmp_path / "b") == []
+
+
+def test_existing_bundle_survives_a_failed_export_and_is_replaced_whole(ck, bundles, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    shutil.copytree(bundles["cpu"][0], out)
+    before = snapshot(out)
+    with monkeypatch.context() as mp:
+        mp.setattr(bundle_mod, "export_onnx", dying_export(RuntimeError("disk full")))
+        with pytest.raises(RuntimeError):
+            export(ck, out, "cpu")
+    assert snapshot(out) == before and siblings(out) == ["b"]
+
+    export(ck, out, "android")  # replaces the cpu bundle: its model.onnx must not linger
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", "model.ort"}
+    assert read_manifest(out)["target"] == "android" and verify(out) == []
+    assert siblings(out) == ["b"]
+
+
+def test_out_must_be_a_bundle_or_empty(ck, tmp_path):
+    precious = tmp_path / "docs"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(EdgeError, match="exists and is not a bundle"):
+        export(ck, precious)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgeError, match="exists and is not a bundle"):
+        export(ck, tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export(ck, empty, "mlc")
+    assert verify(empty) == []
+
+
+def test_unwritable_parent_is_one_line(ck, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgeError, match="cannot write to") as e:
+        export(ck, tmp_path / "file" / "bundle")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny-mistral"
+    model = tiny_hf_mistral(window=W, vocab=32000, dim=32)
+    model.save_pretrained(path)
+    shutil.copyfile(SPM_V1, path / "tokenizer.model")
+    return path, model
+
+
+def test_cli_export_verify_inspect(hf_dir, tmp_path, cli):
+    path, model = hf_dir
+    out = tmp_path / "bundle"
+    result = run_cli("export", path, "--target", "cpu", "--quant", "int8", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stderr
+    m = read_manifest(out)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    assert m["source"] == {"path": str(path), "format": "hf", "sha256": digest.hexdigest()}
+    assert ModelConfig.from_dict(m["config"]) == config_from_hf(
+        {**model.config.to_dict(), "architectures": ["MistralForCausalLM"]})
+    assert m["quant"]["spec"] == "int8" and set(m["quant"]["tensors"].values()) == {"int8"}
+    assert (out / "tokenizer.model").read_bytes() == SPM_V1.read_bytes()
+
+    result = cli("verify", out)
+    assert result.returncode == 0 and "OK" in result.stdout
+    result = cli("inspect", out)
+    assert result.returncode == 0, result.stderr
+    for text in ("int8 (nbits)", "memory.kv_cache_bytes", "4,096 B", "config.sliding_window", "file model.onnx",
+                 "layers.*.attention.wqkv", "CPUExecutionProvider"):
+        assert text in result.stdout, text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "toaster"], "unknown target 'toaster'; expected one of cpu, gpu, jetson, android, ios, mlc"),
+    (["--quant", "int3"], "unknown quantization 'int3'"),
+    (["--device-memory", "lots"], "cannot read memory size 'lots'"),
+    (["--device-memory", "1MB"], "MiB short; try a smaller --quant (int4) or --window"),
+])
+def test_cli_export_errors(hf_dir, tmp_path, cli, args, message):
+    result = cli("export", hf_dir[0], "--out", tmp_path / "b", *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
