@@ -33,6 +33,8 @@ class TensorQuant:
     group_size: int = 32
     symmetric: bool = False
     method: str = "rtn"
+    act_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
 
 
 @dataclass
@@ -76,7 +78,7 @@ class WeightEmitter:
                                            self._once(name + ".row_scale", lambda: q8.scale.numpy())], axis=1)
             return b.op("MatMul", [x, dq], outputs=outs)
         if tq.kind == "int4":
-            q4 = quantize_int4(w, tq.group_size, tq.symmetric, tq.method)
+            q4 = quantize_int4(w, tq.group_size, tq.symmetric, tq.method, tq.act_scale)
             self._record(name, tq, w, q4.dequantize())
             if self.fmt == "nbits":
                 packed, scales, zeros = pack_matmul_nbits(q4)

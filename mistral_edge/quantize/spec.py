@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import EdgeError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)

@@ -21,7 +21,7 @@ from ..errors import EdgeError
 @dataclass(frozen=True)
 class SessionConfig:
     threads: int = 0  # 0: onnxruntime's default (all physical cores)
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple = ("CPUExecutionProvider",)  # names, or (name, options) pairs
     chunk: int | None = None  # prefill chunk; default: the export's
     entries: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
 
