@@ -140,9 +140,11 @@ class WeightEmitter:
     def _int8_nbits(self, name: str, w: torch.Tensor) -> tuple[str, int]:
         """int8 per channel as MatMulNBits 8-bit blocks [N, blocks, block] (K padded with the zero
         point); the caller gives every block of a row the row's scale, which is exactly
-        per-channel quantization. Returns (initializer name, block size)."""
+        per-channel quantization. Blocks of 32, because accuracy_level 4 quantizes activations
+        per weight block: on the demo model 32 halves the KL to fp32 against 128 (0.0064 vs 0.0134).
+        Returns (initializer name, block size)."""
         n, k = w.shape
-        block = 128 if k >= 128 else max(16, 1 << (k.bit_length() - 1))
+        block = 32 if k >= 32 else 16
         blocks = math.ceil(k / block)
 
         def pack() -> np.ndarray:
