@@ -51,10 +51,11 @@ def fp32(demo):
 
 
 # Measured on these 2 x 256 tokens (ORT 1.32, MatMulNBits accuracy_level 4, i.e. int8 activations):
-# int8 top-1 0.908, KL 0.018, NLL +0.0%; int4 (g32, search, int8 head) top-1 0.752, KL 0.252, NLL +1.9%.
+# int4 (g32, search, int8 head) top-1 0.752, KL 0.252, NLL +1.9%. int8 with 128-wide blocks gave top-1
+# 0.908, KL 0.018; with the 32-wide blocks it now uses, the first window gives top-1 0.961, KL 0.0064.
 # The bounds leave room for kernel differences between CPUs, and fail on a real regression
 # (RTN int4 with an int4 head, or a broken scale layout, lands far outside them).
-@pytest.mark.parametrize("quant,min_top1,max_kl,max_nll_rise", [("int8", 0.88, 0.03, 0.005),
+@pytest.mark.parametrize("quant,min_top1,max_kl,max_nll_rise", [("int8", 0.92, 0.015, 0.005),
                                                                  ("int4", 0.70, 0.35, 0.04)])
 def test_quantized_demo_tracks_fp32(demo, fp32, quant, min_top1, max_kl, max_nll_rise):
     ck, windows, tmp = demo

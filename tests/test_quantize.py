@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mistral_edge.errors import EdgeError
 from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
-from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
+from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant, plan_mixed_precision
 from mistral_edge.quantize.stats import error_stats
 
 
@@ -279,3 +279,55 @@ def test_error_stats():
 def test_quant_spec_is_frozen():
     with pytest.raises(Exception):
         QuantSpec(4).bits = 8
+
+
+# ---- mixed precision -------------------------------------------------------------------
+
+
+def _model_shapes(n_layers=8, dim=64, hidden=256, kv=16):
+    shapes = {"tok_embeddings.weight": (1000, dim), "norm.weight": (dim,)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention_norm.weight": (dim,),
+            p + "attention.wq.weight": (dim, dim),
+            p + "attention.wk.weight": (kv, dim),
+            p + "attention.wv.weight": (kv, dim),
+            p + "attention.wo.weight": (dim, dim),
+            p + "feed_forward.w1.weight": (hidden, dim),
+            p + "feed_forward.w2.weight": (dim, hidden),
+            p + "feed_forward.w3.weight": (hidden, dim),
+        }
+    return {k: torch.empty(s) for k, s in shapes.items()}
+
+
+def _avg_bits(plan, weights, spec):
+    total = sum(weights[k].numel() for k in plan)
+    return sum(
+        (bits_per_weight("int8", *weights[k].shape) if p == "int8" else spec.bits_per_weight(*weights[k].shape))
+        * weights[k].numel()
+        for k, p in plan.items()
+    ) / total
+
+
+def test_plan_mixed_precision_order_and_budget():
+    weights, spec = _model_shapes(), parse_quant("int4-g64")
+    plan = plan_mixed_precision(weights, spec, extra_bits=0.5)
+    assert set(plan) == {k for k in weights if k.startswith("layers.") and weights[k].ndim == 2}
+    promoted = {k for k, p in plan.items() if p == "int8"}
+    # every wv first, then w2 from the ends inward: layers 0, 7, 1, 6, ...
+    assert {f"layers.{i}.attention.wv.weight" for i in range(8)} <= promoted
+    w2 = sorted(int(k.split(".")[1]) for k in promoted if "w2" in k)
+    assert w2 == [0, 1, 7] and len(promoted) == 11
+    base = spec.bits_per_weight(64, 64)
+    assert base < _avg_bits(plan, weights, spec) <= base + 0.5
+    # one more w2 would break the budget
+    plan["layers.6.feed_forward.w2.weight"] = "int8"
+    assert _avg_bits(plan, weights, spec) > base + 0.5
+
+
+def test_plan_mixed_precision_other_specs():
+    weights = _model_shapes(2)
+    assert set(plan_mixed_precision(weights, parse_quant("fp16")).values()) == {"fp16"}
+    assert set(plan_mixed_precision(weights, parse_quant("int8")).values()) == {"int8"}
+    assert set(plan_mixed_precision(weights, parse_quant("int4"), extra_bits=0).values()) == {"int4"}
