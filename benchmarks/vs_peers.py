@@ -1,0 +1,337 @@
+"""Speed and memory of mistral-edge against llama.cpp, ONNX Runtime GenAI and Optimum, side by side.
+
+Same model (the demo SmolLM2-135M-Instruct), same threads, same prompt token ids for every
+system. Speed: prefill tokens/s for 128- and 1024-token prompts and greedy decode tokens/s
+over 256 tokens, medians of --runs rounds that alternate the systems. Memory: peak resident
+set of a fresh process that generates --memory-tokens tokens (our cache stays at W slots; the
+peers allocate or grow theirs to the whole context). Install the peers first with
+benchmarks/setup_peers.sh; a missing peer stops the run with a non-zero exit.
+
+    python benchmarks/vs_peers.py            # about 20 minutes on 2 cores, most of it the memory runs
+
+The last line is `decode_ratio=X prefill_ratio=Y rss_ratio=Z`: our int4 bundle over the faster
+peer (speed; prefill is the worse of the two prompt lengths) and over the smaller peer (memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OPTIMUM_PYTHON = HERE / ".venv-optimum" / "bin" / "python"
+WIKITEXT = Path("/work/shared/data/wikitext-2/wiki.test.tokens")
+PEERS = ("llama.cpp", "ort-genai")  # the speed peers; optimum is measured for memory only
+SETUP = "run benchmarks/setup_peers.sh"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str  # as printed
+    kind: str  # a key of peers.SYSTEMS
+    model: Path
+    python: str = sys.executable
+    chunk: int | None = None
+
+
+@dataclass
+class Speed:
+    """Raw seconds per run; the figures are medians over runs."""
+
+    system: str
+    prefill: dict[int, list[float]] = field(default_factory=dict)  # prompt length -> seconds per run
+    decode: list[float] = field(default_factory=list)
+
+    def prefill_tps(self, n: int) -> float:
+        return n / statistics.median(self.prefill[n])
+
+    def decode_tps(self, n: int) -> float:
+        return n / statistics.median(self.decode)
+
+
+@dataclass(frozen=True)
+class Memory:
+    system: str
+    peak_rss: int  # bytes
+    loaded_rss: int  # resident after loading, before the first token
+    seconds: float  # to generate the tokens
+
+
+class PeerMissing(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- models, built once into --work
+
+
+def demo_gguf() -> Path:
+    from mistral_edge.model.loaders.default import default_model_path
+
+    return default_model_path()
+
+
+def our_bundle(work: Path, quant: str, chunk: int | None) -> Path:
+    from mistral_edge.model.loaders import load_checkpoint
+    from mistral_edge.quantize.spec import parse_quant
+    from mistral_edge.targets.bundle import BundleRequest, write_bundle
+    from mistral_edge.targets.profiles import get_target
+
+    out = work / f"ours-{quant}"
+    if not (out / "manifest.json").is_file():
+        print(f"exporting our {quant} cpu bundle -> {out}", file=sys.stderr)
+        req = BundleRequest(get_target("cpu"), parse_quant(quant), None, chunk)
+        write_bundle(load_checkpoint(None), req, out, log=lambda line: None)
+    return out
+
+
+def hf_dir(work: Path, max_position: int) -> Path:
+    """The demo checkpoint as a Hugging Face Llama directory (fp32 safetensors), the input of the
+    ORT GenAI model builder and of Optimum's export. The weights are the GGUF's, dequantized by our
+    loader; canonical wq/wk rows are already in HF order. max_position_embeddings is raised so the
+    peers' RoPE tables cover the memory run's context (RoPE itself is unchanged)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mistral_edge.model.loaders import hf, load_checkpoint
+
+    out = work / "hf"
+    if (out / "config.json").is_file() and json.loads((out / "config.json").read_text())[
+            "max_position_embeddings"] >= max_position:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"writing the demo model as a Hugging Face directory -> {out}", file=sys.stderr)
+    ck = load_checkpoint(None)
+    c = ck.config
+    to_hf = {canon: name for name, canon in hf._TOP_MAP.items()}
+    to_hf.update({f"layers.{i}.{canon}": f"model.layers.{i}.{name}"
+                  for i in range(c.n_layers) for name, canon in hf._LAYER_MAP.items()})
+    tmp = work / "hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({to_hf[k]: v.to(torch.float32).contiguous() for k, v in ck.weights.items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    eos = list(c.eos_ids)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tied_embeddings, "bos_token_id": c.bos_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos, "max_position_embeddings": max(c.max_position, max_position),
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tok_json = ck.tokenizer_files["tokenizer.json"]
+    shutil.copyfile(tok_json, tmp / "tokenizer.json")
+    vocab = {t["id"]: t["content"] for t in json.loads(Path(tok_json).read_text())["added_tokens"]}
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": ck.chat_template,
+        "bos_token": vocab.get(c.bos_id), "eos_token": vocab.get(eos[0]) if eos else None,
+    }, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def genai_model(work: Path, hf: Path) -> Path:
+    """ORT GenAI's model builder, int4 for the CPU EP, with its defaults (RTN, symmetric, blocks of 32,
+    accuracy_level 4) plus prune_lm_head, which only drops unused prompt logits: the peer at its best."""
+    out = work / "ort-genai-int4"
+    config = out / "genai_config.json"
+    context = json.loads((hf / "config.json").read_text())["max_position_embeddings"]
+    if not config.is_file() or json.loads(config.read_text())["model"]["context_length"] < context:
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"building the ORT GenAI int4 CPU model -> {out}", file=sys.stderr)
+        _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+              "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), "--extra_options", "prune_lm_head=true"])
+    return out
+
+
+def optimum_model(work: Path, hf: Path) -> Path:
+    """Optimum's standard ONNX export (fp32, text-generation-with-past), built in its own venv."""
+    out = work / "optimum"
+    if not (out / "model.onnx").is_file():
+        print(f"exporting with Optimum -> {out}", file=sys.stderr)
+        _run([str(OPTIMUM_PYTHON), "-m", "optimum.exporters.onnx", "--model", str(hf),
+              "--task", "text-generation-with-past", str(out)])
+    return out
+
+
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode:
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed:\n{r.stdout[-3000:]}")
+
+
+def check_peers() -> None:
+    """Every peer importable, or exit non-zero naming what is missing: a benchmark never skips one."""
+    checks = {"llama.cpp (llama-cpp-python)": [sys.executable, "-c", "import llama_cpp"],
+              "ONNX Runtime GenAI (onnxruntime-genai)": [sys.executable, "-c", "import onnxruntime_genai"],
+              "Optimum (optimum-onnx in benchmarks/.venv-optimum)":
+                  [str(OPTIMUM_PYTHON), "-c", "import optimum.onnxruntime"]}
+    missing = [name for name, cmd in checks.items()
+               if not Path(cmd[0]).exists() or subprocess.run(cmd, capture_output=True).returncode]
+    try:
+        demo_gguf()
+    except Exception as e:  # EdgeError with its own install hint
+        missing.append(f"the demo model ({e})")
+    if missing:
+        raise PeerMissing("not installed: " + "; ".join(missing) + f": {SETUP}")
+
+
+def prompts(tokenizer_json: Path, lengths: tuple[int, ...]) -> dict[int, list[int]]:
+    """Token ids of WikiText-2 test text, cut to each length (the same ids go to every system)."""
+    from tokenizers import Tokenizer
+
+    if not WIKITEXT.is_file():
+        raise SystemExit(f"error: {WIKITEXT} not found (the prompts are WikiText-2 test text)")
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(WIKITEXT.read_text()[:200_000]).ids
+    return {n: ids[:n] for n in lengths}
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class Worker:
+    """One system in its own process (see peers.py), answering timing commands."""
+
+    def __init__(self, system: System, threads: int, n_ctx: int, memory: int = 0):
+        cmd = [system.python, str(HERE / "peers.py"), system.kind, str(system.model),
+               "--threads", str(threads), "--n-ctx", str(n_ctx)]
+        cmd += ["--chunk", str(system.chunk)] if system.chunk else []
+        cmd += ["--memory", str(memory)] if memory else []
+        self.system = system
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if not memory:
+            self._reply()  # {"ready": true} once loaded
+
+    def ask(self, cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"error: the {self.system.name} worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def measure_speed(systems: list[System], prompt: dict[int, list[int]], decode_n: int, runs: int,
+                  threads: int) -> list[Speed]:
+    """Median-ready timings; each round visits the systems in a rotated order, one figure at a time."""
+    workers = [Worker(s, threads, n_ctx=max(prompt) + decode_n + 8) for s in systems]
+    results = {s.name: Speed(s.name) for s in systems}
+    decode_prompt = prompt[min(prompt)]
+    try:
+        for w in workers:  # warm-up: first-run allocations and prepacking are not timed
+            w.ask({"decode": decode_prompt, "n": 8})
+            w.ask({"prefill": prompt[max(prompt)]})
+        for r in range(runs):
+            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            for n in prompt:
+                for w in order:
+                    time.sleep(0.2)  # let the previous system's spinning threads go idle
+                    results[w.system.name].prefill.setdefault(n, []).append(w.ask({"prefill": prompt[n]})["seconds"])
+            for w in order:
+                time.sleep(0.2)
+                results[w.system.name].decode.append(w.ask({"decode": decode_prompt, "n": decode_n})["seconds"])
+            print(f"  round {r + 1}/{runs} done", file=sys.stderr)
+    finally:
+        for w in workers:
+            w.close()
+    return [results[s.name] for s in systems]
+
+
+def measure_memory(system: System, prompt: list[int], n: int, threads: int) -> Memory:
+    """A fresh process generates n tokens after the prompt and reports its peak RSS."""
+    w = Worker(system, threads, n_ctx=len(prompt) + n + 8, memory=n)
+    w.proc.stdin.write(json.dumps(prompt) + "\n")
+    w.proc.stdin.flush()
+    reply = w._reply()
+    w.close()
+    return Memory(system.name, reply["peak_rss"], reply["loaded_rss"], reply["seconds"])
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(speeds: list[Speed], memory: list[Memory], lengths: tuple[int, ...], decode_n: int, mem_n: int) -> str:
+    mem = {m.system: m for m in memory}
+    head = [f"prefill {n} tok/s" for n in lengths] + [f"decode {decode_n} tok/s", f"peak RSS @{mem_n} MiB",
+                                                     "RSS loaded MiB", f"{mem_n} tok s"]
+    rows = []
+    names = [s.system for s in speeds] + [m.system for m in memory if m.system not in {s.system for s in speeds}]
+    by_name = {s.system: s for s in speeds}
+    for name in names:
+        s, m = by_name.get(name), mem.get(name)
+        cells = ([f"{s.prefill_tps(n):.0f}" for n in lengths] + [f"{s.decode_tps(decode_n):.1f}"]) if s else \
+            ["-"] * (len(lengths) + 1)
+        cells += [f"{m.peak_rss / 2**20:.0f}", f"{m.loaded_rss / 2**20:.0f}", f"{m.seconds:.0f}"] if m else ["-"] * 3
+        rows.append([name] + cells)
+    widths = [max(len(r[i]) for r in rows + [["system"] + head]) for i in range(len(head) + 1)]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(["system"] + head)] + [fmt(r) for r in rows])
+
+
+def ratios(speeds: list[Speed], memory: list[Memory], ours: str, lengths: tuple[int, ...], decode_n: int) -> str:
+    by = {s.system: s for s in speeds}
+    peers = [s for s in speeds if s.system in PEERS]
+    decode = by[ours].decode_tps(decode_n) / max(p.decode_tps(decode_n) for p in peers)
+    prefill = min(by[ours].prefill_tps(n) / max(p.prefill_tps(n) for p in peers) for n in lengths)
+    mem = {m.system: m.peak_rss for m in memory}
+    rss = mem[ours] / min(v for k, v in mem.items() if k in PEERS + ("optimum",))
+    return f"decode_ratio={decode:.2f} prefill_ratio={prefill:.2f} rss_ratio={rss:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5, help="rounds; figures are medians (at least 5)")
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--prompts", type=int, nargs="+", default=[128, 1024], help="prefill prompt lengths")
+    ap.add_argument("--memory-tokens", type=int, default=8192, help="tokens generated in the memory runs (0: skip)")
+    ap.add_argument("--chunk", type=int, default=None, help="our prefill chunk (default: the bundle's)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=BUNDLE",
+                    help="also measure this bundle directory (e.g. a candidate export), repeatable")
+    ap.add_argument("--work", type=Path, default=HERE / ".work", help="where the models are built, once")
+    args = ap.parse_args()
+    try:
+        check_peers()
+    except PeerMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    lengths = tuple(args.prompts)
+    hf = hf_dir(args.work, max_position=max(lengths) + args.memory_tokens + 16)
+    ours = [System(f"ours-{q}", "ours", our_bundle(args.work, q, None), chunk=args.chunk) for q in ("int4", "int8")]
+    ours += [System(name, "ours", Path(path), chunk=args.chunk) for name, path in (e.split("=", 1) for e in args.extra)]
+    peers = [System("llama.cpp", "llama.cpp", demo_gguf()), System("ort-genai", "ort-genai", genai_model(args.work, hf))]
+    prompt = prompts(hf / "tokenizer.json", lengths)
+
+    print(f"speed: {args.runs} rounds, {args.threads} threads, prompts {lengths}, decode {args.decode_tokens}",
+          file=sys.stderr)
+    speeds = measure_speed(ours + peers, prompt, args.decode_tokens, args.runs, args.threads)
+    memory = []
+    if args.memory_tokens:
+        for s in ours + peers + [System("optimum", "optimum", optimum_model(args.work, hf), python=str(OPTIMUM_PYTHON))]:
+            print(f"memory: {s.name} generating {args.memory_tokens} tokens", file=sys.stderr)
+            memory.append(measure_memory(s, prompt[min(lengths)], args.memory_tokens, args.threads))
+    print(table(speeds, memory, lengths, args.decode_tokens, args.memory_tokens))
+    if memory:
+        print(ratios(speeds, memory, "ours-int4", lengths, args.decode_tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`mistral-edge compare`: memory, quality and speed of several quant levels, as a table, JSON, CSV and PNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..compare.report import table, write_all
+from ..errors import EdgeError
+from .commands import COMMANDS
+from .options import ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
+
+
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory (bundles are kept in OUT/bundles)")]
+TorchRowsOpt = Annotated[bool, typer.Option("--torch-rows/--no-torch-rows",
+                                            help="add PyTorch reference fp32/bf16 rows (and bitsandbytes notes)")]
+
+
+def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:
+    if text is not None and window is not None:
+        raise EdgeError("give --window or --windows, not both")
+    if text is None:
+        return () if window is None else (window,)
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise EdgeError(f"--windows takes comma-separated integers, e.g. 256,1024,4096; got {text!r}") from None
+
+
+def compare(
+    model: ModelArg = None,
+    quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq is calibrated "
+                                             "on --calib text (e.g. int4-g32-awq)")] = "fp32,fp16,int8,int4-g32,int4-g128",
+    text: Annotated[Optional[Path], typer.Option(help="evaluation text, any UTF-8 file")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="evaluation text from the `datasets` library "
+                                                        "(wikitext-2, test split; needs the network)")] = None,
+    window: WindowOpt = None,
+    windows: Annotated[Optional[str], typer.Option(help="sweep W, e.g. 256,1024,4096: each quant at each W")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
+    n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
+    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq quants "
+                                                       "(e.g. wiki.valid.tokens, never the evaluation text)")] = None,
+    threads: ThreadsOpt = 0,
+    runs: Annotated[int, typer.Option(help="speed runs per variant (the median is reported)")] = 5,
+    out: OutOpt = Path("compare"),
+    torch_rows: TorchRowsOpt = True,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Compare quant levels on the same text: perplexity, KL and top-1 vs fp32, sizes, memory, speed."""
+    from ..compare.run import CompareRequest, run_compare  # torch: only when comparing
+
+    req = CompareRequest(model=model, quants=quants, text=text, dataset=dataset,
+                         windows=_window_list(windows, window), ctx=ctx, n_windows=n_windows, calib=calib,
+                         threads=threads, runs=runs, out=out, torch_rows=torch_rows, trust_pickle=trust_pickle)
+    console = Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        rows = run_compare(req, progress, log=lambda line: console.print(line, highlight=False))
+    first = next(r for r in rows if r.perplexity is not None)
+    # A table redirected to a file would be squeezed to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table(rows, title=f"{first.text}: {first.n_windows} windows of {first.ctx} tokens, "
+                                      f"{first.scored_tokens} scored; KL and top-1 against ONNX fp32"))
+    for path in write_all(rows, out):
+        console.print(f"[green]wrote[/] {path}", highlight=False)
+
+
+COMMANDS["compare"] = compare

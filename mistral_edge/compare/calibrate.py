@@ -1,0 +1,220 @@
+"""Calibrated int4 (`int4-g32-awq`): three uses of calibration text, all in the fp32 reference model.
+
+1. AWQ scales. A few input channels carry much larger activations than the rest,
+   so rounding errors on their weights cost more. For each layer linear, with m
+   the mean |x| per input channel, the weight's columns are multiplied by
+   s = m^alpha (normalised so max*min = 1) and the input divided by s, alpha in
+   [0, 1] chosen to minimise ||x W^T - x Q(W s)^T / s||^2 on sampled inputs
+   (Q: round-to-nearest int4; alpha 0 is plain RTN). The 1/s is folded into the
+   op that produces the input, so the scaled model is the original in fp32:
+   wq/wk/wv: attention_norm / s; w1/w3: ffn_norm / s; w2: w3 rows / s (its input
+   is silu(w1 x) * (w3 x)); wo: wv rows / s, s shared by the query heads of one
+   KV head (GQA). Row scaling leaves a row's int4 error unchanged (scale and zero
+   point follow it), so the four searches do not interact.
+2. Activation-weighted rounding: the export's int4 search weights each input
+   channel's error by (m / s)^2 (TensorQuant.act_scale -> quantize_int4).
+3. Mixed precision: the linears whose int4 costs the most next-token KL per
+   parameter (one linear at a time in int4, on calibration tokens) stay int8,
+   up to INT8_SHARE of the layer linears' parameters.
+
+Activations are recorded at the input of every matmul whose right operand is a
+known weight (a TorchFunctionMode: the reference model is not modified).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..export.linear import TensorQuant
+from ..export.pipeline import quant_plan
+from ..model.checkpoint import Checkpoint
+from ..model.reference import ReferenceModel
+from ..quantize.int4 import quantize_int4
+from ..quantize.spec import QuantSpec
+
+ALPHAS = tuple(i / 10 for i in range(11))
+SAMPLE_ROWS = 512  # calibration inputs kept per linear for the alpha search
+SENSITIVITY_TOKENS = 256
+INT8_SHARE = 0.15  # at most this share of the layer linears' parameters is kept int8
+
+
+@dataclass
+class _Inputs:
+    abs_sum: torch.Tensor
+    rows: int = 0
+    sample: list = dataclasses.field(default_factory=list)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.rows, 1)).float()
+
+
+def _logits(model: ReferenceModel, tokens: np.ndarray) -> torch.Tensor:
+    """[T, V] logits of one window from an empty cache, with the model's own sliding window."""
+    window = min(model.cfg.sliding_window or len(tokens), len(tokens))
+    return model.prefill(torch.as_tensor(tokens[None]), model.new_cache(1, window), window)[0]
+
+
+class _InputRecorder(TorchFunctionMode):
+    """Records the left operand of `x @ W.T` for the weights in `names` (keyed by storage address)."""
+
+    def __init__(self, names: dict[int, str], stride: int):
+        super().__init__()
+        self.names, self.stride = names, stride
+        self.inputs: dict[str, _Inputs] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__") and isinstance(args[1], torch.Tensor):
+            name = self.names.get(args[1].data_ptr())
+            if name is not None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                rec = self.inputs.setdefault(name, _Inputs(torch.zeros(x.shape[1], dtype=torch.float64)))
+                rec.abs_sum += x.abs().sum(0, dtype=torch.float64)
+                rec.rows += x.shape[0]
+                rec.sample.append(x[:: self.stride].clone())
+        return func(*args, **(kwargs or {}))
+
+
+PARTS = {"attention.wqkv": ["attention.wq", "attention.wk", "attention.wv"], "attention.wo": ["attention.wo"],
+         "feed_forward.w13": ["feed_forward.w1", "feed_forward.w3"], "feed_forward.w2": ["feed_forward.w2"]}
+"""Each exported (fused) layer linear and its checkpoint weights; the parts share one input."""
+
+
+def collect_inputs(ck: Checkpoint, windows: np.ndarray) -> dict[str, _Inputs]:
+    """Mean |x| per input channel and up to SAMPLE_ROWS sampled rows at every layer linear's input."""
+    cfg = ck.config
+    model = ReferenceModel(cfg, ck.weights)
+    names = {model.w[f"layers.{i}.{parts[0]}.weight"].data_ptr(): f"layers.{i}.{linear}"
+             for i in range(cfg.n_layers) for linear, parts in PARTS.items()}
+    recorder = _InputRecorder(names, stride=max(1, windows.size // SAMPLE_ROWS))
+    with recorder:
+        for tokens in windows:
+            _logits(model, tokens)
+    for rec in recorder.inputs.values():
+        rec.sample = torch.cat(rec.sample)[:SAMPLE_ROWS]
+    return recorder.inputs
+
+
+def search_scale(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
+                 tie=lambda m: m) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scale s (and its alpha) minimising the output error of int4 W s."""
+    ref = x @ w.T
+    m = tie(mean_abs.clamp(min=1e-5))
+    best = None
+    for alpha in ALPHAS:
+        s = m ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        wq = quantize_int4(w * s, spec.group_size, spec.symmetric, "rtn").dequantize() / s
+        err = float(((x @ wq.T - ref) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+def awq_scales(ck: Checkpoint, spec: QuantSpec, inputs: dict[str, _Inputs]) -> tuple[Checkpoint, dict, dict]:
+    """A copy of `ck` with AWQ scales folded in (the same fp32 function), the mean |x| each linear
+    now sees (its input divided by s), and the alpha chosen per linear."""
+    cfg = ck.config
+    w = {k: v.float().clone() for k, v in ck.weights.items()}
+    gqa, hd = cfg.gqa_ratio, cfg.head_dim
+
+    def tie_heads(m: torch.Tensor) -> torch.Tensor:  # one value per (KV head, dim), shared by its query heads
+        return m.view(cfg.n_kv_heads, gqa, hd).mean(1, keepdim=True).expand(-1, gqa, -1).reshape(-1)
+
+    alphas, act = {}, {}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+
+        def scale(linear: str, tie=lambda m: m) -> torch.Tensor:
+            rec, parts = inputs[p + linear], PARTS[linear]
+            fused = torch.cat([w[p + part + ".weight"] for part in parts])
+            s, alphas[p + linear] = search_scale(fused, rec.sample, rec.mean_abs, spec, tie)
+            act[p + linear] = rec.mean_abs / s
+            for part in parts:
+                w[p + part + ".weight"] *= s
+            return s
+
+        w[p + "attention_norm.weight"] /= scale("attention.wqkv")
+        w[p + "ffn_norm.weight"] /= scale("feed_forward.w13")
+        w[p + "feed_forward.w3.weight"] /= scale("feed_forward.w2")[:, None]
+        s = scale("attention.wo", tie_heads)
+        w[p + "attention.wv.weight"] /= s.view(cfg.n_kv_heads, gqa, hd)[:, 0].reshape(-1, 1)
+    return dataclasses.replace(ck, weights=w), act, alphas
+
+
+def sensitivity(ck: Checkpoint, spec: QuantSpec, tokens: np.ndarray, linears: list[str]) -> dict[str, float]:
+    """Mean next-token KL on `tokens` when only one of `linears` is int4 (round-to-nearest)."""
+    cfg = ck.config
+
+    def logp(weights: dict) -> torch.Tensor:
+        return torch.log_softmax(_logits(ReferenceModel(cfg, weights), tokens), -1)
+
+    ref = logp(ck.weights)
+    out = {}
+    for linear in linears:
+        swapped = {name: quantize_int4(ck.weights[name], spec.group_size, spec.symmetric, "rtn").dequantize()
+                   for name in weights_of(linear)}
+        out[linear] = float((ref.exp() * (ref - logp({**ck.weights, **swapped}))).sum(-1).mean())
+    return out
+
+
+def most_sensitive(kl: dict[str, float], sizes: dict[str, int], budget: float) -> list[str]:
+    """Greedy by KL per parameter: the linears to make int8 within `budget` parameters."""
+    chosen = []
+    for name in sorted(kl, key=lambda n: kl[n] / sizes[n], reverse=True):
+        if sizes[name] <= budget:
+            chosen.append(name)
+            budget -= sizes[name]
+    return chosen
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    checkpoint: Checkpoint
+    """AWQ scales folded in."""
+    plan: dict[str, TensorQuant]
+    """The spec's plan with each int4 linear's act_scale set and the most sensitive linears int8."""
+    alphas: dict[str, float]
+    int8: tuple[str, ...]
+
+
+def weights_of(linear: str) -> list[str]:
+    """'layers.3.attention.wqkv' -> its checkpoint weights (wq, wk, wv)."""
+    _, layer, sub = linear.split(".", 2)
+    return [f"layers.{layer}.{part}.weight" for part in PARTS[sub]]
+
+
+def _linear_of(plan_name: str) -> str | None:
+    """The fused layer linear a plan entry belongs to ('layers.3.attention.wv' -> 'layers.3.attention.wqkv')."""
+    head, _, rest = plan_name.partition(".")
+    layer, _, sub = rest.partition(".")
+    if head != "layers":
+        return None
+    return next((f"layers.{layer}.{linear}" for linear, parts in PARTS.items() if sub == linear or sub in parts), None)
+
+
+def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_share: float = INT8_SHARE) -> Calibrated:
+    """AWQ scales, act-weighted int4 search, and int8 for the linears whose int4 costs the most KL per
+    parameter, until `int8_share` of the layer linears' parameters is int8 (counting any the plan has)."""
+    scaled, act, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
+    plan = quant_plan(scaled, spec)
+
+    def size(name: str) -> int:  # a plan entry is a fused linear or one checkpoint weight
+        return sum(ck.weights[w].numel() for w in ([name + ".weight"] if name + ".weight" in ck.weights
+                                                    else weights_of(name)))
+
+    layer = {name: _linear_of(name) for name in plan if _linear_of(name) is not None}
+    budget = int8_share * sum(map(size, layer)) - sum(size(n) for n in layer if plan[n].kind == "int8")
+    all_int4 = {linear for linear in act if all(plan[n].kind == "int4" for n, l in layer.items() if l == linear)}
+    kl = sensitivity(scaled, spec, windows[0][:SENSITIVITY_TOKENS], sorted(all_int4)) if budget > 0 else {}
+    int8 = most_sensitive(kl, {linear: size(linear) for linear in kl}, budget)
+    for name, linear in layer.items():
+        if plan[name].kind == "int4":
+            plan[name] = (TensorQuant("int8") if linear in int8
+                          else dataclasses.replace(plan[name], act_scale=act[linear]))
+    return Calibrated(scaled, plan, alphas, tuple(int8))

@@ -1,0 +1,235 @@
+"""`run_compare`: export or reuse every variant, measure each with the same protocol, return the rows.
+
+Order matters: the fp32 ONNX variant at the largest W is measured first because
+it is the reference every other row's KL and top-1 are computed against.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from .. import __version__
+from ..errors import EdgeError
+from ..export.decoder import GRAPH_CONTRACT_VERSION
+from ..export.pipeline import resolve_window
+from ..model.checkpoint import Checkpoint
+from ..model.loaders import load_checkpoint
+from ..quantize.spec import parse_quant
+from ..runtime.session import DecoderSession, SessionConfig
+from ..targets.bundle import source_hash
+from ..tokenizer import Tokenizer
+from . import calibrate
+from .quality import ReferenceStore, evaluate
+from .report import Row
+from .speed import SpeedJob, measure
+from .text import EvalText, load_text, read_text, token_windows
+from .variants import QuantChoice, bnb_note, parse_quants, prepare_bundle, prepare_calibrated
+
+DEFAULT_QUANTS = "fp32,fp16,int8,int4-g32,int4-g128"
+CALIB_WINDOWS = 8
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    model: str | None = None
+    quants: str = DEFAULT_QUANTS
+    text: Path | None = None
+    dataset: str | None = None
+    windows: tuple[int, ...] = ()  # W sweep; empty: the model's own (or the export default)
+    ctx: int = 512
+    n_windows: int = 32
+    calib: Path | None = None
+    threads: int = 0  # 0: one per physical core
+    runs: int = 5
+    out: Path = Path("compare")
+    torch_rows: bool = True
+    trust_pickle: bool = False
+    prompt_tokens: int = 128
+    decode_tokens: int = 64
+
+
+def resolve_threads(threads: int) -> int:
+    if threads < 0:
+        raise EdgeError(f"--threads must be >= 0 (0: one per physical core), got {threads}")
+    if threads:
+        return threads
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def check_request(req: CompareRequest) -> list[QuantChoice]:
+    """Everything that can be refused before loading a model."""
+    choices = parse_quants(req.quants)
+    for w in req.windows:
+        if w <= 0:
+            raise EdgeError(f"--window must be a positive integer, got {w}")
+    if req.runs < 1:
+        raise EdgeError(f"--runs must be a positive integer, got {req.runs}")
+    if req.ctx < 2:
+        raise EdgeError(f"--ctx must be at least 2 (one context token and one scored token), got {req.ctx}")
+    if req.n_windows < 1:
+        raise EdgeError(f"--n-windows must be a positive integer, got {req.n_windows}")
+    resolve_threads(req.threads)
+    return choices
+
+
+def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText:
+    if req.calib is not None:
+        calib = read_text(req.calib)
+    elif req.text is None:
+        calib = load_text(None, req.dataset, split="validation")
+    else:
+        raise EdgeError("calibrated quants (-awq) need --calib FILE: separate text such as WikiText-2's "
+                        "wiki.valid.tokens, never the evaluation text")
+    if calib.sha256 == evaluation.sha256:
+        raise EdgeError(f"--calib {calib.name} is the evaluation text; calibrate on separate text "
+                        "(e.g. WikiText-2 valid when evaluating on test)")
+    return calib
+
+
+class _Run:
+    """State shared by the measurements of one comparison."""
+
+    def __init__(self, req: CompareRequest, ck: Checkpoint, ids: np.ndarray, evaluation: EvalText,
+                 progress: Progress, log):
+        self.req, self.ck, self.progress, self.log = req, ck, progress, log
+        self.text = evaluation.name
+        self.threads = resolve_threads(req.threads)
+        self.windows = token_windows(ids, req.ctx, req.n_windows)
+        speed_ids = np.resize(ids, req.prompt_tokens + req.decode_tokens).tolist()
+        self.prompt, self.decode = speed_ids[: req.prompt_tokens], speed_ids[req.prompt_tokens:]
+        self.source_sha = source_hash(ck.source)
+        req.out.mkdir(parents=True, exist_ok=True)  # the reference scratch file is large: keep it off /tmp (tmpfs)
+        self.scratch = tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out)
+        self.reference = ReferenceStore(Path(self.scratch.name) / "reference.u16", len(self.windows),
+                                        req.ctx - 1, ck.config.vocab_size)
+        self.calib_ids: np.ndarray | None = None
+        self.calib_sha: str | None = None
+
+    def row(self, quant: str, backend: str, window: int, quality, speed, **sizes) -> Row:
+        return Row(quant=quant, backend=backend, window=window, perplexity=quality.perplexity,
+                   kl_vs_fp32=quality.kl_vs_fp32, top1_vs_fp32=quality.top1_vs_fp32,
+                   prefill_tok_s=speed.prefill_tok_s, decode_tok_s=speed.decode_tok_s,
+                   peak_rss_bytes=speed.peak_rss_bytes, threads=self.threads, ctx=self.req.ctx,
+                   n_windows=len(self.windows), scored_tokens=quality.scored_tokens, text=self.text, **sizes)
+
+    def quality(self, session, chunk: int, label: str, record: bool = False):
+        task = self.progress.add_task(f"quality {label}", total=len(self.windows))
+        try:
+            return evaluate(session, self.windows, chunk, self.reference, record,
+                            progress=lambda: self.progress.advance(task))
+        finally:
+            self.progress.remove_task(task)
+
+    def speed(self, job: SpeedJob, label: str):
+        task = self.progress.add_task(f"speed {label} ({job.runs} runs, fresh process)", total=None)
+        try:
+            return measure(job)
+        finally:
+            self.progress.remove_task(task)
+
+    def calibration_key(self, choice: QuantChoice, window: int, chunk: int) -> dict:
+        return {"source": {"path": self.ck.source, "sha256": self.source_sha}, "quant": choice.name,
+                "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+                "calibration": {"method": "awq+act-weighted-search+int8-sensitive", "text_sha256": self.calib_sha,
+                                "windows": CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
+                                "sample_rows": calibrate.SAMPLE_ROWS, "int8_share": calibrate.INT8_SHARE,
+                                "sensitivity_tokens": calibrate.SENSITIVITY_TOKENS}}
+
+    def calibrated(self, choice: QuantChoice) -> calibrate.Calibrated:
+        task = self.progress.add_task(f"calibrating {choice.name} (AWQ scales, sensitivity)", total=None)
+        try:
+            cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
+        finally:
+            self.progress.remove_task(task)
+        self.log(f"{choice.name}: AWQ alpha mean {np.mean(list(cal.alphas.values())):.2f}; int8: "
+                 f"{', '.join(cal.int8) or 'none'}")
+        return cal
+
+    def onnx_row(self, choice: QuantChoice, window: int, record: bool = False) -> Row:
+        _, chunk = resolve_window(self.ck, window, None)
+        path = self.req.out / "bundles" / f"{choice.name}-w{window}"
+        task = self.progress.add_task(f"export {choice.name} W={window}", total=None)
+        try:
+            if choice.calibrated:
+                built = prepare_calibrated(self.ck, choice.spec, window, chunk, path,
+                                           self.calibration_key(choice, window, chunk),
+                                           lambda: self.calibrated(choice), log=lambda line: None)
+            else:
+                built = prepare_bundle(self.ck, choice.spec, window, chunk, path, self.source_sha,
+                                       log=lambda line: None)
+        finally:
+            self.progress.remove_task(task)
+        self.log(f"{'reused' if built.reused else 'exported'} {path}")
+        session = DecoderSession(built.model_path, config=SessionConfig(threads=self.threads, chunk=chunk))
+        quality = self.quality(session, chunk, f"{choice.name} W={window}", record)
+        del session
+        speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
+                                    model_path=str(built.model_path)), choice.name)
+        return self.row(choice.name, "onnx", window, quality, speed, bits_per_weight=built.bits_per_weight,
+                        size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
+                        kv_cache_bytes=built.kv_cache_bytes, note=built.note)
+
+    def torch_row(self, name: str, window: int) -> Row:
+        import torch
+
+        from ..model.reference import ReferenceModel
+        from ..model.torch_session import TorchSession
+
+        dtype = TORCH_DTYPES[name]
+        _, chunk = resolve_window(self.ck, window, None)
+        torch.set_num_threads(self.threads)
+        model = ReferenceModel(self.ck.config, self.ck.weights, getattr(torch, dtype))
+        quality = self.quality(TorchSession(model, window, chunk), chunk, f"PyTorch {name}")
+        del model
+        speed = self.speed(SpeedJob("torch", self.threads, chunk, self.prompt, self.decode, self.req.runs,
+                                    model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
+                                    dtype=dtype), f"PyTorch {name}")
+        size = torch.finfo(getattr(torch, dtype)).bits // 8
+        cfg = self.ck.config
+        return self.row(name, "torch", window, quality, speed, bits_per_weight=8.0 * size, size_bytes=None,
+                        weight_bytes=self.ck.n_params * size, kv_cache_bytes=cfg.kv_bytes_per_token(size) * window)
+
+
+def run_compare(req: CompareRequest, progress: Progress | None = None, log=print) -> list[Row]:
+    """Measure every variant of `req` (see the package docstring for the protocol)."""
+    choices = check_request(req)
+    evaluation = load_text(req.text, req.dataset)
+    calib = calibration_text(req, evaluation) if any(c.calibrated for c in choices) else None
+    progress = progress or Progress(disable=True)
+    task = progress.add_task(f"loading {req.model or 'the embedded demo model'}", total=None)
+    ck = load_checkpoint(req.model, trust_pickle=req.trust_pickle)
+    tok = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+    progress.update(task, description=f"tokenizing {evaluation.name}")
+    ids = np.asarray(tok.encode(evaluation.text, add_bos=False), np.int64)
+    run = _Run(req, ck, ids, evaluation, progress, log)
+    if calib is not None:
+        progress.update(task, description=f"tokenizing {calib.name}")
+        run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, CALIB_WINDOWS)
+        run.calib_sha = calib.sha256
+    progress.remove_task(task)
+
+    windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
+    reference = QuantChoice(parse_quant("fp32"))
+    try:
+        rows = [run.onnx_row(reference, windows[-1], record=True)]
+        for window in windows:
+            for choice in choices:
+                if (choice, window) != (reference, windows[-1]):
+                    rows.append(run.onnx_row(choice, window))
+        if req.torch_rows:
+            rows += [run.torch_row(name, windows[-1]) for name in TORCH_DTYPES]
+            note = bnb_note()
+            log(f"bitsandbytes int8/nf4 rows not measured: {note}")
+            rows += [Row.unmeasured("bnb-" + q, "bitsandbytes", note) for q in ("int8", "nf4")]
+    finally:
+        run.scratch.cleanup()
+    return rows

@@ -1,0 +1,124 @@
+"""Prefill and decode speed, and peak memory, each variant measured in a fresh process.
+
+A fresh process per variant keeps peak resident memory (`ru_maxrss`) from mixing
+between variants: it counts what running that variant costs (interpreter,
+onnxruntime, weights, cache, one prefill and decode), not the comparison's own
+bookkeeping. Run as `python -m mistral_edge.compare.speed` with a JSON job on
+stdin; prints one JSON line. Only numpy and the runtime are imported for an
+ONNX job, so torch's own footprint is not counted against it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpeedJob:
+    backend: str  # "onnx" or "torch"
+    threads: int
+    chunk: int
+    prompt: list[int]
+    decode: list[int]  # tokens fed one at a time after the prompt (teacher-forced: timing does not depend on them)
+    runs: int
+    model_path: str | None = None  # onnx
+    model: str | None = None  # torch: MODEL as given to load_checkpoint (None: the demo model)
+    trust_pickle: bool = False
+    window: int | None = None
+    dtype: str = "float32"  # torch compute dtype
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_rss_bytes: int
+
+
+def timed_run(session, prompt: np.ndarray, decode: np.ndarray) -> tuple[float, float]:
+    """Seconds for the chunked prefill of `prompt` and for feeding `decode` one token per step."""
+    session.reset()
+    c = session.chunk
+    t0 = time.perf_counter()
+    for s in range(0, len(prompt), c):
+        session.step(prompt[None, s:s + c])
+    t1 = time.perf_counter()
+    for tok in decode:
+        session.step(np.asarray([[tok]], np.int64))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def benchmark(session, prompt: list[int], decode: list[int], runs: int) -> tuple[float, float]:
+    """Median prefill and decode tokens/s over `runs` runs, after one warm-up run."""
+    p, d = np.asarray(prompt, np.int64), np.asarray(decode, np.int64)
+    timed_run(session, p, d)
+    times = [timed_run(session, p, d) for _ in range(runs)]
+    return (len(p) / statistics.median(t for t, _ in times), len(d) / statistics.median(t for _, t in times))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from /proc (VmHWM): ru_maxrss would carry
+    over the parent's peak, because it survives fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows: the working-set peak is the nearest equivalent
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB elsewhere
+
+
+def open_session(job: SpeedJob):
+    if job.backend == "onnx":
+        from ..runtime.session import DecoderSession, SessionConfig
+
+        return DecoderSession(job.model_path, config=SessionConfig(threads=job.threads, chunk=job.chunk))
+    import torch
+
+    from ..model.loaders import load_checkpoint
+    from ..model.reference import ReferenceModel
+    from ..model.torch_session import TorchSession
+
+    torch.set_num_threads(job.threads)
+    ck = load_checkpoint(job.model, trust_pickle=job.trust_pickle)
+    model = ReferenceModel(ck.config, ck.weights, getattr(torch, job.dtype))
+    ck.weights.clear()  # the model holds its own (converted) copy
+    return TorchSession(model, job.window, job.chunk)
+
+
+def run_job(job: SpeedJob) -> SpeedResult:
+    session = open_session(job)
+    prefill, decode = benchmark(session, job.prompt, job.decode, job.runs)
+    return SpeedResult(prefill, decode, peak_rss_bytes())
+
+
+def measure(job: SpeedJob, timeout: float | None = None) -> SpeedResult:
+    """Run `job` in a fresh interpreter and return its result."""
+    from ..errors import EdgeError
+
+    proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asdict(job)), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise EdgeError(f"speed benchmark failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+    return SpeedResult(**json.loads(proc.stdout.splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    print(json.dumps(asdict(run_job(SpeedJob(**json.loads(sys.stdin.read()))))))

@@ -1,0 +1,162 @@
+"""What `--quants` names, and the cpu-target bundles behind the ONNX rows.
+
+A bundle in --out/bundles/<quant>-w<W> is reused when its manifest matches what
+an export would write now (same source sha256, quant spec, window, chunk, graph
+contract, toolkit version and weight bytes, i.e. the same per-tensor plan) and
+its files verify. A calibrated variant is a model.onnx with its own plan and a
+variant.json recording what it was built from (source, calibration text and
+settings), reused while that record matches and the model's sha256 holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..errors import EdgeError
+from ..export.decoder import GRAPH_CONTRACT_VERSION
+from ..export.linear import TensorQuant
+from ..export.pipeline import export_onnx, quant_plan
+from ..model.checkpoint import Checkpoint
+from ..model.config import ModelConfig
+from ..quantize.spec import QuantSpec, parse_quant
+from ..runtime.bundle import MANIFEST, Bundle, sha256_file
+from ..targets.budget import estimate, tensor_bytes, tensor_shapes
+from ..targets.bundle import BundleRequest, atomic_dir, write_bundle
+from ..targets.profiles import get_target
+from .calibrate import Calibrated
+
+AWQ_SUFFIX = "-awq"
+TARGET = "cpu"
+VARIANT_RECORD = "variant.json"
+
+
+@dataclass(frozen=True)
+class QuantChoice:
+    spec: QuantSpec
+    calibrated: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name + (AWQ_SUFFIX if self.calibrated else "")
+
+
+def parse_quants(text: str) -> list[QuantChoice]:
+    """'fp32,int8,int4-g32-awq' -> choices in order, duplicates (same canonical name) dropped."""
+    choices: dict[str, QuantChoice] = {}
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        calibrated = item.lower().endswith(AWQ_SUFFIX)
+        spec = parse_quant(item[: -len(AWQ_SUFFIX)] if calibrated else item)
+        if calibrated and spec.bits != 4:
+            raise EdgeError(f"{item}: calibration ({AWQ_SUFFIX}) applies to int4 only")
+        choice = QuantChoice(spec, calibrated)
+        choices.setdefault(choice.name, choice)
+    if not choices:
+        raise EdgeError("--quants is empty; e.g. --quants fp32,fp16,int8,int4-g32,int4-g128")
+    return list(choices.values())
+
+
+def bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> float:
+    """Stored bits per weight over the whole model (embedding, layers, head; scales and zero
+    points included; a tied head stored once), as the bundle holds them."""
+    shapes = tensor_shapes(cfg)
+    if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
+        shapes.pop("output")
+    total = sum(tensor_bytes(n, k, plan[name]) for name, (n, k) in shapes.items())
+    return 8 * total / sum(n * k for n, k in shapes.values())
+
+
+@dataclass(frozen=True)
+class Built:
+    """An exported variant, as the comparison needs it."""
+
+    model_path: Path
+    size_bytes: int  # every file of the bundle, manifest included
+    weight_bytes: int
+    kv_cache_bytes: int
+    bits_per_weight: float
+    reused: bool
+    note: str = ""
+
+
+def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, source_sha256: str | None) -> dict:
+    """The manifest entries that decide whether an existing bundle is this variant."""
+    return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": spec.name,
+            "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+            "weight_bytes": estimate(ck.config, quant_plan(ck, spec), window, chunk).weight_bytes}
+
+
+def _manifest_entries(m: dict) -> dict:
+    return {"target": m.get("target"), "source": {k: m.get("source", {}).get(k) for k in ("path", "sha256")},
+            "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "chunk": m.get("chunk"),
+            "graph_contract": m.get("graph_contract"), "toolkit": m.get("toolkit", {}).get("version"),
+            "weight_bytes": m.get("memory_budget", {}).get("weight_bytes")}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path,
+                   source_sha256: str | None, log=print) -> Built:
+    """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
+    expected = expected_manifest(ck, spec, window, chunk, source_sha256)
+    try:
+        bundle, reused = Bundle.open(path), True
+        if _manifest_entries(bundle.manifest) != expected:
+            raise EdgeError("stale")
+    except EdgeError:
+        if path.exists() and not (path / MANIFEST).is_file():
+            shutil.rmtree(path)  # ours (bundles/ belongs to compare), but not a bundle: write_bundle would refuse it
+        write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk), path, log=log)
+        bundle, reused = Bundle.open(path), False
+    budget = bundle.manifest["memory_budget"]
+    return Built(bundle.model_path, _dir_bytes(path), budget["weight_bytes"], budget["kv_cache_bytes"],
+                 bits_per_weight(ck.config, quant_plan(ck, spec)), reused)
+
+
+def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
+                       calibrate: Callable[[], Calibrated], log=print) -> Built:
+    """A calibrated int4 export at `path` (model.onnx + variant.json): not a target bundle, since its
+    per-tensor plan (activation scales, int8 linears) is its own; reused while `key` matches."""
+    record_path = path / VARIANT_RECORD
+    try:
+        record = json.loads(record_path.read_text())
+        if record["key"] != key or sha256_file(path / "model.onnx") != record["model_sha256"]:
+            raise ValueError("stale")
+        reused = True
+    except (OSError, ValueError, KeyError):
+        cal = calibrate()
+        target = get_target(TARGET)
+        if path.exists():
+            shutil.rmtree(path)
+        with atomic_dir(path) as tmp:
+            export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=target.fmt,
+                        accuracy_level=target.accuracy_level, plan=cal.plan)
+            budget = estimate(ck.config, cal.plan, window, chunk)
+            record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
+                      "bits_per_weight": bits_per_weight(ck.config, cal.plan), "int8": list(cal.int8),
+                      "awq_alpha": cal.alphas}
+            (tmp / VARIANT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        reused = False
+    note = f"AWQ scales + activation-weighted int4 search; {len(record['int8'])} most sensitive linears int8"
+    return Built(path / "model.onnx", _dir_bytes(path), record["memory_budget"]["weight_bytes"],
+                 record["memory_budget"]["kv_cache_bytes"], record["bits_per_weight"], reused, note)
+
+
+def bnb_note() -> str:
+    """Why the bitsandbytes rows are not measured on this machine."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed, and it needs a CUDA GPU"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "bitsandbytes needs a CUDA GPU; none is available here"
+    return "bitsandbytes rows need a CUDA PyTorch backend; compare runs the CPU reference only"

@@ -1,0 +1,298 @@
+import csv
+import json
+import math
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from mistral_edge.cli.main import app
+from mistral_edge.compare import calibrate
+from mistral_edge.compare.quality import GridLogProbs, ReferenceStore, evaluate, kl_grid, kl_rows, log_softmax
+from mistral_edge.compare.report import FIELDS
+from mistral_edge.compare.run import CompareRequest, run_compare
+from mistral_edge.compare.speed import SpeedJob, measure
+from mistral_edge.compare.text import load_text, token_windows
+from mistral_edge.errors import EdgeError
+from mistral_edge.export.pipeline import export_onnx
+from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.model.torch_session import TorchSession
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.session import DecoderSession, SessionConfig
+from mistral_edge.tokenizer import Tokenizer
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+TEST_TEXT, VALID_TEXT = WIKI / "wiki.test.tokens", WIKI / "wiki.valid.tokens"
+needs_wiki = pytest.mark.skipif(not TEST_TEXT.is_file(), reason="WikiText-2 not in ../shared/data")
+W, CTX, CHUNK = 16, 40, 8  # windows longer than W: the rolling cache wraps inside each window
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return tiny_hf_mistral(window=W, vocab=32000)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    hf_model.save_pretrained(path)
+    shutil.copy(SPM_V1, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def windows():
+    text = TEST_TEXT.read_text()[:20000] if TEST_TEXT.is_file() else "The quick brown fox jumps. " * 400
+    ids = Tokenizer.from_files({"tokenizer.model": SPM_V1}).encode(text, add_bos=False)
+    return token_windows(ids, CTX, 3)
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp32") / "model.onnx"
+    export_onnx(checkpoint_of(hf_model), parse_quant("fp32"), path, chunk=CHUNK)
+    return path
+
+
+def store_for(windows, tmp_path):
+    return ReferenceStore(tmp_path / "ref.f16", len(windows), CTX - 1, 32000)
+
+
+# ---- protocol and metrics -------------------------------------------------------------------------
+
+
+def test_perplexity_matches_transformers(hf_model, windows, fp32_onnx, tmp_path):
+    """Perplexity of every token but each window's first, each window on its own: against
+    transformers' sliding-window Mistral run on the whole window at once."""
+    nll = 0.0
+    with torch.no_grad():
+        for tokens in windows:
+            t = torch.as_tensor(tokens[None])
+            logits = hf_model(t).logits[0, :-1].double()
+            nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+    expected = math.exp(nll / (len(windows) * (CTX - 1)))
+    model = ReferenceModel(checkpoint_of(hf_model).config, checkpoint_of(hf_model).weights)
+    store = store_for(windows, tmp_path)
+    torch_q = evaluate(TorchSession(model, W, CHUNK), windows, CHUNK, store, record=True)
+    assert torch_q.scored_tokens == 3 * (CTX - 1)
+    assert torch_q.perplexity == pytest.approx(expected, rel=1e-4)
+    onnx_q = evaluate(DecoderSession(fp32_onnx, config=SessionConfig(threads=1)), windows, CHUNK, store)
+    assert onnx_q.perplexity == pytest.approx(expected, rel=1e-4)
+    assert onnx_q.kl_vs_fp32 < 1e-6 and onnx_q.top1_vs_fp32 == 1.0
+
+
+def test_fp32_against_itself_is_exact_and_repeats(windows, fp32_onnx, tmp_path):
+    store = store_for(windows, tmp_path)
+    first = evaluate(DecoderSession(fp32_onnx, config=SessionConfig(threads=1)), windows, CHUNK, store, record=True)
+    assert (first.kl_vs_fp32, first.top1_vs_fp32) == (0.0, 1.0)
+    again = evaluate(DecoderSession(fp32_onnx, config=SessionConfig(threads=2)), windows, CHUNK, store)
+    assert again == first  # a fresh session, another thread count: bit-identical
+
+
+def test_quantized_variant_kl_and_top1(hf_model, windows, fp32_onnx, tmp_path):
+    """KL and top-1 of an int4 export against the stored fp32 reference, recomputed in float64."""
+    store = store_for(windows, tmp_path)
+    evaluate(DecoderSession(fp32_onnx, config=SessionConfig(threads=1)), windows, CHUNK, store, record=True)
+    int4 = tmp_path / "int4.onnx"
+    export_onnx(checkpoint_of(hf_model), parse_quant("int4-g32-rtn"), int4, chunk=CHUNK)
+    q = evaluate(DecoderSession(int4, config=SessionConfig(threads=1)), windows, CHUNK, store)
+    kl, agree = [], []
+    for tokens, ref_session_logits in zip(windows, _all_logits(fp32_onnx, windows)):
+        var = _all_logits(int4, tokens[None])[0]
+        p, lq = torch.log_softmax(ref_session_logits.double(), -1), torch.log_softmax(var.double(), -1)
+        kl.append((p.exp() * (p - lq)).sum(-1))
+        agree.append(ref_session_logits.argmax(-1) == var.argmax(-1))
+    assert q.kl_vs_fp32 == pytest.approx(float(torch.cat(kl).mean()), rel=1e-3)
+    assert q.kl_vs_fp32 > 1e-4
+    assert q.top1_vs_fp32 == pytest.approx(float(torch.cat(agree).double().mean()))
+
+
+def _all_logits(model_path, windows):
+    s = DecoderSession(model_path, config=SessionConfig(threads=1))
+    out = []
+    for tokens in windows:
+        s.reset()
+        out.append(torch.cat([torch.from_numpy(s.step(tokens[None, i:i + CHUNK], all_logits=True)[0].copy())
+                              for i in range(0, len(tokens), CHUNK)])[:-1])
+    return out
+
+
+def test_kl_on_the_log_prob_grid_is_exact_enough():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 32000, generator=g) * 3, torch.randn(6, 32000, generator=g) * 0.05
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax((a + b).double(), -1)
+    exact = float((lp.exp() * (lp - lq)).sum())
+    p, q = (GridLogProbs.encode(log_softmax(x.float().numpy())) for x in (a, a + b))
+    assert np.abs(p.decode() - lp.numpy()).max() < 5e-4
+    assert kl_grid(p, q) == pytest.approx(exact, rel=1e-3)
+    assert kl_grid(p, p) == 0.0
+    assert kl_rows(lp.numpy(), lq.numpy()) == pytest.approx((lp.exp() * (lp - lq)).sum(-1).numpy(), rel=1e-9)
+
+
+def test_token_windows():
+    w = token_windows(list(range(100)), 30, 5)
+    assert w.shape == (3, 30) and w.dtype == np.int64 and w[1, 0] == 30 and w[2, -1] == 89
+    for args, msg in (((list(range(10)), 30, 1), "fewer than one window"), ((list(range(10)), 1, 1), "--ctx"),
+                      ((list(range(10)), 5, 0), "--n-windows")):
+        with pytest.raises(EdgeError, match=msg):
+            token_windows(*args)
+
+
+def test_peak_rss_is_the_fresh_process_own(fp32_onnx):
+    """The speed worker reports its own peak, not the parent's (ru_maxrss survives fork and exec)."""
+    ballast = np.ones(400 * 2**20, np.uint8)
+    result = measure(SpeedJob("onnx", 1, CHUNK, list(range(1, 20)), [5, 6, 7], 1, model_path=str(fp32_onnx)))
+    assert 20 * 2**20 < result.peak_rss_bytes < ballast.nbytes
+    assert result.prefill_tok_s > 0 and result.decode_tok_s > 0
+
+
+def test_awq_scales_keep_the_fp32_function_and_record_inputs(hf_model, windows):
+    ck = checkpoint_of(hf_model)
+    inputs = calibrate.collect_inputs(ck, windows)
+    # Layer 0's q/k/v input is the RMS-normed embedding: recompute its mean |x| directly.
+    h = ck.weights["tok_embeddings.weight"][torch.as_tensor(windows.reshape(-1))]
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ck.config.norm_eps) \
+        * ck.weights["layers.0.attention_norm.weight"]
+    assert torch.allclose(inputs["layers.0.attention.wqkv"].mean_abs, normed.abs().mean(0), rtol=1e-5)
+    assert inputs["layers.1.feed_forward.w2"].rows == windows.size and len(inputs) == 4 * ck.config.n_layers
+    scaled, act, alphas = calibrate.awq_scales(ck, parse_quant("int4-g32"), inputs)
+    assert any(a > 0 for a in alphas.values())  # some linear did get scaled
+    ref, new = (ReferenceModel(c.config, c.weights) for c in (ck, scaled))
+    t = torch.as_tensor(windows[:1])
+    a, b = (m.prefill(t, m.new_cache(1, W), W) for m in (ref, new))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_plan(hf_model, windows):
+    ck = checkpoint_of(hf_model)
+    cal = calibrate.calibrate_int4(ck, parse_quant("int4-g32"), windows, int8_share=0.3)
+    linears = {n: tq for n, tq in cal.plan.items() if n.startswith("layers.")}
+    int8 = [n for n, tq in linears.items() if tq.kind == "int8"]
+    assert int8 and sorted(int8) == sorted(cal.int8)
+    assert all(tq.act_scale is not None for tq in linears.values() if tq.kind == "int4")
+    size = {n: sum(ck.weights[w].numel() for w in calibrate.weights_of(n)) for n in linears}
+    assert sum(size[n] for n in int8) <= 0.3 * sum(size.values())
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+@needs_wiki
+def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_path):
+    req = CompareRequest(model=str(model_dir), quants="fp32,int8,int4-g32,int4-g32-awq", text=TEST_TEXT,
+                         calib=VALID_TEXT, ctx=CTX, n_windows=3, threads=1, runs=1, out=tmp_path)
+    result = CliRunner().invoke(app, ["compare", str(model_dir), "--quants", req.quants, "--text", str(TEST_TEXT),
+                                      "--calib", str(VALID_TEXT), "--ctx", str(CTX), "--n-windows", "3",
+                                      "--threads", "1", "--runs", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "int4-g32-search-awq" in result.output and "bitsandbytes" in result.output
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [(r["quant"], r["backend"]) for r in rows] == [
+        ("fp32", "onnx"), ("int8", "onnx"), ("int4-g32-search", "onnx"), ("int4-g32-search-awq", "onnx"),
+        ("fp32", "torch"), ("bf16", "torch"), ("bnb-int8", "bitsandbytes"), ("bnb-nf4", "bitsandbytes")]
+    measured = rows[:6]
+    for r in measured:
+        assert list(r) == FIELDS
+        for key in ("perplexity", "kl_vs_fp32", "top1_vs_fp32", "prefill_tok_s", "decode_tok_s", "bits_per_weight"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["quant"], key)
+        assert r["peak_rss_bytes"] > 10 * 2**20 and r["threads"] == 1 and r["scored_tokens"] == 3 * (CTX - 1)
+        assert r["kv_cache_bytes"] == 2 * 2 * 2 * W * 8 * (2 if r["quant"] == "bf16" else 4)
+    fp32, int8, int4, awq, torch32, bf16 = measured
+    assert (fp32["kl_vs_fp32"], fp32["top1_vs_fp32"], fp32["bits_per_weight"]) == (0.0, 1.0, 32.0)
+    assert 8 < int8["bits_per_weight"] <= 9 and 4.5 < int4["bits_per_weight"] < int8["bits_per_weight"]
+    assert int4["bits_per_weight"] <= awq["bits_per_weight"] < int8["bits_per_weight"] and awq["kl_vs_fp32"] > 0
+    assert fp32["size_bytes"] > int8["size_bytes"] > int4["size_bytes"] and torch32["size_bytes"] is None
+    assert torch32["kl_vs_fp32"] < 1e-5 and torch32["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-4)
+    assert all(r["note"] for r in rows[6:]) and rows[6]["perplexity"] is None
+    with open(tmp_path / "compare.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == FIELDS and len(table) == len(rows)
+    assert float(table[1]["perplexity"]) == int8["perplexity"] and table[6]["perplexity"] == ""
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((tmp_path / "bundles" / f"int4-g32-search-awq-w{W}" / "variant.json").read_text())
+    assert record["key"]["calibration"]["text_sha256"] and "int8" in awq["note"]
+    assert record["bits_per_weight"] == awq["bits_per_weight"]
+
+    # A second run reuses every bundle and repeats every quality number exactly.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "bundles").glob("*/model.onnx")}
+    again = run_compare(replace(req, torch_rows=False), log=lambda line: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) == 4
+    for old, new in zip(measured, again):
+        assert (old["perplexity"], old["kl_vs_fp32"], old["top1_vs_fp32"]) == \
+            (new.perplexity, new.kl_vs_fp32, new.top1_vs_fp32)
+
+
+@needs_wiki
+def test_window_sweep(model_dir, tmp_path):
+    rows = run_compare(CompareRequest(model=str(model_dir), quants="int8", text=TEST_TEXT, windows=(8, 32),
+                                      ctx=CTX, n_windows=2, threads=1, runs=1, out=tmp_path, torch_rows=False),
+                       log=lambda line: None)
+    assert [(r.quant, r.window) for r in rows] == [("fp32", 32), ("int8", 8), ("int8", 32)]
+    assert rows[1].kv_cache_bytes * 4 == rows[2].kv_cache_bytes
+    assert rows[1].kl_vs_fp32 > rows[2].kl_vs_fp32  # W=8 < ctx: a shorter context than the reference's
+
+
+def test_offline_without_text_says_so(monkeypatch, model_dir, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["compare", str(model_dir), "--out", str(tmp_path)])
+    assert isinstance(result.exception, EdgeError)
+    message = str(result.exception)
+    assert message.startswith("offline: cannot download wikitext-2") and "--text FILE" in message
+    with pytest.raises(EdgeError, match="offline"):
+        load_text(None, "wikitext-2")
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    return {"text": tmp_path / "empty.txt"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quants": "fp32,int3"}, "unknown quantization 'int3'"),
+    ({"quants": " , "}, "--quants is empty"),
+    ({"quants": "int8-awq"}, "applies to int4 only"),
+    ({"quants": "int4-awq"}, "need --calib FILE"),
+    ({"quants": "int4-awq", "calib": TEST_TEXT}, "is the evaluation text"),
+    ({"windows": (0,)}, "--window must be a positive integer, got 0"),
+    ({"runs": 0}, "--runs must be a positive integer"),
+    ({"ctx": 1}, "--ctx must be at least 2"),
+    ({"threads": -1}, "--threads must be >= 0"),
+    ({"text": Path("/nonexistent.txt")}, "no such text file"),
+    (_empty, "the text is empty"),
+    ({"text": None, "dataset": "ptb"}, "unknown dataset 'ptb'"),
+    ({"dataset": "wikitext-2"}, "--text or --dataset, not both"),
+])
+def test_bad_inputs_fail_before_loading_the_model(kwargs, message, tmp_path):
+    kwargs = kwargs(tmp_path) if callable(kwargs) else kwargs
+    req = CompareRequest(model=str(tmp_path / "not-loaded"), **{"text": TEST_TEXT, **kwargs})
+    with pytest.raises(EdgeError, match=re.escape(message)):
+        run_compare(req)
+
+
+def test_cli_window_options(model_dir, tmp_path):
+    for args, message in ((["--window", "0"], "--window must be a positive integer"),
+                          (["--windows", "256,x"], "comma-separated integers"),
+                          (["--window", "16", "--windows", "8,16"], "not both")):
+        result = CliRunner().invoke(app, ["compare", str(model_dir), "--text", str(TEST_TEXT), *args])
+        assert isinstance(result.exception, EdgeError) and message in str(result.exception), result.output
+
+
+# ---- the real demo model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_wiki
+def test_demo_model_fp32_and_int8(tmp_path):
+    rows = run_compare(CompareRequest(quants="fp32,int8", text=TEST_TEXT, n_windows=2, runs=1, threads=1,
+                                      out=tmp_path, torch_rows=False), log=lambda line: None)
+    fp32, int8 = rows
+    assert 15 < fp32.perplexity < 40 and (fp32.kl_vs_fp32, fp32.top1_vs_fp32) == (0.0, 1.0)
+    assert abs(int8.perplexity / fp32.perplexity - 1) < 0.02
+    assert 0 < int8.kl_vs_fp32 < 0.02 and int8.top1_vs_fp32 > 0.9
+    assert int8.size_bytes < fp32.size_bytes / 3 and fp32.kv_cache_bytes == int8.kv_cache_bytes
