@@ -322,6 +322,7 @@ def main() -> int:
     print(f"speed: {args.runs} rounds, {args.threads} threads, prompts {lengths}, decode {args.decode_tokens}",
           file=sys.stderr)
     speeds = measure_speed(ours + peers, prompt, args.decode_tokens, args.runs, args.threads)
+    print(table(speeds, [], lengths, args.decode_tokens, args.memory_tokens), file=sys.stderr)  # kept if memory runs stop
     memory = []
     if args.memory_tokens:
         for s in ours + peers + [System("optimum", "optimum", optimum_model(args.work, hf), python=str(OPTIMUM_PYTHON))]:

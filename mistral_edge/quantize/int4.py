@@ -8,13 +8,18 @@ point makes 0 exactly representable), and it carries zero weight in the error.
 
 Methods:
 - "rtn": range [min(w, 0), max(w, 0)] (symmetric: absmax / 7), round to nearest.
-- "search": for each of CLIP_RATIOS, shrink that range, then alternate exact
-  least-squares steps (codes given scale/zero; integer zero given codes/scale;
-  scale given codes/zero). Each step can only lower the group's squared error,
-  ratio 1.0 starts from RTN, and each group keeps its best candidate, so search
-  is never worse than RTN. The error may be weighted per input channel by
+- "search": each group keeps the best of CLIP_RATIOS shrinks of that range
+  (ratio 1.0 is RTN), then alternates exact least-squares steps (codes given
+  scale/zero; integer zero given codes/scale; scale given codes/zero). Each step
+  can only lower the group's squared error, so search is never worse than RTN. The error may be weighted per input channel by
   `act_scale` (AWQ-style calibration: typical |x_k|, the error is weighted by its
   square, which is what x @ (W - Wq).T sees for independent channels).
+
+Measured on SmolLM2-135M (next-token KL vs fp32, all linears int4): act-weighted
+search beats RTN by 30-40% (g128 0.27 vs 0.39, g32 0.16 vs 0.26). Unweighted, the
+lower weight error does not carry over: search wins at g32 (0.24 vs 0.26) but
+loses at g64/g128 (0.40 vs 0.35, 0.48 vs 0.39), clipping large weights that meet
+large activations. Use "-rtn" for uncalibrated g64/g128.
 """
 
 from __future__ import annotations
@@ -131,17 +136,15 @@ def _fit(w: torch.Tensor, weight: torch.Tensor, symmetric: bool, method: str) ->
     """Per-group (scale, zero point) for w [rows, groups, G]."""
     if method == "rtn":
         return _range(w, symmetric, 1.0)
-    best_s = best_z = best_err = None
-    for ratio in CLIP_RATIOS:
-        s, z = _refine(w, weight, *_range(w, symmetric, ratio), symmetric)
+    best_s, best_z = _range(w, symmetric, CLIP_RATIOS[0])
+    best_err = _error(w, weight, best_s, best_z)
+    for ratio in CLIP_RATIOS[1:]:
+        s, z = _range(w, symmetric, ratio)
         err = _error(w, weight, s, z)
-        if best_err is None:
-            best_s, best_z, best_err = s, z, err
-            continue
         better = err < best_err
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
         best_err = torch.minimum(err, best_err)
-    return best_s, best_z
+    return _refine(w, weight, best_s, best_z, symmetric)
 
 
 def pack_matmul_nbits(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
