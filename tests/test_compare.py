@@ -248,9 +248,7 @@ def test_offline_without_text_says_so(monkeypatch, model_dir, tmp_path):
         load_text(None, "wikitext-2")
 
 
-def _empty(tmp_path):
-    (tmp_path / "empty.txt").write_text("  \n")
-    return {"text": tmp_path / "empty.txt"}
+TEXT = Path("text.txt")  # stands for a small UTF-8 file written in tmp_path
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -258,28 +256,32 @@ def _empty(tmp_path):
     ({"quants": " , "}, "--quants is empty"),
     ({"quants": "int8-awq"}, "applies to int4 only"),
     ({"quants": "int4-awq"}, "need --calib FILE"),
-    ({"quants": "int4-awq", "calib": TEST_TEXT}, "is the evaluation text"),
+    ({"quants": "int4-awq", "calib": TEXT}, "is the evaluation text"),
     ({"windows": (0,)}, "--window must be a positive integer, got 0"),
     ({"runs": 0}, "--runs must be a positive integer"),
     ({"ctx": 1}, "--ctx must be at least 2"),
     ({"threads": -1}, "--threads must be >= 0"),
-    ({"text": Path("/nonexistent.txt")}, "no such text file"),
-    (_empty, "the text is empty"),
+    ({"text": Path("nonexistent.txt")}, "no such text file"),
+    ({"text": Path("empty.txt")}, "the text is empty"),
+    ({"text": Path("latin1.txt")}, "not UTF-8 text"),
     ({"text": None, "dataset": "ptb"}, "unknown dataset 'ptb'"),
     ({"dataset": "wikitext-2"}, "--text or --dataset, not both"),
 ])
 def test_bad_inputs_fail_before_loading_the_model(kwargs, message, tmp_path):
-    kwargs = kwargs(tmp_path) if callable(kwargs) else kwargs
-    req = CompareRequest(model=str(tmp_path / "not-loaded"), **{"text": TEST_TEXT, **kwargs})
+    (tmp_path / TEXT).write_text("Some evaluation text.\n")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    paths = {k: tmp_path / v if isinstance(v, Path) else v for k, v in {"text": TEXT, **kwargs}.items()}
     with pytest.raises(EdgeError, match=re.escape(message)):
-        run_compare(req)
+        run_compare(CompareRequest(model=str(tmp_path / "not-loaded"), **paths))
 
 
 def test_cli_window_options(model_dir, tmp_path):
+    (tmp_path / TEXT).write_text("Some evaluation text.\n")
     for args, message in ((["--window", "0"], "--window must be a positive integer"),
                           (["--windows", "256,x"], "comma-separated integers"),
                           (["--window", "16", "--windows", "8,16"], "not both")):
-        result = CliRunner().invoke(app, ["compare", str(model_dir), "--text", str(TEST_TEXT), *args])
+        result = CliRunner().invoke(app, ["compare", str(model_dir), "--text", str(tmp_path / TEXT), *args])
         assert isinstance(result.exception, EdgeError) and message in str(result.exception), result.output
 
 
