@@ -19,6 +19,7 @@ from mistral_edge.compare.report import FIELDS
 from mistral_edge.compare.run import CompareRequest, run_compare
 from mistral_edge.compare.speed import SpeedJob, measure
 from mistral_edge.compare.text import load_text, token_windows
+from mistral_edge.compare.variants import export_code_sha256
 from mistral_edge.errors import EdgeError
 from mistral_edge.export.pipeline import export_onnx
 from mistral_edge.model.reference import ReferenceModel
@@ -236,6 +237,15 @@ def test_window_sweep(model_dir, tmp_path):
     assert [(r.quant, r.window) for r in rows] == [("fp32", 32), ("int8", 8), ("int8", 32)]
     assert rows[1].kv_cache_bytes * 4 == rows[2].kv_cache_bytes
     assert rows[1].kl_vs_fp32 > rows[2].kl_vs_fp32  # W=8 < ctx: a shorter context than the reference's
+
+    # A bundle built by other export code (its .code stamp differs) is exported again; the rest are reused.
+    bundles = tmp_path / "bundles"
+    (bundles / "int8-w8.code").write_text("other code")
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in bundles.glob("*/model.onnx")}
+    run_compare(CompareRequest(model=str(model_dir), quants="int8", text=TEST_TEXT, windows=(8, 32), ctx=CTX,
+                               n_windows=1, threads=1, runs=1, out=tmp_path, torch_rows=False), log=lambda line: None)
+    changed = {p.parent.name for p in bundles.glob("*/model.onnx") if p.stat().st_mtime_ns != stamps[p.parent.name]}
+    assert changed == {"int8-w8"} and (bundles / "int8-w8.code").read_text() == export_code_sha256()
 
 
 def test_offline_without_text_says_so(monkeypatch, model_dir, tmp_path):

@@ -29,7 +29,7 @@ from .quality import ReferenceStore, evaluate
 from .report import Row
 from .speed import SpeedJob, measure
 from .text import EvalText, load_text, read_text, token_windows
-from .variants import QuantChoice, bnb_note, parse_quants, prepare_bundle, prepare_calibrated
+from .variants import QuantChoice, bnb_note, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
 
 DEFAULT_QUANTS = "fp32,fp16,int8,int4-g32,int4-g128"
 CALIB_WINDOWS = 8
@@ -139,6 +139,7 @@ class _Run:
     def calibration_key(self, choice: QuantChoice, window: int, chunk: int) -> dict:
         return {"source": {"path": self.ck.source, "sha256": self.source_sha}, "quant": choice.name,
                 "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+                "code_sha256": export_code_sha256(),
                 "calibration": {"method": "awq+act-weighted-search+int8-sensitive", "text_sha256": self.calib_sha,
                                 "windows": CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
                                 "sample_rows": calibrate.SAMPLE_ROWS, "int8_share": calibrate.INT8_SHARE,

@@ -2,14 +2,18 @@
 
 A bundle in --out/bundles/<quant>-w<W> is reused when its manifest matches what
 an export would write now (same source sha256, quant spec, window, chunk, graph
-contract, toolkit version and weight bytes, i.e. the same per-tensor plan) and
-its files verify. A calibrated variant is a model.onnx with its own plan and a
-variant.json recording what it was built from (source, calibration text and
-settings), reused while that record matches and the model's sha256 holds.
+contract, toolkit version and weight bytes, i.e. the same per-tensor plan), its
+files verify, and the sidecar <quant>-w<W>.code holds the sha256 of the code
+that decides the weights' bytes (export/, quantize/, calibrate.py): in a
+development checkout that code changes without a version bump. A calibrated
+variant is a model.onnx with its own plan and a variant.json recording what it
+was built from (source, code, calibration text and settings), reused while that
+record matches and the model's sha256 holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -86,6 +90,15 @@ class Built:
     note: str = ""
 
 
+def export_code_sha256() -> str:
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*(package / "export").glob("*.py"), *(package / "quantize").glob("*.py"),
+                     package / "compare" / "calibrate.py"]):
+        h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, source_sha256: str | None) -> dict:
     """The manifest entries that decide whether an existing bundle is this variant."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": spec.name,
@@ -108,14 +121,17 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
                    source_sha256: str | None, log=print) -> Built:
     """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
     expected = expected_manifest(ck, spec, window, chunk, source_sha256)
+    code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
         bundle, reused = Bundle.open(path), True
-        if _manifest_entries(bundle.manifest) != expected:
+        if _manifest_entries(bundle.manifest) != expected or stamp.read_text() != code:
             raise EdgeError("stale")
-    except EdgeError:
+    except (EdgeError, OSError):
+        stamp.unlink(missing_ok=True)
         if path.exists() and not (path / MANIFEST).is_file():
             shutil.rmtree(path)  # ours (bundles/ belongs to compare), but not a bundle: write_bundle would refuse it
         write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk), path, log=log)
+        stamp.write_text(code)
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest["memory_budget"]
     return Built(bundle.model_path, _dir_bytes(path), budget["weight_bytes"], budget["kv_cache_bytes"],
