@@ -18,7 +18,7 @@ from onnx import helper
 
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
-from .attention import DOMAIN, OP, attention_function
+from .attention import DOMAIN, OP, attention_function, attention_plan
 from .linear import WeightEmitter
 from .onnx_builder import FLOAT, INT64, Builder
 
@@ -56,13 +56,7 @@ def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def _rope(b: Builder, x: str, cos: str, sin: str, n_heads: int, head_dim: int) -> str:
-    x4 = b.op("Reshape", [x, b.const([0, 0, n_heads, head_dim])])
-    half = head_dim // 2
-    x1 = b.op("Slice", [x4, b.const([0]), b.const([half]), b.const([3])])
-    x2 = b.op("Slice", [x4, b.const([half]), b.const([head_dim]), b.const([3])])
-    rotated = b.op("Concat", [b.op("Neg", [x2]), x1], axis=3)
-    out = b.op("Add", [b.op("Mul", [x4, cos]), b.op("Mul", [rotated, sin])])
-    return b.op("Reshape", [out, b.const([0, 0, n_heads * head_dim])])
+    return b.op("RotaryEmbedding", [x, cos, sin], num_heads=n_heads, interleaved=0)
 
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: int, chunk: int,
@@ -82,37 +76,52 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", FLOAT, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", FLOAT, kv_shape))
 
-    # RoPE tables for the chunk's absolute positions, shared by all layers: [B, C, 1, D]
-    n_chunk = b.op("Squeeze", [b.op("Slice", [b.op("Shape", ["input_ids"]), b.const([1]), b.const([2])]), b.const([0])])
+    # RoPE tables for the chunk's absolute positions, shared by all layers: [B, C, D/2]
+    n_chunk = b.op("Squeeze", [b.op("Shape", ["input_ids"], start=1, end=2), b.const([0])])
     qpos = b.op("Add", [b.op("Unsqueeze", ["positions", b.const([1])]), b.op("Range", [b.const(0), n_chunk, b.const(1)])])
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.int64).astype(np.float32) / c.head_dim))
     freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [qpos], to=FLOAT), b.const([2])]),
                          b.init("rope.inv_freq", inv_freq.astype(np.float32))])
-    emb = b.op("Unsqueeze", [b.op("Concat", [freqs, freqs], axis=2), b.const([2])])
-    cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
+    cos, sin = b.op("Cos", [freqs]), b.op("Sin", [freqs])
+    plan = attention_plan(b, "positions", "valid_lens", n_chunk, c.n_heads, c.n_kv_heads, c.head_dim, window)
 
     def norm(x: str, name: str) -> str:
         return b.op("RMSNormalization", [x, b.init(name, weights[name].float().numpy())], axis=-1, epsilon=c.norm_eps)
 
+    def add_norm(h: str, delta: str, name: str) -> tuple[str, str]:
+        """(RMSNorm(h + delta), h + delta): one SkipSimplifiedLayerNormalization on the ORT path."""
+        if emitter.fmt != "nbits":
+            h = b.op("Add", [h, delta])
+            return norm(h, name), h
+        x, h_out = b.fresh("x"), b.fresh("residual")
+        b.op("SkipSimplifiedLayerNormalization", [delta, h, b.init(name, weights[name].float().numpy())],
+             outputs=[x, "", "", h_out], domain="com.microsoft", epsilon=c.norm_eps)
+        return x, h_out
+
     q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     h = emitter.embedding("input_ids", "tok_embeddings", weights["tok_embeddings.weight"])
+    x = norm(h, "layers.0.attention_norm.weight")
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        x = norm(h, p + "attention_norm.weight")
         wqkv = torch.cat([weights[p + f"attention.{n}.weight"] for n in ("wq", "wk", "wv")])
         q, k, v = b.op("Split", [emitter.linear(x, p + "attention.wqkv", wqkv), b.const([q_size, kv_size, kv_size])],
                        n_out=3, axis=-1)
         q, k = _rope(b, q, cos, sin, c.n_heads, c.head_dim), _rope(b, k, cos, sin, c.n_kv_heads, c.head_dim)
-        attn, _, _ = b.op(OP, [q, k, v, f"past_key.{i}", f"past_value.{i}", "positions", "valid_lens"],
+        attn, _, _ = b.op(OP, [q, k, v, f"past_key.{i}", f"past_value.{i}", plan.write_at, plan.gather_idx,
+                               plan.keep, plan.bias, plan.n_slots],
                           domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
                           name=f"{p}attention")
-        h = b.op("Add", [h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"])])
-        x = norm(h, p + "ffn_norm.weight")
+        x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
+                        p + "ffn_norm.weight")
         w13 = torch.cat([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]])
         gate, up = b.op("Split", [emitter.linear(x, p + "feed_forward.w13", w13), b.const([c.hidden_dim] * 2)],
                         n_out=2, axis=-1)
         act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        h = b.op("Add", [h, emitter.linear(act, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])])
+        down = emitter.linear(act, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])
+        if i + 1 < c.n_layers:
+            x, h = add_norm(h, down, f"layers.{i + 1}.attention_norm.weight")
+        else:
+            h = b.op("Add", [h, down])
 
     picked = b.op("GatherND", [h, b.op("Unsqueeze", ["logits_index", b.const([2])])], batch_dims=1)
     # a tied head shares the embedding's storage when both have the same precision
@@ -122,7 +131,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
-        graph, functions=[attention_function()], producer_name="mistral-edge",
+        graph, functions=[attention_function(c.n_heads, c.n_kv_heads, c.head_dim)], producer_name="mistral-edge",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)],
     )
