@@ -18,7 +18,7 @@ from .options import ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory (bundles are kept in OUT/bundles)")]
 TorchRowsOpt = Annotated[bool, typer.Option("--torch-rows/--no-torch-rows",
-                                            help="add PyTorch reference fp32/bf16 rows (and bitsandbytes notes)")]
+                                            help="add PyTorch reference rows: fp32, bf16, bitsandbytes int8/nf4")]
 
 
 def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:

@@ -20,7 +20,8 @@ Protocol (`mistral-edge compare`, `run.run_compare`):
 - Determinism: ONNX Runtime CPU with a fixed thread count gives bit-identical
   logits run to run, and the windows are fixed, so quality numbers repeat exactly.
 - Extra rows: the PyTorch reference in fp32 and bf16 (same windows, same KL
-  reference), bitsandbytes int8/nf4 as a note when it cannot run (CPU-only),
+  reference), the same reference with bitsandbytes int8 (LLM.int8) / nf4
+  linears (model/bnb.py; a note with the reason where bitsandbytes cannot run),
   and calibrated int4 (`int4-g32-awq`: AWQ scales, activation-weighted rounding
   and the most sensitive linears int8, all from --calib text; calibrate.py).
 - --windows sweeps W: every quant at every W; W >= ctx cannot change quality

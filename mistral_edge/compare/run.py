@@ -29,11 +29,13 @@ from .quality import ReferenceStore, evaluate
 from .report import Row
 from .speed import SpeedJob, measure
 from .text import EvalText, load_text, read_text, token_windows
-from .variants import QuantChoice, bnb_note, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
+from .variants import QuantChoice, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
 
 DEFAULT_QUANTS = "fp32,fp16,int8,int4-g32,int4-g128"
 CALIB_WINDOWS = 8
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+TORCH_ROWS = {"fp32": ("float32", None), "bf16": ("bfloat16", None),
+              "bnb-int8": ("float32", "int8"), "bnb-nf4": ("float32", "nf4")}
+"""PyTorch reference rows: compute dtype, and the bitsandbytes quant of the layer linears (None: unquantized)."""
 
 
 @dataclass(frozen=True)
@@ -180,24 +182,36 @@ class _Run:
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 
     def torch_row(self, name: str, window: int) -> Row:
+        """The PyTorch reference as TORCH_ROWS[name] says; a bitsandbytes row that cannot run here
+        is a note with bitsandbytes' reason."""
         import torch
 
+        from ..model.bnb import NOTES, check_bnb, quantize_linears
         from ..model.reference import ReferenceModel
         from ..model.torch_session import TorchSession
 
-        dtype = TORCH_DTYPES[name]
+        dtype, bnb = TORCH_ROWS[name]
+        backend = "torch" if bnb is None else "bitsandbytes"
+        if bnb is not None:
+            try:
+                check_bnb(bnb)
+            except EdgeError as e:
+                self.log(f"{name} not measured: {e}")
+                return Row.unmeasured(name, backend, str(e))
         _, chunk = resolve_window(self.ck, window, None)
         torch.set_num_threads(self.threads)
         model = ReferenceModel(self.ck.config, self.ck.weights, getattr(torch, dtype))
+        size = torch.finfo(model.dtype).bits // 8
+        weight_bytes = self.ck.n_params * size if bnb is None else quantize_linears(model, bnb)
         quality = self.quality(TorchSession(model, window, chunk), chunk, f"PyTorch {name}")
         del model
         speed = self.speed(SpeedJob("torch", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
-                                    dtype=dtype), f"PyTorch {name}")
-        size = torch.finfo(getattr(torch, dtype)).bits // 8
-        cfg = self.ck.config
-        return self.row(name, "torch", window, quality, speed, bits_per_weight=8.0 * size, size_bytes=None,
-                        weight_bytes=self.ck.n_params * size, kv_cache_bytes=cfg.kv_bytes_per_token(size) * window)
+                                    dtype=dtype, bnb=bnb), f"PyTorch {name}")
+        return self.row(name, backend, window, quality, speed, bits_per_weight=8 * weight_bytes / self.ck.n_params,
+                        size_bytes=None, weight_bytes=weight_bytes,
+                        kv_cache_bytes=self.ck.config.kv_bytes_per_token(size) * window,
+                        note=NOTES.get(bnb, ""))
 
 
 def run_compare(req: CompareRequest, progress: Progress | None = None, log=print) -> list[Row]:
@@ -227,10 +241,7 @@ def run_compare(req: CompareRequest, progress: Progress | None = None, log=print
                 if (choice, window) != (reference, windows[-1]):
                     rows.append(run.onnx_row(choice, window))
         if req.torch_rows:
-            rows += [run.torch_row(name, windows[-1]) for name in TORCH_DTYPES]
-            note = bnb_note()
-            log(f"bitsandbytes int8/nf4 rows not measured: {note}")
-            rows += [Row.unmeasured("bnb-" + q, "bitsandbytes", note) for q in ("int8", "nf4")]
+            rows += [run.torch_row(name, windows[-1]) for name in TORCH_ROWS]
     finally:
         run.scratch.cleanup()
     return rows

@@ -34,6 +34,7 @@ class SpeedJob:
     trust_pickle: bool = False
     window: int | None = None
     dtype: str = "float32"  # torch compute dtype
+    bnb: str | None = None  # torch: bitsandbytes quant of the layer linears (model/bnb.py)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def open_session(job: SpeedJob):
         return DecoderSession(job.model_path, config=SessionConfig(threads=job.threads, chunk=job.chunk))
     import torch
 
+    from ..model.bnb import quantize_linears
     from ..model.loaders import load_checkpoint
     from ..model.reference import ReferenceModel
     from ..model.torch_session import TorchSession
@@ -99,6 +101,8 @@ def open_session(job: SpeedJob):
     ck = load_checkpoint(job.model, trust_pickle=job.trust_pickle)
     model = ReferenceModel(ck.config, ck.weights, getattr(torch, job.dtype))
     ck.weights.clear()  # the model holds its own (converted) copy
+    if job.bnb is not None:
+        quantize_linears(model, job.bnb)
     return TorchSession(model, job.window, job.chunk)
 
 

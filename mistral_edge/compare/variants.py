@@ -14,7 +14,6 @@ record matches and the model's sha256 holds.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -166,13 +165,3 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
     return Built(path / "model.onnx", _dir_bytes(path), record["memory_budget"]["weight_bytes"],
                  record["memory_budget"]["kv_cache_bytes"], record["bits_per_weight"], reused, note)
 
-
-def bnb_note() -> str:
-    """Why the bitsandbytes rows are not measured on this machine."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed, and it needs a CUDA GPU"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "bitsandbytes needs a CUDA GPU; none is available here"
-    return "bitsandbytes rows need a CUDA PyTorch backend; compare runs the CPU reference only"

@@ -46,6 +46,8 @@ class ReferenceModel:
         self.dtype = dtype
         self.w = {k: v.to(dtype) for k, v in weights.items()}
         self.head = output_weight(self.w)
+        self.linears: dict[str, torch.nn.Module] = {}
+        """Layer linears computed by a module instead of `x @ w.T` (bitsandbytes: model/bnb.py)."""
 
     @property
     def window(self) -> int:
@@ -54,6 +56,11 @@ class ReferenceModel:
     def new_cache(self, batch: int = 1, window: int | None = None) -> RollingKVCache:
         c = self.cfg
         return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype)
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ W.T for the layer weight `name`, or its replacement module when there is one."""
+        module = self.linears.get(name)
+        return module(x) if module is not None else x @ self.w[name].T
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, cache: RollingKVCache, n_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,19 +82,19 @@ class ReferenceModel:
         for i in range(c.n_layers):
             p = f"layers.{i}."
             x = rms_norm(h, self.w[p + "attention_norm.weight"], c.norm_eps).to(self.dtype)
-            q = (x @ self.w[p + "attention.wq.weight"].T).view(B, C, c.n_heads, c.head_dim).transpose(1, 2)
-            k = (x @ self.w[p + "attention.wk.weight"].T).view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
-            v = (x @ self.w[p + "attention.wv.weight"].T).view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q = self.linear(x, p + "attention.wq.weight").view(B, C, c.n_heads, c.head_dim).transpose(1, 2)
+            k = self.linear(x, p + "attention.wk.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            v = self.linear(x, p + "attention.wv.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys = torch.cat([cache.k[i].to(self.dtype), k], 2).repeat_interleave(c.gqa_ratio, 1)
             vals = torch.cat([cache.v[i].to(self.dtype), v], 2).repeat_interleave(c.gqa_ratio, 1)
             scores = (q @ keys.transpose(-1, -2)) * c.head_dim**-0.5 + bias
             attn = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(self.dtype) @ vals
             cache.write(i, k, v, n_valid)
-            h = h + attn.transpose(1, 2).reshape(B, C, -1) @ self.w[p + "attention.wo.weight"].T
+            h = h + self.linear(attn.transpose(1, 2).reshape(B, C, -1), p + "attention.wo.weight")
             x = rms_norm(h, self.w[p + "ffn_norm.weight"], c.norm_eps).to(self.dtype)
-            gate = F.silu(x @ self.w[p + "feed_forward.w1.weight"].T) * (x @ self.w[p + "feed_forward.w3.weight"].T)
-            h = h + gate @ self.w[p + "feed_forward.w2.weight"].T
+            gate = F.silu(self.linear(x, p + "feed_forward.w1.weight")) * self.linear(x, p + "feed_forward.w3.weight")
+            h = h + self.linear(gate, p + "feed_forward.w2.weight")
         cache.advance(n_valid)
         return (rms_norm(h, self.w["norm.weight"], c.norm_eps).to(self.dtype) @ self.head.T).float()
 
