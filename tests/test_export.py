@@ -87,9 +87,11 @@ def test_cache_is_updated_in_place_without_copies(tmp_path, capfd):
     ck = checkpoint_of(tiny_hf_mistral(window=W))
     export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4)
     session = DecoderSession(tmp_path / "m.onnx")
+    tokens = tokens_for(ck, 3 * W).numpy()
+    run_chunks(session, tokens[:, :W], 4)  # the cache has grown to its final W slots
     before = {k: v.data_ptr() for k, v in session.cache.items()}
     first = session.cache["key.0"].numpy().copy()
-    run_chunks(session, tokens_for(ck, 3 * W).numpy(), 4)
+    run_chunks(session, tokens[:, W:], 4)
     session.step(np.array([[3]]))
     err = capfd.readouterr().err
     assert "in-place optimization not activated" not in err
@@ -97,6 +99,29 @@ def test_cache_is_updated_in_place_without_copies(tmp_path, capfd):
     assert not np.array_equal(session.cache["key.0"].numpy(), first)  # the bound buffer itself changed
     cfg = ck.config
     assert session.cache_bytes == cfg.n_layers * 2 * 1 * cfg.n_kv_heads * W * cfg.head_dim * 4
+
+
+def test_cache_grows_to_the_window_with_the_same_logits(tmp_path, monkeypatch):
+    """A session whose cache starts small and grows gives the logits of one that starts at W slots."""
+    from mistral_edge.runtime import session as session_mod
+
+    window = 40
+    ck = checkpoint_of(tiny_hf_mistral(window=window))
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=window, chunk=5)
+    tokens = tokens_for(ck, 3 * window).numpy()
+    monkeypatch.setattr(session_mod, "GROW", window)
+    full = DecoderSession(tmp_path / "m.onnx")
+    monkeypatch.setattr(session_mod, "GROW", 16)
+    growing = DecoderSession(tmp_path / "m.onnx")
+    assert growing.slots == 0
+    sizes = []
+    for s in range(0, tokens.shape[1], 5):
+        a, b = full.step(tokens[:, s:s + 5]).copy(), growing.step(tokens[:, s:s + 5])
+        assert np.abs(a - b).max() < 1e-5
+        sizes.append(growing.slots)
+    assert full.slots == window and sorted(set(sizes)) == [16, 32, window]
+    growing.reset()
+    assert growing.slots == 0 and growing.positions.tolist() == [0]
 
 
 def test_unbound_cache_would_copy(tmp_path, capfd):

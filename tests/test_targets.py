@@ -26,6 +26,7 @@ from mistral_edge.model.loaders.hf import config_from_hf
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle, read_manifest, verify
+from mistral_edge.runtime.session import GRAPH_CONTRACT_VERSION
 from mistral_edge.targets import bundle as bundle_mod
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import DEVICES, TARGETS, get_target, parse_memory
@@ -188,7 +189,7 @@ def test_manifest_round_trip(ck, bundles):
     path, written = bundles["cpu"]
     m = read_manifest(path)
     assert m == written
-    assert m["format_version"] == 1 and m["graph_contract"] == 1
+    assert m["format_version"] == 1 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 2
     assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config

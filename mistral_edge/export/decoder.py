@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper
 
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
+from ..runtime.session import GRAPH_CONTRACT_VERSION
 from .attention import DOMAIN, OP, attention_function, attention_plan
 from .linear import WeightEmitter
 from .onnx_builder import FLOAT, INT64, Builder
 
-GRAPH_CONTRACT_VERSION = 1
 OPSET = 24
 
 
@@ -55,15 +54,11 @@ def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def _rope(b: Builder, x: str, cos: str, sin: str, n_heads: int, head_dim: int) -> str:
-    return b.op("RotaryEmbedding", [x, cos, sin], num_heads=n_heads, interleaved=0)
-
-
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: int, chunk: int,
                   emitter: WeightEmitter) -> onnx.ModelProto:
     b = emitter.builder
     c = cfg
-    kv_shape = ["batch", c.n_kv_heads, window, c.head_dim]
+    kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W
     inputs = [
         helper.make_tensor_value_info("input_ids", INT64, ["batch", "chunk"]),
         helper.make_tensor_value_info("positions", INT64, ["batch"]),
@@ -76,14 +71,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", FLOAT, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", FLOAT, kv_shape))
 
-    # RoPE tables for the chunk's absolute positions, shared by all layers: [B, C, D/2]
-    n_chunk = b.op("Squeeze", [b.op("Shape", ["input_ids"], start=1, end=2), b.const([0])])
-    qpos = b.op("Add", [b.op("Unsqueeze", ["positions", b.const([1])]), b.op("Range", [b.const(0), n_chunk, b.const(1)])])
-    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.int64).astype(np.float32) / c.head_dim))
-    freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [qpos], to=FLOAT), b.const([2])]),
-                         b.init("rope.inv_freq", inv_freq.astype(np.float32))])
-    cos, sin = b.op("Cos", [freqs]), b.op("Sin", [freqs])
-    plan = attention_plan(b, "positions", "valid_lens", n_chunk, c.n_heads, c.n_kv_heads, c.head_dim, window)
+    plan = attention_plan(b, c, window, "past_key.0")  # per-step tensors shared by all layers
 
     def norm(x: str, name: str) -> str:
         return b.op("RMSNormalization", [x, b.init(name, weights[name].float().numpy())], axis=-1, epsilon=c.norm_eps)
@@ -98,17 +86,13 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
              outputs=[x, "", "", h_out], domain="com.microsoft", epsilon=c.norm_eps)
         return x, h_out
 
-    q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     h = emitter.embedding("input_ids", "tok_embeddings", weights["tok_embeddings.weight"])
     x = norm(h, "layers.0.attention_norm.weight")
     for i in range(c.n_layers):
         p = f"layers.{i}."
         wqkv = torch.cat([weights[p + f"attention.{n}.weight"] for n in ("wq", "wk", "wv")])
-        q, k, v = b.op("Split", [emitter.linear(x, p + "attention.wqkv", wqkv), b.const([q_size, kv_size, kv_size])],
-                       n_out=3, axis=-1)
-        q, k = _rope(b, q, cos, sin, c.n_heads, c.head_dim), _rope(b, k, cos, sin, c.n_kv_heads, c.head_dim)
-        attn, _, _ = b.op(OP, [q, k, v, f"past_key.{i}", f"past_value.{i}", plan.write_at, plan.gather_idx,
-                               plan.keep, plan.bias, plan.n_slots],
+        qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
+        attn, _, _ = b.op(OP, [qkv, f"past_key.{i}", f"past_value.{i}", *plan.inputs],
                           domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
                           name=f"{p}attention")
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
@@ -131,7 +115,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
-        graph, functions=[attention_function(c.n_heads, c.n_kv_heads, c.head_dim)], producer_name="mistral-edge",
+        graph, functions=[attention_function(c)], producer_name="mistral-edge",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)],
     )

@@ -1,10 +1,12 @@
-"""Run the decoder-step graph with a preallocated rolling cache bound in place.
+"""Run the decoder-step graph with a rolling cache bound in place.
 
-The cache (one [B, Hkv, W, D] OrtValue per layer for keys and one for values) is
-allocated once; each past_* input and its present_* output are bound to the same
-buffer, so ONNX Runtime's TensorScatter updates it in place and no step copies
-it. Decode steps reuse preallocated input and logits buffers, so a step
-allocates nothing on the Python side either.
+The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values; each
+past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
+TensorScatter updates it in place and no step copies it. S grows with the sequence in
+steps of GROW slots up to the window W and then stays there (a rolling buffer of W
+slots): attention reads all S slots, so a short sequence does not pay for W. Decode
+steps reuse preallocated input and logits buffers, so a step allocates nothing on the
+Python side either.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class _Slot:
                        for name in ("input_ids", "positions", "valid_lens", "logits_index", "logits")}
 
 
+GRAPH_CONTRACT_VERSION = 2
+"""The decoder-step interface this runtime runs (docs/graph-contract.md); the exporter writes it."""
+GROW = 64
+"""Cache slots are added in steps of this many: attention reads at most GROW - 1 empty slots, and
+growing copies the cache about W / GROW times in all."""
+
+
 class DecoderSession:
     def __init__(self, model_path: str | Path, batch: int = 1, config: SessionConfig = SessionConfig()):
         so = ort.SessionOptions()
@@ -53,6 +62,10 @@ class DecoderSession:
         except Exception as e:  # onnxruntime raises several types for unreadable models
             raise EdgeError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
+        contract = meta.get("mistral_edge.graph_contract")
+        if contract is not None and contract != str(GRAPH_CONTRACT_VERSION):
+            raise EdgeError(f"{model_path}: graph contract {contract}, this runtime runs version "
+                            f"{GRAPH_CONTRACT_VERSION}; export the model again")
         try:
             self.n_layers = int(meta["mistral_edge.n_layers"])
             self.window = int(meta["mistral_edge.window"])
@@ -65,21 +78,51 @@ class DecoderSession:
         if not 0 < self.chunk <= self.window:
             raise EdgeError(f"chunk size must be between 1 and the window W={self.window}, got {self.chunk}")
         self.batch = batch
-        self.cache = {
-            f"{kind}.{i}": ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, n_kv, self.window, head_dim), np.float32))
-            for i in range(self.n_layers) for kind in ("key", "value")
-        }
+        self._cache_shape = (batch, n_kv, head_dim)
         self.positions = np.zeros(batch, np.int64)
         self._slots: dict[tuple[int, int], _Slot] = {}
+        self._allocate(0)
+
+    @property
+    def slots(self) -> int:
+        """Cache slots S currently allocated (<= W)."""
+        return self.cache["key.0"].shape()[2]
 
     @property
     def cache_bytes(self) -> int:
-        return sum(v.numpy().nbytes for v in self.cache.values())
+        return sum(4 * int(np.prod(v.shape())) for v in self.cache.values())
+
+    def _allocate(self, slots: int, keep: int = 0) -> None:
+        """(Re)allocate every cache buffer with `slots` slots, keeping the first `keep` of the old one.
+
+        Buffers come from onnxruntime's allocator (64-byte aligned; numpy's 16-byte alignment made
+        attention over the bound cache measurably slower) and are zeroed: empty slots are masked,
+        but 0 * NaN would still poison the weighted sum."""
+        b, h, d = self._cache_shape
+        old, self.cache = self.cache if hasattr(self, "cache") else {}, {}
+        for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
+            value = self.cache[name] = ort.OrtValue.ortvalue_from_shape_and_type([b, h, slots, d], np.float32, "cpu", 0)
+            a = value.numpy()  # a view of the OrtValue's buffer
+            a[...] = 0
+            if keep:
+                a[:, :, :keep] = old.pop(name).numpy()[:, :, :keep]  # the old buffer is freed here
+        for slot in self._slots.values():
+            self._bind_cache(slot.binding)
+
+    def _reserve(self, tokens: int) -> None:
+        """Make room for sequences of `tokens` tokens: S >= min(W, tokens), so no write wraps early."""
+        need = min(self.window, tokens)
+        if need > self.slots:
+            self._allocate(min(self.window, -(-need // GROW) * GROW), keep=self.slots)
 
     def reset(self) -> None:
-        for v in self.cache.values():
-            v.update_inplace(np.zeros(v.shape(), np.float32))
         self.positions[:] = 0
+        self._allocate(0)
+
+    def _bind_cache(self, binding) -> None:
+        for name, value in self.cache.items():
+            binding.bind_ortvalue_input("past_" + name, value)
+            binding.bind_ortvalue_output("present_" + name, value)
 
     def _slot(self, chunk: int, n_logits: int) -> _Slot:
         key = (chunk, n_logits)
@@ -91,9 +134,7 @@ class DecoderSession:
                     binding.bind_ortvalue_output(name, value)
                 else:
                     binding.bind_ortvalue_input(name, value)
-            for name, value in self.cache.items():
-                binding.bind_ortvalue_input("past_" + name, value)
-                binding.bind_ortvalue_output("present_" + name, value)
+            self._bind_cache(binding)
             slot.binding = binding
             self._slots[key] = slot
         return self._slots[key]
@@ -108,6 +149,7 @@ class DecoderSession:
         if not 0 < chunk <= self.window:
             raise EdgeError(f"chunk of {chunk} tokens: must be between 1 and the window W={self.window}")
         valid = np.full(batch, chunk, np.int64) if valid_lens is None else np.asarray(valid_lens, np.int64)
+        self._reserve(int(self.positions.max()) + chunk)
         slot = self._slot(chunk, chunk if all_logits else 1)
         slot.input_ids[...] = tokens
         slot.positions[...] = self.positions
