@@ -78,16 +78,18 @@ def demo_gguf() -> Path:
 
 
 def our_bundle(work: Path, quant: str, chunk: int | None) -> Path:
+    """Our cpu bundle of the demo model; re-exported when the exporter's code or the contract changed."""
+    from mistral_edge.compare.variants import prepare_bundle
+    from mistral_edge.export.pipeline import resolve_window
     from mistral_edge.model.loaders import load_checkpoint
     from mistral_edge.quantize.spec import parse_quant
-    from mistral_edge.targets.bundle import BundleRequest, write_bundle
-    from mistral_edge.targets.profiles import get_target
+    from mistral_edge.targets.bundle import source_hash
 
+    ck = load_checkpoint(None)
+    window, chunk = resolve_window(ck, None, chunk)
     out = work / f"ours-{quant}"
-    if not (out / "manifest.json").is_file():
-        print(f"exporting our {quant} cpu bundle -> {out}", file=sys.stderr)
-        req = BundleRequest(get_target("cpu"), parse_quant(quant), None, chunk)
-        write_bundle(load_checkpoint(None), req, out, log=lambda line: None)
+    print(f"our {quant} cpu bundle -> {out} (exported unless up to date)", file=sys.stderr)
+    prepare_bundle(ck, parse_quant(quant), window, chunk, out, source_hash(ck.source), log=lambda line: None)
     return out
 
 
