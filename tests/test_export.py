@@ -1,21 +1,24 @@
 """The exported decoder-step graph equals the reference model, for every quant level and format."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from mistral_edge.errors import EdgeError
 from mistral_edge.export.decoder import unfuse
 from mistral_edge.export.linear import WeightEmitter
-from mistral_edge.export.onnx_builder import Builder
+from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.pipeline import export_onnx, quant_plan, resolve_window
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
-from helpers import checkpoint_of, tiny_hf_mistral
+from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 
 W = 16
+EXACT = SessionConfig(entries=(("session.qdq_matmulnbits_accuracy_level", "0"),))
+"""ORT turns DequantizeLinear+MatMul into MatMulNBits with int8 compute unless told not to."""
 
 
 def run_chunks(session: DecoderSession, tokens: np.ndarray, chunk: int) -> np.ndarray:
@@ -25,6 +28,14 @@ def run_chunks(session: DecoderSession, tokens: np.ndarray, chunk: int) -> np.nd
 
 def tokens_for(ck, n, seed=0):
     return torch.randint(0, ck.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def export_exact(path, ck, quant: str, fmt: str, activations: str = "fp32") -> dict[str, torch.Tensor]:
+    """Write the graph with fp32 compute in its linears (accuracy_level 0); returns the canonical
+    weights it really computes with (quantized, or rounded to fp16), for the reference."""
+    emitter = WeightEmitter(Builder(), quant_plan(ck, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations])
+    path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
+    return {**ck.weights, **unfuse(ck.config, emitter.dequantized)}
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -45,24 +56,61 @@ def test_fp32_graph_matches_reference(tmp_path, kv_heads, chunk):
 def test_quantized_graph_matches_reference_on_its_weights(tmp_path, quant, fmt, tied):
     """The graph computes exactly with the dequantized weights (accuracy_level 0: fp32 compute)."""
     ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
-    spec = parse_quant(quant)
-    emitter = WeightEmitter(Builder(), quant_plan(ck, spec), fmt, accuracy_level=0)
-    model = build_decoder(ck.config, ck.weights, W, 5, emitter)
-    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
-    weights = {**ck.weights, **unfuse(ck.config, emitter.dequantized)}
-    assert emitter.dequantized, "a quantized export must record what it quantized"
+    weights = export_exact(tmp_path / "m.onnx", ck, quant, fmt)
+    assert any(not torch.equal(weights[k], ck.weights[k]) for k in ck.weights), \
+        "a quantized export must record what it quantized"
     ref = ReferenceModel(ck.config, weights)
     tokens = tokens_for(ck, 4 * W)
     expected = ref.prefill(tokens, ref.new_cache(), 5).numpy()
-    # ORT turns DequantizeLinear+MatMul into MatMulNBits with int8 compute unless told not to
-    exact = SessionConfig(entries=(("session.qdq_matmulnbits_accuracy_level", "0"),))
-    got = run_chunks(DecoderSession(tmp_path / "m.onnx", config=exact), tokens.numpy(), 5)
+    got = run_chunks(DecoderSession(tmp_path / "m.onnx", config=EXACT), tokens.numpy(), 5)
     assert np.abs(got - expected).max() < 1e-4
 
 
-def test_batch_of_two_different_lengths(tmp_path):
+@pytest.mark.parametrize("chunk,tied", [(1, False), (5, True)], ids=["decode", "prefill-tied"])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4-g32"])
+def test_fp16_graph_matches_reference_on_its_weights(tmp_path, quant, fmt, chunk, tied):
+    """fp16 activations and cache (ONNX Runtime's CPU provider runs the ops it has no fp16 kernel
+    for in fp32, behind casts it inserts), one token at a time or in chunks, past the window."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    ref = ReferenceModel(ck.config, export_exact(tmp_path / "m.onnx", ck, quant, fmt, "fp16"))
+    tokens = tokens_for(ck, 4 * W + 3)
+    session = DecoderSession(tmp_path / "m.onnx", config=EXACT)
+    got = run_chunks(session, tokens.numpy(), chunk)
+    assert session.cache_dtype == np.float16 and got.dtype == np.float32
+    assert_close(got, ref.prefill(tokens, ref.new_cache(), chunk).numpy(), "fp16")
+
+
+def test_fp16_graph_types(tmp_path):
+    """Cache in and out, hidden states, norms, tables, scales are fp16; logits stay float32."""
+    ck = checkpoint_of(tiny_hf_mistral(window=W, tied=True))
+    export_onnx(ck, parse_quant("int4-g32"), tmp_path / "m.onnx", window=W, chunk=4, activations="fp16")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)  # strict shape and type inference
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert {t for n, t in types.items() if n.startswith(("past_", "present_"))} == {F16}
+    assert types["logits"] == F32
+    floats = {t.name: t.data_type for t in model.graph.initializer if t.data_type in (F16, F32)}
+    assert floats.pop("rope.inv_freq") == F32  # positions times frequencies in fp32, then cast
+    assert set(floats.values()) == {F16} and "layers.0.attention.wqkv.scales" in floats
+    assert {p.key: p.value for p in model.metadata_props}["mistral_edge.activation_dtype"] == "fp16"
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    hidden = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert hidden[next(n.output[0] for n in model.graph.node if n.op_type == "RMSNormalization")] == F16
+
+
+def test_unknown_activation_dtype(tmp_path):
+    ck = checkpoint_of(tiny_hf_mistral(window=W))
+    with pytest.raises(EdgeError, match="unknown activation dtype 'bf16'; expected one of fp32, fp16"):
+        export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", activations="bf16")
+
+
+@pytest.mark.parametrize("activations", ["fp32", "fp16"])
+def test_batch_of_two_different_lengths(tmp_path, activations):
+    """Padding rows see no key: the finite mask keeps them from NaN in fp16 too."""
     ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W))
-    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=6)
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=6, activations=activations)
     a, b = tokens_for(ck, 3 * W + 5, 1)[0].tolist(), tokens_for(ck, 2 * W + 1, 2)[0].tolist()
     session = DecoderSession(tmp_path / "m.onnx", batch=2)
     last = {}
@@ -73,19 +121,21 @@ def test_batch_of_two_different_lengths(tmp_path):
             tokens[i, :len(p)] = p
         valid = np.array([len(p) for p in pieces])
         logits = session.step(tokens, valid)
+        assert not np.isnan(logits).any()
         for i in np.nonzero(valid)[0]:
             last[i] = logits[i, 0].copy()
     ref = ReferenceModel(ck.config, ck.weights)
     for i, seq in enumerate((a, b)):
         expected = ref.prefill(torch.tensor([seq]), ref.new_cache(), 6)[0, -1].numpy()
-        assert np.abs(last[i] - expected).max() < 1e-4
+        assert_close(last[i][None], expected[None], activations)
     # the shorter row stopped advancing when its tokens ran out
     assert session.positions.tolist() == [len(a), len(b)]
 
 
-def test_cache_is_updated_in_place_without_copies(tmp_path, capfd):
+@pytest.mark.parametrize("activations", ["fp32", "fp16"])
+def test_cache_is_updated_in_place_without_copies(tmp_path, capfd, activations):
     ck = checkpoint_of(tiny_hf_mistral(window=W))
-    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4)
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, activations=activations)
     session = DecoderSession(tmp_path / "m.onnx")
     tokens = tokens_for(ck, 3 * W).numpy()
     run_chunks(session, tokens[:, :W], 4)  # the cache has grown to its final W slots
@@ -98,7 +148,8 @@ def test_cache_is_updated_in_place_without_copies(tmp_path, capfd):
     assert {k: v.data_ptr() for k, v in session.cache.items()} == before
     assert not np.array_equal(session.cache["key.0"].numpy(), first)  # the bound buffer itself changed
     cfg = ck.config
-    assert session.cache_bytes == cfg.n_layers * 2 * 1 * cfg.n_kv_heads * W * cfg.head_dim * 4
+    item = {"fp32": 4, "fp16": 2}[activations]
+    assert session.cache_bytes == cfg.n_layers * 2 * 1 * cfg.n_kv_heads * W * cfg.head_dim * item
 
 
 def test_cache_grows_to_the_window_with_the_same_logits(tmp_path, monkeypatch):

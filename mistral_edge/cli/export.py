@@ -23,6 +23,7 @@ def export(
     head: Annotated[Optional[str], typer.Option(help="output head precision (fp32, fp16, int8)")] = None,
     embedding: Annotated[Optional[str], typer.Option(help="embedding precision (fp32, fp16, int8)")] = None,
     weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast) or qdq (DequantizeLinear, portable)")] = None,
+    activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states and KV cache (default: the target's: fp16 for gpu and jetson)")] = None,
     window: WindowOpt = None,
     chunk: ChunkOpt = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
@@ -34,16 +35,17 @@ def export(
 
     profile = get_target(target)
     spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
-    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations)
     console = Console(stderr=True)
     with console.status(f"loading {model or 'the embedded demo model'}"):
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
-    with console.status(f"exporting {spec.name} for {target}"):
+    with console.status(f"exporting {spec.name}, {req.activation_dtype} activations, for {target}"):
         manifest = write_bundle(ck, req, out, log=lambda line: console.print(line, highlight=False))
     b = manifest["memory_budget"]
     console.print(f"[green]wrote[/] {out}: {len(manifest['files'])} files, W={manifest['window']}, "
-                  f"chunk={manifest['chunk']}, weights {b['weight_bytes'] / 2**20:.1f} MiB, "
-                  f"KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, total {b['total_bytes'] / 2**20:.1f} MiB")
+                  f"chunk={manifest['chunk']}, {manifest['activation_dtype']} activations, "
+                  f"weights {b['weight_bytes'] / 2**20:.1f} MiB, KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, "
+                  f"total {b['total_bytes'] / 2**20:.1f} MiB")
 
 
 COMMANDS["export"] = export

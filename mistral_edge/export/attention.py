@@ -23,11 +23,10 @@ import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
 from ..model.config import ModelConfig
-from .onnx_builder import Builder
+from .onnx_builder import FLOAT, Activations, Builder
 
 DOMAIN = "mistral_edge"
 OP = "WindowedGroupQueryAttention"
-NEG = -1.0e30  # finite, so a query with no visible key (padding) gives no NaN
 PLAN_INPUTS = ("cos_q", "sin_q", "cos_k", "sin_k", "write_at", "gather_idx", "keep", "bias", "score_split")
 
 
@@ -50,10 +49,19 @@ class AttentionPlan:
         return [getattr(self, name) for name in PLAN_INPUTS]
 
 
-def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str) -> AttentionPlan:
+def mask_value(act: Activations) -> float:
+    """The additive bias of a hidden key: half the type's lowest finite value, so a masked score
+    stays finite (a padding query, which sees no key, gets no NaN; -1e30 would be -inf in fp16)
+    and far below any real score."""
+    return float(np.finfo(act.np_type).min) / 2
+
+
+def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: Activations) -> AttentionPlan:
     """Build the per-step tensors from the graph inputs `input_ids`, `positions`, `valid_lens` and
-    the slot count S of the cache input `cache`."""
+    the slot count S of the cache input `cache`. Tables and mask are computed in float32 (fp16
+    cannot hold positions past 2048 exactly) and cast once to the activation type."""
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
+    as_act = lambda x: x if act.onnx_type == FLOAT else b.op("Cast", [x], to=act.onnx_type)  # noqa: E731
     positions, valid_lens = "positions", "valid_lens"
     w = b.const(window)
     c_dim = b.op("Shape", ["input_ids"], start=1, end=2)  # [1] = C
@@ -64,9 +72,10 @@ def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str) -> Att
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
     freqs = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", [qpos], to=TensorProto.FLOAT), i64(2)]),
                          b.init("rope.inv_freq", inv_freq.astype(np.float32))])  # [B, C, D/2]
-    cos_k, sin_k = b.op("Cos", [freqs]), b.op("Sin", [freqs])
+    cos, sin = b.op("Cos", [freqs]), b.op("Sin", [freqs])
     scale = b.const(1.0 / float(np.sqrt(d)), np.float32)
-    cos_q, sin_q = b.op("Mul", [cos_k, scale]), b.op("Mul", [sin_k, scale])
+    cos_q, sin_q = as_act(b.op("Mul", [cos, scale])), as_act(b.op("Mul", [sin, scale]))
+    cos_k, sin_k = as_act(cos), as_act(sin)
 
     is_valid = b.op("Less", [j, b.op("Unsqueeze", [valid_lens, i64(1)])])  # [B, C]
     slots = b.op("Unsqueeze", [b.op("Mod", [qpos, w]), i64(1, 3)])  # [B, 1, C, 1]
@@ -85,7 +94,8 @@ def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str) -> Att
     visible = b.op("And", [b.op("And", [b.op("GreaterOrEqual", [kpos, b.const(0)]),
                                         b.op("LessOrEqual", [kpos, qcol])]),
                            b.op("Greater", [kpos, b.op("Sub", [qcol, w])])])
-    bias = b.op("Where", [visible, b.const(0.0, np.float32), b.const(NEG, np.float32)])  # [B, C, S+C]
+    bias = b.op("Where", [visible, b.const(0.0, np.float32), b.const(mask_value(act), np.float32)])
+    bias = as_act(bias)  # [B, C, S+C]
     group = cfg.n_heads // cfg.n_kv_heads
     bias = b.op("Tile", [b.op("Unsqueeze", [bias, i64(1)]), i64(1, 1, group, 1)])  # query rows g-major
     split = b.op("Concat", [n_slots, c_dim], axis=0)

@@ -5,6 +5,8 @@ RMSNorm -> fused QKV -> RoPE -> WindowedGroupQueryAttention (which updates the
 rolling cache) -> output projection -> RMSNorm -> fused gate/up -> SwiGLU -> down,
 then the final norm and the LM head on the rows picked by `logits_index` only, so
 decoding pays for one row of the vocabulary projection, evaluation for all.
+Everything computes in the emitter's activation type (fp32 or fp16); logits are float32
+either way, so sampling does not depend on it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class GraphInfo:
     window: int
     chunk: int
     vocab_size: int
+    activation_dtype: str  # "fp32" | "fp16": hidden states and the KV cache
 
 
 def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,7 +59,7 @@ def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torc
 
 def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: int, chunk: int,
                   emitter: WeightEmitter) -> onnx.ModelProto:
-    b = emitter.builder
+    b, act = emitter.builder, emitter.activations
     c = cfg
     kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W
     inputs = [
@@ -68,13 +71,16 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "n_logits", c.vocab_size])]
     for i in range(c.n_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", FLOAT, kv_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", act.onnx_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", act.onnx_type, kv_shape))
 
-    plan = attention_plan(b, c, window, "past_key.0")  # per-step tensors shared by all layers
+    plan = attention_plan(b, c, window, "past_key.0", act)  # per-step tensors shared by all layers
+
+    def norm_weight(name: str) -> str:
+        return b.init(name, weights[name].float().numpy().astype(act.np_type))
 
     def norm(x: str, name: str) -> str:
-        return b.op("RMSNormalization", [x, b.init(name, weights[name].float().numpy())], axis=-1, epsilon=c.norm_eps)
+        return b.op("RMSNormalization", [x, norm_weight(name)], axis=-1, epsilon=c.norm_eps)
 
     def add_norm(h: str, delta: str, name: str) -> tuple[str, str]:
         """(RMSNorm(h + delta), h + delta): one SkipSimplifiedLayerNormalization on the ORT path."""
@@ -82,7 +88,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
             h = b.op("Add", [h, delta])
             return norm(h, name), h
         x, h_out = b.fresh("x"), b.fresh("residual")
-        b.op("SkipSimplifiedLayerNormalization", [delta, h, b.init(name, weights[name].float().numpy())],
+        b.op("SkipSimplifiedLayerNormalization", [delta, h, norm_weight(name)],
              outputs=[x, "", "", h_out], domain="com.microsoft", epsilon=c.norm_eps)
         return x, h_out
 
@@ -100,8 +106,8 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
         w13 = torch.cat([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]])
         gate, up = b.op("Split", [emitter.linear(x, p + "feed_forward.w13", w13), b.const([c.hidden_dim] * 2)],
                         n_out=2, axis=-1)
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        down = emitter.linear(act, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])
+        gated = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        down = emitter.linear(gated, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])
         if i + 1 < c.n_layers:
             x, h = add_norm(h, down, f"layers.{i + 1}.attention_norm.weight")
         else:
@@ -111,7 +117,10 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
     # a tied head shares the embedding's storage when both have the same precision
     shared = "output.weight" not in weights and emitter.plan.get("output") == emitter.plan.get("tok_embeddings")
     head_name = "tok_embeddings" if shared else "output"
-    emitter.linear(norm(picked, "norm.weight"), head_name, output_weight(weights), output="logits")
+    head_out = "logits" if act.onnx_type == FLOAT else None
+    logits = emitter.linear(norm(picked, "norm.weight"), head_name, output_weight(weights), output=head_out)
+    if head_out is None:
+        b.op("Cast", [logits], to=FLOAT, outputs=["logits"])
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
@@ -120,7 +129,7 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
                        helper.make_opsetid("com.microsoft", 1)],
     )
     model.ir_version = 10
-    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size)
+    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name)
     helper.set_model_props(model, {"mistral_edge.graph_contract": str(GRAPH_CONTRACT_VERSION),
                                    **{f"mistral_edge.{k}": str(v) for k, v in info.__dict__.items()}})
     return model

@@ -1,12 +1,13 @@
 """Emit weight initializers and the ops that use them, per tensor precision.
 
-fp32 / fp16: Gemm on the [N, K] table (fp16 weights are cast up once, at session start).
+fp32 / fp16: Gemm on the [N, K] table (in an fp32 graph, fp16 weights are cast up once, at
+session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 per output channel is stored as 8-bit blocks that share their
 row's scale, which is exactly per-channel quantization).
 int8 / int4, `qdq` format: standard DequantizeLinear + MatMul, runnable anywhere.
 The embedding is a Gather on the same storage, so a tied head and embedding
-share one initializer.
+share one initializer. Scales have the graph's activation type (`Activations`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import EdgeError
 from ..quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from ..quantize.int8 import Int8Weight, quantize_int8
 from ..quantize.stats import error_stats
-from .onnx_builder import FLOAT, Builder
+from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
 
@@ -44,6 +45,7 @@ class WeightEmitter:
     """Precision per base tensor name (e.g. 'layers.0.attention.wqkv', 'output', 'tok_embeddings')."""
     fmt: str = "nbits"  # or "qdq"
     accuracy_level: int = 4
+    activations: Activations = ACTIVATIONS["fp32"]
     log: list = field(default_factory=list)
     dequantized: dict = field(default_factory=dict)
     """name -> the weight the graph really computes with (quantized tensors only)."""
@@ -69,26 +71,28 @@ class WeightEmitter:
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             blocks = math.ceil(k / block)
-            scales = self._once(name + ".scales", lambda: self._int8(name, w).scale.repeat_interleave(blocks).numpy())
+            scales = self._once(name + ".scales",
+                                lambda: self._act(self._int8(name, w).scale.repeat_interleave(blocks).numpy()))
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
         if tq.kind == "int8":
             q8 = self._int8(name, w)
             dq = b.op("DequantizeLinear", [b.init(name + ".q_t", q8.q.T.contiguous().numpy()),
-                                           self._once(name + ".row_scale", lambda: q8.scale.numpy())], axis=1)
+                                           self._once(name + ".row_scale", lambda: self._act(q8.scale.numpy()))],
+                                axis=1)
             return b.op("MatMul", [x, dq], outputs=outs)
         if tq.kind == "int4":
             q4 = quantize_int4(w, tq.group_size, tq.symmetric, tq.method, tq.act_scale)
             self._record(name, tq, w, q4.dequantize())
             if self.fmt == "nbits":
                 packed, scales, zeros = pack_matmul_nbits(q4)
-                ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", scales)]
+                ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", self._act(scales))]
                 if zeros is not None:
                     ins.append(b.init(name + ".zero_points", zeros))
                 return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
                             block_size=tq.group_size, accuracy_level=self.accuracy_level)
             q, scale, zero = blocked_qdq(q4)
-            ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", scale)]
+            ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", self._act(scale))]
             if zero is not None:
                 ins.append(b.init(name + ".zero_points", zero))
             dq = b.op("DequantizeLinear", ins, axis=0, block_size=tq.group_size)
@@ -107,22 +111,30 @@ class WeightEmitter:
             rows = b.op("Gather", [packed, ids], axis=0)  # [B, C, blocks, block]
             rows = b.op("Reshape", [rows, b.const([0, 0, -1])])
             rows = b.op("Slice", [rows, b.const([0]), b.const([w.shape[1]]), b.const([2])])
-            rows = b.op("Sub", [b.op("Cast", [rows], to=FLOAT), b.const(float(INT8_ZERO), np.float32)])
+            rows = b.op("Sub", [b.op("Cast", [rows], to=self.activations.onnx_type),
+                                b.const(float(INT8_ZERO), self.activations.np_type)])
         else:
             rows = b.op("Cast", [b.op("Gather", [b.init(name + ".q", self._int8(name, w).q.numpy()), ids], axis=0)],
-                        to=FLOAT)
-        row_scale = self._once(name + ".row_scale", lambda: self._int8(name, w).scale.numpy())
+                        to=self.activations.onnx_type)
+        row_scale = self._once(name + ".row_scale", lambda: self._act(self._int8(name, w).scale.numpy()))
         scale = b.op("Unsqueeze", [b.op("Gather", [row_scale, ids], axis=0), b.const([2])])
         return b.op("Mul", [rows, scale])
 
+    def _act(self, scales: np.ndarray) -> np.ndarray:
+        return scales.astype(self.activations.np_type)
+
     def _float(self, name: str, w: torch.Tensor, tq: TensorQuant) -> str:
-        """The [N, K] float table (fp16 storage is cast up once, when the session starts)."""
+        """The [N, K] float table: fp16 when asked for or when the graph computes in fp16 (then
+        fp32 weights are rounded too, and logged as fp16); an fp32 graph casts fp16 storage up
+        once, when the session starts."""
+        half = tq.kind == "fp16" or self.activations.name == "fp16"
+
         def make() -> np.ndarray:
-            if tq.kind == "fp16":
-                self._record(name, tq, w, w.half().float())
-            return w.detach().to(torch.float16 if tq.kind == "fp16" else torch.float32).contiguous().numpy()
+            if half:
+                self._record(name, TensorQuant("fp16"), w, w.half().float())
+            return w.detach().to(torch.float16 if half else torch.float32).contiguous().numpy()
         table = self._once(name + ".weight", make)
-        return self.builder.op("Cast", [table], to=FLOAT) if tq.kind == "fp16" else table
+        return self.builder.op("Cast", [table], to=FLOAT) if half and self.activations.onnx_type == FLOAT else table
 
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if name not in self._stored:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import EdgeError
 
 
 class Builder:
@@ -38,4 +42,27 @@ class Builder:
 
 
 FLOAT = TensorProto.FLOAT
+FLOAT16 = TensorProto.FLOAT16
 INT64 = TensorProto.INT64
+
+
+@dataclass(frozen=True)
+class Activations:
+    """The float type a graph computes in: hidden states, norms, attention, KV cache, scales."""
+
+    name: str  # "fp32" | "fp16", the manifest's activation_dtype
+    onnx_type: int
+    np_type: type
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.np_type).itemsize
+
+
+ACTIVATIONS = {a.name: a for a in (Activations("fp32", FLOAT, np.float32), Activations("fp16", FLOAT16, np.float16))}
+
+
+def activation_type(name: str) -> Activations:
+    if name not in ACTIVATIONS:
+        raise EdgeError(f"unknown activation dtype {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

@@ -13,7 +13,7 @@ from ..quantize.spec import QuantSpec
 from ..runtime.bundle import graph_ops
 from .decoder import GraphInfo, build_decoder
 from .linear import TensorQuant, WeightEmitter
-from .onnx_builder import Builder
+from .onnx_builder import Builder, activation_type
 
 DEFAULT_WINDOW = 1024
 """W for models without a sliding window (Llama layout): the cache must have a fixed size."""
@@ -53,16 +53,19 @@ def quant_plan(ck: Checkpoint, spec: QuantSpec) -> dict[str, TensorQuant]:
 
 def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
-                plan: dict[str, TensorQuant] | None = None) -> ExportResult:
-    """Write the decoder-step graph to out_path (weights external when the model is large)."""
+                plan: dict[str, TensorQuant] | None = None, activations: str = "fp32") -> ExportResult:
+    """Write the decoder-step graph to out_path (weights external when the model is large);
+    `activations` ("fp32" or "fp16") is the type it computes in and caches keys and values in."""
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    act = activation_type(activations)
     w, c = resolve_window(ck, window, chunk)
     plan = plan or quant_plan(ck, spec)
-    emitter = WeightEmitter(Builder(), plan, fmt, accuracy_level)
+    emitter = WeightEmitter(Builder(), plan, fmt, accuracy_level, act)
     model = build_decoder(ck.config, ck.weights, w, c, emitter)
     big = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
     onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")
     ops = graph_ops(model)
-    info = GraphInfo(ck.config.n_layers, ck.config.n_kv_heads, ck.config.head_dim, w, c, ck.config.vocab_size)
+    cfg = ck.config
+    info = GraphInfo(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, w, c, cfg.vocab_size, act.name)
     return ExportResult(out_path, info, plan, emitter.log, tuple(ops))

@@ -118,6 +118,7 @@ def _check_graph(bundle: Path, manifest: dict) -> list[str]:
         return [f"{manifest['model']}: unreadable model ({str(e).splitlines()[0]})"]
     cfg = manifest["config"]
     expected = {"graph_contract": manifest["graph_contract"], "window": manifest["window"], "chunk": manifest["chunk"],
+                "activation_dtype": manifest["activation_dtype"],
                 **{k: cfg.get(k) for k in ("n_layers", "n_kv_heads", "head_dim", "vocab_size")}}
     problems = [f"graph {k} is {props.get('mistral_edge.' + k)!r}, manifest says {v!r}"
                 for k, v in expected.items() if props.get("mistral_edge." + k) != str(v)]

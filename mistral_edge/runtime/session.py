@@ -4,7 +4,8 @@ The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values; ea
 past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
 TensorScatter updates it in place and no step copies it. S grows with the sequence in
 steps of GROW slots up to the window W and then stays there (a rolling buffer of W
-slots): attention reads all S slots, so a short sequence does not pay for W. Decode
+slots): attention reads all S slots, so a short sequence does not pay for W. The cache
+has the type the graph declares for it (float32, or float16 for an fp16 export). Decode
 steps reuse preallocated input and logits buffers, so a step allocates nothing on the
 Python side either.
 """
@@ -47,6 +48,7 @@ GRAPH_CONTRACT_VERSION = 2
 GROW = 64
 """Cache slots are added in steps of this many: attention reads at most GROW - 1 empty slots, and
 growing copies the cache about W / GROW times in all."""
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class DecoderSession:
@@ -79,6 +81,10 @@ class DecoderSession:
             raise EdgeError(f"chunk size must be between 1 and the window W={self.window}, got {self.chunk}")
         self.batch = batch
         self._cache_shape = (batch, n_kv, head_dim)
+        declared = {i.name: i.type for i in self.session.get_inputs()}.get("past_key.0")
+        if declared not in CACHE_TYPES:
+            raise EdgeError(f"{model_path}: cache input past_key.0 is {declared}, expected float or float16")
+        self.cache_dtype = np.dtype(CACHE_TYPES[declared])
         self.positions = np.zeros(batch, np.int64)
         self._slots: dict[tuple[int, int], _Slot] = {}
         self._allocate(0)
@@ -90,7 +96,7 @@ class DecoderSession:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(4 * int(np.prod(v.shape())) for v in self.cache.values())
+        return sum(self.cache_dtype.itemsize * int(np.prod(v.shape())) for v in self.cache.values())
 
     def _allocate(self, slots: int, keep: int = 0) -> None:
         """(Re)allocate every cache buffer with `slots` slots, keeping the first `keep` of the old one.
@@ -101,7 +107,8 @@ class DecoderSession:
         b, h, d = self._cache_shape
         old, self.cache = self.cache if hasattr(self, "cache") else {}, {}
         for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
-            value = self.cache[name] = ort.OrtValue.ortvalue_from_shape_and_type([b, h, slots, d], np.float32, "cpu", 0)
+            value = self.cache[name] = ort.OrtValue.ortvalue_from_shape_and_type(
+                [b, h, slots, d], self.cache_dtype.type, "cpu", 0)
             a = value.numpy()  # a view of the OrtValue's buffer
             a[...] = 0
             if keep:

@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..export.linear import TensorQuant
+from ..export.onnx_builder import activation_type
 from ..model.config import ModelConfig
 from ..quantize.spec import bits_per_weight
-
-CACHE_DTYPE_BYTES = 4  # the exported cache is fp32
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
     weight_bytes: int
-    """Resident weights: fp16 tensors count twice (ONNX Runtime casts them to fp32 at load);
-    int8/int4 scales are fp32 in an ONNX graph (its activation type), fp16 in MLC's q4f16_1."""
+    """Resident weights: float tables and int8/int4 scales at the activation type (an fp32
+    graph's fp16 tables are cast up at load; an fp16 graph stores fp32 ones as fp16)."""
     kv_cache_bytes: int
-    """layers x 2 x batch x n_kv_heads x W x head_dim x 4, whatever the sequence length."""
+    """layers x 2 x batch x n_kv_heads x W x head_dim x (4 or 2, the activation type's bytes),
+    whatever the sequence length."""
     activation_bytes: int
     """Estimate of one prefill chunk's working set, doubled for allocator slack."""
 
@@ -41,23 +41,27 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, scale_bits: int = 32) -> int:
-    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric, scale_bits)
-    if resident and tq.kind == "fp16":
-        bits = 32
+def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_bytes: int = 4) -> int:
+    """Stored (or with `resident`, loaded) bytes of an [N, K] tensor in a graph whose activation
+    type has `act_bytes` bytes: scales have that type; a float table is stored at the narrower of
+    its precision and that type, and resident at that type."""
+    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric, 8 * act_bytes)
+    if tq.kind in ("fp32", "fp16"):
+        bits = 8 * act_bytes if resident else min(bits, 8 * act_bytes)
     return int(n * k * bits / 8)
 
 
 def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1,
-             scale_bits: int = 32) -> MemoryBudget:
+             activations: str = "fp32") -> MemoryBudget:
+    act = activation_type(activations).itemsize
     shapes = tensor_shapes(cfg)
     if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
         shapes.pop("output")  # shared storage
-    weights = sum(tensor_bytes(n, k, plan[name], True, scale_bits) for name, (n, k) in shapes.items())
-    weights += (2 * cfg.n_layers + 1) * cfg.dim * 4  # norms
-    kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * CACHE_DTYPE_BYTES
+    weights = sum(tensor_bytes(n, k, plan[name], True, act) for name, (n, k) in shapes.items())
+    weights += (2 * cfg.n_layers + 1) * cfg.dim * act  # norms
+    kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * act
     c, q = batch * chunk, cfg.n_heads * cfg.head_dim
     floats = (4 * c * cfg.dim + c * (q + 2 * cfg.n_kv_heads * cfg.head_dim) + 2 * cfg.n_heads * c * (window + chunk)
               + 2 * batch * cfg.n_kv_heads * (window + chunk) * cfg.head_dim + 3 * c * cfg.hidden_dim
               + c * cfg.vocab_size)
-    return MemoryBudget(weights, kv, 2 * floats * 4)
+    return MemoryBudget(weights, kv, 2 * floats * act)

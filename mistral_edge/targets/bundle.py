@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import EdgeError
 from ..export.decoder import GRAPH_CONTRACT_VERSION
 from ..export.linear import TensorQuant
+from ..export.onnx_builder import activation_type
 from ..export.pipeline import export_onnx, quant_plan, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..quantize.spec import QuantSpec
@@ -40,10 +41,17 @@ class BundleRequest:
     chunk: int | None = None
     device_memory: str | None = None  # overrides the target's default budget
     fmt: str | None = None  # overrides the target's weight format
+    activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # bad values fail before the model is loaded
         if self.device_memory is not None:
-            parse_memory(self.device_memory)  # a bad size fails before the model is loaded
+            parse_memory(self.device_memory)
+        if self.activations is not None:
+            activation_type(self.activations)
+
+    @property
+    def activation_dtype(self) -> str:
+        return self.activations or self.target.activation_dtype
 
 
 @contextmanager
@@ -118,9 +126,11 @@ def source_hash(source: str) -> str | None:
 
 def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
     """MLC quantizes every matrix, embedding and head included, as q4f16_1: nothing else is asked for."""
-    if req.quant.bits != 4 or req.quant.group_size != MLC_GROUP_SIZE or req.fmt:
+    if req.quant.bits != 4 or req.quant.group_size != MLC_GROUP_SIZE or req.fmt or \
+            req.activation_dtype != req.target.activation_dtype:
         raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
-                        f"symmetric) only: use --quant int4 (the default) and no --format")
+                        f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
+                        f"and no --activations fp32")
     return {name: TensorQuant("int4", MLC_GROUP_SIZE, True, "rtn") for name in quant_plan(ck, req.quant)}
 
 
@@ -134,7 +144,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
     mlc = target.name == "mlc"
     window, chunk = resolve_window(ck, req.window, req.chunk)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck, req.quant)
-    budget = estimate(ck.config, plan, window, chunk, scale_bits=16 if mlc else 32)
+    budget = estimate(ck.config, plan, window, chunk, activations=req.activation_dtype)
     usable = check_budget(budget, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
     if tok_name is None:
@@ -150,7 +160,8 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
             result, model_file = None, None
         else:
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
-                                 fmt=fmt, accuracy_level=target.accuracy_level, plan=plan)
+                                 fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
+                                 activations=req.activation_dtype)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors:
                 log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -170,7 +181,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
             "model": model_file,
             "quant": {"spec": MLC_QUANTIZATION if mlc else req.quant.name, "format": fmt,
                       "tensors": _plan_groups(plan)},
-            "activation_dtype": target.activation_dtype,
+            "activation_dtype": req.activation_dtype,
             "ops": list(result.ops) if result else [],
             "runtime": {"providers": list(target.providers), "provider_options": target.provider_options,
                         "session_options": target.session_options, **_converter(model_file)},
@@ -248,7 +259,8 @@ Files: `manifest.json` (config, window, quantization, memory budget, sha256 of e
 Run it with the Python runtime: `mistral-edge generate --bundle . "Hello"`.
 In an app: create an ONNX Runtime session with the providers and options listed under
 `runtime` in the manifest, allocate the cache tensors once (`past_key.i` / `past_value.i`,
-shape [1, n_kv_heads, W, head_dim]) and bind each `present_*` output to the same buffer
-as its `past_*` input; feed the prompt in chunks of at most `chunk` tokens, then one token
-per step. Chat template and generation defaults are in the manifest.
+shape [1, n_kv_heads, W, head_dim], float16 when the manifest's `activation_dtype` is fp16,
+else float32) and bind each `present_*` output to the same buffer as its `past_*` input; feed
+the prompt in chunks of at most `chunk` tokens, then one token per step. Logits are float32
+either way. Chat template and generation defaults are in the manifest.
 """

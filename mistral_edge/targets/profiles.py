@@ -14,7 +14,7 @@ class TargetProfile:
     quant: str  # default --quant
     fmt: str = "nbits"  # MatMulNBits (fast) or qdq (portable); MLC's own q4f16_1 for mlc
     accuracy_level: int = 4  # MatMulNBits: int8 compute on CPU
-    activation_dtype: str = "fp32"
+    activation_dtype: str = "fp32"  # hidden states and KV cache of the graph (--activations overrides)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     provider_options: dict = field(default_factory=dict)
     session_options: dict = field(default_factory=dict)
@@ -27,16 +27,18 @@ class TargetProfile:
 TARGETS: dict[str, TargetProfile] = {p.name: p for p in (
     TargetProfile("cpu", "int4", session_options={"intra_op_num_threads": 0, "enable_cpu_mem_arena": True},
                   note="Laptops and desktops, x86-64 and arm64: ONNX Runtime CPU, int4 MatMulNBits with int8 compute."),
-    TargetProfile("gpu", "int4", providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+    TargetProfile("gpu", "int4", activation_dtype="fp16", providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
                   provider_options={"CUDAExecutionProvider": {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"}},
-                  note="Desktop CUDA GPUs through onnxruntime-gpu (int4 MatMulNBits has a CUDA kernel). "
-                       "PyTorch users: `mistral-edge generate --backend torch --bnb int8|nf4`."),
-    TargetProfile("jetson", "int4",
+                  note="Desktop CUDA GPUs through onnxruntime-gpu, fp16 activations and KV cache (int4 MatMulNBits "
+                       "has a CUDA kernel). PyTorch users: `mistral-edge generate --backend torch --quant int8|nf4` "
+                       "(bitsandbytes)."),
+    TargetProfile("jetson", "int4", activation_dtype="fp16",
                   providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
                   provider_options={"TensorrtExecutionProvider": {"trt_fp16_enable": True, "trt_engine_cache_enable": True},
                                     "CUDAExecutionProvider": {"device_id": 0}},
                   device_memory="orin-nano-8gb", usable_fraction=0.6,
-                  note="Jetson Orin: CPU and GPU share the board's memory, so the budget is checked against it."),
+                  note="Jetson Orin, fp16 activations and KV cache: CPU and GPU share the board's memory, so the "
+                       "budget is checked against it."),
     TargetProfile("android", "int4", providers=("XnnpackExecutionProvider", "CPUExecutionProvider"),
                   provider_options={"XnnpackExecutionProvider": {"intra_op_num_threads": 4}},
                   session_options={"session.intra_op.allow_spinning": "0"},
