@@ -52,7 +52,7 @@ def test_fp32_graph_matches_reference(tmp_path, kv_heads, chunk):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("fmt", ["nbits", "qdq"])
-@pytest.mark.parametrize("quant", ["fp16", "int8", "int4-g32", "int4-g64-sym-rtn", "int4-g128"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4-g32", "int4-g32-izp", "int4-g64-sym-rtn", "int4-g128-izp-rtn"])
 def test_quantized_graph_matches_reference_on_its_weights(tmp_path, quant, fmt, tied):
     """The graph computes exactly with the dequantized weights (accuracy_level 0: fp32 compute)."""
     ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))

@@ -30,24 +30,26 @@ def group_err(w, qw, weight=None):
 
 
 @pytest.mark.parametrize(
-    "text, bits, group, sym, method, head",
+    "text, bits, group, zero, method, head, name",
     [
-        ("fp32", 32, None, True, None, "fp32"),
-        ("fp16", 16, None, True, None, "fp16"),
-        ("int8", 8, None, True, None, "int8"),
-        ("int4", 4, 32, False, "search", "int8"),
-        ("int4-g128", 4, 128, False, "search", "int8"),
-        ("INT4-g64-sym", 4, 64, True, "search", "int8"),
-        ("int4-sym-rtn", 4, 32, True, "rtn", "int8"),
-        ("int4-g32-search", 4, 32, False, "search", "int8"),
+        ("fp32", 32, None, "none", None, "fp32", "fp32"),
+        ("fp16", 16, None, "none", None, "fp16", "fp16"),
+        ("int8", 8, None, "none", None, "int8", "int8"),
+        ("int4", 4, 32, "float", "search", "int8", "int4-g32-fzp-search"),
+        ("int4-g128", 4, 128, "float", "search", "int8", "int4-g128-fzp-search"),
+        ("INT4-g64-sym", 4, 64, "none", "search", "int8", "int4-g64-sym-search"),
+        ("int4-sym-rtn", 4, 32, "none", "rtn", "int8", "int4-g32-sym-rtn"),
+        ("int4-g32-search", 4, 32, "float", "search", "int8", "int4-g32-fzp-search"),
+        ("int4-izp", 4, 32, "int", "search", "int8", "int4-g32-izp-search"),
+        ("int4-rtn-g64-fzp", 4, 64, "float", "rtn", "int8", "int4-g64-fzp-rtn"),
     ],
 )
-def test_parse_quant_forms(text, bits, group, sym, method, head):
+def test_parse_quant_forms(text, bits, group, zero, method, head, name):
     spec = parse_quant(text)
-    assert (spec.bits, spec.group_size, spec.symmetric, spec.method, spec.head, spec.embedding) == (
-        bits, group, sym, method, head, head,
+    assert (spec.bits, spec.group_size, spec.zero_point, spec.method, spec.head, spec.embedding) == (
+        bits, group, zero, method, head, head,
     )
-    assert parse_quant(spec.name) == spec
+    assert spec.name == name and parse_quant(spec.name) == spec
 
 
 def test_parse_quant_options():
@@ -66,6 +68,8 @@ def test_parse_quant_options():
         ("int4-g48", {}, "group size 48"),
         ("int4-g32-g64", {}, "valid forms"),
         ("int4-hqq-rtn", {}, "valid forms"),
+        ("int4-sym-fzp", {}, "valid forms"),
+        ("int4-izp-izp", {}, "valid forms"),
         ("int8-sym", {}, "valid forms"),
         ("int8", {"group_size": 32}, "int4 only"),
         ("int4-g32", {"group_size": 128}, "contradicts"),
@@ -79,9 +83,11 @@ def test_parse_quant_errors(text, kwargs, message):
 
 
 def test_bits_per_weight():
-    # 576 = 18 groups of 32: 4 + 16/32 scale + 4/32 zero point.
+    # 576 = 18 groups of 32: 4 + 16/32 scale + 4/32 zero point (integer) or 16/32 offset (float).
     assert bits_per_weight("int4", 10, 576, 32) == 4.625
-    assert bits_per_weight("int4", 10, 576, 32, symmetric=True) == 4.5
+    assert bits_per_weight("int4", 10, 576, 32, zero_point="none") == 4.5
+    assert bits_per_weight("int4", 10, 576, 32, zero_point="float") == 5.0
+    assert bits_per_weight("int4", 10, 576, 32, zero_point="float", scale_bits=32) == 6.0  # as the ONNX export
     # 576 = 4.5 groups of 128 -> 5 groups, 640 padded codes, 3 zero-point bytes per row.
     assert bits_per_weight("int4", 10, 576, 128) == (640 * 4 + 5 * 16 + 3 * 8) / 576
     assert bits_per_weight("int8", 10, 576) == 8 + 16 / 576
@@ -110,35 +116,42 @@ def test_int8_per_channel():
 # ---- int4 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_rtn_recovers_grid_values(symmetric):
-    """Weights that already lie on a 4-bit grid (each group spans codes 0 and 15) come back exactly."""
+ZERO_POINTS = ["int", "none", "float"]
+
+
+@pytest.mark.parametrize("zero_point", ZERO_POINTS)
+def test_int4_rtn_recovers_grid_values(zero_point):
+    """Weights that already lie on a 4-bit grid (each group spans codes 0 and 15) come back exactly.
+    Float zero points take any such grid, e.g. llama.cpp's Q4_1 (w = d q + m: z = -m / d)."""
     n, g, groups = 6, 32, 3
     gen = torch.Generator().manual_seed(1)
-    low = 1 if symmetric else 0  # the symmetric grid spans -7..7 around 8
+    low = 1 if zero_point == "none" else 0  # the symmetric grid spans -7..7 around 8
     q = torch.randint(low, 16, (n, groups, g), generator=gen)
     q[..., 0], q[..., 1] = low, 15
-    z = torch.full((n, groups, 1), 8) if symmetric else torch.randint(0, 16, (n, groups, 1), generator=gen)
+    z = {"none": torch.full((n, groups, 1), 8.0), "int": torch.randint(0, 16, (n, groups, 1), generator=gen).float(),
+         "float": torch.randn(n, groups, 1, generator=gen) * 10}[zero_point]  # grids that need not hold 0
     s = torch.rand(n, groups, 1, generator=gen) + 0.1
     w = ((q - z) * s).view(n, -1)
-    qw = quantize_int4(w, g, symmetric, "rtn")
-    torch.testing.assert_close(qw.dequantize(), w, rtol=1e-6, atol=1e-6)
-    assert torch.equal(qw.q.view(n, groups, g).long(), q)
-    assert torch.equal(qw.zero_points.long(), z[..., 0])
+    for method in ("rtn", "search"):
+        qw = quantize_int4(w, g, zero_point, method)
+        torch.testing.assert_close(qw.dequantize(), w, rtol=1e-5, atol=1e-5)
+        assert torch.equal(qw.q.view(n, groups, g).long(), q)
+        torch.testing.assert_close(qw.zero_points.float(), z[..., 0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_layout_and_rtn_bound(symmetric):
+@pytest.mark.parametrize("zero_point", ZERO_POINTS)
+def test_int4_layout_and_rtn_bound(zero_point):
     w = randw(8, 80)
-    qw = quantize_int4(w, 32, symmetric, "rtn")
+    qw = quantize_int4(w, 32, zero_point, "rtn")
     assert qw.q.shape == (8, 96) and qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
     assert qw.scales.shape == (8, 3) and qw.scales.dtype == torch.float32
-    assert qw.zero_points.shape == (8, 3) and qw.zero_points.dtype == torch.uint8
+    assert qw.zero_points.shape == (8, 3)
+    assert qw.zero_points.dtype == (torch.float32 if zero_point == "float" else torch.uint8)
     assert (qw.k, qw.group_size, qw.n_groups) == (80, 32, 3)
     assert qw.dequantize().shape == (8, 80)
-    # padding columns hold the zero point, so they dequantize to exactly 0
-    assert torch.equal(qw.q[:, 80:], qw.zero_points[:, 2:].expand(8, 16))
-    if symmetric:
+    if zero_point != "float":  # padding columns hold the zero point, so they dequantize to exactly 0
+        assert torch.equal(qw.q[:, 80:], qw.zero_points[:, 2:].expand(8, 16))
+    if zero_point == "none":
         assert bool((qw.zero_points == 8).all())
     # RTN never clips: every weight is within half a step of its code
     step = qw.scales.repeat_interleave(32, 1)[:, :80]
@@ -146,34 +159,43 @@ def test_int4_layout_and_rtn_bound(symmetric):
 
 
 @pytest.mark.parametrize("method", ["rtn", "search"])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_partial_last_group_ignores_padding(method, symmetric):
+@pytest.mark.parametrize("zero_point", ZERO_POINTS)
+def test_int4_partial_last_group_ignores_padding(method, zero_point):
     """K = 80 with G = 32: the last group (16 real columns) is fitted as if it had no padding."""
     w = randw(12, 80, seed=2) + 0.3  # off-centre, so the range matters
-    last = quantize_int4(w[:, 64:], 16, symmetric, method)
-    full = quantize_int4(w, 32, symmetric, method)
-    torch.testing.assert_close(full.scales[:, 2], last.scales[:, 0], rtol=1e-6, atol=0)
-    assert torch.equal(full.zero_points[:, 2], last.zero_points[:, 0])
-    torch.testing.assert_close(full.dequantize()[:, 64:], last.dequantize(), rtol=1e-6, atol=1e-7)
+    last = quantize_int4(w[:, 64:], 16, zero_point, method)
+    full = quantize_int4(w, 32, zero_point, method)
+    torch.testing.assert_close(full.scales[:, 2], last.scales[:, 0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(full.zero_points[:, 2], last.zero_points[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.dequantize()[:, 64:], last.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_search_beats_rtn_in_every_group(symmetric):
+@pytest.mark.parametrize("zero_point", ZERO_POINTS)
+def test_int4_search_beats_rtn_in_every_group(zero_point):
     w = randw(64, 256, seed=3)
     w[::7, 5] *= 6  # a few outliers, where clipping pays
-    rtn, search = (quantize_int4(w, 64, symmetric, m) for m in ("rtn", "search"))
+    rtn, search = (quantize_int4(w, 64, zero_point, m) for m in ("rtn", "search"))
     e_rtn, e_search = group_err(w, rtn), group_err(w, search)
     assert bool((e_search <= e_rtn * (1 + 1e-5)).all())
     assert float(e_search.sum()) < 0.95 * float(e_rtn.sum())
 
 
-def test_int4_act_scale_weights_the_error():
+def test_int4_float_zero_points_fit_off_centre_groups():
+    """A group far from 0 wastes most of an integer grid (which must hold 0), none of a float one."""
+    shift = 3 * randw(64, 8, seed=6).repeat_interleave(32, 1)
+    w = randw(64, 256, seed=5) + shift
+    err = {z: float(group_err(w, quantize_int4(w, 32, z)).sum()) for z in ZERO_POINTS}
+    assert err["float"] < 0.7 * err["int"] < 0.7 * err["none"]
+
+
+@pytest.mark.parametrize("zero_point", ZERO_POINTS)
+def test_int4_act_scale_weights_the_error(zero_point):
     """AWQ-style: weighting by act_scale^2 lowers the error that the activations see."""
     w = randw(64, 128, seed=4)
     act = torch.ones(128)
     act[::16] = 8.0
-    plain = quantize_int4(w, 32, act_scale=None)
-    aware = quantize_int4(w, 32, act_scale=act)
+    plain = quantize_int4(w, 32, zero_point, act_scale=None)
+    aware = quantize_int4(w, 32, zero_point, act_scale=act)
     seen = act**2
     assert float(group_err(w, aware, seen).sum()) < 0.8 * float(group_err(w, plain, seen).sum())
     assert float(group_err(w, aware).sum()) > float(group_err(w, plain).sum())
@@ -184,15 +206,28 @@ def test_int4_constant_and_zero_groups():
     w[1, :32] = 0.5
     w[2, 32:] = -2.0
     for method in ("rtn", "search"):
-        for symmetric in (False, True):
-            qw = quantize_int4(w, 32, symmetric, method)
-            assert bool(torch.isfinite(qw.scales).all())
+        for zero_point in ZERO_POINTS:
+            qw = quantize_int4(w, 32, zero_point, method)
+            assert bool(torch.isfinite(qw.scales).all() and torch.isfinite(qw.zero_points.float()).all())
             torch.testing.assert_close(qw.dequantize(), w, rtol=0, atol=1e-6)
 
 
-def test_int4_rejects_unknown_method():
+def test_int4_split_offset():
+    """W = s (q - 8) + o: a symmetric weight with the same codes and scales, and one offset per group."""
+    qw = quantize_int4(randw(8, 80, seed=6), 32, "float")
+    sym, offsets = qw.split_offset()
+    assert (sym.zero_point, offsets.shape, offsets.dtype) == ("none", (8, 3), torch.float32)
+    assert torch.equal(sym.q, qw.q) and torch.equal(sym.scales, qw.scales) and bool((sym.zero_points == 8).all())
+    torch.testing.assert_close(sym.dequantize() + offsets.repeat_interleave(32, 1)[:, :80], qw.dequantize())
+    with pytest.raises(ValueError, match="split_offset"):
+        pack_matmul_nbits(qw)
+
+
+def test_int4_rejects_unknown_method_or_zero_point():
     with pytest.raises(EdgeError, match="int4 method"):
         quantize_int4(randw(2, 32), 32, method="gptq")
+    with pytest.raises(EdgeError, match="int4 zero point"):
+        quantize_int4(randw(2, 32), 32, "half")
 
 
 # ---- ONNX layouts, checked by ONNX Runtime ---------------------------------------------
@@ -221,7 +256,7 @@ CASES = [(200, 32, False), (200, 128, True), (576, 128, False), (256, 64, True)]
 
 def _case(k, g, symmetric):
     n = 24
-    qw = quantize_int4(randw(n, k, seed=k + g), g, symmetric)
+    qw = quantize_int4(randw(n, k, seed=k + g), g, "none" if symmetric else "int")
     x = np.random.default_rng(k).standard_normal((5, k)).astype(np.float32)
     return qw, x, x @ qw.dequantize().numpy().T
 

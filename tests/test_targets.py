@@ -136,9 +136,9 @@ def test_onnx_target_bundle(bundles, cpu_logits, cli, target):
     # the same int4 weights whatever the target: the .ort and every provider setting give the cpu
     # logits, to float rounding, or where the target computes in fp16 to its precision, here
     # amplified by MatMulNBits' int8 compute (accuracy_level 4) requantizing fp16-rounded
-    # activations (measured: 0.013 of the logit scale, the same top tokens)
+    # activations (measured: 0.013 of the logit scale; near ties on the random fixture may flip, 0.96 top-1)
     assert session.cache_dtype == {"fp32": np.float32, "fp16": np.float16}[profile.activation_dtype]
-    assert_close(run_tokens(session), cpu_logits, profile.activation_dtype, fp32_tol=1e-5, fp16_tol=0.03)
+    assert_close(run_tokens(session), cpu_logits, profile.activation_dtype, fp32_tol=1e-5, fp16_tol=0.03, top1=0.95)
 
 
 def test_fp16_targets_halve_the_kv_cache(bundles):
@@ -215,9 +215,9 @@ def test_manifest_round_trip(ck, bundles):
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config
     assert (m["window"], m["chunk"], m["activation_dtype"]) == (W, W, "fp32")
-    assert m["quant"] == {"spec": "int4-g32-search", "format": "nbits", "tensors": {
-        "layers.*.attention.wqkv": "int4-g32-asym-search", "layers.*.attention.wo": "int4-g32-asym-search",
-        "layers.*.feed_forward.w13": "int4-g32-asym-search", "layers.*.feed_forward.w2": "int4-g32-asym-search",
+    assert m["quant"] == {"spec": "int4-g32-fzp-search", "format": "nbits", "tensors": {
+        "layers.*.attention.wqkv": "int4-g32-fzp-search", "layers.*.attention.wo": "int4-g32-fzp-search",
+        "layers.*.feed_forward.w13": "int4-g32-fzp-search", "layers.*.feed_forward.w2": "int4-g32-fzp-search",
         "tok_embeddings": "int8", "output": "int8"}}
     model = onnx.load(str(path / "model.onnx"))
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]

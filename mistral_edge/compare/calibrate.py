@@ -109,7 +109,7 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, spec:
     for alpha in ALPHAS:
         s = m ** alpha
         s = s / (s.max() * s.min()).sqrt()
-        wq = quantize_int4(w * s, spec.group_size, spec.symmetric, "rtn").dequantize() / s
+        wq = quantize_int4(w * s, spec.group_size, spec.zero_point, "rtn").dequantize() / s
         err = float(((x @ wq.T - ref) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, s, alpha)
@@ -157,7 +157,7 @@ def sensitivity(ck: Checkpoint, spec: QuantSpec, tokens: np.ndarray, linears: li
     ref = logp(ck.weights)
     out = {}
     for linear in linears:
-        swapped = {name: quantize_int4(ck.weights[name], spec.group_size, spec.symmetric, "rtn").dequantize()
+        swapped = {name: quantize_int4(ck.weights[name], spec.group_size, spec.zero_point, "rtn").dequantize()
                    for name in weights_of(linear)}
         out[linear] = float((ref.exp() * (ref - logp({**ck.weights, **swapped}))).sum(-1).mean())
     return out

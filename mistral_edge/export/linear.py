@@ -6,6 +6,8 @@ int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 per output channel is stored as 8-bit blocks that share their
 row's scale, which is exactly per-channel quantization).
 int8 / int4, `qdq` format: standard DequantizeLinear + MatMul, runnable anywhere.
+int4 with float zero points, either format: the symmetric int4 matmul plus
+MatMul(MatMul(x, group-sum matrix), offsets), see quantize/int4.py.
 The embedding is a Gather on the same storage, so a tied head and embedding
 share one initializer. Scales have the graph's activation type (`Activations`).
 """
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeError
-from ..quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
+from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
 from ..quantize.int8 import Int8Weight, quantize_int8
 from ..quantize.stats import error_stats
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
@@ -32,7 +34,7 @@ INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
 class TensorQuant:
     kind: str  # "fp32" | "fp16" | "int8" | "int4"
     group_size: int = 32
-    symmetric: bool = False
+    zero_point: str = "int"  # int4: "none" (symmetric), "int" or "float"
     method: str = "rtn"
     act_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
     """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
@@ -82,22 +84,32 @@ class WeightEmitter:
                                 axis=1)
             return b.op("MatMul", [x, dq], outputs=outs)
         if tq.kind == "int4":
-            q4 = quantize_int4(w, tq.group_size, tq.symmetric, tq.method, tq.act_scale)
+            q4 = quantize_int4(w, tq.group_size, tq.zero_point, tq.method, tq.act_scale)
             self._record(name, tq, w, q4.dequantize())
-            if self.fmt == "nbits":
-                packed, scales, zeros = pack_matmul_nbits(q4)
-                ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", self._act(scales))]
-                if zeros is not None:
-                    ins.append(b.init(name + ".zero_points", zeros))
-                return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
-                            block_size=tq.group_size, accuracy_level=self.accuracy_level)
-            q, scale, zero = blocked_qdq(q4)
-            ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", self._act(scale))]
-            if zero is not None:
-                ins.append(b.init(name + ".zero_points", zero))
-            dq = b.op("DequantizeLinear", ins, axis=0, block_size=tq.group_size)
-            return b.op("MatMul", [x, dq], outputs=outs)
+            if q4.zero_point != "float":
+                return self._int4(x, name, q4, outs)
+            sym, offsets = q4.split_offset()
+            sums = b.op("MatMul", [x, self._once(f"group_sum.k{k}.g{tq.group_size}",
+                                                 lambda: self._act(_group_sum_matrix(k, tq.group_size)))])
+            shift = b.op("MatMul", [sums, b.init(name + ".offsets", self._act(offsets.T.contiguous().numpy()))])
+            return b.op("Add", [self._int4(x, name, sym), shift], outputs=outs)
         raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
+
+    def _int4(self, x: str, name: str, q4: Int4Weight, outs: list[str] | None = None) -> str:
+        """x @ W.T for int4 W with integer (or no) zero points."""
+        b, k, n, g = self.builder, q4.k, q4.n, q4.group_size
+        if self.fmt == "nbits":
+            packed, scales, zeros = pack_matmul_nbits(q4)
+            ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", self._act(scales))]
+            if zeros is not None:
+                ins.append(b.init(name + ".zero_points", zeros))
+            return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
+                        block_size=g, accuracy_level=self.accuracy_level)
+        q, scale, zero = blocked_qdq(q4)
+        ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", self._act(scale))]
+        if zero is not None:
+            ins.append(b.init(name + ".zero_points", zero))
+        return b.op("MatMul", [x, b.op("DequantizeLinear", ins, axis=0, block_size=g)], outputs=outs)
 
     def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
         """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
@@ -165,3 +177,7 @@ class WeightEmitter:
             return packed.view(n, blocks, block).numpy()
         return self._once(name + ".q8", pack), block
 
+
+def _group_sum_matrix(k: int, group_size: int) -> np.ndarray:
+    """[K, n_groups] of 0/1: x @ it sums x over each group of K (the last group may be partial)."""
+    return (np.arange(k)[:, None] // group_size == np.arange(math.ceil(k / group_size))).astype(np.float32)

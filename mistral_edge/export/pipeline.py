@@ -43,7 +43,7 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tup
 
 def quant_plan(ck: Checkpoint, spec: QuantSpec) -> dict[str, TensorQuant]:
     def tq(kind: str) -> TensorQuant:
-        return TensorQuant(kind, spec.group_size or 32, spec.symmetric, spec.method or "rtn")
+        return TensorQuant(kind, spec.group_size or 32, spec.zero_point, spec.method or "rtn")
 
     plan = {f"layers.{i}.{n}": tq(spec.linear) for i in range(ck.config.n_layers) for n in LAYER_LINEARS}
     plan["tok_embeddings"] = tq(spec.embedding)

@@ -14,23 +14,26 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "search")
+ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp"}
+"""int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, or float."""
 DEFAULT_GROUP_SIZE = 32
-VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-sym][-rtn|-search] (e.g. int4-g128-sym)"
+DEFAULT_ZERO_POINT = "float"
+VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """Precision of the linear layers, plus separate choices for embedding and head.
 
-    `group_size`, `symmetric` and `method` describe int4 linears (group_size and
-    method are None otherwise; int8 is always symmetric per output channel).
+    `group_size`, `zero_point` (a ZERO_POINTS key) and `method` describe int4 linears
+    (group_size and method are None otherwise; int8 is always symmetric per output channel).
     `embedding` / `head` are one of PRECISIONS; an int4 head or embedding uses
     `group_size` (or 32 when the linears are not int4).
     """
 
     bits: int
     group_size: int | None = None
-    symmetric: bool = True
+    zero_point: str = "none"
     method: str | None = None
     embedding: str = "fp32"
     head: str = "fp32"
@@ -40,7 +43,7 @@ class QuantSpec:
         """The canonical text form (round-trips through parse_quant)."""
         if self.bits != 4:
             return {32: "fp32", 16: "fp16", 8: "int8"}[self.bits]
-        return f"int4-g{self.group_size}" + ("-sym" if self.symmetric else "") + f"-{self.method}"
+        return f"int4-g{self.group_size}-{ZERO_POINTS[self.zero_point]}-{self.method}"
 
     @property
     def linear(self) -> str:
@@ -48,17 +51,19 @@ class QuantSpec:
 
     def bits_per_weight(self, n: int, k: int, scale_bits: int = 16) -> float:
         """Effective storage bits per weight of one linear [n, k] under this spec."""
-        return bits_per_weight(self.linear, n, k, self.group_size or DEFAULT_GROUP_SIZE, self.symmetric, scale_bits)
+        return bits_per_weight(self.linear, n, k, self.group_size or DEFAULT_GROUP_SIZE, self.zero_point, scale_bits)
 
 
 def bits_per_weight(
-    precision: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False, scale_bits: int = 16
+    precision: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE, zero_point: str = "int",
+    scale_bits: int = 16,
 ) -> float:
     """Storage bits per weight of an [n, k] matrix, counting scales and zero points.
 
     int8: one scale per row. int4: K padded to whole groups, one scale per group,
-    plus (asymmetric) 4-bit zero points packed two per byte per row, as
-    MatMulNBits stores them. Symmetric int4 stores no zero points (8 is implied).
+    plus the zero points: integer ones 4 bits, packed two per byte per row as
+    MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
+    symmetric int4 stores none (8 is implied).
     """
     if precision in ("fp32", "fp16"):
         return {"fp32": 32.0, "fp16": 16.0}[precision]
@@ -66,7 +71,7 @@ def bits_per_weight(
         return (n * k * 8 + n * scale_bits) / (n * k)
     if precision == "int4":
         groups = math.ceil(k / group_size)
-        zero_bits = 0 if symmetric else n * math.ceil(groups / 2) * 8
+        zero_bits = {"none": 0, "int": n * math.ceil(groups / 2) * 8, "float": n * groups * scale_bits}[zero_point]
         return (n * groups * group_size * 4 + n * groups * scale_bits + zero_bits) / (n * k)
     raise EdgeError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
 
@@ -88,7 +93,7 @@ def parse_quant(
 ) -> QuantSpec:
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
-    Defaults: int4 groups of 32, asymmetric, method "search"; head int8 for int8/int4
+    Defaults: int4 groups of 32, float zero points, method "search"; head int8 for int8/int4
     linears and the linears' own float type otherwise; embedding same as head.
     """
     base, *suffixes = text.strip().lower().split("-")
@@ -97,12 +102,13 @@ def parse_quant(
         raise EdgeError(f"unknown quantization {text!r}; valid forms: {VALID_FORMS}")
     if bits != 4 and group_size is not None:
         raise EdgeError(f"a group size applies to int4 only, not {base}")
-    text_group, symmetric, method = None, False, None
+    text_group, zero_point, method = None, None, None
+    zero_points = {suffix: kind for kind, suffix in ZERO_POINTS.items()}
     for s in suffixes:
         if s.startswith("g") and s[1:].isdigit() and text_group is None:
             text_group = int(s[1:])
-        elif s == "sym" and not symmetric:
-            symmetric = True
+        elif s in zero_points and zero_point is None:
+            zero_point = zero_points[s]
         elif s in INT4_METHODS and method is None:
             method = s
         else:
@@ -112,11 +118,11 @@ def parse_quant(
     head = _precision("head", head, _default_head(bits))
     embedding = _precision("embedding", embedding, head)
     if bits != 4:
-        return QuantSpec(bits=bits, symmetric=True, embedding=embedding, head=head)
+        return QuantSpec(bits=bits, embedding=embedding, head=head)
     g = text_group or group_size or DEFAULT_GROUP_SIZE
     if g not in GROUP_SIZES:
         raise EdgeError(f"unsupported int4 group size {g}; expected one of {', '.join(map(str, GROUP_SIZES))}")
-    return QuantSpec(4, g, symmetric, method or "search", embedding, head)
+    return QuantSpec(4, g, zero_point or DEFAULT_ZERO_POINT, method or "search", embedding, head)
 
 
 SENSITIVE = ("attention.wv.weight", "feed_forward.w2.weight")

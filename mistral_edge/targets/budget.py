@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..export.linear import TensorQuant
@@ -45,7 +46,7 @@ def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_by
     """Stored (or with `resident`, loaded) bytes of an [N, K] tensor in a graph whose activation
     type has `act_bytes` bytes: scales have that type; a float table is stored at the narrower of
     its precision and that type, and resident at that type."""
-    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.symmetric, 8 * act_bytes)
+    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.zero_point, 8 * act_bytes)
     if tq.kind in ("fp32", "fp16"):
         bits = 8 * act_bytes if resident else min(bits, 8 * act_bytes)
     return int(n * k * bits / 8)
@@ -60,6 +61,9 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     weights = sum(tensor_bytes(n, k, plan[name], True, act) for name, (n, k) in shapes.items())
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act  # norms
     kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * act
+    weights += sum(k * math.ceil(k / g) * act for k, g in {  # group-sum matrices, one per (K, G) (export/linear.py)
+        (k, plan[name].group_size) for name, (_, k) in shapes.items()
+        if plan[name].kind == "int4" and plan[name].zero_point == "float"})
     c, q = batch * chunk, cfg.n_heads * cfg.head_dim
     floats = (4 * c * cfg.dim + c * (q + 2 * cfg.n_kv_heads * cfg.head_dim) + 2 * cfg.n_heads * c * (window + chunk)
               + 2 * batch * cfg.n_kv_heads * (window + chunk) * cfg.head_dim + 3 * c * cfg.hidden_dim

@@ -24,7 +24,7 @@ from ..export.linear import TensorQuant
 from ..export.onnx_builder import activation_type
 from ..export.pipeline import export_onnx, quant_plan, resolve_window
 from ..model.checkpoint import Checkpoint
-from ..quantize.spec import QuantSpec
+from ..quantize.spec import ZERO_POINTS, QuantSpec
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from .budget import MemoryBudget, estimate
 from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION, write_mlc
@@ -131,7 +131,7 @@ def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
         raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
                         f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
                         f"and no --activations fp32")
-    return {name: TensorQuant("int4", MLC_GROUP_SIZE, True, "rtn") for name in quant_plan(ck, req.quant)}
+    return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck, req.quant)}
 
 
 def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> dict:
@@ -197,12 +197,12 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
 
 
 def _plan_groups(plan: dict) -> dict:
-    """Quant scheme per tensor group, e.g. {'layers.*.attention.wqkv': 'int4-g32-asym-search'}."""
+    """Quant scheme per tensor group, e.g. {'layers.*.attention.wqkv': 'int4-g32-fzp-search'}."""
     groups: dict[str, set] = {}
     for name, tq in plan.items():
         key = ".".join("*" if part.isdigit() else part for part in name.split("."))
         desc = tq.kind if tq.kind in ("fp32", "fp16", "int8") else \
-            f"int4-g{tq.group_size}-{'sym' if tq.symmetric else 'asym'}-{tq.method}"
+            f"int4-g{tq.group_size}-{ZERO_POINTS[tq.zero_point]}-{tq.method}"
         groups.setdefault(key, set()).add(desc)
     return {k: "+".join(sorted(v)) for k, v in groups.items()}
 
