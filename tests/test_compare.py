@@ -201,10 +201,10 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
                                       "--calib", str(VALID_TEXT), "--ctx", str(CTX), "--n-windows", "3",
                                       "--threads", "1", "--runs", "1", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "int4-g32-fzp-search-awq" in result.output and "bitsandbytes" in result.output
+    assert "int4-g32-mzp-search-awq" in result.output and "bitsandbytes" in result.output
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["quant"], r["backend"]) for r in rows] == [
-        ("fp32", "onnx"), ("int8", "onnx"), ("int4-g32-fzp-search", "onnx"), ("int4-g32-fzp-search-awq", "onnx"),
+        ("fp32", "onnx"), ("int8", "onnx"), ("int4-g32-mzp-search", "onnx"), ("int4-g32-mzp-search-awq", "onnx"),
         ("fp32", "torch"), ("bf16", "torch"), ("bnb-int8", "bitsandbytes"), ("bnb-nf4", "bitsandbytes")]
     measured = rows[:6]
     for r in measured:
@@ -232,7 +232,7 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
     assert list(table[0]) == FIELDS and len(table) == len(rows)
     assert float(table[1]["perplexity"]) == int8["perplexity"]
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    record = json.loads((tmp_path / "bundles" / f"int4-g32-fzp-search-awq-w{W}" / "variant.json").read_text())
+    record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-awq-w{W}" / "variant.json").read_text())
     assert record["key"]["calibration"]["text_sha256"] and "int8" in awq["note"]
     assert record["bits_per_weight"] == awq["bits_per_weight"]
 

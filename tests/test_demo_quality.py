@@ -51,13 +51,15 @@ def fp32(demo):
 
 
 # Measured on these 2 x 256 tokens (ORT 1.32, MatMulNBits accuracy_level 4, i.e. int8 activations):
-# int8 top-1 0.947, KL 0.0066, NLL -0.1%; int4 (the default: g32, float zero points, search, int8 head)
-# top-1 0.959, KL 0.0045, NLL +0.08% (the demo's weights are Q4_1, which float zero points fit exactly);
-# int4 with integer zero points top-1 0.754, KL 0.250, NLL +3.6%.
+# int8 top-1 0.947, KL 0.0066, NLL -0.1%; int4 (the default: g32, mixed zero points, search, int8 head)
+# top-1 0.871, KL 0.073, NLL +0.6%; int4 with float zero points everywhere top-1 0.959, KL 0.0045,
+# NLL +0.08% (the demo's weights are Q4_1, which float zero points fit exactly); int4 with integer
+# zero points top-1 0.754, KL 0.250, NLL +3.6%.
 # The bounds leave room for kernel differences between CPUs, and fail on a real regression
 # (RTN int4 with an int4 head, or a broken scale or offset layout, lands far outside them).
 @pytest.mark.parametrize("quant,min_top1,max_kl,max_nll_rise", [("int8", 0.92, 0.015, 0.005),
-                                                                 ("int4", 0.92, 0.015, 0.005),
+                                                                 ("int4", 0.82, 0.12, 0.015),
+                                                                 ("int4-g32-fzp", 0.92, 0.015, 0.005),
                                                                  ("int4-g32-izp", 0.70, 0.35, 0.05)])
 def test_quantized_demo_tracks_fp32(demo, fp32, quant, min_top1, max_kl, max_nll_rise):
     ck, windows, tmp = demo

@@ -7,10 +7,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mistral_edge.errors import EdgeError
+from mistral_edge.export.pipeline import LAYER_LINEARS, quant_plan
 from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
-from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant, plan_mixed_precision
+from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
 from mistral_edge.quantize.stats import error_stats
+
+from helpers import checkpoint_of, tiny_hf_mistral
 
 
 def randw(n, k, seed=0):
@@ -35,11 +38,12 @@ def group_err(w, qw, weight=None):
         ("fp32", 32, None, "none", None, "fp32", "fp32"),
         ("fp16", 16, None, "none", None, "fp16", "fp16"),
         ("int8", 8, None, "none", None, "int8", "int8"),
-        ("int4", 4, 32, "float", "search", "int8", "int4-g32-fzp-search"),
-        ("int4-g128", 4, 128, "float", "search", "int8", "int4-g128-fzp-search"),
+        ("int4", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),
+        ("int4-g128", 4, 128, "mixed", "search", "int8", "int4-g128-mzp-search"),
         ("INT4-g64-sym", 4, 64, "none", "search", "int8", "int4-g64-sym-search"),
         ("int4-sym-rtn", 4, 32, "none", "rtn", "int8", "int4-g32-sym-rtn"),
-        ("int4-g32-search", 4, 32, "float", "search", "int8", "int4-g32-fzp-search"),
+        ("int4-g32-search", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),
+        ("int4-fzp", 4, 32, "float", "search", "int8", "int4-g32-fzp-search"),
         ("int4-izp", 4, 32, "int", "search", "int8", "int4-g32-izp-search"),
         ("int4-rtn-g64-fzp", 4, 64, "float", "rtn", "int8", "int4-g64-fzp-rtn"),
     ],
@@ -92,8 +96,8 @@ def test_bits_per_weight():
     assert bits_per_weight("int4", 10, 576, 128) == (640 * 4 + 5 * 16 + 3 * 8) / 576
     assert bits_per_weight("int8", 10, 576) == 8 + 16 / 576
     assert bits_per_weight("int8", 10, 576, scale_bits=32) == 8 + 32 / 576
-    assert parse_quant("fp16").bits_per_weight(10, 576) == 16
-    assert parse_quant("int4-g128-sym").bits_per_weight(3, 1536) == 4 + 16 / 128
+    assert bits_per_weight("fp16", 10, 576) == 16
+    assert bits_per_weight("int4", 3, 1536, 128, zero_point="none") == 4 + 16 / 128
     with pytest.raises(EdgeError):
         bits_per_weight("int2", 1, 1)
 
@@ -316,53 +320,19 @@ def test_quant_spec_is_frozen():
         QuantSpec(4).bits = 8
 
 
-# ---- mixed precision -------------------------------------------------------------------
+# ---- mixed zero points ----------------------------------------------------------------
 
 
-def _model_shapes(n_layers=8, dim=64, hidden=256, kv=16):
-    shapes = {"tok_embeddings.weight": (1000, dim), "norm.weight": (dim,)}
-    for i in range(n_layers):
-        p = f"layers.{i}."
-        shapes |= {
-            p + "attention_norm.weight": (dim,),
-            p + "attention.wq.weight": (dim, dim),
-            p + "attention.wk.weight": (kv, dim),
-            p + "attention.wv.weight": (kv, dim),
-            p + "attention.wo.weight": (dim, dim),
-            p + "feed_forward.w1.weight": (hidden, dim),
-            p + "feed_forward.w2.weight": (dim, hidden),
-            p + "feed_forward.w3.weight": (hidden, dim),
-        }
-    return {k: torch.empty(s) for k, s in shapes.items()}
-
-
-def _avg_bits(plan, weights, spec):
-    total = sum(weights[k].numel() for k in plan)
-    return sum(
-        (bits_per_weight("int8", *weights[k].shape) if p == "int8" else spec.bits_per_weight(*weights[k].shape))
-        * weights[k].numel()
-        for k, p in plan.items()
-    ) / total
-
-
-def test_plan_mixed_precision_order_and_budget():
-    weights, spec = _model_shapes(), parse_quant("int4-g64")
-    plan = plan_mixed_precision(weights, spec, extra_bits=0.5)
-    assert set(plan) == {k for k in weights if k.startswith("layers.") and weights[k].ndim == 2}
-    promoted = {k for k, p in plan.items() if p == "int8"}
-    # every wv first, then w2 from the ends inward: layers 0, 7, 1, 6, ...
-    assert {f"layers.{i}.attention.wv.weight" for i in range(8)} <= promoted
-    w2 = sorted(int(k.split(".")[1]) for k in promoted if "w2" in k)
-    assert w2 == [0, 1, 7] and len(promoted) == 11
-    base = spec.bits_per_weight(64, 64)
-    assert base < _avg_bits(plan, weights, spec) <= base + 0.5
-    # one more w2 would break the budget
-    plan["layers.6.feed_forward.w2.weight"] = "int8"
-    assert _avg_bits(plan, weights, spec) > base + 0.5
-
-
-def test_plan_mixed_precision_other_specs():
-    weights = _model_shapes(2)
-    assert set(plan_mixed_precision(weights, parse_quant("fp16")).values()) == {"fp16"}
-    assert set(plan_mixed_precision(weights, parse_quant("int8")).values()) == {"int8"}
-    assert set(plan_mixed_precision(weights, parse_quant("int4"), extra_bits=0).values()) == {"int4"}
+def test_mixed_zero_points_per_tensor():
+    """A mixed spec gives float zero points to wqkv and w2 only; the plan carries them per tensor."""
+    spec = parse_quant("int4")
+    assert spec.zero_point == "mixed"
+    assert [spec.zero_point_of(f"layers.3.{n}") for n in LAYER_LINEARS] == ["float", "int", "int", "float"]
+    assert spec.zero_point_of("output") == "int"
+    assert parse_quant("int4-izp").zero_point_of("layers.0.attention.wqkv") == "int"
+    plan = quant_plan(checkpoint_of(tiny_hf_mistral()), spec)
+    assert {name: tq.zero_point for name, tq in plan.items() if name.startswith("layers.0.")} == {
+        "layers.0.attention.wqkv": "float", "layers.0.attention.wo": "int",
+        "layers.0.feed_forward.w13": "int", "layers.0.feed_forward.w2": "float"}
+    with pytest.raises(EdgeError, match="unknown int4 zero point 'mixed'"):
+        quantize_int4(torch.randn(8, 32), 32, "mixed")

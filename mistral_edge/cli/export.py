@@ -18,7 +18,7 @@ def export(
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write (replaced atomically)")] = Path("bundle"),
     target: Annotated[str, typer.Option(help=f"one of {', '.join(TARGETS)}")] = "cpu",
-    quant: Annotated[Optional[str], typer.Option(help="fp32, fp16, int8, int4[-g32|-g64|-g128][-fzp|-izp|-sym][-rtn|-search] (default: the target's)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (default: the target's)")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="int4 group size (32, 64, 128)")] = None,
     head: Annotated[Optional[str], typer.Option(help="output head precision (fp32, fp16, int8)")] = None,
     embedding: Annotated[Optional[str], typer.Option(help="embedding precision (fp32, fp16, int8)")] = None,

@@ -100,7 +100,7 @@ def collect_inputs(ck: Checkpoint, windows: np.ndarray) -> dict[str, _Inputs]:
     return recorder.inputs
 
 
-def search_scale(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec,
+def search_scale(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, spec: QuantSpec, zero_point: str,
                  tie=lambda m: m) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale s (and its alpha) minimising the output error of int4 W s."""
     ref = x @ w.T
@@ -109,7 +109,7 @@ def search_scale(w: torch.Tensor, x: torch.Tensor, mean_abs: torch.Tensor, spec:
     for alpha in ALPHAS:
         s = m ** alpha
         s = s / (s.max() * s.min()).sqrt()
-        wq = quantize_int4(w * s, spec.group_size, spec.zero_point, "rtn").dequantize() / s
+        wq = quantize_int4(w * s, spec.group_size, zero_point, "rtn").dequantize() / s
         err = float(((x @ wq.T - ref) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, s, alpha)
@@ -133,7 +133,8 @@ def awq_scales(ck: Checkpoint, spec: QuantSpec, inputs: dict[str, _Inputs]) -> t
         def scale(linear: str, tie=lambda m: m) -> torch.Tensor:
             rec, parts = inputs[p + linear], PARTS[linear]
             fused = torch.cat([w[p + part + ".weight"] for part in parts])
-            s, alphas[p + linear] = search_scale(fused, rec.sample, rec.mean_abs, spec, tie)
+            zero_point = spec.zero_point_of(p + linear)
+            s, alphas[p + linear] = search_scale(fused, rec.sample, rec.mean_abs, spec, zero_point, tie)
             act[p + linear] = rec.mean_abs / s
             for part in parts:
                 w[p + part + ".weight"] *= s
@@ -157,7 +158,7 @@ def sensitivity(ck: Checkpoint, spec: QuantSpec, tokens: np.ndarray, linears: li
     ref = logp(ck.weights)
     out = {}
     for linear in linears:
-        swapped = {name: quantize_int4(ck.weights[name], spec.group_size, spec.zero_point, "rtn").dequantize()
+        swapped = {name: quantize_int4(ck.weights[name], spec.group_size, spec.zero_point_of(linear), "rtn").dequantize()
                    for name in weights_of(linear)}
         out[linear] = float((ref.exp() * (ref - logp({**ck.weights, **swapped}))).sum(-1).mean())
     return out

@@ -42,12 +42,13 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tup
 
 
 def quant_plan(ck: Checkpoint, spec: QuantSpec) -> dict[str, TensorQuant]:
-    def tq(kind: str) -> TensorQuant:
-        return TensorQuant(kind, spec.group_size or 32, spec.zero_point, spec.method or "rtn")
+    def tq(kind: str, name: str) -> TensorQuant:
+        return TensorQuant(kind, spec.group_size or 32, spec.zero_point_of(name), spec.method or "rtn")
 
-    plan = {f"layers.{i}.{n}": tq(spec.linear) for i in range(ck.config.n_layers) for n in LAYER_LINEARS}
-    plan["tok_embeddings"] = tq(spec.embedding)
-    plan["output"] = tq(spec.head)
+    names = [f"layers.{i}.{n}" for i in range(ck.config.n_layers) for n in LAYER_LINEARS]
+    plan = {name: tq(spec.linear, name) for name in names}
+    plan["tok_embeddings"] = tq(spec.embedding, "tok_embeddings")
+    plan["output"] = tq(spec.head, "output")
     return plan
 
 

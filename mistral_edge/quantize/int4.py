@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeError
-from .spec import INT4_METHODS, ZERO_POINTS
+from .spec import INT4_METHODS
+
+TENSOR_ZERO_POINTS = ("none", "int", "float")
 
 CLIP_RATIOS = torch.linspace(1.0, 0.75, 12).tolist()  # 20 or 40 ratios measured no better
 REFINE_STEPS = 3
@@ -106,8 +108,8 @@ def quantize_int4(
     """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K."""
     if method not in INT4_METHODS:
         raise EdgeError(f"unknown int4 method {method!r}; expected one of {', '.join(INT4_METHODS)}")
-    if zero_point not in ZERO_POINTS:
-        raise EdgeError(f"unknown int4 zero point {zero_point!r}; expected one of {', '.join(ZERO_POINTS)}")
+    if zero_point not in TENSOR_ZERO_POINTS:
+        raise EdgeError(f"unknown int4 zero point {zero_point!r}; expected one of {', '.join(TENSOR_ZERO_POINTS)}")
     if group_size % 2:
         raise EdgeError(f"int4 group size must be even, got {group_size}")
     w = w.detach().float()

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import EdgeError
-
-if TYPE_CHECKING:
-    import torch
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "search")
-ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp"}
-"""int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, or float."""
+ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
+"""int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, float, or
+mixed (float for FLOAT_ZP_LINEARS, integer elsewhere). Every tensor gets one of the first three."""
+FLOAT_ZP_LINEARS = ("attention.wqkv", "feed_forward.w2")
+"""The layer linears a mixed spec gives float zero points: measured on the demo model (first 4
+WikiText-2 windows, int4-g32), float zero points on w2 take the error from +18% to +9.4%, on w2
+and wqkv to +5.1% (5.48 bits per linear weight; all linears float: +0.3% at 6.0 bits), and each
+float-zero-point linear costs a correction MatMul pair at run time (export/linear.py)."""
 DEFAULT_GROUP_SIZE = 32
-DEFAULT_ZERO_POINT = "float"
-VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
+DEFAULT_ZERO_POINT = "mixed"
+VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,12 @@ class QuantSpec:
     def linear(self) -> str:
         return {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}[self.bits]
 
-    def bits_per_weight(self, n: int, k: int, scale_bits: int = 16) -> float:
-        """Effective storage bits per weight of one linear [n, k] under this spec."""
-        return bits_per_weight(self.linear, n, k, self.group_size or DEFAULT_GROUP_SIZE, self.zero_point, scale_bits)
+    def zero_point_of(self, tensor: str) -> str:
+        """The int4 zero point ("none", "int" or "float") of one planned tensor, e.g.
+        'layers.3.attention.wqkv': a mixed spec picks float for FLOAT_ZP_LINEARS only."""
+        if self.zero_point != "mixed":
+            return self.zero_point
+        return "float" if tensor.startswith("layers.") and tensor.endswith(FLOAT_ZP_LINEARS) else "int"
 
 
 def bits_per_weight(
@@ -93,7 +98,7 @@ def parse_quant(
 ) -> QuantSpec:
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
-    Defaults: int4 groups of 32, float zero points, method "search"; head int8 for int8/int4
+    Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8/int4
     linears and the linears' own float type otherwise; embedding same as head.
     """
     base, *suffixes = text.strip().lower().split("-")
@@ -123,47 +128,3 @@ def parse_quant(
     if g not in GROUP_SIZES:
         raise EdgeError(f"unsupported int4 group size {g}; expected one of {', '.join(map(str, GROUP_SIZES))}")
     return QuantSpec(4, g, zero_point or DEFAULT_ZERO_POINT, method or "search", embedding, head)
-
-
-SENSITIVE = ("attention.wv.weight", "feed_forward.w2.weight")
-"""Promoted to int8 first, in this order (see plan_mixed_precision)."""
-
-
-def _ends_inward(n: int) -> list[int]:
-    """0, n-1, 1, n-2, ...: the first and last layers first."""
-    return [i // 2 if i % 2 == 0 else n - 1 - i // 2 for i in range(n)]
-
-
-def plan_mixed_precision(weights: dict[str, torch.Tensor], spec: QuantSpec, extra_bits: float = 0.5) -> dict[str, str]:
-    """Precision ("int4" / "int8") of every layer linear (2-D `layers.*` tensor) for an int4 spec.
-
-    Rule: promote every wv, then w2, each from the first and last layers inward
-    (0, n-1, 1, n-2, ...), while the average storage bits per linear weight stays
-    within `extra_bits` of all-int4. Data-free, so it suits uncalibrated exports.
-
-    Why (llama.cpp's Q4_K_M idea, checked on SmolLM2-135M by next-token KL with one
-    tensor at a time in int4-g128): wv carries 22% of the summed KL from 3% of the
-    weights (5x w2's KL per parameter, 10x the rest); w2 carries 33% from 25%, its
-    peaks in the first and last layers (plus one mid-layer outlier, 11, that only
-    activation statistics reveal). Whole model, int4-g128: all-int4 4.51 bits KL 0.47;
-    this plan 5.00 bits KL 0.29; the same bits spent on w1 instead KL 0.42.
-    Embedding and head follow spec.embedding / spec.head. Non-int4 specs give every
-    linear the spec's own precision.
-    """
-    linears = {k: w.shape for k, w in weights.items() if k.startswith("layers.") and w.ndim == 2}
-    plan = {k: spec.linear for k in linears}
-    if spec.bits != 4:
-        return plan
-    n_layers = 1 + max((int(k.split(".")[1]) for k in linears), default=-1)
-    total = sum(n * k for n, k in linears.values())
-    budget = extra_bits * total
-    for suffix in SENSITIVE:
-        for i in _ends_inward(n_layers):
-            name = f"layers.{i}.{suffix}"
-            if name not in linears:
-                continue
-            n, k = linears[name]
-            cost = (bits_per_weight("int8", n, k) - spec.bits_per_weight(n, k)) * n * k
-            if cost <= budget:
-                plan[name], budget = "int8", budget - cost
-    return plan
