@@ -87,16 +87,18 @@ class DecoderSession:
         self.cache_dtype = np.dtype(CACHE_TYPES[declared])
         self.positions = np.zeros(batch, np.int64)
         self._slots: dict[tuple[int, int], _Slot] = {}
+        self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
+        self.cache: dict[str, ort.OrtValue] = {}
         self._allocate(0)
 
     @property
     def slots(self) -> int:
         """Cache slots S currently allocated (<= W)."""
-        return self.cache["key.0"].shape()[2]
+        return self._arrays["key.0"].shape[2]
 
     @property
     def cache_bytes(self) -> int:
-        return sum(self.cache_dtype.itemsize * int(np.prod(v.shape())) for v in self.cache.values())
+        return sum(a.nbytes for a in self._arrays.values())
 
     def _allocate(self, slots: int, keep: int = 0) -> None:
         """(Re)allocate every cache buffer with `slots` slots, keeping the first `keep` of the old one.
@@ -106,13 +108,11 @@ class DecoderSession:
         (empty slots are masked, but 0 * NaN would still poison the weighted sum), and replaced a
         layer at a time, so growing holds at most one extra buffer."""
         b, h, d = self._cache_shape
-        old, self.cache = self.cache if hasattr(self, "cache") else {}, {}
-        arrays, self._arrays = getattr(self, "_arrays", {}), {}
         for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
-            a = self._arrays[name] = np.zeros((b, h, slots, d), self.cache_dtype)
+            a = np.zeros((b, h, slots, d), self.cache_dtype)
             if keep:
-                a[:, :, :keep] = arrays.pop(name)[:, :, :keep]
-                old.pop(name)
+                a[:, :, :keep] = self._arrays[name][:, :, :keep]
+            self._arrays[name] = a  # drops this layer's old buffer
             self.cache[name] = ort.OrtValue.ortvalue_from_numpy(a)
         for slot in self._slots.values():
             self._bind_cache(slot.binding)
