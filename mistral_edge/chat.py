@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .errors import EdgeError
+from .errors import EdgeError, first_line
 from .tokenizer import Tokenizer
 
 GUARDRAIL_PROMPT = (
@@ -180,4 +180,4 @@ def _mistral_encode(messages: list[dict], tokenizer: Tokenizer, guardrail: bool)
     except KeyError as e:
         raise EdgeError(f"unsupported chat role {e}; the Mistral format takes system, user and assistant") from None
     except Exception as e:  # mistral-common's validation: alternation, empty or trailing assistant messages
-        raise EdgeError(f"cannot encode this conversation in the Mistral format ({str(e).splitlines()[0]})") from None
+        raise EdgeError(f"cannot encode this conversation in the Mistral format ({first_line(e)})") from None

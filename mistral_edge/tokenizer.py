@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import EdgeError
+from .errors import EdgeError, first_line
 
 
 class Tokenizer:
@@ -46,7 +46,7 @@ class Tokenizer:
         except EdgeError:
             raise
         except Exception as e:  # the backends raise anything from OSError to RuntimeError on a bad file
-            raise EdgeError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise EdgeError(f"{path}: unreadable tokenizer ({first_line(e)})") from None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._encode(text)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeError
+from ..errors import EdgeError, first_line
 
 DATASETS = {"wikitext-2": ("wikitext", "wikitext-2-v1")}
 """--dataset name -> (datasets path, config). wikitext-2-v1 is the tokenized form of wiki.*.tokens."""
@@ -69,7 +69,7 @@ def load_text(path: Path | None, dataset: str | None, split: str = "test") -> Ev
     try:
         rows = datasets.load_dataset(*DATASETS[name], split=split)["text"]
     except Exception as e:  # network, hub and cache errors come in many types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise EdgeError(f"cannot load {name} ({reason}); {hint}") from None
     return EvalText(f"{name}:{split}", "".join(rows))
 

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from ..errors import EdgeError
+from ..errors import EdgeError, first_line
 from .reference import ReferenceModel
 
 BNB_QUANTS = ("int8", "nf4")
@@ -37,11 +37,6 @@ NOTES = {"int8": f"bitsandbytes LLM.int8 (threshold {INT8_THRESHOLD:g}); embeddi
 # download (`kernels` package) that this offline toolkit never makes.
 for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
     logging.getLogger(_name).setLevel(logging.ERROR)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def bnb_linear(weight: torch.Tensor, quant: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -77,14 +72,14 @@ def check_bnb(quant: str) -> None:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # ImportError, or a native library that fails to load
         raise EdgeError(f"bitsandbytes int8/nf4 needs the bitsandbytes package (pip install "
-                        f"'mistral-edge[bnb]'): {_first_line(e)}") from None
+                        f"'mistral-edge[bnb]'): {type(e).__name__}: {first_line(e)}") from None
     try:
         with torch.no_grad():
             out = bnb_linear(torch.randn(64, 64), quant, torch.float32)(torch.randn(1, 2, 64))
         if not torch.isfinite(out).all():
             raise ValueError("non-finite output on a test layer")
     except Exception as e:
-        raise EdgeError(f"bitsandbytes {quant} needs a working {DEVICE} backend: {_first_line(e)}") from None
+        raise EdgeError(f"bitsandbytes {quant} needs a working {DEVICE} backend: {type(e).__name__}: {first_line(e)}") from None
 
 
 def quantize_linears(model: ReferenceModel, quant: str) -> int:

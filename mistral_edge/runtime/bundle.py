@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import EdgeError
+from ..errors import EdgeError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ def _check_graph(bundle: Path, manifest: dict) -> list[str]:
             model = onnx.load(str(path), load_external_data=False)
             props = {p.key: p.value for p in model.metadata_props}
     except Exception as e:  # a corrupt protobuf raises DecodeError, onnxruntime its own types
-        return [f"{manifest['model']}: unreadable model ({str(e).splitlines()[0]})"]
+        return [f"{manifest['model']}: unreadable model ({first_line(e)})"]
     cfg = manifest["config"]
     expected = {"graph_contract": manifest["graph_contract"], "window": manifest["window"], "chunk": manifest["chunk"],
                 "activation_dtype": manifest["activation_dtype"],

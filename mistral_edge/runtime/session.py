@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import EdgeError
+from ..errors import EdgeError, first_line
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class DecoderSession:
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=list(config.providers))
         except Exception as e:  # onnxruntime raises several types for unreadable models
-            raise EdgeError(f"cannot load {model_path}: {str(e).splitlines()[0]}") from None
+            raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         contract = meta.get("mistral_edge.graph_contract")
         if contract is not None and contract != str(GRAPH_CONTRACT_VERSION):

@@ -11,7 +11,7 @@ from pathlib import Path
 import sentencepiece
 from tokenizers import Tokenizer
 
-from ...errors import EdgeError
+from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
 from . import gguf, hf, hub, mistral
 from .default import load_default
@@ -62,7 +62,7 @@ def tokenizer_vocab_size(kind: str, path: Path) -> int:
             return sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
         return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
     except Exception as e:  # both libraries raise bare RuntimeError/OSError/Exception on a bad file
-        raise EdgeError(f"{path}: unreadable tokenizer ({hf.first_line(e)})") from None
+        raise EdgeError(f"{path}: unreadable tokenizer ({first_line(e)})") from None
 
 
 def check_tokenizer(ck: Checkpoint) -> None:

@@ -19,11 +19,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from ...errors import EdgeError
+from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..weights import interleaved_to_half, rename
-from .hf import first_line, model_tensors
+from .hf import model_tensors
 
 ARCHITECTURES = ("llama", "mistral")
 Q = GGMLQuantizationType

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ...errors import EdgeError
+from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..weights import expected_shapes, rename, validate
@@ -108,11 +108,6 @@ _WEIGHT_LAYOUTS = (  # (single file, shard index), safetensors before pickles
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
 )
-
-
-def first_line(e: BaseException) -> str:
-    """A library's error message cut to one line, for an EdgeError."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def require_trust(path: Path, trust_pickle: bool) -> None:

@@ -13,8 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ...errors import EdgeError
-from .hf import first_line
+from ...errors import EdgeError, first_line
 
 PROBE_TIMEOUT_S = 2.0
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
