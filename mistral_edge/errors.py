@@ -7,5 +7,5 @@ class EdgeError(Exception):
 
 def first_line(e: BaseException) -> str:
     """A library's error message cut to its first non-blank line (the type's name when empty), for an EdgeError."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
