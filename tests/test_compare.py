@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
 from mistral_edge.cli.main import app
-from mistral_edge.compare import calibrate
+from mistral_edge.quantize import calibrate
 from mistral_edge.compare.quality import GridLogProbs, ReferenceStore, evaluate, kl_grid, kl_rows, log_softmax
 from mistral_edge.compare.report import FIELDS
 from mistral_edge.compare.run import CompareRequest, run_compare

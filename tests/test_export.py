@@ -10,7 +10,8 @@ from mistral_edge.export.decoder import unfuse
 from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.export.decoder import build_decoder
-from mistral_edge.export.pipeline import export_onnx, quant_plan, resolve_window
+from mistral_edge.export.pipeline import export_onnx, resolve_window
+from mistral_edge.quantize.plan import quant_plan
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
@@ -33,7 +34,7 @@ def tokens_for(ck, n, seed=0):
 def export_exact(path, ck, quant: str, fmt: str, activations: str = "fp32") -> dict[str, torch.Tensor]:
     """Write the graph with fp32 compute in its linears (accuracy_level 0); returns the canonical
     weights it really computes with (quantized, or rounded to fp16), for the reference."""
-    emitter = WeightEmitter(Builder(), quant_plan(ck, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations])
+    emitter = WeightEmitter(Builder(), quant_plan(ck.config, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations])
     path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
     return {**ck.weights, **unfuse(ck.config, emitter.dequantized)}
 

@@ -7,7 +7,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mistral_edge.errors import EdgeError
-from mistral_edge.export.pipeline import LAYER_LINEARS, quant_plan
+from mistral_edge.quantize.plan import LAYER_LINEARS, quant_plan
 from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
@@ -330,7 +330,7 @@ def test_mixed_zero_points_per_tensor():
     assert [spec.zero_point_of(f"layers.3.{n}") for n in LAYER_LINEARS] == ["float", "int", "int", "float"]
     assert spec.zero_point_of("output") == "int"
     assert parse_quant("int4-izp").zero_point_of("layers.0.attention.wqkv") == "int"
-    plan = quant_plan(checkpoint_of(tiny_hf_mistral()), spec)
+    plan = quant_plan(checkpoint_of(tiny_hf_mistral()).config, spec)
     assert {name: tq.zero_point for name, tq in plan.items() if name.startswith("layers.0.")} == {
         "layers.0.attention.wqkv": "float", "layers.0.attention.wo": "int",
         "layers.0.feed_forward.w13": "int", "layers.0.feed_forward.w2": "float"}

@@ -23,7 +23,7 @@ Protocol (`mistral-edge compare`, `run.run_compare`):
   reference), the same reference with bitsandbytes int8 (LLM.int8) / nf4
   linears (model/bnb.py; a note with the reason where bitsandbytes cannot run),
   and calibrated int4 (`int4-g32-awq`: AWQ scales, activation-weighted rounding
-  and the most sensitive linears int8, all from --calib text; calibrate.py).
+  and the most sensitive linears int8, all from --calib text; quantize/calibrate.py).
 - --windows sweeps W: every quant at every W; W >= ctx cannot change quality
   under this protocol (each window fits the cache), only the KV-cache bytes.
 

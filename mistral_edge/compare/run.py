@@ -24,7 +24,7 @@ from ..quantize.spec import parse_quant
 from ..runtime.session import DecoderSession, SessionConfig
 from ..targets.bundle import source_hash
 from ..tokenizer import Tokenizer
-from . import calibrate
+from ..quantize import calibrate
 from .quality import ReferenceStore, evaluate
 from .report import Row
 from .speed import SpeedJob, measure

@@ -4,7 +4,7 @@ A bundle in --out/bundles/<quant>-w<W> is reused when its manifest matches what
 an export would write now (same source sha256, quant spec, window, chunk, graph
 contract, toolkit version and weight bytes, i.e. the same per-tensor plan), its
 files verify, and the sidecar <quant>-w<W>.code holds the sha256 of the code
-that decides the weights' bytes (export/, quantize/, calibrate.py): in a
+that decides the weights' bytes (export/, quantize/): in a
 development checkout that code changes without a version bump. A calibrated
 variant is a model.onnx with its own plan and a variant.json recording what it
 was built from (source, code, calibration text and settings), reused while that
@@ -23,16 +23,16 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EdgeError
 from ..export.decoder import GRAPH_CONTRACT_VERSION
-from ..export.linear import TensorQuant
-from ..export.pipeline import export_onnx, quant_plan
+from ..export.pipeline import export_onnx
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
+from ..quantize.plan import TensorQuant, head_shares_embedding, quant_plan
 from ..quantize.spec import QuantSpec, parse_quant
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..targets.budget import estimate, tensor_bytes, tensor_shapes
 from ..targets.bundle import BundleRequest, atomic_dir, write_bundle
 from ..targets.profiles import get_target
-from .calibrate import Calibrated
+from ..quantize.calibrate import Calibrated
 
 AWQ_SUFFIX = "-awq"
 TARGET = "cpu"
@@ -70,7 +70,7 @@ def bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> float:
     """Stored bits per weight over the whole model (embedding, layers, head; scales and zero
     points included; a tied head stored once), as the bundle holds them."""
     shapes = tensor_shapes(cfg)
-    if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
+    if head_shares_embedding(cfg, plan):
         shapes.pop("output")
     total = sum(tensor_bytes(n, k, plan[name]) for name, (n, k) in shapes.items())
     return 8 * total / sum(n * k for n, k in shapes.values())
@@ -93,7 +93,7 @@ def export_code_sha256() -> str:
     package = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for f in sorted([*(package / "export").glob("*.py"), *(package / "quantize").glob("*.py"),
-                     package / "compare" / "calibrate.py"]):
+                     ]):
         h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
@@ -102,7 +102,7 @@ def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, 
     """The manifest entries that decide whether an existing bundle is this variant."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": spec.name,
             "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
-            "weight_bytes": estimate(ck.config, quant_plan(ck, spec), window, chunk).weight_bytes}
+            "weight_bytes": estimate(ck.config, quant_plan(ck.config, spec), window, chunk).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
@@ -134,7 +134,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest["memory_budget"]
     return Built(bundle.model_path, _dir_bytes(path), budget["weight_bytes"], budget["kv_cache_bytes"],
-                 bits_per_weight(ck.config, quant_plan(ck, spec)), reused)
+                 bits_per_weight(ck.config, quant_plan(ck.config, spec)), reused)
 
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,

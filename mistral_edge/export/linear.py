@@ -24,20 +24,11 @@ import torch
 from ..errors import EdgeError
 from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
 from ..quantize.int8 import Int8Weight, quantize_int8
+from ..quantize.plan import TensorQuant
 from ..quantize.stats import error_stats
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
-
-
-@dataclass(frozen=True)
-class TensorQuant:
-    kind: str  # "fp32" | "fp16" | "int8" | "int4"
-    group_size: int = 32
-    zero_point: str = "int"  # int4: "none" (symmetric), "int" or "float"
-    method: str = "rtn"
-    act_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
 
 
 @dataclass

@@ -9,16 +9,16 @@ import onnx
 
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
+from ..quantize.plan import TensorQuant, quant_plan
 from ..quantize.spec import QuantSpec
 from ..runtime.bundle import graph_ops
 from .decoder import GraphInfo, build_decoder
-from .linear import TensorQuant, WeightEmitter
+from .linear import WeightEmitter
 from .onnx_builder import Builder, activation_type
 
 DEFAULT_WINDOW = 1024
 """W for models without a sliding window (Llama layout): the cache must have a fixed size."""
 DEFAULT_CHUNK = 128
-LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 FORMATS = ("nbits", "qdq")
 
 
@@ -41,17 +41,6 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tup
     return w, c
 
 
-def quant_plan(ck: Checkpoint, spec: QuantSpec) -> dict[str, TensorQuant]:
-    def tq(kind: str, name: str) -> TensorQuant:
-        return TensorQuant(kind, spec.group_size or 32, spec.zero_point_of(name), spec.method or "rtn")
-
-    names = [f"layers.{i}.{n}" for i in range(ck.config.n_layers) for n in LAYER_LINEARS]
-    plan = {name: tq(spec.linear, name) for name in names}
-    plan["tok_embeddings"] = tq(spec.embedding, "tok_embeddings")
-    plan["output"] = tq(spec.head, "output")
-    return plan
-
-
 def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
                 plan: dict[str, TensorQuant] | None = None, activations: str = "fp32") -> ExportResult:
@@ -61,7 +50,7 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
     w, c = resolve_window(ck, window, chunk)
-    plan = plan or quant_plan(ck, spec)
+    plan = plan or quant_plan(ck.config, spec)
     emitter = WeightEmitter(Builder(), plan, fmt, accuracy_level, act)
     model = build_decoder(ck.config, ck.weights, w, c, emitter)
     big = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..export.linear import TensorQuant
 from ..export.onnx_builder import activation_type
 from ..model.config import ModelConfig
+from ..quantize.plan import TensorQuant, head_shares_embedding
 from ..quantize.spec import bits_per_weight
 
 
@@ -56,8 +56,8 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
              activations: str = "fp32") -> MemoryBudget:
     act = activation_type(activations).itemsize
     shapes = tensor_shapes(cfg)
-    if cfg.tied_embeddings and plan["output"] == plan["tok_embeddings"]:
-        shapes.pop("output")  # shared storage
+    if head_shares_embedding(cfg, plan):
+        shapes.pop("output")
     weights = sum(tensor_bytes(n, k, plan[name], True, act) for name, (n, k) in shapes.items())
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act  # norms
     kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * act

@@ -20,11 +20,11 @@ from pathlib import Path
 from .. import __version__
 from ..errors import EdgeError
 from ..export.decoder import GRAPH_CONTRACT_VERSION
-from ..export.linear import TensorQuant
 from ..export.onnx_builder import activation_type
-from ..export.pipeline import export_onnx, quant_plan, resolve_window
+from ..export.pipeline import export_onnx, resolve_window
 from ..model.checkpoint import Checkpoint
-from ..quantize.spec import ZERO_POINTS, QuantSpec
+from ..quantize.plan import TensorQuant, quant_plan, scheme_name
+from ..quantize.spec import QuantSpec
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from .budget import MemoryBudget, estimate
 from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION, write_mlc
@@ -131,7 +131,7 @@ def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
         raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
                         f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
                         f"and no --activations fp32")
-    return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck, req.quant)}
+    return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck.config, req.quant)}
 
 
 def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> dict:
@@ -143,7 +143,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
     target = req.target
     mlc = target.name == "mlc"
     window, chunk = resolve_window(ck, req.window, req.chunk)
-    plan = _mlc_plan(ck, req) if mlc else quant_plan(ck, req.quant)
+    plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
     budget = estimate(ck.config, plan, window, chunk, activations=req.activation_dtype)
     usable = check_budget(budget, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
@@ -201,9 +201,7 @@ def _plan_groups(plan: dict) -> dict:
     groups: dict[str, set] = {}
     for name, tq in plan.items():
         key = ".".join("*" if part.isdigit() else part for part in name.split("."))
-        desc = tq.kind if tq.kind in ("fp32", "fp16", "int8") else \
-            f"int4-g{tq.group_size}-{ZERO_POINTS[tq.zero_point]}-{tq.method}"
-        groups.setdefault(key, set()).add(desc)
+        groups.setdefault(key, set()).add(scheme_name(tq))
     return {k: "+".join(sorted(v)) for k, v in groups.items()}
 
 

@@ -30,12 +30,11 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..export.linear import TensorQuant
-from ..export.pipeline import quant_plan
 from ..model.checkpoint import Checkpoint
 from ..model.reference import ReferenceModel
-from ..quantize.int4 import quantize_int4
-from ..quantize.spec import QuantSpec
+from .int4 import quantize_int4
+from .plan import TensorQuant, quant_plan
+from .spec import QuantSpec
 
 ALPHAS = tuple(i / 10 for i in range(11))
 SAMPLE_ROWS = 512  # calibration inputs kept per linear for the alpha search
@@ -203,7 +202,7 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
     """AWQ scales, act-weighted int4 search, and int8 for the linears whose int4 costs the most KL per
     parameter, until `int8_share` of the layer linears' parameters is int8 (counting any the plan has)."""
     scaled, act, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
-    plan = quant_plan(scaled, spec)
+    plan = quant_plan(scaled.config, spec)
 
     def size(name: str) -> int:  # a plan entry is a fused linear or one checkpoint weight
         return sum(ck.weights[w].numel() for w in ([name + ".weight"] if name + ".weight" in ck.weights
