@@ -26,7 +26,7 @@ from mistral_edge.model.loaders.hf import config_from_hf
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle, read_manifest, verify
-from mistral_edge.runtime.session import GRAPH_CONTRACT_VERSION
+from mistral_edge.contract import GRAPH_CONTRACT_VERSION
 from mistral_edge.targets import bundle as bundle_mod
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import DEVICES, TARGETS, get_target, parse_memory

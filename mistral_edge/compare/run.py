@@ -16,7 +16,7 @@ from rich.progress import Progress
 
 from .. import __version__
 from ..errors import EdgeError
-from ..export.decoder import GRAPH_CONTRACT_VERSION
+from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EdgeError
-from ..export.decoder import GRAPH_CONTRACT_VERSION
+from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import export_onnx
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig

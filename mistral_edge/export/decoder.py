@@ -11,33 +11,18 @@ either way, so sampling does not depend on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
 import torch
 from onnx import helper
 
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
-from ..runtime.session import GRAPH_CONTRACT_VERSION
+from ..contract import GraphInfo
 from .attention import DOMAIN, OP, attention_function, attention_plan
 from .linear import WeightEmitter
-from .onnx_builder import FLOAT, INT64, Builder
+from .onnx_builder import FLOAT, INT64
 
 OPSET = 24
-
-
-@dataclass(frozen=True)
-class GraphInfo:
-    """What a runtime needs to know about an exported graph (also stored as model metadata)."""
-
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    window: int
-    chunk: int
-    vocab_size: int
-    activation_dtype: str  # "fp32" | "fp16": hidden states and the KV cache
 
 
 def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,6 +115,5 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
     )
     model.ir_version = 10
     info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name)
-    helper.set_model_props(model, {"mistral_edge.graph_contract": str(GRAPH_CONTRACT_VERSION),
-                                   **{f"mistral_edge.{k}": str(v) for k, v in info.__dict__.items()}})
+    helper.set_model_props(model, info.to_metadata())
     return model

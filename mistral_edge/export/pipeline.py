@@ -7,12 +7,12 @@ from pathlib import Path
 
 import onnx
 
+from ..contract import GraphInfo, graph_ops
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..quantize.plan import TensorQuant, quant_plan
 from ..quantize.spec import QuantSpec
-from ..runtime.bundle import graph_ops
-from .decoder import GraphInfo, build_decoder
+from .decoder import build_decoder
 from .linear import WeightEmitter
 from .onnx_builder import Builder, activation_type
 

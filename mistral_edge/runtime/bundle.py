@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract import graph_ops
 from ..errors import EdgeError, first_line
 
 MANIFEST = "manifest.json"
@@ -127,12 +128,6 @@ def _check_graph(bundle: Path, manifest: dict) -> list[str]:
     if graph_ops(model) != sorted(manifest["ops"]):
         problems.append("graph ops differ from the manifest's op list")
     return problems
-
-
-def graph_ops(model) -> list[str]:
-    """'domain::op' for every op of an onnx.ModelProto, function bodies included."""
-    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    return sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in nodes})
 
 
 @dataclass(frozen=True)

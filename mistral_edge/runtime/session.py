@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..contract import GraphInfo
 from ..errors import EdgeError, first_line
 
 
@@ -43,8 +44,6 @@ class _Slot:
                        for name in ("input_ids", "positions", "valid_lens", "logits_index", "logits")}
 
 
-GRAPH_CONTRACT_VERSION = 2
-"""The decoder-step interface this runtime runs (docs/graph-contract.md); the exporter writes it."""
 GROW = 64
 """Cache slots are added in steps of this many: attention reads at most GROW - 1 empty slots, and
 growing copies the cache about W / GROW times in all."""
@@ -64,18 +63,9 @@ class DecoderSession:
         except Exception as e:  # onnxruntime raises several types for unreadable models
             raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        contract = meta.get("mistral_edge.graph_contract")
-        if contract is not None and contract != str(GRAPH_CONTRACT_VERSION):
-            raise EdgeError(f"{model_path}: graph contract {contract}, this runtime runs version "
-                            f"{GRAPH_CONTRACT_VERSION}; export the model again")
-        try:
-            self.n_layers = int(meta["mistral_edge.n_layers"])
-            self.window = int(meta["mistral_edge.window"])
-            self.vocab_size = int(meta["mistral_edge.vocab_size"])
-            n_kv, head_dim = int(meta["mistral_edge.n_kv_heads"]), int(meta["mistral_edge.head_dim"])
-            export_chunk = int(meta["mistral_edge.chunk"])
-        except KeyError as e:
-            raise EdgeError(f"{model_path}: not a mistral-edge decoder graph (metadata {e.args[0]} missing)") from None
+        self.info = info = GraphInfo.from_metadata(meta, str(model_path))
+        self.n_layers, self.window, self.vocab_size = info.n_layers, info.window, info.vocab_size
+        n_kv, head_dim, export_chunk = info.n_kv_heads, info.head_dim, info.chunk
         self.chunk = config.chunk or export_chunk
         if not 0 < self.chunk <= self.window:
             raise EdgeError(f"chunk size must be between 1 and the window W={self.window}, got {self.chunk}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import EdgeError
-from ..export.decoder import GRAPH_CONTRACT_VERSION
+from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.onnx_builder import activation_type
 from ..export.pipeline import export_onnx, resolve_window
 from ..model.checkpoint import Checkpoint

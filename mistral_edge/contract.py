@@ -1,0 +1,71 @@
+"""The graph contract: what the exporter writes and every runtime relies on (docs/graph-contract.md).
+
+Torch- and onnx-free, so the exporter (export/) and the on-device runtime (runtime/) share
+it without either importing the other: the version, the input names, and `GraphInfo`,
+the facts a runtime reads from the graph's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import EdgeError
+
+GRAPH_CONTRACT_VERSION = 2
+"""The decoder-step interface version; a runtime refuses any other ("export again")."""
+META_PREFIX = "mistral_edge."
+"""Every metadata key the exporter writes starts with this."""
+STEP_INPUTS = ("input_ids", "positions", "valid_lens", "logits_index")
+"""The per-step inputs, in graph order; then past_key.{i} / past_value.{i} per layer."""
+LOGITS = "logits"
+
+
+def cache_names(n_layers: int) -> list[str]:
+    """'key.0', 'value.0', ...: the graph has past_<name> inputs and present_<name> outputs."""
+    return [f"{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What a runtime needs to know about an exported graph, stored as model metadata."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    window: int
+    chunk: int
+    vocab_size: int
+    activation_dtype: str  # "fp32" | "fp16": hidden states and the KV cache
+
+    def to_metadata(self) -> dict[str, str]:
+        return {META_PREFIX + "graph_contract": str(GRAPH_CONTRACT_VERSION),
+                **{META_PREFIX + k: str(v) for k, v in dataclasses.asdict(self).items()}}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
+        """Read and check a graph's metadata; one EdgeError line for a wrong contract or a missing key."""
+        contract = meta.get(META_PREFIX + "graph_contract")
+        if contract != str(GRAPH_CONTRACT_VERSION):
+            raise EdgeError(f"{source}: graph contract {contract}, this runtime runs version "
+                            f"{GRAPH_CONTRACT_VERSION}; export the model again")
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = meta.get(META_PREFIX + f.name)
+            if raw is None:
+                raise EdgeError(f"{source}: not a mistral-edge decoder graph (metadata {META_PREFIX}{f.name} missing)")
+            if f.type == "int":
+                if not raw.isdigit() or int(raw) <= 0:
+                    raise EdgeError(f"{source}: graph metadata {f.name} is {raw!r}, expected a positive integer")
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        if values["activation_dtype"] not in ("fp32", "fp16"):
+            raise EdgeError(f"{source}: graph activation_dtype is {values['activation_dtype']!r}, expected fp32 or fp16")
+        return cls(**values)
+
+
+def graph_ops(model) -> list[str]:
+    """'domain::op' for every op of an onnx.ModelProto, function bodies included."""
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    return sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in nodes})
