@@ -12,7 +12,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from test_tokenizer import smol  # noqa: F401  (session fixture, shared)
 
-from mistral_edge.chat import GUARDRAIL_PROMPT, ChatFormat
+from mistral_edge.chat_format import GUARDRAIL_PROMPT, ChatFormat
 from mistral_edge.errors import EdgeError
 from mistral_edge.tokenizer import Tokenizer
 

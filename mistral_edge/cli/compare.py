@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from ..compare.report import table, write_all
 from ..errors import EdgeError
-from .commands import COMMANDS
 from .options import ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
@@ -69,5 +68,3 @@ def compare(
     for path in write_all(rows, out):
         console.print(f"[green]wrote[/] {path}", highlight=False)
 
-
-COMMANDS["compare"] = compare

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..quantize.spec import parse_quant
 from ..targets.profiles import TARGETS, get_target
-from .commands import COMMANDS
+from ..targets.request import BundleRequest
 from .options import ChunkOpt, ModelArg, TrustPickleOpt, WindowOpt
 
 
@@ -30,12 +30,14 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export a model, quantized, as a self-contained bundle for a target device."""
-    from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
-    from ..targets.bundle import BundleRequest, write_bundle
-
+    # the whole request is checked before the (slow) checkpoint load
     profile = get_target(target)
     spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
     req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations)
+
+    from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
+    from ..targets.bundle import write_bundle
+
     console = Console(stderr=True)
     with console.status(f"loading {model or 'the embedded demo model'}"):
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
@@ -47,5 +49,3 @@ def export(
                   f"weights {b['weight_bytes'] / 2**20:.1f} MiB, KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, "
                   f"total {b['total_bytes'] / 2**20:.1f} MiB")
 
-
-COMMANDS["export"] = export
