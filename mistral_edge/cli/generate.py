@@ -6,6 +6,7 @@ anything is opened: a flag that does not apply to the chosen backend is refused,
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import sys
@@ -184,11 +185,16 @@ def _stdout():
 
 
 def _write(out, pieces) -> None:
-    for piece in pieces:
-        out.write(piece)
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         out.flush()
-    out.write("\n")
-    out.flush()
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            raise EdgeError("standard output is closed") from None
+        raise
 
 
 @with_run_options

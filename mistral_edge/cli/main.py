@@ -8,6 +8,7 @@ a reader that closes stdout early (`| head`) ends the command quietly with exit 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -60,7 +61,18 @@ def run(argv: list[str] | None = None) -> int:
         return _error(str(e) or type(e).__name__, BAD_INPUT)
     except typer.Abort:
         return _error("aborted", INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to tell it
+        _drop_stdout()
+        return BAD_INPUT
+    except OSError as e:  # e.g. stdout closed (EBADF); a file error the command did not foresee
+        _drop_stdout()
+        return _error(f"{e.strerror or type(e).__name__}{f': {e.filename}' if e.filename else ''}", BAD_INPUT)
     return status if isinstance(status, int) else 0
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush cannot fail again."""
+    sys.stdout = open(os.devnull, "w")
 
 
 def main() -> None:
