@@ -204,11 +204,11 @@ def test_timed_out_speed_is_a_note_row(monkeypatch):
     assert compare_run._Run.speed(run, job, "int8", 0) is None
     assert len(lines) == 1 and "int8: speed worker killed after 120 s" in lines[0]
     quality = SimpleNamespace(perplexity=2.0, kl_vs_fp32=0.1, top1_vs_fp32=0.9, scored_tokens=10)
-    row = compare_run._Run.row(run, "int8", "onnx", 16, quality, None, note="n", bits_per_weight=8.0,
+    row = compare_run._Run.row(run, "int8", "onnx", 16, quality, None, note="n", model_bits_per_weight=8.0,
                                size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
     assert row.perplexity == 2.0 and row.decode_tok_s is None and row.peak_rss_bytes is None
     assert row.note == "n; speed not measured: the worker timed out"
-    measured = compare_run._Run.row(run, "int8", "onnx", 16, quality, SpeedResult(1.0, 2.0, 3), bits_per_weight=8.0,
+    measured = compare_run._Run.row(run, "int8", "onnx", 16, quality, SpeedResult(1.0, 2.0, 3), model_bits_per_weight=8.0,
                                     size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
     assert (measured.decode_tok_s, measured.peak_rss_bytes, measured.note) == (2.0, 3, "")
 
@@ -260,14 +260,14 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
     measured = rows[:6]
     for r in measured:
         assert list(r) == FIELDS
-        for key in ("perplexity", "kl_vs_fp32", "top1_vs_fp32", "prefill_tok_s", "decode_tok_s", "bits_per_weight"):
+        for key in ("perplexity", "kl_vs_fp32", "top1_vs_fp32", "prefill_tok_s", "decode_tok_s", "model_bits_per_weight"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (r["quant"], key)
         assert r["peak_rss_bytes"] > 10 * 2**20 and r["threads"] == 1 and r["scored_tokens"] == 3 * (CTX - 1)
         assert r["kv_cache_bytes"] == 2 * 2 * 2 * W * 8 * (2 if r["quant"] == "bf16" else 4)
     fp32, int8, int4, awq, torch32, bf16 = measured
-    assert (fp32["kl_vs_fp32"], fp32["top1_vs_fp32"], fp32["bits_per_weight"]) == (0.0, 1.0, 32.0)
-    assert 8 < int8["bits_per_weight"] <= 9 and 4.5 < int4["bits_per_weight"] < int8["bits_per_weight"]
-    assert int4["bits_per_weight"] <= awq["bits_per_weight"] < int8["bits_per_weight"] and awq["kl_vs_fp32"] > 0
+    assert (fp32["kl_vs_fp32"], fp32["top1_vs_fp32"], fp32["model_bits_per_weight"]) == (0.0, 1.0, 32.0)
+    assert 8 < int8["model_bits_per_weight"] <= 9 and 4.5 < int4["model_bits_per_weight"] < int8["model_bits_per_weight"]
+    assert int4["model_bits_per_weight"] <= awq["model_bits_per_weight"] < int8["model_bits_per_weight"] and awq["kl_vs_fp32"] > 0
     assert fp32["size_bytes"] > int8["size_bytes"] > int4["size_bytes"] and torch32["size_bytes"] is None
     assert torch32["kl_vs_fp32"] < 1e-5 and torch32["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-4)
     bnb_int8, bnb_nf4 = rows[6:]
@@ -285,7 +285,7 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-awq-w{W}" / "variant.json").read_text())
     assert record["key"]["calibration"]["text_sha256"] and "int8" in awq["note"]
-    assert record["bits_per_weight"] == awq["bits_per_weight"]
+    assert record["bits_per_weight"] == awq["model_bits_per_weight"]
 
     # A second run reuses every bundle and repeats every quality number exactly.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "bundles").glob("*/model.onnx")}

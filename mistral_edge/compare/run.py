@@ -205,7 +205,7 @@ class _Run:
         del session
         speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model_path=str(built.model_path)), choice.name, built.weight_bytes)
-        return self.row(choice.name, "onnx", window, quality, speed, bits_per_weight=built.bits_per_weight,
+        return self.row(choice.name, "onnx", window, quality, speed, model_bits_per_weight=built.bits_per_weight,
                         size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 
@@ -237,7 +237,8 @@ class _Run:
                                     model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
                                     dtype=dtype, bnb=bnb), f"PyTorch {name}",
                            self.ck.n_params * 4)  # the worker loads the checkpoint as fp32 first
-        return self.row(name, backend, window, quality, speed, bits_per_weight=8 * weight_bytes / self.ck.n_params,
+        return self.row(name, backend, window, quality, speed,
+                        model_bits_per_weight=8 * weight_bytes / self.ck.n_params,
                         size_bytes=None, weight_bytes=weight_bytes,
                         kv_cache_bytes=self.ck.config.kv_bytes_per_token(size) * window,
                         note=NOTES.get(bnb, ""))
