@@ -16,6 +16,7 @@ from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
 import mistral_edge.model.loaders
 from mistral_edge.cli import generate as generate_cli
 from mistral_edge.cli.main import COMMANDS, app, main
+from mistral_edge.errors import EdgeError
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.targets.bundle import write_bundle
 from mistral_edge.targets.profiles import get_target
@@ -252,3 +253,36 @@ def test_hostile_chat_template_in_a_bundle(cli, bundles, attack, message):
     assert time.monotonic() - start < 30  # the render stops at its 2 s deadline, not after 10^10 steps
     assert status == 1 and out == ""
     one_error_line(err, f"chat template stopped: {message}")
+
+
+# ---- the options reach the generator (each assertion fails if the option were ignored) --------------
+
+def test_sampling_options_apply(cli, bundles):
+    def run(*args):
+        status, out, err = cli("generate", "--bundle", bundles["plain"], "Hello", "--max-new-tokens", "12", *args)
+        assert status == 0, err
+        return out
+
+    greedy = run()
+    assert run("--seed", "3") == greedy  # a seed alone keeps greedy decoding
+    sampled = {seed: run("--temperature", "1.5", "--seed", str(seed)) for seed in range(3)}
+    assert any(text != greedy for text in sampled.values())
+    assert len(set(sampled.values())) > 1  # the seed matters
+    assert run("--temperature", "1.5", "--seed", "1") == sampled[1]  # and reproduces
+
+
+def test_stop_string_applies(cli, bundles):
+    status, greedy, _ = cli("generate", "--bundle", bundles["plain"], "Hello", "--max-new-tokens", "12")
+    text = greedy.removesuffix("\n")
+    at = next(i for i in range(1, len(text) - 3) if text[i:i + 3].strip() == text[i:i + 3])  # no blanks in it
+    stop = text[at:at + 3]
+    status, out, _ = cli("generate", "--bundle", bundles["plain"], "Hello", "--max-new-tokens", "12", "--stop", stop)
+    assert status == 0 and out == text[:text.find(stop)] + "\n"
+
+
+def test_bundle_generation_defaults_are_checked():
+    opts = generate_cli.RunOptions(bundle=SPM_V1.parent)
+    assert opts.config({"temperature": 0.5, "top_k": 3}).sampling.top_k == 3
+    for bad in ({"temperature": "hot"}, {"top_k": 1.5}, {"max_new_tokens": True}, {"top_p": float("nan")}):
+        with pytest.raises(EdgeError, match="must be"):
+            opts.config(bad)
