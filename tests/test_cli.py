@@ -143,6 +143,9 @@ def test_generate_and_chat_share_one_options_object():
     (["--group-size", "-32"], "unsupported int4 group size -32"),
     (["--quant", "int4-g0"], "unsupported int4 group size 0"),
     (["--activations", "bf16"], "unknown activation dtype 'bf16'"),
+    (["--device-memory", "1" + "0" * 400 + "GB"], "device memory must be positive and at most 1 PiB"),
+    (["--quant", ""], "unknown quantization ''"),
+    (["--quant", "int4-g²"], "unknown quantization 'int4-g²'"),
 ])
 def test_export_refuses_before_loading(cli, no_load, tmp_path, args, message):
     status, _, err = cli("export", "some-model", "--out", tmp_path / "b", *args)
