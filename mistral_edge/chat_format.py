@@ -2,7 +2,8 @@
 
 Torch-free (the on-device runtime uses it). Chat templates come with downloaded models, so they are
 untrusted code: they run in Jinja's immutable sandbox, and touching an unsafe attribute is an error
-rather than the silent empty string Jinja would give.
+rather than the silent empty string Jinja would give. The sandbox stops code execution, not
+exhaustion, so a render also runs in a budget of time and size (RENDER_SECONDS, RENDER_*_CHARS).
 """
 
 from __future__ import annotations

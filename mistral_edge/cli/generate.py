@@ -129,7 +129,6 @@ def with_run_options(command):
         return command(opts, **kwargs)
 
     wrapper.__signature__ = inspect.Signature(own + shared)
-    del wrapper.__wrapped__  # typer must see the merged signature, not `command`'s
     return wrapper
 
 
