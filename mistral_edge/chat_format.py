@@ -242,7 +242,7 @@ def _compile(template: str):
                 _check_call(left, right if isinstance(right, tuple) else (right,), {}, "a % format", fmt=True)
             return _bounded(super().call_binop(context, operator, left, right), f"the result of {operator!r}")
 
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        def call(__self, __context, __obj, *args, **kwargs):  # jinja's own signature
             owner = getattr(__obj, "__self__", None)
             if isinstance(owner, str):
                 _check_call(owner, args, kwargs, f"str.{getattr(__obj, '__name__', 'method')}")
