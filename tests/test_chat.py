@@ -3,7 +3,9 @@ demo model's ChatML), mistral-common for Mistral's [INST] format; plus the sandb
 
 from __future__ import annotations
 
+import re
 import shutil
+import time
 
 import pytest
 from helpers import SPM_V1
@@ -12,7 +14,7 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from test_tokenizer import smol  # noqa: F401  (session fixture, shared)
 
-from mistral_edge.chat import GUARDRAIL_PROMPT, ChatFormat
+from mistral_edge.chat_format import GUARDRAIL_PROMPT, ChatFormat
 from mistral_edge.errors import EdgeError
 from mistral_edge.tokenizer import Tokenizer
 
@@ -152,3 +154,44 @@ def test_bare_tokenizer_model_gets_its_version(tmp_path):
     ids = ChatFormat(mistral=True).encode(SYSTEM, tok)
     assert ids == _mistral_common(v3, SYSTEM)
     assert tok.id_to_token(ids[1]) == "[INST]"  # a control token in v3, spelled out in v1
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "took longer than 2 s"),
+    ("{{ 'x' * 300000000 }}", "a repetition of 300,000,000"),
+    ("{{ 300000000 * ['x'] }}", "a repetition of 600,000,000"),
+    ("{% set s = 'x' * 1000000 %}{{ ([s] * 100000)|join }}", "a repetition of 100,000,100,000"),
+    ("{{ (['x'] * 1000)|join('y' * 100000) }}", "the result of the join filter"),
+    ("{% set s = 'x' * 1000000 %}{% set s = s ~ s %}{{ s }}", "a ~ concatenation"),
+    ("{% set s = 'x' * 1000000 %}{% set a = [s, s, s, s] %}{% set a = [a, a, a, a] %}{{ a|string }}", "string filter"),
+    ("{% set s %}{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}{% endset %}", "in all"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "the rendered prompt"),
+    ("{{ 'x'|center(1000000000) }}", "an argument of the center filter"),
+    ("{{ ('\n' * 100000)|indent(100000) }}", "the result of the indent filter"),
+    ("{{ ('x' * 100000)|replace('x', 'y' * 100000) }}", "the result of the replace filter"),
+    ("{{ ('x' * 100000).replace('x', 'y' * 100000) }}", "the result of str.replace"),
+    ("{{ '%999999999d' % 1 }}", "an argument of a % format"),
+    ("{{ '{:>999999999}'.format(1) }}", "an argument of str.format"),
+    ("{{ (10 ** 1000) ** 1000 }}", "an integer of more than 4096 bits"),
+])
+def test_exhausting_templates_stop_fast(template, message):
+    start = time.monotonic()
+    with pytest.raises(EdgeError, match=re.escape("chat template stopped: ") + ".*" + re.escape(message)) as e:
+        ChatFormat(template).render(ONE)
+    assert time.monotonic() - start < 10 and "\n" not in str(e.value)
+
+
+def test_bounded_templates_still_render_what_templates_do():
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{{ (m['role'] ~ ': ')|upper }}{{ m['content']|replace('\\n', ' ')|trim|truncate(255) }}"
+                "{{ '%03d|{:>4}'.format(ns.n) % () if false else ' %03d' % ns.n }}{% endfor %}"
+                "{% set block %}{% for i in range(3) %}[{{ i }}]{% endfor %}{% endset %}{{ block }}"
+                "{{ '-' * 3 }}{{ 2 ** 10 }}{{ 'a'.center(5) }}{{ messages|map(attribute='role')|join(',') }}")
+    assert ChatFormat(template).render(MULTI) == (
+        "USER: Hi! Ça va? 001ASSISTANT: Très bien 🤖 002USER: Name a prime. 003[0][1][2]---1024  a  user,assistant,user")
+
+
+def test_the_budget_grows_with_the_conversation():
+    """A long conversation is not refused: the size bound scales with the messages."""
+    long = [{"role": "user", "content": "word " * 400_000}]  # 2 MB, beyond the base bound
+    assert len(ChatFormat().render(long)) > 2_000_000

@@ -3,6 +3,8 @@ import json
 import math
 import re
 import shutil
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from mistral_edge.quantize import calibrate
 from mistral_edge.compare.quality import GridLogProbs, ReferenceStore, evaluate, kl_grid, kl_rows, log_softmax
 from mistral_edge.compare.report import FIELDS
 from mistral_edge.compare.run import CompareRequest, run_compare
-from mistral_edge.compare.speed import SpeedJob, measure
+from mistral_edge.compare import run as compare_run
+from mistral_edge.compare.speed import SpeedJob, SpeedResult, SpeedTimeout, measure, timeout_for
 from mistral_edge.compare.text import load_text, token_windows
 from mistral_edge.compare.variants import export_code_sha256
 from mistral_edge.errors import EdgeError
@@ -71,7 +74,7 @@ def bnb_runs() -> bool:
 
 
 def store_for(windows, tmp_path):
-    return ReferenceStore(tmp_path / "ref.f16", len(windows), CTX - 1, 32000)
+    return ReferenceStore(tmp_path / "ref.u16", len(windows), CTX - 1, 32000)
 
 
 # ---- protocol and metrics -------------------------------------------------------------------------
@@ -162,6 +165,54 @@ def test_peak_rss_is_the_fresh_process_own(fp32_onnx):
     assert result.prefill_tok_s > 0 and result.decode_tok_s > 0
 
 
+def test_hung_speed_worker_is_killed_at_its_timeout(tmp_path, monkeypatch):
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hang))
+    job = SpeedJob("onnx", 1, CHUNK, [1, 2, 3], [4], 1, model_path="unused")
+    start = time.monotonic()
+    with pytest.raises(SpeedTimeout, match="killed after 1 s"):
+        measure(job, timeout=1)
+    assert time.monotonic() - start < 30
+
+
+def test_speed_timeout_scales_with_the_work():
+    small = SpeedJob("onnx", 1, 8, list(range(16)), list(range(4)), 1)
+    big = replace(small, runs=9, decode=list(range(40)))
+    base = timeout_for(small, 0.0, 0)
+    assert base == timeout_for(big, 0.0, 0) > 0  # start-up alone
+    assert timeout_for(small, 0.01, 0) - base == pytest.approx(20 * 2 * (2 + 4) * 0.01)
+    assert timeout_for(big, 0.01, 0) - base == pytest.approx(20 * 10 * (2 + 40) * 0.01)
+    assert timeout_for(small, 0.0, 10**9) > base  # loading weights takes time too
+
+
+def test_timed_out_speed_is_a_note_row(monkeypatch):
+    """A hung worker costs its timeout and one log line; the row keeps its quality, speed empty."""
+    from types import SimpleNamespace
+
+    from rich.progress import Progress
+
+    def hang(job, timeout):
+        raise SpeedTimeout(f"speed worker killed after {timeout:.0f} s (its timeout)")
+
+    monkeypatch.setattr(compare_run, "measure", hang)
+    lines = []
+    run = SimpleNamespace(chunk_step_s=0.0, progress=Progress(disable=True), log=lines.append, threads=1,
+                          req=SimpleNamespace(ctx=CTX), windows=np.zeros((2, CTX)), text="t")
+    job = SpeedJob("onnx", 1, CHUNK, [1, 2, 3], [4], 1, model_path="unused")
+    assert compare_run._Run.speed(run, job, "int8", 0) is None
+    assert len(lines) == 1 and "int8: speed worker killed after 120 s" in lines[0]
+    quality = SimpleNamespace(perplexity=2.0, kl_vs_fp32=0.1, top1_vs_fp32=0.9, scored_tokens=10)
+    row = compare_run._Run.row(run, "int8", "onnx", 16, quality, None, note="n", model_bits_per_weight=8.0,
+                               size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
+    assert row.perplexity == 2.0 and row.decode_tok_s is None and row.peak_rss_bytes is None
+    assert row.note == "n; speed not measured: the worker timed out"
+    measured = compare_run._Run.row(run, "int8", "onnx", 16, quality, SpeedResult(1.0, 2.0, 3), model_bits_per_weight=8.0,
+                                    size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
+    assert (measured.decode_tok_s, measured.peak_rss_bytes, measured.note) == (2.0, 3, "")
+
+
 def test_awq_scales_keep_the_fp32_function_and_record_inputs(hf_model, windows):
     ck = checkpoint_of(hf_model)
     inputs = calibrate.collect_inputs(ck, windows)
@@ -209,14 +260,14 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
     measured = rows[:6]
     for r in measured:
         assert list(r) == FIELDS
-        for key in ("perplexity", "kl_vs_fp32", "top1_vs_fp32", "prefill_tok_s", "decode_tok_s", "bits_per_weight"):
+        for key in ("perplexity", "kl_vs_fp32", "top1_vs_fp32", "prefill_tok_s", "decode_tok_s", "model_bits_per_weight"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (r["quant"], key)
         assert r["peak_rss_bytes"] > 10 * 2**20 and r["threads"] == 1 and r["scored_tokens"] == 3 * (CTX - 1)
         assert r["kv_cache_bytes"] == 2 * 2 * 2 * W * 8 * (2 if r["quant"] == "bf16" else 4)
     fp32, int8, int4, awq, torch32, bf16 = measured
-    assert (fp32["kl_vs_fp32"], fp32["top1_vs_fp32"], fp32["bits_per_weight"]) == (0.0, 1.0, 32.0)
-    assert 8 < int8["bits_per_weight"] <= 9 and 4.5 < int4["bits_per_weight"] < int8["bits_per_weight"]
-    assert int4["bits_per_weight"] <= awq["bits_per_weight"] < int8["bits_per_weight"] and awq["kl_vs_fp32"] > 0
+    assert (fp32["kl_vs_fp32"], fp32["top1_vs_fp32"], fp32["model_bits_per_weight"]) == (0.0, 1.0, 32.0)
+    assert 8 < int8["model_bits_per_weight"] <= 9 and 4.5 < int4["model_bits_per_weight"] < int8["model_bits_per_weight"]
+    assert int4["model_bits_per_weight"] <= awq["model_bits_per_weight"] < int8["model_bits_per_weight"] and awq["kl_vs_fp32"] > 0
     assert fp32["size_bytes"] > int8["size_bytes"] > int4["size_bytes"] and torch32["size_bytes"] is None
     assert torch32["kl_vs_fp32"] < 1e-5 and torch32["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-4)
     bnb_int8, bnb_nf4 = rows[6:]
@@ -234,7 +285,7 @@ def test_compare_writes_table_json_csv_png_and_reuses_bundles(model_dir, tmp_pat
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-awq-w{W}" / "variant.json").read_text())
     assert record["key"]["calibration"]["text_sha256"] and "int8" in awq["note"]
-    assert record["bits_per_weight"] == awq["bits_per_weight"]
+    assert record["bits_per_weight"] == awq["model_bits_per_weight"]
 
     # A second run reuses every bundle and repeats every quality number exactly.
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "bundles").glob("*/model.onnx")}
@@ -300,6 +351,21 @@ def test_bad_inputs_fail_before_loading_the_model(kwargs, message, tmp_path):
     paths = {k: tmp_path / v if isinstance(v, Path) else v for k, v in {"text": TEXT, **kwargs}.items()}
     with pytest.raises(EdgeError, match=re.escape(message)):
         run_compare(CompareRequest(model=str(tmp_path / "not-loaded"), **paths))
+
+
+@pytest.mark.parametrize("out", ["a-file", "a-file/below"])
+def test_out_that_cannot_be_a_directory_fails_before_loading(tmp_path, out):
+    (tmp_path / TEXT).write_text("Some evaluation text.\n")
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(EdgeError, match="is not a directory"):
+        run_compare(CompareRequest(model=str(tmp_path / "not-loaded"), text=tmp_path / TEXT, out=tmp_path / out))
+    assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_window_past_the_bound_fails_before_loading(tmp_path):
+    (tmp_path / TEXT).write_text("Some evaluation text.\n")
+    with pytest.raises(EdgeError, match="window must be an integer between 1 and"):
+        run_compare(CompareRequest(model=str(tmp_path / "not-loaded"), text=tmp_path / TEXT, windows=(2**40,)))
 
 
 def test_cli_window_options(model_dir, tmp_path):

@@ -103,7 +103,7 @@ def test_batch_of_prompts_of_different_lengths(tiny):
 def test_chat_longer_than_window_keeps_working(tiny):
     _, out = tiny
     b = Bundle.open(out)
-    from mistral_edge.chat import ChatFormat
+    from mistral_edge.chat_format import ChatFormat
 
     tok = b.tokenizer()
     fmt = ChatFormat.from_manifest(b.manifest)

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..runtime.bundle import read_manifest, verify as verify_bundle
-from .commands import COMMANDS
 
 BundleArg = Annotated[Path, typer.Argument(help="bundle directory")]
 
@@ -49,6 +48,3 @@ def verify(bundle: BundleArg) -> None:
         raise typer.Exit(1)
     typer.echo(f"OK {bundle}: every file matches the manifest")
 
-
-COMMANDS["inspect"] = inspect
-COMMANDS["verify"] = verify

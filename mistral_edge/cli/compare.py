@@ -12,7 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from ..compare.report import table, write_all
 from ..errors import EdgeError
-from .commands import COMMANDS
 from .options import ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
@@ -27,7 +26,7 @@ def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:
     if text is None:
         return () if window is None else (window,)
     try:
-        return tuple(int(w) for w in text.split(",") if w.strip())
+        return tuple(int(w) for w in text.split(","))  # int() allows the spaces around each
     except ValueError:
         raise EdgeError(f"--windows takes comma-separated integers, e.g. 256,1024,4096; got {text!r}") from None
 
@@ -69,5 +68,3 @@ def compare(
     for path in write_all(rows, out):
         console.print(f"[green]wrote[/] {path}", highlight=False)
 
-
-COMMANDS["compare"] = compare

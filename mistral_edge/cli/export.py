@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from ..quantize.spec import parse_quant
+from ..quantize.spec import EMBEDDING_PRECISIONS, GROUP_SIZES, PRECISIONS, VALID_FORMS, parse_quant
 from ..targets.profiles import TARGETS, get_target
-from .commands import COMMANDS
+from ..targets.request import BundleRequest
 from .options import ChunkOpt, ModelArg, TrustPickleOpt, WindowOpt
 
 
@@ -18,10 +18,10 @@ def export(
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write (replaced atomically)")] = Path("bundle"),
     target: Annotated[str, typer.Option(help=f"one of {', '.join(TARGETS)}")] = "cpu",
-    quant: Annotated[Optional[str], typer.Option(help="fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (default: the target's)")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="int4 group size (32, 64, 128)")] = None,
-    head: Annotated[Optional[str], typer.Option(help="output head precision (fp32, fp16, int8)")] = None,
-    embedding: Annotated[Optional[str], typer.Option(help="embedding precision (fp32, fp16, int8)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help=f"{VALID_FORMS} (default: the target's)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help=f"int4 group size ({', '.join(map(str, GROUP_SIZES))})")] = None,
+    head: Annotated[Optional[str], typer.Option(help=f"output head precision ({', '.join(PRECISIONS)})")] = None,
+    embedding: Annotated[Optional[str], typer.Option(help=f"embedding precision ({', '.join(EMBEDDING_PRECISIONS)})")] = None,
     weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast) or qdq (DequantizeLinear, portable)")] = None,
     activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states and KV cache (default: the target's: fp16 for gpu and jetson)")] = None,
     window: WindowOpt = None,
@@ -30,12 +30,14 @@ def export(
     trust_pickle: TrustPickleOpt = False,
 ) -> None:
     """Export a model, quantized, as a self-contained bundle for a target device."""
-    from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
-    from ..targets.bundle import BundleRequest, write_bundle
-
+    # the whole request is checked before the (slow) checkpoint load
     profile = get_target(target)
-    spec = parse_quant(quant or profile.quant, group_size=group_size, head=head, embedding=embedding)
+    spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
     req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations)
+
+    from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
+    from ..targets.bundle import write_bundle
+
     console = Console(stderr=True)
     with console.status(f"loading {model or 'the embedded demo model'}"):
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
@@ -47,5 +49,3 @@ def export(
                   f"weights {b['weight_bytes'] / 2**20:.1f} MiB, KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, "
                   f"total {b['total_bytes'] / 2**20:.1f} MiB")
 
-
-COMMANDS["export"] = export

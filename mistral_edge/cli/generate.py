@@ -1,10 +1,18 @@
-"""`mistral-edge generate` and `mistral-edge chat`: talk to a bundle (ONNX Runtime) or a checkpoint (PyTorch)."""
+"""`mistral-edge generate` and `mistral-edge chat`: talk to a bundle (ONNX Runtime) or a checkpoint (PyTorch).
+
+Both commands take the same options, declared once as `RunOptions` and checked whole before
+anything is opened: a flag that does not apply to the chosen backend is refused, not ignored.
+"""
 
 from __future__ import annotations
 
+import errno
+import functools
+import inspect
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
@@ -12,129 +20,214 @@ from ..errors import EdgeError
 from ..runtime.chat import ChatEngine
 from ..runtime.generate import GenerationConfig, Generator
 from ..runtime.sampling import SamplingParams
-from .commands import COMMANDS
 from .options import ChunkOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
-BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", "-b", help="bundle directory from `mistral-edge export`")]
-BackendOpt = Annotated[Optional[str], typer.Option(
-    help="onnx (runs --bundle) or torch (the PyTorch reference on --model); default: onnx with --bundle, else torch")]
-TorchQuantOpt = Annotated[Optional[str], typer.Option(
-    "--quant", help="torch backend only: fp32 (default), or the layer linears in bitsandbytes int8 (LLM.int8) or nf4")]
-TORCH_QUANTS = ("fp32", "int8", "nf4")
+BACKENDS = ("onnx", "torch")
+TORCH_FP32 = "fp32"
+"""The torch backend's unquantized --quant; the others are model/bnb.py's BNB_QUANTS."""
 
 
-def _open(bundle: Path | None, model: str | None, backend: str, threads: int, chunk: int | None,
-          window: int | None, trust_pickle: bool, verify: bool, quant: str | None):
-    """(Generator, chat format, generation defaults) for a bundle or a checkpoint."""
-    from ..chat import ChatFormat
+@dataclass(frozen=True)
+class RunOptions:
+    """What `generate` and `chat` were asked for; the field annotations are their command-line options."""
 
-    backend = backend or ("onnx" if bundle is not None else "torch")
-    if backend == "onnx":
-        if bundle is None:
-            raise EdgeError("give --bundle DIR (made by `mistral-edge export`), or use --backend torch")
-        if quant is not None:
-            raise EdgeError("--quant applies to --backend torch; a bundle's quantization is chosen at export")
-        from ..runtime.bundle import Bundle
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="bundle directory from `mistral-edge export`")] = None
+    model: ModelOpt = None
+    backend: Annotated[Optional[str], typer.Option(
+        help="onnx (runs --bundle) or torch (the PyTorch reference on --model); default: onnx with --bundle, else torch")] = None
+    quant: Annotated[Optional[str], typer.Option(
+        "--quant", help="torch backend only: fp32 (default), or the layer linears in bitsandbytes int8 (LLM.int8) or nf4")] = None
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate at most (default 256)")] = None
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default)")] = None
+    top_k: Annotated[Optional[int], typer.Option(help="sample among the k most likely tokens")] = None
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="repetition penalty (1 = none)")] = None
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed (>= 0)")] = None
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None
+    guardrail: Annotated[bool, typer.Option("--guardrail", help="prepend the guardrail system prompt")] = False
+    threads: ThreadsOpt = None
+    chunk: ChunkOpt = None
+    window: WindowOpt = None
+    trust_pickle: TrustPickleOpt = False
+    verify: Annotated[Optional[bool], typer.Option(
+        "--verify/--no-verify", help="check the bundle's checksums first (default: on)")] = None
 
-        b = Bundle.open(bundle, check=verify)
-        session = b.session(threads=threads, chunk=chunk)
-        tokenizer, fmt = b.tokenizer(), ChatFormat.from_manifest(b.manifest)
-        defaults = b.manifest.get("generation", {})
-    elif backend == "torch":
-        if bundle is not None:
-            raise EdgeError("--bundle runs on the onnx backend; the torch backend takes --model")
-        from ..export.pipeline import resolve_window
-        from ..model.bnb import check_bnb, quantize_linears
-        from ..model.loaders import load_checkpoint
-        from ..model.reference import ReferenceModel
-        from ..model.torch_session import TorchSession
-        from ..tokenizer import Tokenizer
+    def __post_init__(self) -> None:
+        backend = self.backend or ("onnx" if self.bundle is not None else "torch")
+        if backend not in BACKENDS:
+            raise EdgeError(f"unknown backend {backend!r}; expected {' or '.join(BACKENDS)}")
+        object.__setattr__(self, "backend", backend)
+        if backend == "onnx":
+            if self.bundle is None:
+                raise EdgeError("give --bundle DIR (made by `mistral-edge export`), or use --backend torch")
+            if self.quant is not None:
+                raise EdgeError("--quant applies to --backend torch; a bundle's quantization is chosen at export")
+            _refuse(self, "a bundle brings its own model and window", {
+                "--model": self.model is not None, "--window": self.window is not None,
+                "--trust-pickle": self.trust_pickle})
+        else:
+            if self.bundle is not None:
+                raise EdgeError("--bundle runs on the onnx backend; the torch backend takes --model")
+            _refuse(self, "they apply to --bundle (the onnx backend)", {
+                "--threads": self.threads is not None, "--verify/--no-verify": self.verify is not None})
+            if self.torch_quant not in self.torch_quants():
+                raise EdgeError(f"unknown --quant {self.torch_quant!r} for the torch backend; "
+                                f"expected {', '.join(self.torch_quants())}")
+        if self.threads is not None and self.threads < 0:
+            raise EdgeError(f"--threads must be >= 0 (0: all cores), got {self.threads}")
+        if self.window is not None or self.chunk is not None:
+            from ..targets.request import check_window  # torch-free bounds, shared with export
 
-        quant = quant or "fp32"
-        if quant not in TORCH_QUANTS:
-            raise EdgeError(f"unknown --quant {quant!r} for the torch backend; expected {', '.join(TORCH_QUANTS)}")
-        if quant != "fp32":
-            check_bnb(quant)  # before the checkpoint loads
-        ck = load_checkpoint(model, trust_pickle=trust_pickle)
-        w, c = resolve_window(ck, window, chunk)
-        reference = ReferenceModel(ck.config, ck.weights)
-        ck.weights.clear()  # the model holds them: quantize_linears can free each float linear it replaces
-        if quant != "fp32":
-            quantize_linears(reference, quant)
-        session = TorchSession(reference, w, c)
-        tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
-        fmt = ChatFormat.for_tokenizer(tokenizer, ck.chat_template)
-        defaults = {}
-    else:
-        raise EdgeError(f"unknown backend {backend!r}; expected onnx or torch")
-    return Generator(session, tokenizer), fmt, defaults
+            check_window(self.window, self.chunk)
+        # the sampling and stop options alone (no defaults yet): bad values fail before a model opens
+        self.config({})
 
+    @property
+    def torch_quant(self) -> str:
+        return self.quant or TORCH_FP32
 
-def _config(defaults: dict, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop) -> GenerationConfig:
-    pick = lambda value, key, fallback: value if value is not None else defaults.get(key, fallback)  # noqa: E731
-    return GenerationConfig(
-        max_new_tokens=pick(max_new_tokens, "max_new_tokens", 256),
-        sampling=SamplingParams(pick(temperature, "temperature", 0.0), pick(top_k, "top_k", 0),
-                                pick(top_p, "top_p", 1.0), pick(repetition_penalty, "repetition_penalty", 1.0), seed),
-        stop_strings=tuple(stop or ()),
-    )
+    @staticmethod
+    def torch_quants() -> tuple[str, ...]:
+        from ..model.bnb import BNB_QUANTS  # torch: only for the torch backend
 
+        return (TORCH_FP32, *BNB_QUANTS)
 
-MaxTokOpt = Annotated[Optional[int], typer.Option(help="tokens to generate at most (default 256)")]
-TempOpt = Annotated[Optional[float], typer.Option(help="0 = greedy (default)")]
-TopKOpt = Annotated[Optional[int], typer.Option(help="sample among the k most likely tokens")]
-TopPOpt = Annotated[Optional[float], typer.Option(help="nucleus sampling mass")]
-RepOpt = Annotated[Optional[float], typer.Option(help="repetition penalty (1 = none)")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="sampling seed")]
-StopOpt = Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")]
-GuardOpt = Annotated[bool, typer.Option("--guardrail", help="prepend the guardrail system prompt")]
-VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="check the bundle's checksums first")]
+    def config(self, defaults: dict) -> GenerationConfig:
+        """The generation settings: each option given wins over `defaults` (a bundle's), then the built-in ones."""
+        def pick(value, key: str, builtin):
+            return value if value is not None else defaults.get(key, getattr(builtin, key))
+
+        cfg, sampling = GenerationConfig(), SamplingParams()
+        return GenerationConfig(
+            max_new_tokens=pick(self.max_new_tokens, "max_new_tokens", cfg),
+            sampling=SamplingParams(*(pick(getattr(self, key), key, sampling) for key in SAMPLING_KEYS), self.seed),
+            stop_strings=tuple(self.stop or ()),
+        )
 
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+"""SamplingParams' fields a bundle's generation defaults may set, in order (the seed is the user's alone)."""
+
+
+def _refuse(opts: RunOptions, why: str, given: dict[str, bool]) -> None:
+    flags = [flag for flag, on in given.items() if on]
+    if flags:
+        raise EdgeError(f"{', '.join(flags)} cannot be used with --backend {opts.backend}: {why}")
+
+
+def with_run_options(command):
+    """Typer reads a command's options off its signature: add RunOptions' fields to `command`'s
+    own parameters, and call it with them gathered into one `opts: RunOptions`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "opts"]
+    hints = get_type_hints(RunOptions, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+              for f in fields(RunOptions)]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        opts = RunOptions(**{f.name: kwargs.pop(f.name) for f in fields(RunOptions)})
+        return command(opts, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)
+    return wrapper
+
+
+def open_bundle(opts: RunOptions):
+    """(Generator, chat format, generation defaults) for --bundle on ONNX Runtime; torch-free."""
+    from ..chat_format import ChatFormat
+    from ..runtime.bundle import Bundle
+
+    b = Bundle.open(opts.bundle, check=opts.verify is not False)
+    session = b.session(threads=opts.threads or 0, chunk=opts.chunk)
+    return Generator(session, b.tokenizer()), ChatFormat.from_manifest(b.manifest), b.manifest.get("generation", {})
+
+
+def open_checkpoint(opts: RunOptions):
+    """(Generator, chat format, no defaults) for --model on the PyTorch reference."""
+    from ..chat_format import ChatFormat
+    from ..export.pipeline import resolve_window
+    from ..model.bnb import check_bnb, quantize_linears
+    from ..model.loaders import load_checkpoint
+    from ..model.reference import ReferenceModel
+    from ..model.torch_session import TorchSession
+    from ..tokenizer import Tokenizer
+
+    if opts.torch_quant != TORCH_FP32:
+        check_bnb(opts.torch_quant)  # before the checkpoint loads
+    ck = load_checkpoint(opts.model, trust_pickle=opts.trust_pickle)
+    w, c = resolve_window(ck, opts.window, opts.chunk)
+    reference = ReferenceModel(ck.config, ck.weights)
+    ck.weights.clear()  # the model holds them: quantize_linears can free each float linear it replaces
+    if opts.torch_quant != TORCH_FP32:
+        quantize_linears(reference, opts.torch_quant)
+    tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+    return Generator(TorchSession(reference, w, c), tokenizer), ChatFormat.for_tokenizer(tokenizer, ck.chat_template), {}
+
+
+def _open(opts: RunOptions):
+    return open_bundle(opts) if opts.backend == "onnx" else open_checkpoint(opts)
+
+
+def _text(text: str, what: str) -> str:
+    """`text` as the user typed it; undecodable bytes (kept by Python as surrogates) are refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgeError(f"{what} is not valid UTF-8") from None
+    return text
+
+
+def _stdout():
+    if sys.stdout is None:
+        raise EdgeError("standard output is closed")
+    return sys.stdout
+
+
+def _write(out, pieces) -> None:
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            raise EdgeError("standard output is closed") from None
+        raise
+
+
+@with_run_options
 def generate(
+    opts: RunOptions,
     prompt: Annotated[str, typer.Argument(help="the prompt")],
-    bundle: BundleOpt = None, model: ModelOpt = None, backend: BackendOpt = None, quant: TorchQuantOpt = None,
-    max_new_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
-    repetition_penalty: RepOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
-    guardrail: GuardOpt = False, threads: ThreadsOpt = 0, chunk: ChunkOpt = None, window: WindowOpt = None,
-    trust_pickle: TrustPickleOpt = False, verify: VerifyOpt = True,
 ) -> None:
     """Generate a reply to PROMPT, streaming tokens as they come (greedy by default)."""
-    gen, fmt, defaults = _open(bundle, model, backend, threads, chunk, window, trust_pickle, verify, quant)
-    cfg = _config(defaults, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
+    prompt, out = _text(prompt, "the prompt"), _stdout()
+    gen, fmt, defaults = _open(opts)
+    cfg = opts.config(defaults)
     messages = [{"role": "user", "content": prompt}]
-    ids = gen.tokenizer.encode(prompt) if raw else fmt.encode(messages, gen.tokenizer, guardrail=guardrail)
-    for piece in gen.stream(ids, cfg):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    ids = gen.tokenizer.encode(prompt) if raw else fmt.encode(messages, gen.tokenizer, guardrail=opts.guardrail)
+    _write(out, gen.stream(ids, cfg))
 
 
-def chat(
-    bundle: BundleOpt = None, model: ModelOpt = None, backend: BackendOpt = None, quant: TorchQuantOpt = None,
-    max_new_tokens: MaxTokOpt = None, temperature: TempOpt = None, top_k: TopKOpt = None, top_p: TopPOpt = None,
-    repetition_penalty: RepOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    guardrail: GuardOpt = False, threads: ThreadsOpt = 0, chunk: ChunkOpt = None, window: WindowOpt = None,
-    trust_pickle: TrustPickleOpt = False, verify: VerifyOpt = True,
-) -> None:
+@with_run_options
+def chat(opts: RunOptions) -> None:
     """Interactive multi-turn chat; an empty line or end of input quits."""
-    gen, fmt, defaults = _open(bundle, model, backend, threads, chunk, window, trust_pickle, verify, quant)
-    cfg = _config(defaults, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
-    engine = ChatEngine(gen, lambda messages: fmt.encode(messages, gen.tokenizer, guardrail=guardrail))
+    if sys.stdin is None:
+        raise EdgeError("standard input is closed")
+    out = _stdout()
+    gen, fmt, defaults = _open(opts)
+    cfg = opts.config(defaults)
+    engine = ChatEngine(gen, lambda messages: fmt.encode(messages, gen.tokenizer, guardrail=opts.guardrail))
     while True:
         try:
-            text = input("you> ")
+            text = _text(input("you> "), "the input")
         except EOFError:
             break
+        except UnicodeDecodeError:
+            raise EdgeError("the input is not valid UTF-8") from None
         if not text.strip():
             break
-        sys.stdout.write("assistant> ")
-        for piece in engine.reply(text, cfg):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-
-
-COMMANDS["generate"] = generate
-COMMANDS["chat"] = chat
+        out.write("assistant> ")
+        _write(out, engine.reply(text, cfg))

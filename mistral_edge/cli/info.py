@@ -7,7 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from .commands import COMMANDS
+from ..targets.request import check_window
 from .options import ModelArg, TrustPickleOpt, WindowOpt
 
 
@@ -17,6 +17,7 @@ def _bytes(n: int) -> str:
 
 def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPickleOpt = False) -> None:
     """Show a model's config, parameter count, weight bytes and KV-cache bytes."""
+    check_window(window, None)
     from ..model.loaders import load_checkpoint  # torch: only for commands that load checkpoints
 
     ck = load_checkpoint(model, window=window, trust_pickle=trust_pickle)
@@ -41,5 +42,3 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
     console.print(f"{ck.source} ({ck.source_format})", highlight=False, soft_wrap=True)
     console.print(table)
 
-
-COMMANDS["info"] = info

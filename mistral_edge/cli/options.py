@@ -12,4 +12,4 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="model to
 WindowOpt = Annotated[Optional[int], typer.Option(help="W, the number of rolling KV-cache slots (overrides the model's)")]
 ChunkOpt = Annotated[Optional[int], typer.Option(help="prefill chunk size C (1 <= C <= W)")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow torch pickle checkpoints (.bin/.pth/.pt)")]
-ThreadsOpt = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0: all cores)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (0: all cores)")]

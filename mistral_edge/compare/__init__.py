@@ -9,8 +9,9 @@ Protocol (`mistral-edge compare`, `run.run_compare`):
 - Perplexity: exp(mean negative log-likelihood of the scored tokens).
 - KL(fp32 || variant) per scored position, averaged, and top-1 agreement (the
   variant's argmax equals the reference's). The reference is the fp32 ONNX
-  export at the largest W, measured first; its log-probabilities are kept in
-  fp16 on disk (see quality.py). Its own KL is therefore exactly 0.
+  export at the largest W, measured first; its log-probabilities are kept on
+  disk as uint16 codes on a per-position linear grid, logp ~= low + code * step
+  (quality.GridLogProbs). Its own KL is therefore exactly 0.
 - Memory: bundle size on disk (all files), weight and KV-cache bytes from the
   manifest's memory budget, and the peak RSS of a fresh process that loads the
   variant and runs the speed benchmark (speed.py).

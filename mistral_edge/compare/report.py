@@ -23,7 +23,8 @@ class Row:
     quant: str
     backend: str  # "onnx", "torch" or "bitsandbytes"
     window: int | None
-    bits_per_weight: float | None
+    model_bits_per_weight: float | None
+    """Stored weight bits over the parameter count, whole model (scales and zero points included)."""
     size_bytes: int | None  # bundle on disk
     weight_bytes: int | None  # resident weights (manifest)
     kv_cache_bytes: int | None
@@ -137,7 +138,7 @@ def table(rows: list[Row], title: str = "") -> Table:
             t.add_row(r.quant, r.backend, *["-"] * 12, style="dim")
             continue
         delta = None if base is None or r.perplexity is None else 100 * (r.perplexity / base - 1)
-        t.add_row(r.quant, r.backend, _num(r.window, "d"), _num(r.bits_per_weight, ".2f"), _mib(r.size_bytes),
+        t.add_row(r.quant, r.backend, _num(r.window, "d"), _num(r.model_bits_per_weight, ".2f"), _mib(r.size_bytes),
                   _mib(r.weight_bytes), _mib(r.kv_cache_bytes), _mib(r.peak_rss_bytes), _num(r.perplexity, ".3f"),
                   _num(delta, "+.2f") + ("%" if delta is not None else ""),
                   _num(None if r.kl_vs_fp32 is None else max(r.kl_vs_fp32, 0.0), ".5f"),  # rounding: -1e-9 shows as 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from ..model.loaders import load_checkpoint
 from ..quantize.spec import parse_quant
 from ..runtime.session import DecoderSession, SessionConfig
 from ..targets.bundle import source_hash
+from ..targets.request import check_window
 from ..tokenizer import Tokenizer
 from ..quantize import calibrate
 from .quality import ReferenceStore, evaluate
 from .report import Row
-from .speed import SpeedJob, measure
+from .speed import SpeedJob, SpeedResult, SpeedTimeout, measure, timeout_for
 from .text import EvalText, load_text, read_text, token_windows
 from .variants import QuantChoice, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
 
@@ -73,6 +75,8 @@ def check_request(req: CompareRequest) -> list[QuantChoice]:
     for w in req.windows:
         if w <= 0:
             raise EdgeError(f"--window must be a positive integer, got {w}")
+        check_window(w, None)
+    check_out(req.out)
     if req.runs < 1:
         raise EdgeError(f"--runs must be a positive integer, got {req.runs}")
     if req.ctx < 2:
@@ -81,6 +85,15 @@ def check_request(req: CompareRequest) -> list[QuantChoice]:
         raise EdgeError(f"--n-windows must be a positive integer, got {req.n_windows}")
     resolve_threads(req.threads)
     return choices
+
+
+def check_out(out: Path) -> None:
+    """--out must be a directory, or not exist yet under one (it is created after the model loads)."""
+    if out.exists() and not out.is_dir():
+        raise EdgeError(f"--out {out} exists and is not a directory")
+    parent = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise EdgeError(f"--out {out}: {parent} is not a directory")
 
 
 def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText:
@@ -115,26 +128,41 @@ class _Run:
                                         req.ctx - 1, ck.config.vocab_size)
         self.calib_ids: np.ndarray | None = None
         self.calib_sha: str | None = None
+        self.chunk_step_s = 0.0  # seconds per chunk step of the latest quality pass (scales the speed timeout)
 
-    def row(self, quant: str, backend: str, window: int, quality, speed, **sizes) -> Row:
+    def row(self, quant: str, backend: str, window: int, quality, speed: SpeedResult | None, note: str = "",
+            **sizes) -> Row:
+        """`speed` None: the speed worker timed out (the note says so)."""
+        measured = {} if speed is None else asdict(speed)
+        if speed is None:
+            note = "; ".join(n for n in (note, "speed not measured: the worker timed out") if n)
         return Row(quant=quant, backend=backend, window=window, perplexity=quality.perplexity,
                    kl_vs_fp32=quality.kl_vs_fp32, top1_vs_fp32=quality.top1_vs_fp32,
-                   prefill_tok_s=speed.prefill_tok_s, decode_tok_s=speed.decode_tok_s,
-                   peak_rss_bytes=speed.peak_rss_bytes, threads=self.threads, ctx=self.req.ctx,
-                   n_windows=len(self.windows), scored_tokens=quality.scored_tokens, text=self.text, **sizes)
+                   prefill_tok_s=measured.get("prefill_tok_s"), decode_tok_s=measured.get("decode_tok_s"),
+                   peak_rss_bytes=measured.get("peak_rss_bytes"), threads=self.threads, ctx=self.req.ctx,
+                   n_windows=len(self.windows), scored_tokens=quality.scored_tokens, text=self.text, note=note,
+                   **sizes)
 
     def quality(self, session, chunk: int, label: str, record: bool = False):
         task = self.progress.add_task(f"quality {label}", total=len(self.windows))
+        start = time.perf_counter()
         try:
             return evaluate(session, self.windows, chunk, self.reference, record,
                             progress=lambda: self.progress.advance(task))
         finally:
+            steps = self.windows.shape[0] * -(-self.windows.shape[1] // chunk)
+            self.chunk_step_s = (time.perf_counter() - start) / steps
             self.progress.remove_task(task)
 
-    def speed(self, job: SpeedJob, label: str):
+    def speed(self, job: SpeedJob, label: str, weight_bytes: int) -> SpeedResult | None:
+        """The worker's result, or None (and one log line) when it ran past its timeout."""
+        timeout = timeout_for(job, self.chunk_step_s, weight_bytes)
         task = self.progress.add_task(f"speed {label} ({job.runs} runs, fresh process)", total=None)
         try:
-            return measure(job)
+            return measure(job, timeout)
+        except SpeedTimeout as e:
+            self.log(f"{label}: {e}; its speed is not measured")
+            return None
         finally:
             self.progress.remove_task(task)
 
@@ -176,8 +204,8 @@ class _Run:
         quality = self.quality(session, chunk, f"{choice.name} W={window}", record)
         del session
         speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
-                                    model_path=str(built.model_path)), choice.name)
-        return self.row(choice.name, "onnx", window, quality, speed, bits_per_weight=built.bits_per_weight,
+                                    model_path=str(built.model_path)), choice.name, built.weight_bytes)
+        return self.row(choice.name, "onnx", window, quality, speed, model_bits_per_weight=built.bits_per_weight,
                         size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 
@@ -207,8 +235,10 @@ class _Run:
         del model
         speed = self.speed(SpeedJob("torch", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
-                                    dtype=dtype, bnb=bnb), f"PyTorch {name}")
-        return self.row(name, backend, window, quality, speed, bits_per_weight=8 * weight_bytes / self.ck.n_params,
+                                    dtype=dtype, bnb=bnb), f"PyTorch {name}",
+                           self.ck.n_params * 4)  # the worker loads the checkpoint as fp32 first
+        return self.row(name, backend, window, quality, speed,
+                        model_bits_per_weight=8 * weight_bytes / self.ck.n_params,
                         size_bytes=None, weight_bytes=weight_bytes,
                         kv_cache_bytes=self.ck.config.kv_bytes_per_token(size) * window,
                         note=NOTES.get(bnb, ""))

@@ -11,6 +11,7 @@ ONNX job, so torch's own footprint is not counted against it.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -112,12 +113,38 @@ def run_job(job: SpeedJob) -> SpeedResult:
     return SpeedResult(prefill, decode, peak_rss_bytes())
 
 
+START_S = 120.0
+"""Seconds a worker may take to start (interpreter, onnxruntime or torch), before reading weights."""
+LOAD_BYTES_PER_S = 50e6
+"""The slowest weight loading allowed for (a slow disk, a torch checkpoint upcast on load)."""
+STEP_SLACK = 20
+"""How many times slower than the same model's quality pass a worker's step may run before the
+worker is taken for hung: a decode step costs at most one prefill chunk step (both read every
+weight once), and the fresh process has the same threads."""
+
+
+class SpeedTimeout(Exception):
+    """The worker ran past its timeout and was killed."""
+
+
+def timeout_for(job: SpeedJob, chunk_step_s: float, weight_bytes: int) -> float:
+    """Seconds `job` may run: start-up, loading `weight_bytes`, then its warm-up and timed runs (each
+    the prompt's chunks and the decode steps) at STEP_SLACK times `chunk_step_s`, the seconds one
+    chunk step took in this comparison's quality pass of the same variant."""
+    steps = (job.runs + 1) * (math.ceil(len(job.prompt) / job.chunk) + len(job.decode))
+    return START_S + weight_bytes / LOAD_BYTES_PER_S + STEP_SLACK * steps * chunk_step_s
+
+
 def measure(job: SpeedJob, timeout: float | None = None) -> SpeedResult:
-    """Run `job` in a fresh interpreter and return its result."""
+    """Run `job` in a fresh interpreter and return its result; past `timeout` seconds the worker
+    is killed and SpeedTimeout raised."""
     from ..errors import EdgeError
 
-    proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asdict(job)), capture_output=True,
-                          text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(asdict(job)), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        raise SpeedTimeout(f"speed worker killed after {timeout:.0f} s (its timeout)") from None
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         raise EdgeError(f"speed benchmark failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")

@@ -30,7 +30,8 @@ from ..quantize.plan import TensorQuant, head_shares_embedding, quant_plan
 from ..quantize.spec import QuantSpec, parse_quant
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..targets.budget import estimate, tensor_bytes, tensor_shapes
-from ..targets.bundle import BundleRequest, atomic_dir, write_bundle
+from ..targets.bundle import atomic_dir, write_bundle
+from ..targets.request import BundleRequest
 from ..targets.profiles import get_target
 from ..quantize.calibrate import Calibrated
 

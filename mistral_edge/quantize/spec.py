@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from ..errors import EdgeError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+EMBEDDING_PRECISIONS = PRECISIONS[:3]
+"""The embedding is a Gather on its table: int4 has no such op (export/linear.py)."""
 GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "search")
 ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
@@ -85,11 +87,11 @@ def _default_head(bits: int) -> str:
     return {32: "fp32", 16: "fp16"}.get(bits, "int8")
 
 
-def _precision(role: str, value: str | None, default: str) -> str:
+def _precision(role: str, value: str | None, default: str, allowed: tuple[str, ...]) -> str:
     if value is None:
         return default
-    if value not in PRECISIONS:
-        raise EdgeError(f"unknown {role} precision {value!r}; expected one of {', '.join(PRECISIONS)}")
+    if value not in allowed:
+        raise EdgeError(f"unsupported {role} precision {value!r}; expected one of {', '.join(allowed)}")
     return value
 
 
@@ -99,7 +101,7 @@ def parse_quant(
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
     Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8/int4
-    linears and the linears' own float type otherwise; embedding same as head.
+    linears and the linears' own float type otherwise; embedding same as head (int8 for an int4 head).
     """
     base, *suffixes = text.strip().lower().split("-")
     bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}.get(base)
@@ -110,7 +112,7 @@ def parse_quant(
     text_group, zero_point, method = None, None, None
     zero_points = {suffix: kind for kind, suffix in ZERO_POINTS.items()}
     for s in suffixes:
-        if s.startswith("g") and s[1:].isdigit() and text_group is None:
+        if s.startswith("g") and s[1:].isascii() and s[1:].isdigit() and text_group is None:
             text_group = int(s[1:])
         elif s in zero_points and zero_point is None:
             zero_point = zero_points[s]
@@ -120,11 +122,12 @@ def parse_quant(
             raise EdgeError(f"unknown quantization {text!r}; valid forms: {VALID_FORMS}")
     if text_group is not None and group_size is not None and text_group != group_size:
         raise EdgeError(f"group size {group_size} contradicts {text!r}")
-    head = _precision("head", head, _default_head(bits))
-    embedding = _precision("embedding", embedding, head)
+    head = _precision("head", head, _default_head(bits), PRECISIONS)
+    embedding = _precision("embedding", embedding, head if head in EMBEDDING_PRECISIONS else "int8",
+                           EMBEDDING_PRECISIONS)
     if bits != 4:
         return QuantSpec(bits=bits, embedding=embedding, head=head)
-    g = text_group or group_size or DEFAULT_GROUP_SIZE
+    g = next((size for size in (text_group, group_size) if size is not None), DEFAULT_GROUP_SIZE)
     if g not in GROUP_SIZES:
         raise EdgeError(f"unsupported int4 group size {g}; expected one of {', '.join(map(str, GROUP_SIZES))}")
     return QuantSpec(4, g, zero_point or DEFAULT_ZERO_POINT, method or "search", embedding, head)

@@ -20,8 +20,10 @@ class GenerationConfig:
     stop_tokens: tuple[int, ...] = ()  # in addition to the tokenizer's EOS ids
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise EdgeError(f"max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise EdgeError(f"max-new-tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise EdgeError("a stop string must be non-empty (an empty one would end every reply at once)")
 
 
 class Generator:
@@ -86,9 +88,6 @@ class Generator:
         text += decoder.flush()
         if len(text) > emitted:
             yield text[emitted:]
-
-    def generate(self, prompt_ids: list[int], cfg: GenerationConfig) -> str:
-        return "".join(self.stream(prompt_ids, cfg))
 
 
 def generate_batch(session: DecoderSession, prompts: list[list[int]], cfg: GenerationConfig,

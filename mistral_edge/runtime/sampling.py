@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +19,35 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise EdgeError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
+        t = _number("temperature", self.temperature)
+        if not (t == 0 or MIN_DIVISOR <= t < math.inf):
+            raise EdgeError(f"temperature must be 0 (greedy) or a finite number >= {MIN_DIVISOR}, got {t}")
+        if _integer("top-k", self.top_k) < 0:
             raise EdgeError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < _number("top-p", self.top_p) <= 1:
             raise EdgeError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise EdgeError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        if not MIN_DIVISOR <= _number("repetition penalty", self.repetition_penalty) < math.inf:
+            raise EdgeError(f"repetition penalty must be a finite number >= {MIN_DIVISOR}, got {self.repetition_penalty}")
+        if self.seed is not None and _integer("seed", self.seed) < 0:
+            raise EdgeError(f"seed must be >= 0, got {self.seed}")
+
+
+MIN_DIVISOR = 1e-3
+"""The least temperature and repetition penalty (both divide logits): below it a logit can
+overflow float64 (a subnormal gives inf - inf = NaN), and the distribution is one-hot anyway."""
+
+
+def _number(what: str, value) -> float:
+    """`value` if it is a real number (NaN fails every range check after); a bundle's defaults are untrusted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EdgeError(f"{what} must be a number, got {value!r}")
+    return value
+
+
+def _integer(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EdgeError(f"{what} must be an integer, got {value!r}")
+    return value
 
 
 class Sampler:

@@ -14,44 +14,21 @@ import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..errors import EdgeError
 from ..contract import GRAPH_CONTRACT_VERSION
-from ..export.onnx_builder import activation_type
 from ..export.pipeline import export_onnx, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..quantize.plan import TensorQuant, quant_plan, scheme_name
-from ..quantize.spec import QuantSpec
 from ..runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from .budget import MemoryBudget, estimate
 from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION, write_mlc
 from .profiles import TargetProfile, parse_memory
+from .request import BundleRequest
 
 GENERATION_DEFAULTS = {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
-
-
-@dataclass(frozen=True)
-class BundleRequest:
-    target: TargetProfile
-    quant: QuantSpec
-    window: int | None = None
-    chunk: int | None = None
-    device_memory: str | None = None  # overrides the target's default budget
-    fmt: str | None = None  # overrides the target's weight format
-    activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
-
-    def __post_init__(self) -> None:  # bad values fail before the model is loaded
-        if self.device_memory is not None:
-            parse_memory(self.device_memory)
-        if self.activations is not None:
-            activation_type(self.activations)
-
-    @property
-    def activation_dtype(self) -> str:
-        return self.activations or self.target.activation_dtype
 
 
 @contextmanager

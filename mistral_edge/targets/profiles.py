@@ -67,6 +67,10 @@ DEVICES = {  # named device profiles -> total memory in bytes
 }
 
 
+MAX_MEMORY = 1 << 50
+"""1 PiB: a bound past any device, below the float overflow of a 400-digit size."""
+
+
 def get_target(name: str) -> TargetProfile:
     if name not in TARGETS:
         raise EdgeError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
@@ -81,6 +85,6 @@ def parse_memory(text: str) -> int:
     if not m:
         raise EdgeError(f"cannot read memory size {text!r}: use e.g. 8GB, 512MB or one of {', '.join(DEVICES)}")
     value = float(m.group(1)) * (1 << (10 * " kmgt".index(m.group(2) or " ")))
-    if value <= 0:
-        raise EdgeError(f"device memory must be positive, got {text!r}")
+    if not 0 < value <= MAX_MEMORY:
+        raise EdgeError(f"device memory must be positive and at most 1 PiB, got {text!r}")
     return int(value)

@@ -1,0 +1,72 @@
+"""The whole export request, typed and checked when it is made: a bad target, quant, format,
+activation type, window, chunk or device memory is refused before a checkpoint is loaded
+(a 7B model takes minutes to load). Checks that need the model (its own window, the memory
+budget) stay with write_bundle.
+
+Torch-free at import (the runtime's `generate --bundle` checks --chunk with check_window); the
+exporter's own lists of formats, activation types and MLC's scheme are read when a request is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import EdgeError
+from ..quantize.spec import QuantSpec, parse_quant
+from .profiles import TargetProfile, parse_memory
+
+MAX_WINDOW = 1 << 20
+"""The most KV-cache slots (W) or chunk tokens asked for: past a million tokens a cache, or the
+attention scores of one chunk, would not fit any device this toolkit targets."""
+
+
+def check_window(window: int | None, chunk: int | None) -> None:
+    """--window and --chunk as given (None: the model's or the default), before any model is read."""
+    for name, value in (("window", window), ("chunk size", chunk)):
+        if value is not None and not (isinstance(value, int) and 0 < value <= MAX_WINDOW):
+            raise EdgeError(f"{name} must be an integer between 1 and {MAX_WINDOW:,}, got {value}")
+    if window is not None and chunk is not None and chunk > window:
+        raise EdgeError(f"chunk size must be between 1 and the window W={window}, got {chunk}")
+
+
+@dataclass(frozen=True)
+class BundleRequest:
+    """What to export for which target; the options left None take the target's (or the model's) value."""
+
+    target: TargetProfile
+    quant: QuantSpec
+    window: int | None = None
+    chunk: int | None = None
+    device_memory: str | None = None  # overrides the target's default budget
+    fmt: str | None = None  # overrides the target's weight format: one of export.pipeline.FORMATS
+    activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
+
+    def __post_init__(self) -> None:
+        from ..export.onnx_builder import activation_type
+        from ..export.pipeline import FORMATS
+
+        check_window(self.window, self.chunk)
+        if self.device_memory is not None:
+            parse_memory(self.device_memory)
+        if self.activations is not None:
+            activation_type(self.activations)
+        if self.target.name == "mlc":
+            self._check_mlc()
+        elif self.fmt is not None and self.fmt not in FORMATS:
+            raise EdgeError(f"unknown weight format {self.fmt!r}; expected one of {', '.join(FORMATS)}")
+
+    def _check_mlc(self) -> None:
+        """MLC writes its own q4f16_1 (int4 in groups of 32, symmetric, fp16 activations) for every
+        matrix: asking for anything else would be silently ignored, so it is refused."""
+        from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION
+
+        mlc_like = {parse_quant(self.target.quant), parse_quant(f"int4-g{MLC_GROUP_SIZE}-sym-rtn")}
+        if self.quant not in mlc_like or self.fmt is not None or \
+                self.activation_dtype != self.target.activation_dtype:
+            raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
+                            f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
+                            f"and no --activations fp32")
+
+    @property
+    def activation_dtype(self) -> str:
+        return self.activations or self.target.activation_dtype
