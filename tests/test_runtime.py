@@ -106,7 +106,7 @@ def test_chat_longer_than_window_keeps_working(tiny):
     from mistral_edge.chat import ChatFormat
 
     tok = b.tokenizer()
-    fmt = ChatFormat.from_manifest(b.manifest)
+    fmt = ChatFormat.from_manifest(b.manifest.to_json())
     gen = Generator(b.session(), tok)
     engine = ChatEngine(gen, lambda m: fmt.encode(m, tok))
     for turn in range(4):
@@ -121,12 +121,12 @@ def test_memory_stays_flat_after_many_windows(tiny):
     _, out = tiny
     b = Bundle.open(out)
     session = b.session()
-    cfg = b.manifest["config"]
+    cfg = b.manifest.config
     proc = psutil.Process()
     tok = np.array([[5]])
     for _ in range(W):
         session.step(tok)
-    assert session.cache_bytes == cfg["n_layers"] * 2 * cfg["n_kv_heads"] * W * cfg["head_dim"] * 4
+    assert session.cache_bytes == cfg.n_layers * 2 * cfg.n_kv_heads * W * cfg.head_dim * 4
     after_w = proc.memory_info().rss
     for _ in range(9 * W):
         session.step(tok)

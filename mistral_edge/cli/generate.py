@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,8 +39,8 @@ def _open(bundle: Path | None, model: str | None, backend: str, threads: int, ch
 
         b = Bundle.open(bundle, check=verify)
         session = b.session(threads=threads, chunk=chunk)
-        tokenizer, fmt = b.tokenizer(), ChatFormat.from_manifest(b.manifest)
-        defaults = b.manifest.get("generation", {})
+        tokenizer, fmt = b.tokenizer(), ChatFormat.from_manifest(b.manifest.to_json())
+        defaults = dataclasses.asdict(b.manifest.generation)
     elif backend == "torch":
         if bundle is not None:
             raise EdgeError("--bundle runs on the onnx backend; the torch backend takes --model")
