@@ -4,10 +4,13 @@ the memory budget, atomic replacement and the CLI (docs/bundle-format.md)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -680,6 +683,99 @@ def test_unwritable_parent_is_one_line(ck, tmp_path):
         export(ck, tmp_path / "file" / "bundle")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_folder_with_someone_elses_manifest_is_not_replaced(ck, bundles, tmp_path):
+    """Security 2: a web app's manifest.json does not make its folder a bundle; an older format's bundle of ours is one."""
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text(json.dumps({"name": "My App", "start_url": "/"}))
+    (app / "index.html").write_text("<html>")
+    before = snapshot(app)
+    with pytest.raises(EdgeError, match="exists and is not a bundle") as e:
+        export(ck, app)
+    assert "\n" not in str(e.value) and snapshot(app) == before and siblings(app) == ["webapp"]
+    for text in ("not json", json.dumps({"format_version": 2, "toolkit": {"name": "other"}}), "[" * 100_000):
+        (app / "manifest.json").write_text(text)
+        with pytest.raises(EdgeError, match="exists and is not a bundle"):
+            export(ck, app)
+    old = tmp_path / "old"
+    shutil.copytree(bundles["cpu"][0], old)
+    edit_manifest(old, lambda m: m.update(format_version=1), reseal=False)  # as an earlier toolkit wrote it
+    export(ck, old, "mlc")
+    assert verify(old) == [] and siblings(old) == ["old", "webapp"]
+
+
+def test_full_disk_is_one_line(ck, tmp_path, monkeypatch, hf_dir, cli):
+    """A write failing with ENOSPC: one error line naming the cause, and nothing left behind."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.onnx")
+    monkeypatch.setattr(bundle_mod, "export_onnx", dying_export(full))
+    with pytest.raises(EdgeError, match="cannot write the bundle .*: No space left on device") as e:
+        export(ck, tmp_path / "b")
+    assert "\n" not in str(e.value) and siblings(tmp_path / "b") == []
+    result = cli("export", hf_dir[0], "--out", tmp_path / "c")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write the bundle")
+    assert siblings(tmp_path / "c") == []
+
+
+SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+from mistral_edge.model.checkpoint import Checkpoint
+from mistral_edge.model.config import ModelConfig
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.targets import bundle as bundle_mod
+from mistral_edge.targets.profiles import get_target
+
+def slow_export(ck, spec, out_path, **kw):
+    out_path.write_bytes(b"half a model")
+    print("writing", flush=True)
+    time.sleep(120)
+
+bundle_mod.export_onnx = slow_export
+cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=72, vocab_size=32000,
+                  sliding_window=16)
+ck = Checkpoint(cfg, {}, "fixture", tokenizer_files={"tokenizer.model": Path(sys.argv[2])})
+bundle_mod.write_bundle(ck, bundle_mod.BundleRequest(get_target("cpu"), parse_quant("int4")), Path(sys.argv[1]),
+                        log=lambda _: None)
+"""
+
+
+def slow_export(out) -> subprocess.Popen:
+    """An export in a process of its own, stopped while it writes the model."""
+    p = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(out), str(SPM_V1)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "writing\n", p.communicate()[1]
+    return p
+
+
+def test_sigterm_during_export_removes_the_temp_dir(tmp_path):
+    """Bug 12: what `timeout`, CI runners and service managers send; Ctrl-C is test_failed_export_leaves_nothing."""
+    out = tmp_path / "b"
+    p = slow_export(out)
+    assert [n.startswith(".b.tmp-") for n in siblings(out)] == [True]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in p.stderr.read()
+    assert siblings(out) == []
+
+
+def test_a_killed_exports_temp_dir_is_removed_by_the_next(ck, tmp_path):
+    """A SIGKILL leaves `.b.tmp-PID-*`; the next export to b removes it once PID is gone, and no other dir."""
+    out = tmp_path / "b"
+    p = slow_export(out)
+    p.kill()
+    p.wait(timeout=60)
+    (stale,) = siblings(out)
+    assert stale.startswith(f".b.tmp-{p.pid}-")
+    keep = [f".b.tmp-{os.getpid()}-0123abcd", f".c.tmp-{p.pid}-0123abcd", ".b.tmp-0123abcd", f".b.tmp-{p.pid}-notours"]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    lines = []
+    write_bundle(ck, BundleRequest(TARGETS["mlc"], parse_quant("int4")), out, log=lines.append)
+    assert siblings(out) == sorted(["b", *keep]) and verify(out) == []
+    assert lines == [f"removed {tmp_path / stale}, left by an export (pid {p.pid}) that was killed"]
 
 
 # --- the CLI --------------------------------------------------------------------------------------
