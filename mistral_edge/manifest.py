@@ -174,6 +174,9 @@ class Manifest:
     files: tuple[FileEntry, ...]  # every file but manifest.json, in path order
     manifest_sha256: str | None = dataclasses.field(default=None, compare=False)
     """The digest as read from manifest.json; None for a manifest built in memory (to_json writes the true one)."""
+    content_sha256: str | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    """The digest of what manifest.json holds, computed on read (over the JSON as parsed, so a value the
+    types normalize, like 10000 for 10000.0, cannot hide an edit)."""
 
     def __post_init__(self) -> None:
         _check_version(self.format_version)
@@ -194,16 +197,17 @@ class Manifest:
             raise EdgeError("manifest_sha256 must be 64 lowercase hex digits")
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of every field but manifest_sha256."""
-        return hashlib.sha256(canonical_json(self._body())).hexdigest()
+        """manifest_sha256 of this manifest as to_json writes it."""
+        return content_digest(self._body())
 
     @property
     def edited(self) -> bool:
         """The manifest read from a file no longer matches its own digest (edited since export)."""
-        return self.manifest_sha256 is not None and self.manifest_sha256 != self.digest()
+        return self.manifest_sha256 is not None and self.manifest_sha256 != self.content_sha256
 
     def _body(self) -> dict:
-        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "manifest_sha256"}
+        return {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.init and f.name != "manifest_sha256"}
 
     def to_json(self) -> dict:
         return {**self._body(), "manifest_sha256": self.digest()}
@@ -217,9 +221,11 @@ class Manifest:
             _check_version(raw.get("format_version"))  # first: the clearest message for an old bundle
             if not isinstance(raw.get("manifest_sha256"), str):  # a manifest without it could say anything
                 raise EdgeError("field 'manifest_sha256' is missing or not a string")
-            return _read(cls, raw, "")
+            manifest = _read(cls, raw, "")
         except EdgeError as e:
             raise EdgeError(f"{source}: {e}") from None
+        object.__setattr__(manifest, "content_sha256", content_digest({k: v for k, v in raw.items() if k != "manifest_sha256"}))
+        return manifest
 
 
 def _check_version(version) -> None:
@@ -228,8 +234,13 @@ def _check_version(version) -> None:
                         f"(this toolkit reads version {FORMAT_VERSION}; export the model again)")
 
 
-def canonical_json(value) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+def content_digest(body: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of a manifest without its manifest_sha256."""
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except ValueError:  # read manifests have no NaN (the parser refuses it); a config in memory might
+        raise EdgeError("a manifest value is NaN or infinite") from None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_relpath(path: str) -> None:
@@ -272,7 +283,7 @@ def _read_one(tp, value, where: str):
         if not isinstance(value, dict):
             raise _Mismatch
         hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)}
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
         for key in value:
             if key not in fields:
                 raise EdgeError(f"field {_join(where, _safe(key))!r} is not part of bundle format {FORMAT_VERSION}")

@@ -29,7 +29,7 @@ from mistral_edge.model.config import ModelConfig
 from mistral_edge.model.loaders.hf import config_from_hf
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
-from mistral_edge.manifest import FORMAT_VERSION, canonical_json
+from mistral_edge.manifest import FORMAT_VERSION
 from mistral_edge.runtime.bundle import Bundle, read_manifest, verify
 from mistral_edge.contract import GRAPH_CONTRACT_VERSION
 from mistral_edge.targets import bundle as bundle_mod
@@ -245,6 +245,15 @@ def test_manifest_round_trip(ck, bundles):
     assert budget["weight_bytes"] == pytest.approx(stored, rel=0.01)
 
 
+def test_an_integer_in_a_float_field_verifies(tmp_path):
+    """A loader may keep rope_theta 10000 as an int; the digest is over the JSON as written, so it verifies."""
+    ck = fixture_checkpoint()
+    ck.config = dataclasses.replace(ck.config, rope_theta=10000)
+    export(ck, tmp_path / "b", "cpu", "int8")
+    assert '"rope_theta": 10000,' in (tmp_path / "b" / "manifest.json").read_text()
+    assert verify(tmp_path / "b") == [] and read_manifest(tmp_path / "b").config.rope_theta == 10000.0
+
+
 def test_kv_budget_follows_the_window(ck, tmp_path):
     m = export(ck, tmp_path / "b", "cpu", "int8", window=64, chunk=8)
     assert (m.window, m.chunk) == (64, 8)
@@ -299,7 +308,8 @@ def edit_manifest(path, edit, reseal: bool = True) -> dict:
     m = json.loads((path / "manifest.json").read_text())
     edit(m)
     if reseal and "manifest_sha256" in m:
-        m["manifest_sha256"] = hashlib.sha256(canonical_json({k: v for k, v in m.items() if k != "manifest_sha256"})).hexdigest()
+        m["manifest_sha256"] = hashlib.sha256(json.dumps({k: v for k, v in m.items() if k != "manifest_sha256"},
+                                                         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     (path / "manifest.json").write_text(json.dumps(m))
     return m
 
@@ -387,6 +397,7 @@ def test_malformed_manifest_fields(copy_of, edit, message):
     lambda m: m["tokenizer"].update(chat_template="{{ 'pwned' }}"),
     lambda m: m["tokenizer"].update(eos_ids=[5]),
     lambda m: m["generation"].update(temperature=0.7),
+    lambda m: m["generation"].update(temperature=0),  # the same value once typed: still an edit of the file
     lambda m: m["runtime"]["session_options"].update(intra_op_num_threads=2),
     lambda m: m["runtime"].update(providers=["CUDAExecutionProvider"]),
 ])

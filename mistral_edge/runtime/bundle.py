@@ -9,6 +9,7 @@ paths are checked with symlinks resolved, and nothing that is not a regular file
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,10 +25,14 @@ __all__ = ["FORMAT_VERSION", "MANIFEST", "Bundle", "is_bundle_dir", "read_manife
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return _sha256(f)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -126,33 +131,37 @@ def _check_file(root: Path, rel: str, size: int, sha256: str) -> list[str]:
             actual = os.fstat(f.fileno()).st_size
             if actual != size:
                 return [f"{_show(rel)}: size {actual} bytes, manifest says {size}"]
-            h = hashlib.sha256()
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            digest = _sha256(f)
     except EdgeError as e:
         return [str(e)]
     except FileNotFoundError:
         return [f"missing file {_show(rel)}"]
     except OSError as e:
         return [f"{_show(rel)}: cannot read ({e.strerror})"]
-    return [] if h.hexdigest() == sha256 else [f"{_show(rel)}: sha256 mismatch (file changed since export)"]
+    return [] if digest == sha256 else [f"{_show(rel)}: sha256 mismatch (file changed since export)"]
 
 
 def _unlisted(root: Path, listed: set[str]) -> list[str]:
     """Entries that the manifest does not list: files, and symlinks (to a directory too) or other
     non-directories. os.walk does not enter a symlinked directory."""
     problems = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: problems.append(
-            f"{_show(os.path.relpath(e.filename, root))}: cannot list ({e.strerror})")):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            mode = os.lstat(full).st_mode
-            if stat.S_ISDIR(mode) or rel in listed or rel == MANIFEST:
-                continue
-            kind = "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "entry (not a regular file)"
-            problems.append(f"unlisted {kind} {_show(rel)}")
+    try:
+        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: problems.append(
+                f"{_show(os.path.relpath(e.filename, root))}: cannot list ({e.strerror})")):
+            dirnames.sort()
+            for name in sorted(dirnames + filenames):
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, root).replace(os.sep, "/")
+                try:
+                    mode = os.lstat(full).st_mode
+                except OSError:  # gone since the listing
+                    continue
+                if stat.S_ISDIR(mode) or rel in listed or rel == MANIFEST:
+                    continue
+                kind = "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode) else "entry (not a regular file)"
+                problems.append(f"unlisted {kind} {_show(rel)}")
+    except RecursionError:  # os.walk recurses per level (Python < 3.12)
+        problems.append("directories nested too deeply to list")
     return problems
 
 
@@ -187,7 +196,7 @@ def _check_graph(bundle: Path, manifest: Manifest) -> list[str]:
     expected = {"graph_contract": manifest.graph_contract, "window": manifest.window, "chunk": manifest.chunk,
                 "activation_dtype": manifest.activation_dtype, "n_layers": cfg.n_layers,
                 "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
-    actual = {"graph_contract": GRAPH_CONTRACT_VERSION, **{k: getattr(info, k) for k in expected if k != "graph_contract"}}
+    actual = {**dataclasses.asdict(info), "graph_contract": GRAPH_CONTRACT_VERSION}  # from_metadata checked it
     problems = [f"graph {k} is {str(actual[k])!r}, manifest says {v!r}" for k, v in expected.items() if actual[k] != v]
     if onnx is None:
         return problems

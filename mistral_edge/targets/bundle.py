@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -75,15 +74,13 @@ def atomic_dir(out: Path, log: Callable[[str], None] = lambda _: None):
     """
     out = Path(os.path.abspath(out))
     parent = out.parent
-    if os.path.lexists(out) and not (out.is_dir() and not out.is_symlink()
-                                     and (not any(out.iterdir()) or is_bundle_dir(out))):
+    if os.path.lexists(out) and not _replaceable(out):
         raise EdgeError(f"{out} exists and is not a bundle (no mistral-edge manifest.json in it); refusing to replace "
                          "it (choose another --out)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(parent, out.name, log)
-        tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()  # not mkdtemp: the bundle keeps the umask's permissions, not 0700
+        tmp = _temp_dir(out, "tmp")  # not mkdtemp: the bundle keeps the umask's permissions, not 0700
     except OSError as e:
         raise EdgeError(f"cannot write to {parent}: {e.strerror}") from None
     try:
@@ -100,10 +97,17 @@ def atomic_dir(out: Path, log: Callable[[str], None] = lambda _: None):
         raise
 
 
+def _replaceable(out: Path) -> bool:
+    try:
+        return out.is_dir() and (not any(out.iterdir()) or is_bundle_dir(out))
+    except OSError:  # unreadable: not known to be ours
+        return False
+
+
 def _swap(tmp: Path, out: Path) -> None:
     try:
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+            old = _temp_dir(out, "old")
             os.replace(out, old / "bundle")
             try:
                 os.replace(tmp, out)
@@ -115,6 +119,12 @@ def _swap(tmp: Path, out: Path) -> None:
             os.replace(tmp, out)
     except OSError as e:
         raise EdgeError(f"cannot move the new bundle to {out}: {e.strerror}") from None
+
+
+def _temp_dir(out: Path, kind: str) -> Path:
+    path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
 
 
 def _remove_stale(parent: Path, name: str, log: Callable[[str], None]) -> None:
