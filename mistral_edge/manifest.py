@@ -213,7 +213,7 @@ class Manifest:
         return {**self._body(), "manifest_sha256": self.digest()}
 
     @classmethod
-    def from_json(cls, raw, source: str) -> "Manifest":
+    def from_json(cls, raw, source: str) -> Manifest:
         """Validate and type a parsed manifest.json; one EdgeError line (prefixed with `source`) on any defect."""
         try:
             if not isinstance(raw, dict):

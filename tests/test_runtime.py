@@ -1,6 +1,5 @@
 """The on-device runtime: generation loop, stops, streaming, batches, chat past W, memory, no torch."""
 
-import os
 import subprocess
 import sys
 

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from helpers import SPM_V1, assert_close, checkpoint_of, tiny_hf_mistral
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 import mistral_edge
@@ -169,7 +170,7 @@ def test_ort_format_is_not_onnx(bundles):
     assert bundles["cpu"][1].runtime.converted_by is None and "converted_by" not in bundles["cpu"][1].to_json()["runtime"]
     data = (bundles["android"][0] / "model.ort").read_bytes()
     assert data[4:8] == b"ORTM"  # the flatbuffer file identifier of ORT format models
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         onnx.load_from_string(data)
 
 

@@ -218,7 +218,7 @@ class Bundle:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path: str | Path, check: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, check: bool = True) -> Bundle:
         """Load a bundle; refuses one that fails verification unless check=False."""
         path = Path(path)
         manifest = read_manifest(path)

@@ -156,7 +156,7 @@ class _Interrupts:
     SystemExit(143) and SIGINT KeyboardInterrupt, exceptions the temp-dir cleanup sees; within
     `deferred()` both wait until the bundle is in place. A handler someone else set is left alone."""
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> _Interrupts:
         self.saved, self.deferring, self.pending = {}, False, None
         if threading.current_thread() is threading.main_thread():
             for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
