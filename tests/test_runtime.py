@@ -1,6 +1,5 @@
 """The on-device runtime: generation loop, stops, streaming, batches, chat past W, memory, no torch."""
 
-import os
 import subprocess
 import sys
 
@@ -106,7 +105,7 @@ def test_chat_longer_than_window_keeps_working(tiny):
     from mistral_edge.chat_format import ChatFormat
 
     tok = b.tokenizer()
-    fmt = ChatFormat.from_manifest(b.manifest)
+    fmt = ChatFormat.from_manifest(b.manifest.to_json())
     gen = Generator(b.session(), tok)
     engine = ChatEngine(gen, lambda m: fmt.encode(m, tok))
     for turn in range(4):
@@ -116,17 +115,36 @@ def test_chat_longer_than_window_keeps_working(tiny):
     assert gen.session.positions[0] == len(engine.fed)  # each turn fed only the new tokens
 
 
+def test_both_backends_are_sessions(tiny):
+    """DecoderSession and TorchSession satisfy the Session protocol and agree on a step."""
+    from mistral_edge.model.torch_session import TorchSession
+    from mistral_edge.runtime.session import Session
+
+    ck, out = tiny
+    onnx_session = Bundle.open(out).session()
+    torch_session = TorchSession(ReferenceModel(ck.config, ck.weights), W, 5)
+    tokens = np.arange(100, 105)[None]
+    for session in (onnx_session, torch_session):
+        assert isinstance(session, Session)
+        assert (session.batch, session.window, session.chunk, session.vocab_size) == (1, W, 5, 32000)
+    np.testing.assert_allclose(onnx_session.step(tokens), torch_session.step(tokens), atol=1e-4)
+    for session in (onnx_session, torch_session):
+        assert session.positions[0] == 5
+        session.reset()
+        assert session.positions[0] == 0
+
+
 def test_memory_stays_flat_after_many_windows(tiny):
     """Cache bytes stop at W slots, and RSS after 10*W generated tokens is within a few MB of after W."""
     _, out = tiny
     b = Bundle.open(out)
     session = b.session()
-    cfg = b.manifest["config"]
+    cfg = b.manifest.config
     proc = psutil.Process()
     tok = np.array([[5]])
     for _ in range(W):
         session.step(tok)
-    assert session.cache_bytes == cfg["n_layers"] * 2 * cfg["n_kv_heads"] * W * cfg["head_dim"] * 4
+    assert session.cache_bytes == cfg.n_layers * 2 * cfg.n_kv_heads * W * cfg.head_dim * 4
     after_w = proc.memory_info().rss
     for _ in range(9 * W):
         session.step(tok)
@@ -134,20 +152,43 @@ def test_memory_stays_flat_after_many_windows(tiny):
     assert proc.memory_info().rss - after_w < 4 * 2**20
 
 
-def test_runtime_runs_without_torch_and_transformers(tiny, tmp_path):
-    """A phone has no torch: block both imports and run the CLI on the bundle."""
+RUNTIME_ONLY = """
+import sys
+BLOCKED = {blocked!r}
+
+class Blocker:  # the packages requirements-runtime.txt does not install are absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"No module named {{name!r}} (blocked: not in requirements-runtime.txt)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+for name in BLOCKED:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{{name}} was imported: the blocker does not block")
+from mistral_edge.cli.main import main
+sys.argv = ["mistral-edge", *sys.argv[1:]]
+main()
+"""
+BLOCKED = ("torch", "transformers", "onnx", "gguf", "safetensors", "ml_dtypes")
+
+
+def test_runtime_runs_with_requirements_runtime_only(tiny):
+    """A phone has only requirements-runtime.txt: with torch, transformers, onnx, gguf, safetensors and
+    ml_dtypes unimportable, `verify`, `inspect` and `generate --bundle` run the bundle."""
     _, out = tiny
-    blocker = tmp_path / "block"
-    for name in ("torch", "transformers"):
-        (blocker / name).mkdir(parents=True)
-        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    code = ("import sys; from mistral_edge.cli.main import main; "
-            f"sys.argv = ['mistral-edge', 'generate', '--bundle', {str(out)!r}, 'Hello', '--max-new-tokens', '5']; main()")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert check.returncode != 0  # the blocker really blocks
+    code = RUNTIME_ONLY.format(blocked=BLOCKED)
+    for args in (["verify", out], ["inspect", out], ["generate", "--bundle", out, "Hello", "--max-new-tokens", "5"]):
+        r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()  # generate wrote a reply
+    r = subprocess.run([sys.executable, "-c", code, "export", "--out", str(out.parent / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "blocked" in r.stderr  # export needs torch: the blocker really blocks
 
 
 def test_cli_generate_needs_bundle_or_torch(tiny):

@@ -4,9 +4,13 @@ the memory budget, atomic replacement and the CLI (docs/bundle-format.md)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,6 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from helpers import SPM_V1, assert_close, checkpoint_of, tiny_hf_mistral
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 import mistral_edge
@@ -25,6 +30,7 @@ from mistral_edge.model.config import ModelConfig
 from mistral_edge.model.loaders.hf import config_from_hf
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.manifest import FORMAT_VERSION
 from mistral_edge.runtime.bundle import Bundle, read_manifest, verify
 from mistral_edge.contract import GRAPH_CONTRACT_VERSION
 from mistral_edge.targets import bundle as bundle_mod
@@ -117,8 +123,8 @@ def test_onnx_target_bundle(bundles, cpu_logits, cli, target):
     path, manifest = bundles[target]
     profile = TARGETS[target]
     assert {p.name for p in path.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", MODEL_FILE[target]}
-    assert manifest["model"] == MODEL_FILE[target] and manifest["target"] == target
-    assert manifest["runtime"]["providers"] == list(profile.providers)
+    assert manifest.model == MODEL_FILE[target] and manifest.target == target
+    assert manifest.runtime.providers == profile.providers
     assert profile.note in (path / "README.md").read_text()
     assert verify(path) == []
     result = cli("verify", path)
@@ -142,45 +148,45 @@ def test_onnx_target_bundle(bundles, cpu_logits, cli, target):
 
 
 def test_fp16_targets_halve_the_kv_cache(bundles):
-    cpu = bundles["cpu"][1]["memory_budget"]
+    cpu = bundles["cpu"][1].memory_budget
     for target in ("gpu", "jetson"):
         path, m = bundles[target]
-        assert m["activation_dtype"] == "fp16"
+        assert m.activation_dtype == "fp16"
         model = onnx.load(str(path / "model.onnx"))
         types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
         assert types["past_key.0"] == types["present_value.1"] == onnx.TensorProto.FLOAT16
         assert types["logits"] == onnx.TensorProto.FLOAT
-        budget = m["memory_budget"]
-        assert budget["kv_cache_bytes"] == cpu["kv_cache_bytes"] // 2
-        assert budget["activation_bytes"] == cpu["activation_bytes"] // 2
+        budget = m.memory_budget
+        assert budget.kv_cache_bytes == cpu.kv_cache_bytes // 2
+        assert budget.activation_bytes == cpu.activation_bytes // 2
         stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-        assert budget["weight_bytes"] == pytest.approx(stored, rel=0.01)
-        assert budget["weight_bytes"] < cpu["weight_bytes"]  # fp16 scales and norms
+        assert budget.weight_bytes == pytest.approx(stored, rel=0.01)
+        assert budget.weight_bytes < cpu.weight_bytes  # fp16 scales and norms
 
 
 def test_ort_format_is_not_onnx(bundles):
     """android/ios ship the ORT flatbuffer format, which onnx cannot parse but onnxruntime runs."""
-    assert bundles["android"][1]["runtime"]["converted_by"] == f"onnxruntime {ort.__version__}"
-    assert "converted_by" not in bundles["cpu"][1]["runtime"]
+    assert bundles["android"][1].runtime.converted_by == f"onnxruntime {ort.__version__}"
+    assert bundles["cpu"][1].runtime.converted_by is None and "converted_by" not in bundles["cpu"][1].to_json()["runtime"]
     data = (bundles["android"][0] / "model.ort").read_bytes()
     assert data[4:8] == b"ORTM"  # the flatbuffer file identifier of ORT format models
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         onnx.load_from_string(data)
 
 
 def test_mlc_target_bundle(bundles, cli):
     path, manifest = bundles["mlc"]
     assert {p.name for p in path.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", *MLC_FILES}
-    assert manifest["model"] is None and manifest["ops"] == [] and manifest["activation_dtype"] == "fp16"
-    assert manifest["quant"]["spec"] == manifest["quant"]["format"] == "q4f16_1"
-    assert set(manifest["quant"]["tensors"].values()) == {"int4-g32-sym-rtn"}
+    assert manifest.model is None and manifest.ops == () and manifest.activation_dtype == "fp16"
+    assert manifest.quant.spec == manifest.quant.format == "q4f16_1"
+    assert set(manifest.quant.tensors.values()) == {"int4-g32-sym-rtn"}
     chat = json.loads((path / "mlc-chat-config.json").read_text())
     assert chat["quantization"] == "q4f16_1" and chat["model_type"] == "mistral"
-    assert chat["sliding_window_size"] == manifest["window"] == W
-    assert chat["prefill_chunk_size"] == manifest["chunk"]
+    assert chat["sliding_window_size"] == manifest.window == W
+    assert chat["prefill_chunk_size"] == manifest.chunk
     # the budget counts what the shards hold (fp16 scales and norms: MLC's activation type)
     param_bytes = json.loads((path / "tensor-cache.json").read_text())["metadata"]["ParamBytes"]
-    assert manifest["memory_budget"]["weight_bytes"] == pytest.approx(param_bytes, rel=0.01)
+    assert manifest.memory_budget.weight_bytes == pytest.approx(param_bytes, rel=0.01)
     assert "mlc_llm compile" in (path / "README.md").read_text()
     assert verify(path) == []
     result = cli("verify", path)
@@ -208,9 +214,10 @@ def test_fp32_bundle_matches_reference(ck, tmp_path):
 
 def test_manifest_round_trip(ck, bundles):
     path, written = bundles["cpu"]
-    m = read_manifest(path)
-    assert m == written
-    assert m["format_version"] == 1 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 2
+    assert read_manifest(path) == written
+    m = json.loads((path / "manifest.json").read_text())  # the JSON format of docs/bundle-format.md
+    assert m == written.to_json() and m["manifest_sha256"] == written.digest()
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 2
     assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config
@@ -239,10 +246,19 @@ def test_manifest_round_trip(ck, bundles):
     assert budget["weight_bytes"] == pytest.approx(stored, rel=0.01)
 
 
+def test_an_integer_in_a_float_field_verifies(tmp_path):
+    """A loader may keep rope_theta 10000 as an int; the digest is over the JSON as written, so it verifies."""
+    ck = fixture_checkpoint()
+    ck.config = dataclasses.replace(ck.config, rope_theta=10000)
+    export(ck, tmp_path / "b", "cpu", "int8")
+    assert '"rope_theta": 10000,' in (tmp_path / "b" / "manifest.json").read_text()
+    assert verify(tmp_path / "b") == [] and read_manifest(tmp_path / "b").config.rope_theta == 10000.0
+
+
 def test_kv_budget_follows_the_window(ck, tmp_path):
     m = export(ck, tmp_path / "b", "cpu", "int8", window=64, chunk=8)
-    assert (m["window"], m["chunk"]) == (64, 8)
-    assert m["memory_budget"]["kv_cache_bytes"] == 4 * 4096
+    assert (m.window, m.chunk) == (64, 8)
+    assert m.memory_budget.kv_cache_bytes == 4 * 4096
     assert verify(tmp_path / "b") == []
 
 
@@ -287,13 +303,26 @@ def test_missing_truncated_and_unlisted_files(copy_of, cli):
         Bundle.open(path)
 
 
+def edit_manifest(path, edit, reseal: bool = True) -> dict:
+    """Apply `edit` to the bundle's manifest.json; with `reseal`, write manifest_sha256 anew (unless the
+    edit removed it) as the docs define it, sha256 of the canonical JSON of every other field."""
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    if reseal and "manifest_sha256" in m:
+        m["manifest_sha256"] = hashlib.sha256(json.dumps({k: v for k, v in m.items() if k != "manifest_sha256"},
+                                                         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
 def test_edited_manifest_disagrees_with_the_graph(copy_of, cli):
     path = copy_of("cpu")
-    m = json.loads((path / "manifest.json").read_text())
-    m["window"] = 32
-    m["activation_dtype"] = "fp16"
-    m["ops"] = m["ops"][1:]
-    (path / "manifest.json").write_text(json.dumps(m))
+
+    def edit(m):
+        m["window"] = 32
+        m["activation_dtype"] = "fp16"
+        m["ops"] = m["ops"][1:]
+    edit_manifest(path, edit)
     assert verify(path) == ["graph window is '16', manifest says 32", "graph activation_dtype is 'fp32', manifest says "
                             "'fp16'", "graph ops differ from the manifest's op list"]
     assert_cli_rejects(cli, path, "graph window")
@@ -301,9 +330,7 @@ def test_edited_manifest_disagrees_with_the_graph(copy_of, cli):
 
 def test_edited_manifest_disagrees_with_the_ort_graph(copy_of):
     path = copy_of("ios")
-    m = json.loads((path / "manifest.json").read_text())
-    m["config"]["n_layers"] = 3
-    (path / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(path, lambda m: m["config"].update(n_layers=3))
     assert verify(path) == ["graph n_layers is '2', manifest says 3"]
 
 
@@ -311,14 +338,22 @@ def test_edited_manifest_disagrees_with_the_ort_graph(copy_of):
     ("{\"format_version\": 1, ", "invalid JSON"),
     ("[1, 2]", "not a manifest object"),
     ("{\"format_version\": 99}", "unsupported bundle format version 99"),
+    ("{\"format_version\": 1}", "unsupported bundle format version 1 (this toolkit reads version 2; export the model again)"),
+    (b"{\"format_version\": 2, \"target\": \"\xff\"}", "not UTF-8"),
+    ("[" * 100_000 + "]" * 100_000, "invalid JSON"),
+    ("{\"format_version\": NaN}", "invalid JSON"),
+    ("{\"format_version\": 2}", "field 'manifest_sha256' is missing"),
 ])
 def test_corrupt_manifest_is_one_line(copy_of, cli, text, message):
     path = copy_of("cpu")
-    (path / "manifest.json").write_text(text)
-    with pytest.raises(EdgeError, match=message):
+    if isinstance(text, bytes):
+        (path / "manifest.json").write_bytes(text)
+    else:
+        (path / "manifest.json").write_text(text)
+    with pytest.raises(EdgeError, match=re.escape(message)):
         verify(path)
-    for command in ("verify", "inspect"):
-        result = cli(command, path)
+    for command in (["verify", path], ["inspect", path], ["generate", "--bundle", path, "hi"]):
+        result = cli(*command)
         assert result.returncode == 1
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
@@ -327,16 +362,174 @@ def test_corrupt_manifest_is_one_line(copy_of, cli, text, message):
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("files"), "field 'files' is missing or not an array"),
     (lambda m: m.update(model=3), "field 'model' is missing or not a string"),
-    (lambda m: m["files"][0].pop("sha256"), "malformed entry in 'files'"),
+    (lambda m: m["files"][0].pop("sha256"), "field 'files[0].sha256' is missing or not a string"),
     (lambda m: m["files"].append({"path": "../escape", "bytes": 1, "sha256": "0"}), "lies outside the bundle"),
+    (lambda m: m.update(tokenizer={}), "field 'tokenizer.file' is missing or not a string"),
+    (lambda m: m.update(runtime={}), "field 'runtime.providers' is missing or not an array"),
+    (lambda m: m["runtime"].pop("providers"), "field 'runtime.providers' is missing or not an array"),
+    (lambda m: m["tokenizer"].update(eos_ids=5), "field 'tokenizer.eos_ids' is missing or not an array"),
+    (lambda m: m["tokenizer"].update(eos_ids=[True]), "field 'tokenizer.eos_ids[0]' is missing or not an integer"),
+    (lambda m: m["tokenizer"].update(eos_ids=[32000]), "token id 32000 is outside the vocabulary"),
+    (lambda m: m["runtime"]["session_options"].update(intra_op_num_threads="4"), "intra_op_num_threads must be an integer"),
+    (lambda m: m["files"][0].update(path="x" * 300), "a name longer than 255 bytes"),
+    (lambda m: m["files"][0].update(path="a\u0000b"), "not a plain relative path"),
+    (lambda m: m["files"][0].update(path="\ud800"), "not valid Unicode"),
+    (lambda m: m.update(window=8), "chunk 16 must be between 1 and the window 8"),
+    (lambda m: m.update(extra=1), "field 'extra' is not part of bundle format 2"),
+    (lambda m: m["generation"].update(top_p=0), "top_p must be in (0, 1]"),
+    (lambda m: m["memory_budget"].update(total_bytes=1), "total_bytes their sum"),
+    (lambda m: m["config"].update(n_heads=0), "n_heads must be a positive integer"),
+    (lambda m: m["toolkit"].update(name="other"), "written by 'other', not mistral-edge"),
+    (lambda m: m.pop("manifest_sha256"), "field 'manifest_sha256' is missing"),
 ])
 def test_malformed_manifest_fields(copy_of, edit, message):
+    """Every field is checked on read, nested ones too: one line, never a KeyError later."""
     path = copy_of("cpu")
-    m = json.loads((path / "manifest.json").read_text())
-    edit(m)
-    (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EdgeError, match=message):
-        verify(path)
+    edit_manifest(path, edit)
+    for action in (verify, read_manifest, lambda p: Bundle.open(p, check=False)):
+        with pytest.raises(EdgeError, match=re.escape(message)) as e:
+            action(path)
+        assert "\n" not in str(e.value)
+
+
+# --- what the runtime opens: listed, hashed, regular files inside the bundle -------------------
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["tokenizer"].update(chat_template="{{ 'pwned' }}"),
+    lambda m: m["tokenizer"].update(eos_ids=[5]),
+    lambda m: m["generation"].update(temperature=0.7),
+    lambda m: m["generation"].update(temperature=0),  # the same value once typed: still an edit of the file
+    lambda m: m["runtime"]["session_options"].update(intra_op_num_threads=2),
+    lambda m: m["runtime"].update(providers=["CUDAExecutionProvider"]),
+])
+def test_hand_edits_to_the_manifest_are_caught(copy_of, cli, edit):
+    path = copy_of("cpu")
+    edit_manifest(path, edit, reseal=False)
+    assert verify(path) == ["manifest.json: edited since export (its content no longer matches manifest_sha256)"]
+    assert_cli_rejects(cli, path, "manifest.json: edited since export")
+    with pytest.raises(EdgeError, match="edited since export.*--no-verify"):
+        Bundle.open(path)
+
+
+def outside_copy(path, tmp_path, name="model.onnx"):
+    evil = tmp_path / "elsewhere"
+    evil.mkdir(exist_ok=True)
+    shutil.copyfile(path / name, evil / name)
+    return evil / name
+
+
+@pytest.mark.parametrize("field", ["model", "tokenizer"])
+@pytest.mark.parametrize("where, listed, message", [
+    ("{abs}", False, "is not one of the listed (hashed) files"),
+    ("../elsewhere/{name}", False, "is not one of the listed (hashed) files"),
+    ("../elsewhere/{name}", True, "lies outside the bundle"),
+])
+def test_model_and_tokenizer_must_be_listed_files_inside(copy_of, tmp_path, cli, field, where, listed, message):
+    """A manifest pointing `model` or `tokenizer.file` at a file elsewhere is refused, even with its
+    digest rewritten and the file listed with its true hash, with or without verification."""
+    path = copy_of("cpu")
+    name = "model.onnx" if field == "model" else "tokenizer.model"
+    evil = outside_copy(path, tmp_path, name)
+    where = where.format(abs=evil, name=name)
+
+    def edit(m):
+        if field == "model":
+            m["model"] = where
+        else:
+            m["tokenizer"]["file"] = where
+        if listed:
+            m["files"].append({"path": where, "bytes": evil.stat().st_size,
+                               "sha256": hashlib.sha256(evil.read_bytes()).hexdigest()})
+    edit_manifest(path, edit)
+    for action in (verify, lambda p: Bundle.open(p, check=False)):
+        with pytest.raises(EdgeError, match=re.escape(message)):
+            action(path)
+    result = cli("generate", "--bundle", path, "--no-verify", "hi")
+    assert result.returncode == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.model"])
+def test_symlink_leaving_the_bundle_is_refused(copy_of, tmp_path, name):
+    """The same bytes (hashes match) through a symlink to a file outside: refused, also with --no-verify."""
+    path = copy_of("cpu")
+    evil = outside_copy(path, tmp_path, name)
+    (path / name).unlink()
+    (path / name).symlink_to(evil)
+    assert verify(path) == [f"{name}: a symlink that leaves the bundle"]
+    b = Bundle.open(path, check=False)
+    with pytest.raises(EdgeError, match="a symlink that leaves the bundle"):
+        b.session() if name == "model.onnx" else b.tokenizer()
+
+
+def test_symlinks_inside_and_symlinked_directories(copy_of, tmp_path):
+    path = copy_of("cpu")
+    (path / "README.md").rename(path / "readme.txt")
+    (path / "README.md").symlink_to("readme.txt")  # resolves inside: allowed, but readme.txt is not listed
+    (tmp_path / "outside").mkdir()
+    (path / "extra").symlink_to(tmp_path / "outside", target_is_directory=True)
+    assert verify(path) == ["unlisted symlink extra", "unlisted file readme.txt"]
+
+
+def within(seconds: float, fn):
+    """fn() in a daemon thread: fails (rather than hanging the suite) if it takes longer."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_fifos_are_refused_without_opening(copy_of, cli):
+    """A FIFO in place of a listed file, beside them, or as the manifest: reported, never opened (no hang)."""
+    import os
+
+    path = copy_of("cpu")
+    (path / "model.onnx").unlink()
+    os.mkfifo(path / "model.onnx")
+    os.mkfifo(path / "pipe")
+    assert within(30, lambda: verify(path)) == ["model.onnx: not a regular file", "unlisted entry (not a regular file) pipe"]
+    with pytest.raises(EdgeError, match="not a regular file"):
+        within(30, lambda: Bundle.open(path, check=False).model_path)
+    (path / "manifest.json").unlink()
+    os.mkfifo(path / "manifest.json")
+    result = within(30, lambda: cli("verify", path))
+    assert result.returncode == 1 and "manifest.json: not a regular file" in result.stderr
+
+
+def contract_1_bundle(path):
+    """Rewrite a bundle as graph contract 1 wrote it: its graph metadata (no activation_dtype) and manifest."""
+    model = onnx.load(str(path / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props if p.key != "mistral_edge.activation_dtype"}
+    props["mistral_edge.graph_contract"] = "1"
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path / "model.onnx"))
+    data = (path / "model.onnx").read_bytes()
+
+    def edit(m):
+        m["graph_contract"] = 1
+        entry = next(f for f in m["files"] if f["path"] == "model.onnx")
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    edit_manifest(path, edit)
+
+
+def test_graph_contract_1_says_export_again(copy_of, cli):
+    path = copy_of("cpu")
+    contract_1_bundle(path)
+    message = "model.onnx: graph contract 1, this runtime runs version 2; export the model again"
+    assert verify(path) == [message]
+    assert_cli_rejects(cli, path, message)
 
 
 def test_no_verify_opens_a_tampered_bundle(copy_of, cpu_logits):
@@ -361,15 +554,43 @@ def test_budget_refusal_writes_nothing(ck, bundles, tmp_path):
     with pytest.raises(EdgeError) as e:
         export(ck, out, "cpu", device_memory="1MB")
     msg = str(e.value)
-    total = bundles["cpu"][1]["memory_budget"]["total_bytes"]
+    total = bundles["cpu"][1].memory_budget.total_bytes
     short = total - int(2**20 * TARGETS["cpu"].usable_fraction)
     assert f"{short / 2**20:.1f} MiB short" in msg and f"needs {total / 2**20:.1f} MiB" in msg
-    assert "--quant" in msg and "--window" in msg and "\n" not in msg
+    assert msg.endswith("short; it would fit with --device-memory phone-4gb") and "\n" not in msg  # already int4
     assert not (tmp_path / "out").exists()  # not even the parent, nor a temp dir beside it
 
 
+@pytest.mark.parametrize("quant, memory, hints", [
+    ("fp32", "10MB", "--device-memory phone-4gb or --quant int4"),  # no window fits fp32 in 8 MB
+    ("int4", "9MB", "--device-memory phone-4gb or --window {w} or less"),  # int4 already: no --quant hint
+    ("int8", "phone-4gb", None),
+])
+def test_budget_hints_follow_the_request(ck, tmp_path, quant, memory, hints):
+    """Each hint is a single change to this request that fits: checked by exporting with it."""
+    from mistral_edge.quantize.plan import quant_plan
+    from mistral_edge.targets.budget import estimate
+
+    if hints is None:  # fits: no refusal at all
+        assert export(ck, tmp_path / "ok", "cpu", quant, window=1024, chunk=16, device_memory=memory).window == 1024
+        return
+    usable = int(parse_memory(memory) * TARGETS["cpu"].usable_fraction)
+    plan = quant_plan(ck.config, parse_quant(quant))
+    w = max(w for w in range(1, 1024) if estimate(ck.config, plan, w, min(w, 16)).total_bytes <= usable) \
+        if "{w}" in hints else None
+    with pytest.raises(EdgeError) as e:
+        export(ck, tmp_path / "b", "cpu", quant, window=1024, chunk=16, device_memory=memory)
+    assert str(e.value).endswith("short; it would fit with " + hints.format(w=w))
+    if w:
+        export(ck, tmp_path / "w", "cpu", quant, window=w, chunk=min(w, 16), device_memory=memory)  # the hint is right
+        with pytest.raises(EdgeError, match="short"):
+            export(ck, tmp_path / "w1", "cpu", quant, window=w + 1, chunk=min(w, 16), device_memory=memory)
+    if "int4" in hints:
+        export(ck, tmp_path / "q", "cpu", "int4", window=1024, chunk=16, device_memory=memory)
+
+
 def test_default_device_budgets(bundles):
-    usable = {t: bundles[t][1]["memory_budget"]["device_usable_bytes"] for t in TARGETS}
+    usable = {t: bundles[t][1].memory_budget.device_usable_bytes for t in TARGETS}
     assert usable == {"cpu": None, "gpu": None, "mlc": None, "jetson": int(0.6 * (8 << 30)),
                       "android": 2 << 30, "ios": 2 << 30}
 
@@ -382,6 +603,18 @@ def test_a_phone_budget_refuses_a_big_model(tmp_path):
     with pytest.raises(EdgeError, match=r"but phone-4gb leaves 2048\.0 MiB \(50%\) for the model on android"):
         export(ck, tmp_path / "b", "android", "fp16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_7b_int4_refusal_does_not_suggest_int4(tmp_path):
+    """Bug 10: the hint for a request that already is int4 was "try a smaller --quant (int4)"; no
+    phone profile holds 7B int4 weights (4.8 GB) at 50%, no window makes them smaller."""
+    ck = fixture_checkpoint()
+    ck.config = dataclasses.replace(ck.config, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                                    hidden_dim=14336)
+    with pytest.raises(EdgeError) as e:
+        export(ck, tmp_path / "b", "android", "int4", window=4096)
+    assert "int4" not in str(e.value) and "--window" not in str(e.value)
+    assert str(e.value).endswith("short; it would fit with --device-memory orin-nx-16gb")
 
 
 @pytest.mark.parametrize("text, size", [
@@ -436,7 +669,7 @@ def test_existing_bundle_survives_a_failed_export_and_is_replaced_whole(ck, bund
 
     export(ck, out, "android")  # replaces the cpu bundle: its model.onnx must not linger
     assert {p.name for p in out.iterdir()} == {"manifest.json", "README.md", "tokenizer.model", "model.ort"}
-    assert read_manifest(out)["target"] == "android" and verify(out) == []
+    assert read_manifest(out).target == "android" and verify(out) == []
     assert siblings(out) == ["b"]
 
 
@@ -464,6 +697,99 @@ def test_unwritable_parent_is_one_line(ck, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_folder_with_someone_elses_manifest_is_not_replaced(ck, bundles, tmp_path):
+    """Security 2: a web app's manifest.json does not make its folder a bundle; an older format's bundle of ours is one."""
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text(json.dumps({"name": "My App", "start_url": "/"}))
+    (app / "index.html").write_text("<html>")
+    before = snapshot(app)
+    with pytest.raises(EdgeError, match="exists and is not a bundle") as e:
+        export(ck, app)
+    assert "\n" not in str(e.value) and snapshot(app) == before and siblings(app) == ["webapp"]
+    for text in ("not json", json.dumps({"format_version": 2, "toolkit": {"name": "other"}}), "[" * 100_000):
+        (app / "manifest.json").write_text(text)
+        with pytest.raises(EdgeError, match="exists and is not a bundle"):
+            export(ck, app)
+    old = tmp_path / "old"
+    shutil.copytree(bundles["cpu"][0], old)
+    edit_manifest(old, lambda m: m.update(format_version=1), reseal=False)  # as an earlier toolkit wrote it
+    export(ck, old, "mlc")
+    assert verify(old) == [] and siblings(old) == ["old", "webapp"]
+
+
+def test_full_disk_is_one_line(ck, tmp_path, monkeypatch, hf_dir, cli):
+    """A write failing with ENOSPC: one error line naming the cause, and nothing left behind."""
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.onnx")
+    monkeypatch.setattr(bundle_mod, "export_onnx", dying_export(full))
+    with pytest.raises(EdgeError, match="cannot write the bundle .*: No space left on device") as e:
+        export(ck, tmp_path / "b")
+    assert "\n" not in str(e.value) and siblings(tmp_path / "b") == []
+    result = cli("export", hf_dir[0], "--out", tmp_path / "c")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write the bundle")
+    assert siblings(tmp_path / "c") == []
+
+
+SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+from mistral_edge.model.checkpoint import Checkpoint
+from mistral_edge.model.config import ModelConfig
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.targets import bundle as bundle_mod
+from mistral_edge.targets.profiles import get_target
+
+def slow_export(ck, spec, out_path, **kw):
+    out_path.write_bytes(b"half a model")
+    print("writing", flush=True)
+    time.sleep(120)
+
+bundle_mod.export_onnx = slow_export
+cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=72, vocab_size=32000,
+                  sliding_window=16)
+ck = Checkpoint(cfg, {}, "fixture", tokenizer_files={"tokenizer.model": Path(sys.argv[2])})
+bundle_mod.write_bundle(ck, bundle_mod.BundleRequest(get_target("cpu"), parse_quant("int4")), Path(sys.argv[1]),
+                        log=lambda _: None)
+"""
+
+
+def slow_export(out) -> subprocess.Popen:
+    """An export in a process of its own, stopped while it writes the model."""
+    p = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(out), str(SPM_V1)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "writing\n", p.communicate()[1]
+    return p
+
+
+def test_sigterm_during_export_removes_the_temp_dir(tmp_path):
+    """Bug 12: what `timeout`, CI runners and service managers send; Ctrl-C is test_failed_export_leaves_nothing."""
+    out = tmp_path / "b"
+    p = slow_export(out)
+    assert [n.startswith(".b.tmp-") for n in siblings(out)] == [True]
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in p.stderr.read()
+    assert siblings(out) == []
+
+
+def test_a_killed_exports_temp_dir_is_removed_by_the_next(ck, tmp_path):
+    """A SIGKILL leaves `.b.tmp-PID-*`; the next export to b removes it once PID is gone, and no other dir."""
+    out = tmp_path / "b"
+    p = slow_export(out)
+    p.kill()
+    p.wait(timeout=60)
+    (stale,) = siblings(out)
+    assert stale.startswith(f".b.tmp-{p.pid}-")
+    keep = [f".b.tmp-{os.getpid()}-0123abcd", f".c.tmp-{p.pid}-0123abcd", ".b.tmp-0123abcd", f".b.tmp-{p.pid}-notours"]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    lines = []
+    write_bundle(ck, BundleRequest(TARGETS["mlc"], parse_quant("int4")), out, log=lines.append)
+    assert siblings(out) == sorted(["b", *keep]) and verify(out) == []
+    assert lines == [f"removed {tmp_path / stale}, left by an export (pid {p.pid}) that was killed"]
+
+
 # --- the CLI --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -481,7 +807,7 @@ def test_cli_export_verify_inspect(hf_dir, tmp_path, cli):
     result = run_cli("export", path, "--target", "cpu", "--quant", "int8", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stderr
-    m = read_manifest(out)
+    m = read_manifest(out).to_json()
     digest = hashlib.sha256()
     for f in sorted(p for p in path.iterdir() if p.is_file()):
         digest.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
@@ -502,13 +828,13 @@ def test_cli_export_verify_inspect(hf_dir, tmp_path, cli):
 
 def test_activations_override_the_target(ck, hf_dir, tmp_path, cli, cpu_logits, bundles):
     m = export(ck, tmp_path / "gpu32", "gpu", activations="fp32")
-    assert m["activation_dtype"] == "fp32" and m["memory_budget"] == bundles["cpu"][1]["memory_budget"]
+    assert m.activation_dtype == "fp32" and m.memory_budget == bundles["cpu"][1].memory_budget
     np.testing.assert_allclose(run_tokens(Bundle.open(tmp_path / "gpu32").session()), cpu_logits, atol=1e-5, rtol=0)
 
     result = cli("export", hf_dir[0], "--target", "cpu", "--activations", "fp16", "--out", tmp_path / "cpu16")
     assert result.returncode == 0, result.stderr
     assert "fp16 activations" in result.stderr
-    assert read_manifest(tmp_path / "cpu16")["activation_dtype"] == "fp16" and verify(tmp_path / "cpu16") == []
+    assert read_manifest(tmp_path / "cpu16").activation_dtype == "fp16" and verify(tmp_path / "cpu16") == []
     assert Bundle.open(tmp_path / "cpu16").session().cache_dtype == np.float16
 
 
@@ -516,7 +842,7 @@ def test_activations_override_the_target(ck, hf_dir, tmp_path, cli, cpu_logits, 
     (["--target", "toaster"], "unknown target 'toaster'; expected one of cpu, gpu, jetson, android, ios, mlc"),
     (["--quant", "int3"], "unknown quantization 'int3'"),
     (["--device-memory", "lots"], "cannot read memory size 'lots'"),
-    (["--device-memory", "1MB"], "MiB short; try a smaller --quant (int4) or --window"),
+    (["--device-memory", "1MB"], "MiB short; it would fit with --device-memory phone-4gb"),
     (["--activations", "bf16"], "unknown activation dtype 'bf16'; expected one of fp32, fp16"),
     (["--target", "mlc", "--activations", "fp32"], "no --activations fp32"),
 ])

@@ -43,9 +43,9 @@ def export(
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
     with console.status(f"exporting {spec.name}, {req.activation_dtype} activations, for {target}"):
         manifest = write_bundle(ck, req, out, log=lambda line: console.print(line, highlight=False))
-    b = manifest["memory_budget"]
-    console.print(f"[green]wrote[/] {out}: {len(manifest['files'])} files, W={manifest['window']}, "
-                  f"chunk={manifest['chunk']}, {manifest['activation_dtype']} activations, "
-                  f"weights {b['weight_bytes'] / 2**20:.1f} MiB, KV cache {b['kv_cache_bytes'] / 2**20:.1f} MiB, "
-                  f"total {b['total_bytes'] / 2**20:.1f} MiB")
+    b = manifest.memory_budget
+    console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, "
+                  f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, "
+                  f"weights {b.weight_bytes / 2**20:.1f} MiB, KV cache {b.kv_cache_bytes / 2**20:.1f} MiB, "
+                  f"total {b.total_bytes / 2**20:.1f} MiB")
 

@@ -6,6 +6,7 @@ anything is opened: a flag that does not apply to the chosen backend is refused,
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import inspect
@@ -139,7 +140,8 @@ def open_bundle(opts: RunOptions):
 
     b = Bundle.open(opts.bundle, check=opts.verify is not False)
     session = b.session(threads=opts.threads or 0, chunk=opts.chunk)
-    return Generator(session, b.tokenizer()), ChatFormat.from_manifest(b.manifest), b.manifest.get("generation", {})
+    return (Generator(session, b.tokenizer()), ChatFormat.from_manifest(b.manifest.to_json()),
+            dataclasses.asdict(b.manifest.generation))
 
 
 def open_checkpoint(opts: RunOptions):

@@ -124,7 +124,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
         bundle, reused = Bundle.open(path), True
-        if _manifest_entries(bundle.manifest) != expected or stamp.read_text() != code:
+        if _manifest_entries(bundle.manifest.to_json()) != expected or stamp.read_text() != code:
             raise EdgeError("stale")
     except (EdgeError, OSError):
         stamp.unlink(missing_ok=True)
@@ -133,8 +133,8 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk), path, log=log)
         stamp.write_text(code)
         bundle, reused = Bundle.open(path), False
-    budget = bundle.manifest["memory_budget"]
-    return Built(bundle.model_path, _dir_bytes(path), budget["weight_bytes"], budget["kv_cache_bytes"],
+    budget = bundle.manifest.memory_budget
+    return Built(bundle.model_path, _dir_bytes(path), budget.weight_bytes, budget.kv_cache_bytes,
                  bits_per_weight(ck.config, quant_plan(ck.config, spec)), reused)
 
 

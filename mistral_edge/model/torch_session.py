@@ -10,7 +10,7 @@ from .reference import ReferenceModel
 
 
 class TorchSession:
-    """Same `step` contract as runtime.session.DecoderSession, computed by the PyTorch reference."""
+    """A runtime.session.Session (as DecoderSession is) computed by the PyTorch reference."""
 
     def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1):
         if not 0 < chunk <= window:

@@ -13,6 +13,7 @@ Python side either.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,29 @@ class SessionConfig:
     entries: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
 
 
-class _Slot:
-    """Preallocated numpy inputs (shared with OrtValues) and logits for one chunk shape."""
+@runtime_checkable
+class Session(Protocol):
+    """What the generation loop needs of a decoder: DecoderSession (ONNX Runtime) and
+    model.torch_session.TorchSession (the PyTorch reference) both have it."""
+
+    batch: int
+    window: int  # W, the KV-cache slots
+    chunk: int  # the prefill chunk
+    vocab_size: int
+
+    @property
+    def positions(self) -> np.ndarray:
+        """[B] tokens each sequence has taken so far."""
+
+    def step(self, tokens: np.ndarray, valid_lens: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
+        """Feed a [B, C] chunk; logits [B, C, V], or [B, 1, V] of each sequence's last valid token."""
+
+    def reset(self) -> None:
+        """Forget every sequence: positions back to 0."""
+
+
+class _StepBuffers:
+    """The I/O buffers of one step shape: preallocated numpy inputs (shared with OrtValues), logits, their binding."""
 
     def __init__(self, batch: int, chunk: int, n_logits: int, vocab: int):
         self.input_ids = np.zeros((batch, chunk), np.int64)
@@ -76,7 +98,7 @@ class DecoderSession:
             raise EdgeError(f"{model_path}: cache input past_key.0 is {declared}, expected float or float16")
         self.cache_dtype = np.dtype(CACHE_TYPES[declared])
         self.positions = np.zeros(batch, np.int64)
-        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._buffers: dict[tuple[int, int], _StepBuffers] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
         self.cache: dict[str, ort.OrtValue] = {}
         self._allocate(0)
@@ -104,8 +126,8 @@ class DecoderSession:
                 a[:, :, :keep] = self._arrays[name][:, :, :keep]
             self._arrays[name] = a  # drops this layer's old buffer
             self.cache[name] = ort.OrtValue.ortvalue_from_numpy(a)
-        for slot in self._slots.values():
-            self._bind_cache(slot.binding)
+        for buffers in self._buffers.values():
+            self._bind_cache(buffers.binding)
 
     def _reserve(self, tokens: int) -> None:
         """Make room for sequences of `tokens` tokens: S >= min(W, tokens), so no write wraps early."""
@@ -122,20 +144,20 @@ class DecoderSession:
             binding.bind_ortvalue_input("past_" + name, value)
             binding.bind_ortvalue_output("present_" + name, value)
 
-    def _slot(self, chunk: int, n_logits: int) -> _Slot:
+    def _buffers_for(self, chunk: int, n_logits: int) -> _StepBuffers:
         key = (chunk, n_logits)
-        if key not in self._slots:
-            slot = _Slot(self.batch, chunk, n_logits, self.vocab_size)
+        if key not in self._buffers:
+            buffers = _StepBuffers(self.batch, chunk, n_logits, self.vocab_size)
             binding = self.session.io_binding()
-            for name, value in slot.values.items():
+            for name, value in buffers.values.items():
                 if name == "logits":
                     binding.bind_ortvalue_output(name, value)
                 else:
                     binding.bind_ortvalue_input(name, value)
             self._bind_cache(binding)
-            slot.binding = binding
-            self._slots[key] = slot
-        return self._slots[key]
+            buffers.binding = binding
+            self._buffers[key] = buffers
+        return self._buffers[key]
 
     def step(self, tokens: np.ndarray, valid_lens: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
         """Feed a [B, C] chunk (C <= W); returns logits [B, C, V] or, by default, [B, 1, V] of each
@@ -148,11 +170,11 @@ class DecoderSession:
             raise EdgeError(f"chunk of {chunk} tokens: must be between 1 and the window W={self.window}")
         valid = np.full(batch, chunk, np.int64) if valid_lens is None else np.asarray(valid_lens, np.int64)
         self._reserve(int(self.positions.max()) + chunk)
-        slot = self._slot(chunk, chunk if all_logits else 1)
-        slot.input_ids[...] = tokens
-        slot.positions[...] = self.positions
-        slot.valid_lens[...] = valid
-        slot.logits_index[...] = np.arange(chunk) if all_logits else np.maximum(valid - 1, 0)[:, None]
-        self.session.run_with_iobinding(slot.binding)
+        io = self._buffers_for(chunk, chunk if all_logits else 1)
+        io.input_ids[...] = tokens
+        io.positions[...] = self.positions
+        io.valid_lens[...] = valid
+        io.logits_index[...] = np.arange(chunk) if all_logits else np.maximum(valid - 1, 0)[:, None]
+        self.session.run_with_iobinding(io.binding)
         self.positions += valid
-        return slot.logits
+        return io.logits

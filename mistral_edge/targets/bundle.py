@@ -2,7 +2,7 @@
 
 Layout: manifest.json, model.onnx (model.ort, ORT format, for android/ios; MLC's
 weight shards and config for mlc), the tokenizer file, and README.md with the
-target's integration note. The manifest format is read back by
+target's integration note. The manifest is mistral_edge.manifest.Manifest, read back by
 mistral_edge.runtime.bundle (docs/bundle-format.md).
 """
 
@@ -10,70 +10,173 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import signal
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import __version__
-from ..errors import EdgeError
 from ..contract import GRAPH_CONTRACT_VERSION
+from ..errors import EdgeError, first_line
 from ..export.pipeline import export_onnx, resolve_window
+from ..manifest import (FORMAT_VERSION, MANIFEST, TOOLKIT, BudgetRecord, FileEntry, GenerationDefaults, Manifest,
+                        QuantInfo, RuntimeSettings, Source, TokenizerInfo, Toolkit)
 from ..model.checkpoint import Checkpoint
+from ..model.config import ModelConfig
 from ..quantize.plan import TensorQuant, quant_plan, scheme_name
-from ..runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from ..quantize.spec import parse_quant
+from ..runtime.bundle import is_bundle_dir, sha256_file
 from .budget import MemoryBudget, estimate
 from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION, write_mlc
-from .profiles import TargetProfile, parse_memory
+from .profiles import DEVICES, TargetProfile, parse_memory
 from .request import BundleRequest
 
-GENERATION_DEFAULTS = {"max_new_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+"""Our temp dirs beside --out: `.NAME.tmp-PID-XXXXXXXX` (the bundle being built) and `.NAME.old-PID-XXXXXXXX`
+(the bundle being replaced); the pid of the export that made them tells a stale one."""
 
 
 @contextmanager
-def atomic_dir(out: Path):
+def atomic_dir(out: Path, log: Callable[[str], None] = lambda _: None):
     """Yield a temp dir beside `out`; on success it replaces `out` whole, on failure it vanishes.
 
-    Only a bundle (a directory with a manifest) or an empty directory is replaced: pointing
-    --out at a folder of other files must not delete them.
+    Only a bundle (a directory whose manifest parses as ours) or an empty directory is replaced:
+    pointing --out at a folder of other files must not delete them. SIGTERM, like Ctrl-C, removes
+    the temp dir (the process then exits 143); the swap into place defers both signals. Temp dirs
+    left by an export that was killed outright (SIGKILL) are removed first.
     """
     out = Path(os.path.abspath(out))
     parent = out.parent
-    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
-        raise EdgeError(f"{out} exists and is not a bundle; refusing to replace it (choose another --out)")
+    if os.path.lexists(out) and not _replaceable(out):
+        raise EdgeError(f"{out} exists and is not a bundle (no mistral-edge manifest.json in it); refusing to replace "
+                         "it (choose another --out)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()  # not mkdtemp: the bundle keeps the umask's permissions, not 0700
+        _remove_stale(parent, out.name, log)
+        tmp = _temp_dir(out, "tmp")  # not mkdtemp: the bundle keeps the umask's permissions, not 0700
     except OSError as e:
         raise EdgeError(f"cannot write to {parent}: {e.strerror}") from None
     try:
-        yield tmp
-        try:
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-                os.replace(out, old / "bundle")
-                try:
-                    os.replace(tmp, out)
-                except OSError:
-                    os.replace(old / "bundle", out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except OSError as e:
-            raise EdgeError(f"cannot move the new bundle to {out}: {e.strerror}") from None
+        with _Interrupts() as interrupts:
+            yield tmp
+            with interrupts.deferred():
+                _swap(tmp, out)
+    except OSError as e:  # a full disk, a quota, a read-only file system while writing
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f" ({e.filename})" if e.filename else ""
+        raise EdgeError(f"cannot write the bundle {out}: {e.strerror or first_line(e)}{where}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def check_budget(budget: MemoryBudget, req: BundleRequest) -> int | None:
-    """Raise before writing when the bundle cannot fit the device; returns the usable bytes."""
+def _replaceable(out: Path) -> bool:
+    try:
+        return out.is_dir() and (not any(out.iterdir()) or is_bundle_dir(out))
+    except OSError:  # unreadable: not known to be ours
+        return False
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    try:
+        if out.exists():
+            old = _temp_dir(out, "old")
+            os.replace(out, old / "bundle")
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old / "bundle", out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise EdgeError(f"cannot move the new bundle to {out}: {e.strerror}") from None
+
+
+def _temp_dir(out: Path, kind: str) -> Path:
+    path = out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def _remove_stale(parent: Path, name: str, log: Callable[[str], None]) -> None:
+    """Remove our temp dirs for `name` whose export process is gone (a SIGKILL or power loss)."""
+    if os.name != "posix":
+        return
+    for entry in os.scandir(parent):
+        m = _TEMP.fullmatch(entry.name)
+        if m and m["name"] == name and entry.is_dir(follow_symlinks=False) and not _alive(int(m["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log(f"removed {entry.path}, left by an export (pid {m['pid']}) that was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: leave it
+    return True
+
+
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+class _Interrupts:
+    """While entered (in the main thread, where Python runs signal handlers): SIGTERM raises
+    SystemExit(143) and SIGINT KeyboardInterrupt, exceptions the temp-dir cleanup sees; within
+    `deferred()` both wait until the bundle is in place. A handler someone else set is left alone."""
+
+    def __enter__(self) -> _Interrupts:
+        self.saved, self.deferring, self.pending = {}, False, None
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+                if signal.getsignal(sig) is default:
+                    self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring:
+            self.pending = signum
+        else:
+            _raise_for(signum)
+
+    @contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            if self.pending is not None:
+                _raise_for(self.pending)
+
+
+def _raise_for(signum: int):
+    if signum == signal.SIGTERM:
+        raise SystemExit(SIGTERM_EXIT)
+    raise KeyboardInterrupt
+
+
+def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
+                 req: BundleRequest) -> tuple[MemoryBudget, int | None]:
+    """The memory budget and the device's usable bytes (None: no device given); raises before
+    writing when the bundle cannot fit, naming the changes to the request that would fit."""
+    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
-        return None
+        return budget, None
     fraction = req.target.usable_fraction
     usable = int(parse_memory(spec) * fraction)
     if budget.total_bytes > usable:
@@ -82,8 +185,37 @@ def check_budget(budget: MemoryBudget, req: BundleRequest) -> int | None:
             f"bundle needs {_mb(budget.total_bytes)} (weights {_mb(budget.weight_bytes)}, KV cache "
             f"{_mb(budget.kv_cache_bytes)}, activations {_mb(budget.activation_bytes)}) but {spec} leaves "
             f"{_mb(usable)} ({fraction:.0%}) for the model on {req.target.name}: {_mb(short)} short; "
-            f"try a smaller --quant (int4) or --window")
-    return usable
+            + _what_fits(cfg, plan, window, chunk, req, spec, budget.total_bytes, usable))
+    return budget, usable
+
+
+def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, req: BundleRequest,
+               spec: str, total: int, usable: int) -> str:
+    """Each single change to the request that fits: the smallest larger named device (of the same
+    family when one fits), the largest smaller window, int4 linears when they are not int4 already."""
+    hints = []
+    fraction, current = req.target.usable_fraction, parse_memory(spec)
+    family = spec.lower().rsplit("-", 1)[0] + "-" if spec.lower() in DEVICES else None
+    devices = [(size, i, name) for i, (name, size) in enumerate(DEVICES.items())
+               if size > current and int(size * fraction) >= total]
+    if devices:
+        same = [d for d in devices if family and d[2].startswith(family)]
+        hints.append(f"--device-memory {min(same or devices)[2]}")
+
+    def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
+        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype).total_bytes <= usable
+
+    if window > 1 and fits(1):
+        lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        hints.append(f"--window {lo} or less")
+    if req.quant.bits != 4 and req.target.name != "mlc" and fits(window, quant_plan(cfg, parse_quant("int4"))):
+        hints.append("--quant int4")
+    if not hints:
+        return "no single change (a named --device-memory profile, a smaller --window, --quant int4) makes it fit"
+    return "it would fit with " + " or ".join(hints)
 
 
 def source_hash(source: str) -> str | None:
@@ -111,7 +243,7 @@ def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
     return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck.config, req.quant)}
 
 
-def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> dict:
+def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> Manifest:
     """Export `ck` for `req.target` into `out`; returns the manifest.
 
     Everything that can refuse the export (window, quant, tokenizer, memory budget, an
@@ -121,15 +253,16 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
     mlc = target.name == "mlc"
     window, chunk = resolve_window(ck, req.window, req.chunk)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
-    budget = estimate(ck.config, plan, window, chunk, activations=req.activation_dtype)
-    usable = check_budget(budget, req)
+    budget, usable = check_budget(ck.config, plan, window, chunk, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
     if tok_name is None:
         raise EdgeError(f"{ck.source}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
     if not Path(ck.tokenizer_files[tok_name]).is_file():
         raise EdgeError(f"{ck.tokenizer_files[tok_name]}: tokenizer file not found")
+    tokenizer = TokenizerInfo(tok_name, ck.config.bos_id, ck.config.eos_ids, ck.chat_template)
+    tokenizer.check_ids(ck.config.vocab_size)
     fmt = MLC_QUANTIZATION if mlc else req.fmt or target.fmt
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, log) as tmp:
         if mlc:
             write_mlc(ck, tmp, tokenizer_files={tok_name: ck.tokenizer_files[tok_name]},
                       context_window=max(window, ck.config.max_position),
@@ -146,30 +279,19 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
                 model_file = _to_ort_format(tmp / "model.onnx")
             shutil.copyfile(ck.tokenizer_files[tok_name], tmp / tok_name)  # write_mlc copies its own
         (tmp / "README.md").write_text(_readme(ck, target, model_file, tok_name))
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "toolkit": {"name": "mistral-edge", "version": __version__},
-            "target": target.name,
-            "source": {"path": ck.source, "format": ck.source_format, "sha256": source_hash(ck.source)},
-            "config": ck.config.to_dict(),
-            "window": window,
-            "chunk": chunk,
-            "graph_contract": GRAPH_CONTRACT_VERSION,
-            "model": model_file,
-            "quant": {"spec": MLC_QUANTIZATION if mlc else req.quant.name, "format": fmt,
-                      "tensors": _plan_groups(plan)},
-            "activation_dtype": req.activation_dtype,
-            "ops": list(result.ops) if result else [],
-            "runtime": {"providers": list(target.providers), "provider_options": target.provider_options,
-                        "session_options": target.session_options, **_converter(model_file)},
-            "tokenizer": {"file": tok_name, "bos_id": ck.config.bos_id, "eos_ids": list(ck.config.eos_ids),
-                          "chat_template": ck.chat_template},
-            "generation": GENERATION_DEFAULTS,
-            "memory_budget": {**budget.to_dict(), "device_usable_bytes": usable},
-        }
-        manifest["files"] = [{"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size,
-                              "sha256": sha256_file(p)} for p in sorted(tmp.rglob("*")) if p.is_file()]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, toolkit=Toolkit(TOOLKIT, __version__), target=target.name,
+            source=Source(ck.source, ck.source_format, source_hash(ck.source)), config=ck.config,
+            window=window, chunk=chunk, graph_contract=GRAPH_CONTRACT_VERSION, model=model_file,
+            quant=QuantInfo(MLC_QUANTIZATION if mlc else req.quant.name, fmt, _plan_groups(plan)),
+            activation_dtype=req.activation_dtype, ops=tuple(result.ops) if result else (),
+            runtime=RuntimeSettings(target.providers, target.provider_options, target.session_options,
+                                    _converter(model_file)),
+            tokenizer=tokenizer, generation=GenerationDefaults(),
+            memory_budget=BudgetRecord(**budget.to_dict(), device_usable_bytes=usable),
+            files=tuple(FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p))
+                        for p in sorted(tmp.rglob("*")) if p.is_file()))
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
 
@@ -195,13 +317,13 @@ def _to_ort_format(onnx_path: Path) -> str:
     return onnx_path.with_suffix(".ort").name
 
 
-def _converter(model_file: str | None) -> dict:
+def _converter(model_file: str | None) -> str | None:
     """An ORT-format file loads only in an onnxruntime at least as new as the one that wrote it."""
     if model_file is None or not model_file.endswith(".ort"):
-        return {}
+        return None
     import onnxruntime as ort
 
-    return {"converted_by": f"onnxruntime {ort.__version__}"}
+    return f"onnxruntime {ort.__version__}"
 
 
 def _mb(n: int) -> str:

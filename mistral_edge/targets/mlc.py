@@ -36,8 +36,8 @@ CONFIG_VERSION = "0.1.0"  # MLC_CHAT_CONFIG_VERSION
 MAX_BATCH_SIZE = 128  # gen_config's default
 TOKENIZER_ORDER = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "tokenizer_config.json")
-GENERATION_DEFAULTS = {"temperature": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                       "repetition_penalty": 1.0, "top_p": 1.0}
+MLC_GENERATION_DEFAULTS = {"temperature": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                           "repetition_penalty": 1.0, "top_p": 1.0}
 SYSTEM_DEFAULT_IDS = {"pad_token_id": 0, "bos_token_id": 1}
 
 
@@ -289,7 +289,7 @@ def write_mlc(checkpoint: Checkpoint, out_dir: Path, *, tokenizer_files: dict[st
         "sliding_window_size": model_config.get("sliding_window_size", -1), "prefill_chunk_size": prefill_chunk,
         "attention_sink_size": model_config.get("attention_sink_size", -1), "tensor_parallel_shards": 1,
         "pipeline_parallel_stages": 1, "active_vocab_size": _active_vocab_size(tok_json, cfg.vocab_size),
-        **GENERATION_DEFAULTS, "tokenizer_files": names, "tokenizer_info": _tokenizer_info(tok_json),
+        **MLC_GENERATION_DEFAULTS, "tokenizer_files": names, "tokenizer_info": _tokenizer_info(tok_json),
         "conv_template": _conv_template(checkpoint), "pad_token_id": SYSTEM_DEFAULT_IDS["pad_token_id"],
         "bos_token_id": cfg.bos_id if cfg.bos_id is not None else SYSTEM_DEFAULT_IDS["bos_token_id"],
         "eos_token_id": eos[0] if len(eos) == 1 else eos, "model_task": "chat", "embedding_metadata": None,
