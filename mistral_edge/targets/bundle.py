@@ -234,12 +234,7 @@ def source_hash(source: str) -> str | None:
 
 
 def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
-    """MLC quantizes every matrix, embedding and head included, as q4f16_1: nothing else is asked for."""
-    if req.quant.bits != 4 or req.quant.group_size != MLC_GROUP_SIZE or req.fmt or \
-            req.activation_dtype != req.target.activation_dtype:
-        raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
-                        f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
-                        f"and no --activations fp32")
+    """MLC quantizes every matrix, embedding and head included, as q4f16_1 (BundleRequest refused anything else)."""
     return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck.config, req.quant)}
 
 
