@@ -6,7 +6,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_edge.model.checkpoint import Checkpoint
-from mistral_edge.model.loaders.hf import canonical_weights, config_from_hf
+from mistral_edge.model.loaders.hf import canonical_name, config_from_hf
+from mistral_edge.model.weights import Weights
 
 
 def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, vocab: int = 128,
@@ -27,7 +28,7 @@ def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, voc
 
 def checkpoint_of(model: MistralForCausalLM) -> Checkpoint:
     cfg = config_from_hf({**model.config.to_dict(), "architectures": ["MistralForCausalLM"]})
-    return Checkpoint(cfg, canonical_weights(dict(model.state_dict())), source="fixture", source_format="hf")
+    return Checkpoint(cfg, Weights.of(model.state_dict()).renamed(canonical_name), source="fixture", source_format="hf")
 
 
 FP16_TOL = 0.005

@@ -310,7 +310,7 @@ BAD_INPUTS = {
                                  "unsupported architecture 'GPT2LMHeadModel'"),
     "config missing a key": (lambda p: _edit_json(_hf_config(p), drop=("hidden_size",)),
                              "config.json is missing key 'hidden_size'"),
-    "invalid tokenizer_config.json": (_bad_tokenizer_config, "tokenizer_config.json: not a valid JSON object"),
+    "invalid tokenizer_config.json": (_bad_tokenizer_config, "tokenizer_config.json: invalid JSON (Expecting"),
     "missing tensor": (_drop_tensor, "checkpoint is missing tensor 'layers.1.feed_forward.w2.weight'"),
     "wrong shape": (lambda p: _edit_json(_hf_config(p), intermediate_size=80),
                     "tensor 'layers.0.feed_forward.w1.weight' has shape (72, 32), expected (80, 32)"),
