@@ -125,16 +125,18 @@ def _write_spm_vocab(writer: gguf.GGUFWriter, spm_path: Path) -> None:
 
 
 def save_gguf(model, path: Path, qtypes: dict | None = None, spm: Path | None = None,
-              chat_template: str | None = None, arch: str = "llama") -> dict[str, torch.Tensor]:
+              chat_template: str | None = None, arch: str = "llama", metadata: dict | None = None,
+              endianess=gguf.GGUFEndian.LITTLE) -> dict[str, torch.Tensor]:
     """Write a tiny HF Llama/Mistral as llama.cpp would; returns its state dict as stored.
 
     `qtypes` maps a tensor kind ('attn_q', 'ffn_down', 'token_embd', ...) to its GGML type
     (default F32). The returned tensors are quantized and dequantized back, in HF row order:
     blocks run along rows and the wq/wk permutation only moves whole rows, so quantizing
-    before or after it gives the same values.
+    before or after it gives the same values. `metadata` replaces or adds keys, each as
+    (value, GGUFValueType) or (value, ARRAY, item type), for files that lie about themselves.
     """
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, endianess=endianess)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -167,6 +169,8 @@ def save_gguf(model, path: Path, qtypes: dict | None = None, spm: Path | None = 
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         back = gguf.quants.dequantize(gguf.quants.quantize(t.float().numpy(), qtype), qtype)
         stored[name] = torch.from_numpy(np.array(back, dtype=np.float32))
+    for key, (value, *types) in (metadata or {}).items():
+        writer.kv_data[0][key] = gguf.GGUFValue(value, *types)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
