@@ -28,10 +28,11 @@ def read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
     except OSError as e:
         raise EdgeError(f"{path}: cannot open ({first_line(e)})") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise EdgeError(f"{path}: not a regular file")
-        try:
-            data = f.read(limit + 1)
+        try:  # sized from fstat: read(limit) would allocate the whole limit up front
+            data = f.read(min(info.st_size, limit) + 1)
         except OSError as e:
             raise EdgeError(f"{path}: cannot read ({first_line(e)})") from None
     if len(data) > limit:
