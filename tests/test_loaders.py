@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from mistral_edge.cli.main import app
 from mistral_edge.errors import EdgeError
+from mistral_edge.model.config import ModelConfig
 from mistral_edge.model.loaders import default, load_checkpoint
 from mistral_edge.model.reference import ReferenceModel
 from helpers import SPM_V1, save_gguf, save_mistral_inference, tiny_hf_mistral
@@ -445,8 +446,29 @@ def test_bad_input(tmp_path, case):
 
 
 def test_bad_window(tmp_path):
+    path = str(hf_dir(tmp_path)[1])
     with pytest.raises(EdgeError, match="--window must be a positive integer, got 0"):
-        load_checkpoint(str(hf_dir(tmp_path)[1]), window=0)
+        load_checkpoint(path, window=0)
+    with pytest.raises(EdgeError, match="--window of 1099511627776 is past the largest supported window, 16777216"):
+        load_checkpoint(path, window=2**40)
+
+
+def test_rope_scaling_in_rope_parameters_is_refused(tmp_path):
+    """transformers 5 writes the scaling type into rope_parameters, not rope_scaling."""
+    path = _edit_json(_hf_config(tmp_path), rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
+    with pytest.raises(EdgeError, match="unsupported rope_parameters"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("d, message", [
+    (5, "expected an object, got int"),
+    ({"dim": 32}, "missing 'n_layers'"),
+    ({**ModelConfig(32, 2, 4, 2, 8, 72, 128).to_dict(), "eos_ids": 2}, "eos_ids must be a list of token ids, got 2"),
+    ({**ModelConfig(32, 2, 4, 2, 8, 72, 128).to_dict(), "tied_embeddings": "no"}, "tied_embeddings must be true"),
+])
+def test_config_from_a_manifest_is_validated(d, message):
+    with pytest.raises(EdgeError, match=re.escape(message)):
+        ModelConfig.from_dict(d)
 
 
 def test_default_model_not_installed(monkeypatch):

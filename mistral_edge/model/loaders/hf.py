@@ -46,13 +46,13 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         raise EdgeError(f"unsupported architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
     if f.boolean("attention_bias", False) or f.boolean("mlp_bias", False):
         raise EdgeError("unsupported model: attention or MLP biases (a Mistral-architecture model has none)")
-    scaling = Fields(f.mapping("rope_scaling", {}), f"{where}: rope_scaling")
-    kind = scaling.string("rope_type", None) or scaling.string("type", None)
-    if kind not in (None, "default"):
-        raise EdgeError(f"unsupported rope_scaling {brief(scaling.values)}")
+    rope = {key: Fields(f.mapping(key, {}), f"{where}: {key}") for key in ("rope_scaling", "rope_parameters")}
+    for key, scaling in rope.items():  # transformers 5 keeps the scaling type in rope_parameters
+        if (scaling.string("rope_type", None) or scaling.string("type", None)) not in (None, "default"):
+            raise EdgeError(f"unsupported {key} {brief(scaling.values)}")
     theta = f.number("rope_theta", None)
     if theta is None:
-        theta = Fields(f.mapping("rope_parameters", {}), f"{where}: rope_parameters").number("rope_theta", 10000.0)
+        theta = rope["rope_parameters"].number("rope_theta", 10000.0)
     return ModelConfig.build(
         where,
         dim=f.integer("hidden_size"),
