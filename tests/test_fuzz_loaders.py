@@ -21,8 +21,8 @@ from mistral_edge.errors import EdgeError
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.model.loaders.gguf_header import read_header
 
-FUZZ = settings(max_examples=int(os.environ.get("MISTRAL_EDGE_FUZZ_EXAMPLES", 25)), deadline=timedelta(seconds=10), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=int(os.environ.get("MISTRAL_EDGE_FUZZ_EXAMPLES", 25)), deadline=timedelta(seconds=10),
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MEMORY_BOUND = 32 * 2**20
 """Python-level peak allocation per load: the valid files are a few kilobytes.
 

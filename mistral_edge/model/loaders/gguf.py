@@ -59,7 +59,9 @@ def _decimal(value: float) -> float:
 
 
 def _config(header: Header, meta: Fields, arch: str, path: Path) -> ModelConfig:
-    key = f"{arch}.{{}}".format
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
+
     scaling = meta.string(key("rope.scaling.type"), None)
     if scaling not in (None, "none") or "rope_freqs.weight" in header.tensors:
         raise EdgeError(f"{path}: unsupported RoPE scaling")
@@ -109,8 +111,8 @@ def _read(path: Path, t: TensorInfo) -> torch.Tensor:
 def _weights(path: Path, header: Header, cfg: ModelConfig) -> Weights:
     """The model's tensors, read lazily, in rotate-half RoPE order; types are checked before any is read."""
     infos = {key: t for t in header.tensors.values() if (key := canonical_name(t.name))}
-    entries = {key: (TensorMeta(t.shape, torch.float16 if t.ggml_type == Q.F16 else torch.float32), partial(_read, path, t))
-               for key, t in infos.items()}
+    entries = {key: (TensorMeta(t.shape, torch.float16 if t.ggml_type == Q.F16 else torch.float32),
+                     partial(_read, path, t)) for key, t in infos.items()}
     weights = model_tensors(Weights(entries), cfg)
     for name in weights:
         t = infos[name]
