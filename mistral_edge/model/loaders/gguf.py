@@ -22,7 +22,7 @@ from gguf.quants import dequantize
 
 from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
-from ..config import ModelConfig
+from ..config import ModelConfig, brief
 from ..weights import TensorMeta, Weights, interleaved_rope_rows, model_tensors, rename
 from .gguf_header import Header, TensorInfo, read_header
 from .untrusted import Fields
@@ -170,7 +170,8 @@ def load(path: Path) -> Checkpoint:
     meta = Fields(header.metadata, f"{path}: GGUF metadata")
     arch = meta.string("general.architecture")
     if arch not in ARCHITECTURES:
-        raise EdgeError(f"{path}: unsupported GGUF architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+        raise EdgeError(f"{path}: unsupported GGUF architecture {brief(arch)}: "
+                        f"expected one of {', '.join(ARCHITECTURES)}")
     cfg = _config(header, meta, arch, path)
     weights = _weights(path, header, cfg)
     has_vocab = "tokenizer.ggml.tokens" in header.metadata

@@ -43,7 +43,7 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     archs = f.strings("architectures", [])
     arch = archs[0] if archs else "?"
     if arch not in ARCHITECTURES:
-        raise EdgeError(f"unsupported architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
+        raise EdgeError(f"unsupported architecture {brief(arch)}: expected one of {', '.join(ARCHITECTURES)}")
     if f.boolean("attention_bias", False) or f.boolean("mlp_bias", False):
         raise EdgeError("unsupported model: attention or MLP biases (a Mistral-architecture model has none)")
     rope = {key: Fields(f.mapping(key, {}), f"{where}: {key}") for key in ("rope_scaling", "rope_parameters")}
