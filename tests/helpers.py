@@ -6,7 +6,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_edge.model.checkpoint import Checkpoint
-from mistral_edge.model.loaders.hf import canonical_weights, config_from_hf
+from mistral_edge.model.loaders.hf import canonical_name, config_from_hf
+from mistral_edge.model.weights import Weights
 
 
 def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, vocab: int = 128,
@@ -27,7 +28,7 @@ def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, voc
 
 def checkpoint_of(model: MistralForCausalLM) -> Checkpoint:
     cfg = config_from_hf({**model.config.to_dict(), "architectures": ["MistralForCausalLM"]})
-    return Checkpoint(cfg, canonical_weights(dict(model.state_dict())), source="fixture", source_format="hf")
+    return Checkpoint(cfg, Weights.of(model.state_dict()).renamed(canonical_name), source="fixture", source_format="hf")
 
 
 FP16_TOL = 0.005
@@ -124,16 +125,18 @@ def _write_spm_vocab(writer: gguf.GGUFWriter, spm_path: Path) -> None:
 
 
 def save_gguf(model, path: Path, qtypes: dict | None = None, spm: Path | None = None,
-              chat_template: str | None = None, arch: str = "llama") -> dict[str, torch.Tensor]:
+              chat_template: str | None = None, arch: str = "llama", metadata: dict | None = None,
+              endianess=gguf.GGUFEndian.LITTLE) -> dict[str, torch.Tensor]:
     """Write a tiny HF Llama/Mistral as llama.cpp would; returns its state dict as stored.
 
     `qtypes` maps a tensor kind ('attn_q', 'ffn_down', 'token_embd', ...) to its GGML type
     (default F32). The returned tensors are quantized and dequantized back, in HF row order:
     blocks run along rows and the wq/wk permutation only moves whole rows, so quantizing
-    before or after it gives the same values.
+    before or after it gives the same values. `metadata` replaces or adds keys, each as
+    (value, GGUFValueType) or (value, ARRAY, item type), for files that lie about themselves.
     """
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, endianess=endianess)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -166,6 +169,8 @@ def save_gguf(model, path: Path, qtypes: dict | None = None, spm: Path | None = 
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         back = gguf.quants.dequantize(gguf.quants.quantize(t.float().numpy(), qtype), qtype)
         stored[name] = torch.from_numpy(np.array(back, dtype=np.float32))
+    for key, (value, *types) in (metadata or {}).items():
+        writer.kv_data[0][key] = gguf.GGUFValue(value, *types)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from mistral_edge.cli.main import app
 from mistral_edge.errors import EdgeError
+from mistral_edge.model.config import ModelConfig
 from mistral_edge.model.loaders import default, load_checkpoint
 from mistral_edge.model.reference import ReferenceModel
 from helpers import SPM_V1, save_gguf, save_mistral_inference, tiny_hf_mistral
@@ -301,6 +302,37 @@ def _params(tmp_path):
     return save_mistral_inference(tiny_hf_mistral(), tmp_path) / "params.json"
 
 
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path.parent
+
+
+def _hf_file(name: str, data: bytes):
+    """An HF directory whose `name` (config.json, tokenizer_config.json, chat_template.jinja) holds `data`."""
+    return lambda p: _write(hf_dir(p)[1] / name, data)
+
+
+def _sharded(tmp_path):
+    tiny_hf_mistral(window=W).save_pretrained(tmp_path, max_shard_size="20KB")
+    return tmp_path / "model.safetensors.index.json"
+
+
+def _shard_elsewhere(tmp_path, name):
+    """A shard index naming `name`, a copy of a real shard placed outside the model directory."""
+    index = _sharded(tmp_path / "m")
+    shard = next((tmp_path / "m").glob("model-00001-*.safetensors"))
+    shutil.copy(shard, tmp_path / "outside.safetensors")
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: (name if v == shard.name else v) for k, v in data["weight_map"].items()}
+    shard.unlink()
+    index.write_text(json.dumps(data))
+    return index.parent
+
+
+NOT_UTF8 = b'{"architectures": ["Mistral\xff"]}'
+DEEP = b"[" * 100_000 + b"]" * 100_000
+G = gguf.GGUFValueType
+
 BAD_INPUTS = {
     "missing path": (lambda p: p / "nope", "no such file or directory"),
     "not a model file": (_unrelated_file, "not a model; expected a directory, a .gguf file"),
@@ -310,7 +342,7 @@ BAD_INPUTS = {
                                  "unsupported architecture 'GPT2LMHeadModel'"),
     "config missing a key": (lambda p: _edit_json(_hf_config(p), drop=("hidden_size",)),
                              "config.json is missing key 'hidden_size'"),
-    "invalid tokenizer_config.json": (_bad_tokenizer_config, "tokenizer_config.json: not a valid JSON object"),
+    "invalid tokenizer_config.json": (_bad_tokenizer_config, "tokenizer_config.json: invalid JSON (Expecting"),
     "missing tensor": (_drop_tensor, "checkpoint is missing tensor 'layers.1.feed_forward.w2.weight'"),
     "wrong shape": (lambda p: _edit_json(_hf_config(p), intermediate_size=80),
                     "tensor 'layers.0.feed_forward.w1.weight' has shape (72, 32), expected (80, 32)"),
@@ -328,7 +360,80 @@ BAD_INPUTS = {
     "unsupported GGUF type": (lambda p: _gguf(p, qtypes={"attn_v": Q.Q5_0}),
                               "tensor 'blk.0.attn_v.weight' is Q5_0; supported GGUF types: F32, F16, Q8_0, Q4_0, Q4_1"),
     "unsupported GGUF architecture": (lambda p: _gguf(p, arch="gpt2"), "unsupported GGUF architecture 'gpt2'"),
+    # files that are not UTF-8 or nest JSON 100k deep (bug 11)
+    "config.json not UTF-8": (_hf_file("config.json", NOT_UTF8), "config.json: not UTF-8 text"),
+    "config.json nested": (_hf_file("config.json", DEEP), "config.json: invalid JSON (nested too deeply)"),
+    "params.json not UTF-8": (lambda p: _write(_params(p), NOT_UTF8), "params.json: not UTF-8 text"),
+    "params.json nested": (lambda p: _write(_params(p), DEEP), "params.json: invalid JSON (nested too deeply)"),
+    "shard index not UTF-8": (lambda p: _write(_sharded(p), NOT_UTF8), "index.json: not UTF-8 text"),
+    "shard index nested": (lambda p: _write(_sharded(p), DEEP), "index.json: invalid JSON (nested too deeply)"),
+    "tokenizer_config.json not UTF-8": (_hf_file("tokenizer_config.json", NOT_UTF8),
+                                        "tokenizer_config.json: not UTF-8 text"),
+    "tokenizer_config.json nested": (_hf_file("tokenizer_config.json", DEEP),
+                                     "tokenizer_config.json: invalid JSON (nested too deeply)"),
+    "chat template not UTF-8": (_hf_file("chat_template.jinja", b"{{ x }}\xff"), "chat_template.jinja: not UTF-8"),
+    # a head count of 0: division by zero in all three loaders
+    "HF zero heads": (lambda p: _edit_json(_hf_config(p), num_attention_heads=0, head_dim=None),
+                      "n_heads must be a positive integer, got 0"),
+    "params zero heads": (lambda p: _edit_json(_params(p), n_heads=0, head_dim=None),
+                          "n_heads must be a positive integer, got 0"),
+    "GGUF zero heads": (lambda p: _gguf(p, metadata={"llama.attention.head_count": (0, G.UINT32)}),
+                        "n_heads must be a positive integer, got 0"),
+    # JSON values of the wrong type, and silent coercions that are now errors
+    "architectures a number": (lambda p: _edit_json(_hf_config(p), architectures=5),
+                               "architectures must be a list of strings, got 5"),
+    "architectures a string": (lambda p: _edit_json(_hf_config(p), architectures="MistralForCausalLM"),
+                               "architectures must be a list of strings, got 'MistralForCausalLM'"),
+    "rope_scaling a string": (lambda p: _edit_json(_hf_config(p), rope_scaling="yarn"),
+                              "rope_scaling must be an object, got 'yarn'"),
+    "shard index value a number": (lambda p: _edit_json(_sharded(p), weight_map={"lm_head.weight": 5}),
+                                   "not a valid shard index (weight_map must map tensor names to file names)"),
+    "chat_template list of non-dicts": (_hf_file("tokenizer_config.json", b'{"chat_template": [1, "x"]}'),
+                                        "chat_template must be a string or a list of {name, template} objects"),
+    "sliding_window 16.5": (lambda p: _edit_json(_hf_config(p), sliding_window=16.5),
+                            "sliding_window must be an integer, got 16.5"),
+    "sliding_window true": (lambda p: _edit_json(_hf_config(p), sliding_window=True),
+                            "sliding_window must be an integer, got True"),
+    "params sliding_window 16.5": (lambda p: _edit_json(_params(p), sliding_window=16.5),
+                                   "sliding_window must be an integer, got 16.5"),
+    "zero kv heads": (lambda p: _edit_json(_hf_config(p), num_key_value_heads=0),
+                      "n_kv_heads must be a positive integer, got 0"),
+    "layers a string": (lambda p: _edit_json(_hf_config(p), num_hidden_layers="2"),
+                        "num_hidden_layers must be an integer, got '2'"),
+    "hidden size true": (lambda p: _edit_json(_params(p), dim=True), "dim must be an integer, got True"),
+    "bos negative": (lambda p: _edit_json(_hf_config(p), bos_token_id=-1),
+                     "bos_id must be token ids below the vocabulary size 128, got -1"),
+    "eos past the vocabulary": (lambda p: _edit_json(_hf_config(p), eos_token_id=[2, 128]),
+                                "eos_ids must be token ids below the vocabulary size 128, got 128"),
+    "eos a string": (lambda p: _edit_json(_hf_config(p), eos_token_id="2"),
+                     "eos_token_id must be a token id or a list of them, got '2'"),
+    "rope_theta NaN": (lambda p: _edit_json(_hf_config(p), rope_theta=float("nan")),
+                       "rope_theta must be a positive number, got nan"),
+    "shard outside the directory (absolute)": (lambda p: _shard_elsewhere(p, str(p / "outside.safetensors")),
+                                               "a shard must be a .safetensors file inside the model directory"),
+    "shard outside the directory (..)": (lambda p: _shard_elsewhere(p, "../outside.safetensors"),
+                                         "a shard must be a .safetensors file inside the model directory"),
+    # GGUF metadata of the wrong type, big-endian files, values cut at the end of the file
+    "GGUF string rope.freq_base": (lambda p: _gguf(p, metadata={"llama.rope.freq_base": ("10000", G.STRING)}),
+                                   "llama.rope.freq_base must be a number, got '10000'"),
+    "GGUF string sliding_window": (lambda p: _gguf(p, metadata={"llama.attention.sliding_window": ("16", G.STRING)}),
+                                   "llama.attention.sliding_window must be an integer, got '16'"),
+    "GGUF array head_count": (lambda p: _gguf(p, metadata={"llama.attention.head_count": ([4, 4], G.ARRAY, G.UINT32)}),
+                              "llama.attention.head_count must be an integer, got [4, 4]"),
+    "GGUF bool block_count": (lambda p: _gguf(p, metadata={"llama.block_count": (True, G.BOOL)}),
+                              "llama.block_count must be an integer, got True"),
+    "GGUF non-UTF-8 architecture": (lambda p: _gguf(p, metadata={"general.architecture": (b"llama\xff", G.STRING)}),
+                                    "general.architecture must be a string, got b'llama\\xff'"),
+    "GGUF big-endian": (lambda p: _gguf(p, endianess=gguf.GGUFEndian.BIG), "big-endian GGUF files are not supported"),
+    "GGUF cut in its metadata": (lambda p: _cut(_gguf(p), 100), "not a readable GGUF file, truncated or corrupt"),
+    "GGUF zero alignment": (lambda p: _gguf(p, metadata={"general.alignment": (0, G.UINT32)}),
+                            "general.alignment 0 is not a power of two"),
 }
+
+
+def _cut(path, n: int):
+    path.write_bytes(path.read_bytes()[:n])
+    return path
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -341,8 +446,29 @@ def test_bad_input(tmp_path, case):
 
 
 def test_bad_window(tmp_path):
+    path = str(hf_dir(tmp_path)[1])
     with pytest.raises(EdgeError, match="--window must be a positive integer, got 0"):
-        load_checkpoint(str(hf_dir(tmp_path)[1]), window=0)
+        load_checkpoint(path, window=0)
+    with pytest.raises(EdgeError, match="--window of 1099511627776 is past the largest supported window, 16777216"):
+        load_checkpoint(path, window=2**40)
+
+
+def test_rope_scaling_in_rope_parameters_is_refused(tmp_path):
+    """transformers 5 writes the scaling type into rope_parameters, not rope_scaling."""
+    path = _edit_json(_hf_config(tmp_path), rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
+    with pytest.raises(EdgeError, match="unsupported rope_parameters"):
+        load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("d, message", [
+    (5, "expected an object, got int"),
+    ({"dim": 32}, "missing 'n_layers'"),
+    ({**ModelConfig(32, 2, 4, 2, 8, 72, 128).to_dict(), "eos_ids": 2}, "eos_ids must be a list of token ids, got 2"),
+    ({**ModelConfig(32, 2, 4, 2, 8, 72, 128).to_dict(), "tied_embeddings": "no"}, "tied_embeddings must be true"),
+])
+def test_config_from_a_manifest_is_validated(d, message):
+    with pytest.raises(EdgeError, match=re.escape(message)):
+        ModelConfig.from_dict(d)
 
 
 def test_default_model_not_installed(monkeypatch):
@@ -403,3 +529,138 @@ def test_info_error_is_one_line(tmp_path):
     run = subprocess.run(["mistral-edge", "info", str(tmp_path / "nope")], capture_output=True, text=True)
     assert run.returncode == 1
     assert run.stderr == f"error: {tmp_path / 'nope'}: no such file or directory\n"
+
+
+# --- counts from a file bound nothing before the file's own contents are checked (security 3, 4) ----
+
+def run_limited(args: list[str], memory: int = 3 * 2**30, cpu_s: int = 300) -> tuple[int, str, int]:
+    """`mistral-edge ARGS` under address-space and CPU-time limits (a regression fails fast instead of
+    taking the machine): (exit code, stderr, peak RSS in bytes)."""
+    import os
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+
+    p = subprocess.Popen(["mistral-edge", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=limit)
+    stderr = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, stderr, usage.ru_maxrss * 1024
+
+
+def _gguf_header_only(tmp_path, kv: bytes, n_kv: int = 1):
+    """A GGUF of no tensors whose metadata is the raw bytes `kv`."""
+    import struct
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + kv)
+    return path
+
+
+def _huge_array(tmp_path):
+    """105 bytes: general.architecture, then an array of u8 claiming 2^62 items."""
+    import struct
+
+    arch = struct.pack("<Q", 20) + b"general.architecture" + struct.pack("<IQ", 8, 5) + b"llama"
+    key = b"llama.scores"
+    array = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 0, 2**62)
+    path = _gguf_header_only(tmp_path, arch + array, n_kv=2)
+    assert path.stat().st_size == 105
+    return path
+
+
+HOSTILE_COUNTS = {
+    "config.json num_hidden_layers": (lambda p: _edit_json(_hf_config(p), num_hidden_layers=10**9),
+                                      "checkpoint has tensors for 2 layers but its config says 1000000000"),
+    "params.json n_layers": (lambda p: _edit_json(_params(p), n_layers=10**9),
+                             "checkpoint has tensors for 2 layers but its config says 1000000000"),
+    "GGUF block_count": (lambda p: _gguf(p, metadata={"llama.block_count": (10**9, G.UINT32)}),
+                         "checkpoint has tensors for 2 layers but its config says 1000000000"),
+    "GGUF array of 2^62 items": (_huge_array, "an array claims 4611686018427387904 items, more than the"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_COUNTS)
+def test_count_from_file_is_bounded_by_its_contents(tmp_path, case):
+    make, message = HOSTILE_COUNTS[case]
+    code, stderr, rss = run_limited(["info", str(make(tmp_path))])
+    assert code == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr[-2000:]
+    assert message in stderr
+    assert rss < 2**30, f"peak RSS {rss / 2**20:.0f} MiB"
+
+
+# --- Hub ids and paths (bug 13) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["models/x", "./org/name", "~/no/such-model-dir"])
+def test_missing_relative_path_is_no_such_file(tmp_path, monkeypatch, spec):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(EdgeError, match=re.escape(f"{spec}: no such file or directory")):
+        load_checkpoint(spec)
+
+
+# --- lazy weights (issue 11) -----------------------------------------------------------------------
+
+def count_reads(monkeypatch, module, name: str) -> list:
+    """Record every call of `module.name` (a tensor reader), still calling it."""
+    calls, read = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or read(*a))
+    return calls
+
+
+def test_sharded_hf_weights_are_read_when_accessed(tmp_path, monkeypatch):
+    from mistral_edge.model.loaders import tensor_files
+    from mistral_edge.model.loaders.hf import canonical_name
+
+    model = tiny_hf_mistral(window=W)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    reads = count_reads(monkeypatch, tensor_files, "_read_safetensors")
+    ck = load_checkpoint(str(tmp_path))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert ck.n_params == n_params and len(ck.weights) == 2 + 9 * 2 + 1
+    assert ck.weights.meta("layers.1.feed_forward.w2.weight") == ((32, 72), torch.float32)
+    assert reads == []  # loading and metadata read headers only
+    rows = table_rows(CliRunner().invoke(app, ["info", str(tmp_path)]).output)
+    assert rows["parameters"] == f"{n_params:,}" and reads == []
+    eager = {}
+    for f in tmp_path.glob("model-*.safetensors"):
+        eager.update(safetensors.torch.load_file(f))
+    for hf_name, t in eager.items():
+        assert torch.equal(ck.weights[canonical_name(hf_name)], t)
+    assert len(reads) == len(eager) == len(ck.weights)
+    assert torch.equal(ck.weights["layers.1.feed_forward.w2.weight"], eager["model.layers.1.mlp.down_proj.weight"])
+    assert len(reads) == len(eager) + 1  # not cached: the caller holds the only copy
+    ck.weights.clear()
+    assert len(ck.weights) == 0
+
+
+def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
+    tiny_hf_mistral(window=W).to(torch.bfloat16).save_pretrained(tmp_path)
+    ck = load_checkpoint(str(tmp_path))
+    assert {ck.weights.meta(n).dtype for n in ck.weights} == {torch.bfloat16}
+    assert ck.weights["tok_embeddings.weight"].dtype == torch.bfloat16
+    rows = table_rows(CliRunner().invoke(app, ["info", str(tmp_path)]).output)
+    assert rows["weights bfloat16"].startswith(f"{ck.n_params * 2:,} B")
+
+
+def test_gguf_and_mistral_weights_are_read_when_accessed(tmp_path, monkeypatch):
+    """Both permute wq/wk rows, which happens on access: values match the eager parity tests' model."""
+    from mistral_edge.model.loaders import gguf as gguf_loader
+    from mistral_edge.model.loaders import tensor_files
+
+    model = tiny_hf_mistral(window=W)
+    save_gguf(model, tmp_path / "m.gguf", GGUF_TYPES["quantized"])
+    save_mistral_inference(model, tmp_path / "mi")
+    gguf_reads = count_reads(monkeypatch, gguf_loader, "_read")
+    st_reads = count_reads(monkeypatch, tensor_files, "_read_safetensors")
+    g, mi = load_checkpoint(str(tmp_path / "m.gguf"), window=W), load_checkpoint(str(tmp_path / "mi"))
+    assert g.n_params == mi.n_params and gguf_reads == [] and st_reads == []
+    assert g.weights.meta("layers.0.attention.wk.weight") == ((16, 32), torch.float32)
+    wk = mi.weights["layers.0.attention.wk.weight"]
+    assert torch.equal(wk, model.model.layers[0].self_attn.k_proj.weight.detach()) and len(st_reads) == 1
+    assert g.weights["layers.0.attention.wq.weight"].shape == (32, 32) and len(gguf_reads) == 1

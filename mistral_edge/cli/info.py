@@ -29,8 +29,9 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
         table.add_row(key, str(value))
     table.add_row("parameters", f"{ck.n_params:,}")
     per_dtype: Counter[str] = Counter()
-    for t in ck.weights.values():
-        per_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
+    for name in ck.weights:  # from the headers: info reads no tensor data
+        meta = ck.weights.meta(name)
+        per_dtype[str(meta.dtype).removeprefix("torch.")] += meta.nbytes
     for dtype, n in sorted(per_dtype.items()):
         table.add_row(f"weights {dtype}", _bytes(n))
     W = cfg.sliding_window

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .config import ModelConfig
+from .weights import Weights
 
 
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Weights
+    """Canonical name -> tensor, read from the file when accessed (see `Weights`); a plain dict of
+    tensors given here is wrapped."""
     source: str
     """Path or Hub id the model came from (recorded in bundle manifests)."""
     tokenizer_files: dict[str, Path] = field(default_factory=dict)
@@ -23,6 +25,11 @@ class Checkpoint:
     source_format: str = ""
     """One of 'hf', 'mistral', 'gguf'."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, Weights) and isinstance(self.weights, Mapping):
+            self.weights = Weights.of(self.weights)
+
     @property
     def n_params(self) -> int:
-        return sum(t.numel() for t in self.weights.values())
+        """From the tensors' headers: nothing is read."""
+        return self.weights.n_params

@@ -15,6 +15,7 @@ from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
 from . import gguf, hf, hub, mistral
 from .default import load_default
+from .tensor_files import PICKLE_SUFFIXES, require_trust
 
 
 def load_checkpoint(spec: str | None, *, window: int | None = None, trust_pickle: bool = False) -> Checkpoint:
@@ -29,11 +30,16 @@ def _load_spec(spec: str, trust_pickle: bool) -> Checkpoint:
     path = Path(spec).expanduser()
     if path.exists():
         return _load_path(path, trust_pickle)
-    if hub.is_hub_id(spec):
+    if hub.is_hub_id(spec) and not _names_local_path(spec):
         ck = _load_path(hub.download(spec), trust_pickle)
         ck.source = spec
         return ck
     raise EdgeError(f"{spec}: no such file or directory")
+
+
+def _names_local_path(spec: str) -> bool:
+    """`models/x` is a path when `models` exists here (or it starts like one: ./ ../ / ~), not a Hub id."""
+    return spec.startswith(("./", "../", "/", "~")) or Path(Path(spec).parts[0]).exists()
 
 
 def _load_path(path: Path, trust_pickle: bool = False) -> Checkpoint:
@@ -41,8 +47,8 @@ def _load_path(path: Path, trust_pickle: bool = False) -> Checkpoint:
     if path.is_file() and path.suffix == ".gguf":
         return gguf.load(path)
     weights = None
-    if path.is_file() and path.suffix in hf.PICKLE_SUFFIXES:
-        hf.require_trust(path, trust_pickle)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        require_trust(path, trust_pickle)
         path, weights = path.parent, path
     elif not path.is_dir():
         raise EdgeError(f"{path}: not a model; expected a directory, a .gguf file or a .bin/.pth/.pt pickle")

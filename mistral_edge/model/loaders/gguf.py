@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp): Llama/Mistral tensors dequantized, tokenizer rebuilt as tokenizer.json.
 
 llama.cpp's converter permutes wq/wk rows into interleaved RoPE pairs; we permute them
-back. Float tensors keep their dtype; quantized blocks become fp32 (whole tensors at a
-time with gguf's numpy kernels). A GGUF has no tokenizer.json, only the vocabulary in
+back. Tensors are read when asked for, each from its own bytes: float types keep their
+dtype, quantized blocks become fp32 (gguf's numpy kernels). A GGUF has no tokenizer.json, only the vocabulary in
 its metadata, so transformers' GGUF tokenizer converter writes one into a cache.
 """
 
@@ -12,22 +12,25 @@ import hashlib
 import os
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ...errors import EdgeError, first_line
 from ..checkpoint import Checkpoint
-from ..config import ModelConfig
-from ..weights import interleaved_to_half, rename
-from .hf import model_tensors
+from ..config import ModelConfig, brief
+from ..weights import TensorMeta, Weights, interleaved_rope_rows, model_tensors, rename
+from .gguf_header import Header, TensorInfo, read_header
+from .untrusted import Fields
 
 ARCHITECTURES = ("llama", "mistral")
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+_FLOAT_TYPES = {Q.F32: np.dtype("<f4"), Q.F16: np.dtype("<f2")}
 
 _TOP_MAP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
             "output.weight": "output.weight"}
@@ -50,82 +53,106 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mistral_edge"
 
 
-def _meta(reader: GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def _decimal(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
     return float(f"{value:.7g}")
 
 
-def _config(reader: GGUFReader, arch: str, path: Path) -> ModelConfig:
-    def need(key: str):
-        value = _meta(reader, f"{arch}.{key}")
-        if value is None:
-            raise EdgeError(f"{path}: GGUF metadata lacks {arch}.{key}")
-        return value
+def _config(header: Header, meta: Fields, arch: str, path: Path) -> ModelConfig:
+    def key(name: str) -> str:
+        return f"{arch}.{name}"
 
-    scaling = _meta(reader, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    scaling = meta.string(key("rope.scaling.type"), None)
+    if scaling not in (None, "none") or "rope_freqs.weight" in header.tensors:
         raise EdgeError(f"{path}: unsupported RoPE scaling")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _meta(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else need("vocab_size"))
-    dim, n_heads = need("embedding_length"), need("attention.head_count")
-    eos = [_meta(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot")]
-    return ModelConfig(
-        dim=dim,
-        n_layers=need("block_count"),
-        n_heads=n_heads,
-        n_kv_heads=_meta(reader, f"{arch}.attention.head_count_kv") or n_heads,
-        head_dim=_meta(reader, f"{arch}.attention.key_length") or dim // n_heads,
-        hidden_dim=need("feed_forward_length"),
+    vocab = meta.integer(key("vocab_size"), None)
+    if vocab is None:
+        tokens = header.metadata.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if isinstance(tokens, list) else meta.integer(key("vocab_size"))
+    eos = (meta.integer(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot"))
+    return ModelConfig.build(
+        str(path),
+        dim=meta.integer(key("embedding_length")),
+        n_layers=meta.integer(key("block_count")),
+        n_heads=meta.integer(key("attention.head_count")),
+        n_kv_heads=meta.integer(key("attention.head_count_kv"), None),
+        head_dim=meta.integer(key("attention.key_length"), None),
+        hidden_dim=meta.integer(key("feed_forward_length")),
         vocab_size=vocab,
-        norm_eps=_decimal(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_decimal(_meta(reader, f"{arch}.rope.freq_base", 10000.0)),
-        sliding_window=_meta(reader, f"{arch}.attention.sliding_window"),
-        tied_embeddings=all(t.name != "output.weight" for t in reader.tensors),
-        bos_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
+        norm_eps=_decimal(meta.number(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        rope_theta=_decimal(meta.number(key("rope.freq_base"), 10000.0)),
+        sliding_window=meta.integer(key("attention.sliding_window"), None),
+        tied_embeddings="output.weight" not in header.tensors,
+        bos_id=meta.integer("tokenizer.ggml.bos_token_id", None),
         eos_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        max_position=_meta(reader, f"{arch}.context_length", 32768),
+        max_position=meta.integer(key("context_length"), 32768),
     )
 
 
-def _tensor(t: ReaderTensor) -> torch.Tensor:
-    """One GGUF tensor in torch order (GGUF's `ne` lists dimensions innermost first)."""
-    if t.tensor_type not in SUPPORTED_TYPES:
-        names = ", ".join(q.name for q in SUPPORTED_TYPES)
-        raise EdgeError(f"tensor {t.name!r} is {t.tensor_type.name}; supported GGUF types: {names}")
-    data = t.data if t.tensor_type in (Q.F32, Q.F16) else dequantize(t.data, t.tensor_type)
-    data = data.reshape(tuple(int(n) for n in reversed(t.shape)))
-    return torch.from_numpy(data if data.flags.writeable else np.array(data))
+def _read(path: Path, t: TensorInfo) -> torch.Tensor:
+    """One tensor in torch order, read from its bytes alone: float types keep their dtype, blocks become fp32."""
+    buf = bytearray(t.n_bytes)
+    try:
+        with open(path, "rb") as f:
+            f.seek(t.offset)
+            n = f.readinto(buf)
+    except OSError as e:
+        raise EdgeError(f"{path}: cannot read tensor {t.name!r} ({first_line(e)})") from None
+    if n != t.n_bytes:
+        raise EdgeError(f"{path}: tensor {t.name!r} is cut short; was the file modified while loading?")
+    if t.ggml_type in _FLOAT_TYPES:
+        data = np.frombuffer(buf, _FLOAT_TYPES[t.ggml_type])
+    else:
+        _, type_size = GGML_QUANT_SIZES[t.ggml_type]
+        data = dequantize(np.frombuffer(buf, np.uint8).reshape(-1, type_size), t.ggml_type)
+    return torch.from_numpy(data.reshape(t.shape))
 
 
-def _weights(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    state = model_tensors({name: _tensor(t) for t in reader.tensors if (name := canonical_name(t.name))}, cfg)
-    for i in range(cfg.n_layers):
-        for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
-            key = f"layers.{i}.attention.{name}.weight"
-            state[key] = interleaved_to_half(state[key], heads).contiguous()
-    return state
+def _weights(path: Path, header: Header, cfg: ModelConfig) -> Weights:
+    """The model's tensors, read lazily, in rotate-half RoPE order; types are checked before any is read."""
+    infos = {key: t for t in header.tensors.values() if (key := canonical_name(t.name))}
+    entries = {key: (TensorMeta(t.shape, torch.float16 if t.ggml_type == Q.F16 else torch.float32),
+                     partial(_read, path, t)) for key, t in infos.items()}
+    weights = model_tensors(Weights(entries), cfg)
+    for name in weights:
+        t = infos[name]
+        if t.ggml_type not in SUPPORTED_TYPES:
+            names = ", ".join(q.name for q in SUPPORTED_TYPES)
+            raise EdgeError(f"tensor {t.name!r} is {t.ggml_type.name}; supported GGUF types: {names}")
+    return interleaved_rope_rows(weights, cfg)
 
 
-def _tokenizer_json(path: Path, reader: GGUFReader, arch: str) -> Path:
+def _tokenizer_spec(meta: Fields, mapping: dict[str, str]) -> dict:
+    """The tokenizer metadata transformers' converter reads (`mapping`: GGUF key -> its name), each value
+    checked to be of its type."""
+    spec = {}
+    for key, name in mapping.items():
+        key = f"tokenizer.{key}"
+        if name in ("tokens", "merges"):
+            spec[name] = meta.strings(key, None)
+        elif name in ("scores", "token_type", "precompiled_charsmap"):
+            spec[name] = meta.numbers(key, None)
+        elif name.endswith("_id"):
+            spec[name] = meta.integer(key, None)
+        else:
+            spec[name] = meta.boolean(key, None) if name == "add_prefix_space" else meta.string(key, None)
+    return {name: value for name, value in spec.items() if value is not None}
+
+
+def _tokenizer_json(path: Path, header: Header, meta: Fields, arch: str) -> Path:
     """tokenizer.json for the GGUF's vocabulary, cached under the hash of the metadata it comes from."""
     with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read(reader.data_offset)).hexdigest()
+        digest = hashlib.sha256(f.read(header.data_offset)).hexdigest()
     target = cache_dir() / digest[:32] / "tokenizer.json"
     if target.is_file():
         return target
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # slow import: only on a cache miss
         GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
 
-    spec = {name: _meta(reader, f"tokenizer.{key}") for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-            if f"tokenizer.{key}" in reader.fields}
+    spec = _tokenizer_spec(meta, GGUF_TOKENIZER_MAPPING["tokenizer"])
     try:
         tokenizer, _ = convert_gguf_tokenizer(arch, spec)
-    except (ValueError, KeyError) as e:
+    except Exception as e:  # transformers' converter raises anything (KeyError, IndexError, ...) on odd vocabularies
         raise EdgeError(f"{path}: cannot rebuild its tokenizer ({first_line(e)})") from None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,15 +166,14 @@ def _tokenizer_json(path: Path, reader: GGUFReader, arch: str) -> Path:
 
 
 def load(path: Path) -> Checkpoint:
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader fails with assorted errors (ValueError, IndexError, ...) on bad input
-        raise EdgeError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(e)})") from None
-    arch = _meta(reader, "general.architecture")
+    header = read_header(path)
+    meta = Fields(header.metadata, f"{path}: GGUF metadata")
+    arch = meta.string("general.architecture")
     if arch not in ARCHITECTURES:
-        raise EdgeError(f"{path}: unsupported GGUF architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
-    cfg = _config(reader, arch, path)
-    has_vocab = "tokenizer.ggml.tokens" in reader.fields
-    tokenizer = {"tokenizer.json": _tokenizer_json(path, reader, arch)} if has_vocab else {}
-    template = _meta(reader, "tokenizer.chat_template")
-    return Checkpoint(cfg, _weights(reader, cfg), str(path), tokenizer, template, "gguf")
+        raise EdgeError(f"{path}: unsupported GGUF architecture {brief(arch)}: "
+                        f"expected one of {', '.join(ARCHITECTURES)}")
+    cfg = _config(header, meta, arch, path)
+    weights = _weights(path, header, cfg)
+    has_vocab = "tokenizer.ggml.tokens" in header.metadata
+    tokenizer = {"tokenizer.json": _tokenizer_json(path, header, meta, arch)} if has_vocab else {}
+    return Checkpoint(cfg, weights, str(path), tokenizer, meta.string("tokenizer.chat_template", None), "gguf")

@@ -10,40 +10,38 @@ from pathlib import Path
 
 from ...errors import EdgeError
 from ..checkpoint import Checkpoint
-from ..config import ModelConfig
-from ..weights import interleaved_to_half
-from .hf import PICKLE_SUFFIXES, model_tensors, read_json_object, read_tensors
+from ..config import ModelConfig, brief
+from ..weights import interleaved_rope_rows, model_tensors
+from .tensor_files import PICKLE_SUFFIXES, open_tensors
+from .untrusted import Fields, read_json_object
 
 _SENTENCEPIECE = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
 
 
-def config_from_params(p: dict) -> ModelConfig:
+def config_from_params(p: dict, where: str = "params.json") -> ModelConfig:
+    f = Fields(p, where)
     if p.get("moe"):
         raise EdgeError("unsupported model: mixture-of-experts (params.json has 'moe')")
     if p.get("vision_encoder"):
         raise EdgeError("unsupported model: vision encoder (params.json has 'vision_encoder')")
-    try:
-        window = p.get("sliding_window")
-        if window is not None and not isinstance(window, int):
-            raise ValueError(f"sliding_window {window!r} (only one window for all layers is supported)")
-        return ModelConfig(
-            dim=int(p["dim"]),
-            n_layers=int(p["n_layers"]),
-            n_heads=int(p["n_heads"]),
-            n_kv_heads=int(p.get("n_kv_heads") or p["n_heads"]),
-            head_dim=int(p.get("head_dim") or int(p["dim"]) // int(p["n_heads"])),
-            hidden_dim=int(p["hidden_dim"]),
-            vocab_size=int(p["vocab_size"]),
-            norm_eps=float(p.get("norm_eps", 1e-5)),
-            rope_theta=float(p.get("rope_theta", 10000.0)),
-            sliding_window=window,
-            tied_embeddings=bool(p.get("tied_embeddings", False)),
-            max_position=int(p.get("max_seq_len", 32768)),
-        )
-    except KeyError as e:
-        raise EdgeError(f"params.json is missing key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise EdgeError(f"params.json has an invalid value: {e}") from None
+    if isinstance(p.get("sliding_window"), list):
+        raise EdgeError(f"{where}: sliding_window {brief(p['sliding_window'])} "
+                        "(only one window for all layers is supported)")
+    return ModelConfig.build(
+        where,
+        dim=f.integer("dim"),
+        n_layers=f.integer("n_layers"),
+        n_heads=f.integer("n_heads"),
+        n_kv_heads=f.integer("n_kv_heads", None),
+        head_dim=f.integer("head_dim", None),
+        hidden_dim=f.integer("hidden_dim"),
+        vocab_size=f.integer("vocab_size"),
+        norm_eps=f.number("norm_eps", 1e-5),
+        rope_theta=f.number("rope_theta", 10000.0),
+        sliding_window=f.integer("sliding_window", None),
+        tied_embeddings=f.boolean("tied_embeddings", False),
+        max_position=f.integer("max_seq_len", 32768),
+    )
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -67,10 +65,6 @@ def _tokenizer_files(path: Path) -> dict[str, Path]:
 
 
 def load(path: Path, trust_pickle: bool = False, weights: Path | None = None) -> Checkpoint:
-    cfg = config_from_params(read_json_object(path / "params.json"))
-    state = model_tensors(read_tensors([weights] if weights else _weight_files(path), trust_pickle), cfg)
-    for i in range(cfg.n_layers):
-        for name, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
-            key = f"layers.{i}.attention.{name}.weight"
-            state[key] = interleaved_to_half(state[key], heads).contiguous()
-    return Checkpoint(cfg, state, str(path), _tokenizer_files(path), None, "mistral")
+    cfg = config_from_params(read_json_object(path / "params.json"), str(path / "params.json"))
+    state = model_tensors(open_tensors([weights] if weights else _weight_files(path), trust_pickle), cfg)
+    return Checkpoint(cfg, interleaved_rope_rows(state, cfg), str(path), _tokenizer_files(path), None, "mistral")
