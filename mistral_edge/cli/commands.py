@@ -10,3 +10,4 @@ COMMANDS: dict = {}
 from . import info  # noqa: E402,F401
 from . import bundle, export, generate  # noqa: E402,F401
 from . import compare  # noqa: E402,F401
+from . import serve  # noqa: E402,F401
