@@ -3,14 +3,17 @@
 import numpy as np
 import pytest
 
+from mistral_edge.chat import PLAIN_TEMPLATE, ChatFormat
 from mistral_edge.errors import EdgeError
+from mistral_edge.runtime.chat import ChatEngine
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.runtime.sampling import Sampler, SamplingParams
 from mistral_edge.serve import snapshot
 from mistral_edge.serve.snapshot import (BLOCK, TokenHistory, bundle_identity, capture, load, restore,
-                                         restore_sampler, resume_session, sampler_state, save, save_session)
+                                         restore_sampler, resume_chat, resume_session, sampler_state, save, save_chat,
+                                         save_session)
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import get_target
 from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
@@ -184,3 +187,33 @@ def test_truncated_state_equals_a_fresh_prefill(bundle):
     long.step(np.asarray([ids[:W]]))
     long.step(np.asarray([ids[W:]]))
     assert capture(long, 0, TokenHistory.of(ids, W)).truncated(4, W) is None  # the ring overwrote them
+
+
+@pytest.mark.parametrize("fmt", [ChatFormat(mistral=True), ChatFormat(PLAIN_TEMPLATE)], ids=["mistral", "template"])
+def test_continuation_is_what_the_full_encoding_adds_after_the_reply(bundle, fmt):
+    tok = bundle.tokenizer()
+    conv = [{"role": "user", "content": "Hi there"}]
+    more = [{"role": "user", "content": "How are you?"}]
+    full = fmt.encode([*conv, {"role": "assistant", "content": "Fine"}, *more], tok)
+    cont = snapshot.continuation(fmt, tok, more)
+    assert full == fmt.encode(conv, tok) + tok.encode("Fine", add_bos=False) + cont
+
+
+def test_chat_resumed_from_a_file_answers_like_the_uninterrupted_chat(bundle, tmp_path):
+    """Two turns, save; the third turn after resume equals the third turn of the chat that went on."""
+    tok, fmt = bundle.tokenizer(), ChatFormat.from_manifest(bundle.manifest)
+    cfg = GenerationConfig(max_new_tokens=6)
+    chat = ChatEngine(Generator(bundle.session(), tok), lambda m: fmt.encode(m, tok))
+    for text in ("Hello, who are you?", "What do you like?"):
+        "".join(chat.reply(text, cfg))
+    assert chat.generator.session.positions[0] == len(chat.fed) > W  # no turn was re-prefilled from scratch
+    save_chat(tmp_path / "c.snap", bundle, chat)
+    expected = "".join(chat.reply("Tell me a story", cfg))
+
+    resumed = ChatEngine(Generator(bundle.session(), tok), lambda m: fmt.encode(m, tok))
+    history = resume_chat(tmp_path / "c.snap", bundle, resumed, fmt)
+    assert "".join(resumed.reply("Tell me a story", cfg)) == expected
+    assert save_chat(tmp_path / "d.snap", bundle, resumed, history) > 0  # saving again after a resume
+    again = Generator(bundle.session(), tok)
+    state = resume_session(tmp_path / "d.snap", bundle, again.session)
+    assert state.history.count == chat.generator.session.positions[0]

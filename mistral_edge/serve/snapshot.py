@@ -273,3 +273,40 @@ def resume_session(path: str | Path, bundle, session) -> SessionState:
     state = load(path, session, bundle_identity(bundle))
     restore(session, 0, state)
     return state
+
+
+_MARKS = ("alpha", "omega")
+"""Two stand-in replies: what follows them in a rendered conversation is the template's text for the next turns."""
+
+
+def continuation(fmt, tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens `messages` add after an assistant reply already in the cache (the end of that
+    reply's turn included): the common tail of the same conversation after two different replies."""
+    base = [{"role": "user", "content": "x"}]
+    a, b = (fmt.encode([*base, {"role": "assistant", "content": m}, *messages], tokenizer) for m in _MARKS)
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def resume_chat(path: str | Path, bundle, engine, fmt) -> TokenHistory:
+    """`chat --resume`: load a snapshot into a ChatEngine's session and make its next turns feed only
+    their own tokens (the saved messages are not kept: the cache is the conversation). Sets the
+    engine's `messages`, `fed` and `encode_messages`; returns the resumed history for save_chat."""
+    state = resume_session(path, bundle, engine.generator.session)
+    prefix = list(state.history.tail)
+    tokenizer = engine.generator.tokenizer
+    engine.messages, engine.fed = [], prefix
+    engine.encode_messages = lambda messages: prefix + continuation(fmt, tokenizer, messages)
+    return state.history
+
+
+def save_chat(path: str | Path, bundle, engine, resumed: TokenHistory | None = None) -> int:
+    """`chat --save`: a ChatEngine's conversation; `resumed` is what resume_chat returned, if it ran."""
+    session = engine.generator.session
+    if resumed is None:
+        history = TokenHistory.of(engine.fed, session.window)
+    else:
+        history = resumed.extend(engine.fed[len(resumed.tail):])
+    return save(path, capture(session, 0, history), session, bundle_identity(bundle))
