@@ -108,8 +108,9 @@ def stream(url: str, path: str, body: dict) -> dict:
                 text.append(piece)
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
+    first = first or end  # a reply that was empty
     return {"text": "".join(text), "tokens": usage["completion_tokens"], "ttft": first - t0,
-            "decode": (usage["completion_tokens"] - 1) / (end - first), "wall": end - t0,
+            "decode": (usage["completion_tokens"] - 1) / max(end - first, 1e-9), "wall": end - t0,
             "prompt": usage["prompt_tokens"], "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
@@ -118,12 +119,13 @@ def served_decode(url: str, tokens: int, repeats: int) -> float:
     return _best([stream(url, "/v1/chat/completions", body)["decode"] for _ in range(repeats)])
 
 
-def concurrent(url: str, clients: int, tokens: int) -> float:
-    """Aggregate tok/s of `clients` completions at once (all tokens over the wall time)."""
-    bodies = [{"prompt": PROMPTS[i % len(PROMPTS)] + f" ({i})", "max_tokens": tokens} for i in range(clients)]
+def concurrent(url: str, clients: int, tokens: int, run: int) -> float:
+    """Aggregate tok/s of `clients` chats at once (all tokens over the wall time)."""
+    bodies = [{"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (take {run}.{i})"}],
+               "max_tokens": tokens} for i in range(clients)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda b: stream(url, "/v1/completions", b), bodies, timeout=TIMEOUT))
+        results = list(pool.map(lambda b: stream(url, "/v1/chat/completions", b), bodies, timeout=TIMEOUT))
     return sum(r["tokens"] for r in results) / (time.perf_counter() - t0)
 
 
@@ -160,8 +162,8 @@ def main() -> None:
         report["direct_decode_tok_s"] = round(_best(direct), 2)
         report["served_decode_tok_s"] = round(_best(served), 2)
         report["serving_cost_pct"] = round(100 * (1 - _best(served) / _best(direct)), 1)
-        one = _best([concurrent(url, 1, args.tokens) for _ in range(args.repeats)])
-        many = _best([concurrent(url, args.clients, args.tokens) for _ in range(args.repeats)])
+        one = _best([concurrent(url, 1, args.tokens, r) for r in range(args.repeats)])
+        many = _best([concurrent(url, args.clients, args.tokens, r) for r in range(args.repeats)])
         report["one_client_tok_s"], report[f"{args.clients}_clients_tok_s"] = round(one, 2), round(many, 2)
         report["concurrency_speedup"] = round(many / one, 2)
 

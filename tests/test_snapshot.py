@@ -138,6 +138,18 @@ def test_damaged_snapshot_refused_in_one_line(bundle, saved, how, message):
     assert "\n" not in str(e.value)
 
 
+def test_forged_snapshot_with_a_valid_checksum_is_checked_too(bundle, saved):
+    """The checksum catches damage, not forgery: token ids are range-checked before anyone indexes with them."""
+    import hashlib
+
+    data = bytearray(saved.read_bytes()[:-32])
+    tail_at = len(snapshot.MAGIC) + 8 + int.from_bytes(data[len(snapshot.MAGIC):len(snapshot.MAGIC) + 8], "little")
+    data[tail_at:tail_at + 8] = (10**9).to_bytes(8, "little")
+    saved.write_bytes(bytes(data) + hashlib.sha256(data).digest())
+    with pytest.raises(EdgeError, match="token ids outside the vocabulary"):
+        resume_session(saved, bundle, bundle.session())
+
+
 def test_snapshot_of_another_bundle_refused(bundle, saved, tmp_path):
     with pytest.raises(EdgeError, match="snapshot belongs to another bundle"):
         load(saved, bundle.session(), "0" * 64)

@@ -103,7 +103,7 @@ def restore_sampler(state: dict) -> Sampler:
     try:
         sampler = Sampler(SamplingParams(**state["params"]))
         sampler.rng.bit_generator.state = state["rng"]
-    except (TypeError, KeyError, ValueError) as e:
+    except (TypeError, KeyError, ValueError, OverflowError) as e:
         raise EdgeError(f"snapshot sampler state is malformed ({e})") from None
     return sampler
 
@@ -228,7 +228,10 @@ def load(path: str | Path, session, identity: str) -> SessionState:
         raise EdgeError(f"{path}: cannot read snapshot ({e.strerror})") from None
     if hashlib.sha256(head + blob + data).digest() != checksum:
         raise EdgeError(f"{path}: damaged snapshot (checksum mismatch)")
-    tail = tuple(int(i) for i in np.frombuffer(data, "<i8", n_tail))
+    tail = np.frombuffer(data, "<i8", n_tail)
+    if n_tail and not (0 <= tail.min() and tail.max() < session.vocab_size):
+        raise EdgeError(f"{path}: damaged snapshot (token ids outside the vocabulary)")
+    tail = tuple(int(i) for i in tail)
     arrays = np.frombuffer(data, np.dtype(layout["dtype"]).newbyteorder("<"), offset=8 * n_tail)
     shape = (layout["kv_heads"], slots, layout["head_dim"])
     cache = {name: arrays[i * per:(i + 1) * per].reshape(shape).astype(session.cache_dtype)
