@@ -125,6 +125,16 @@ def test_completions_streamed_and_not(bundle, live):
     assert "".join(c.choices[0].text for c in stream) == text
 
 
+def test_seeded_sampling_matches_direct_sampling(bundle, live):
+    ids = bundle.tokenizer().encode("Pick a word")
+    runs = [live.client.completions.create(model="tiny", prompt="Pick a word", max_tokens=10, temperature=1.0,
+                                           top_p=0.9, seed=5).choices[0].text for _ in range(2)]
+    gen = Generator(bundle.session(), bundle.tokenizer())
+    cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingParams(1.0, top_p=0.9, seed=5))
+    assert runs[0] == runs[1] == bundle.tokenizer().decode(list(gen.stream_ids(ids, cfg)))
+    assert runs[0] != direct(bundle, ids, 10)[1]  # it did sample
+
+
 def test_stop_string_cuts_the_reply(live):
     messages = [{"role": "user", "content": "Say something long"}]
     full = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30).choices[0].message.content
@@ -146,9 +156,25 @@ def test_concurrent_clients_get_what_each_would_alone(bundle, live):
     def ask(p):
         return live.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
 
+    before = live.health()["batched_steps"]
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(ask, prompts, timeout=TIMEOUT))
     assert got == [direct(bundle, bundle.tokenizer().encode(p), 12)[1] for p in prompts]
+    assert live.health()["batched_steps"] > before  # some steps decoded two requests at once
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bundle, live, monkeypatch):
+    real = live.engine.single.step
+
+    def broken(*args, **kw):
+        monkeypatch.setattr(live.engine.single, "step", real)  # fails once
+        raise RuntimeError("device lost\nsecond line")
+
+    monkeypatch.setattr(live.engine.single, "step", broken)
+    r = _post(live, "/v1/completions", {"prompt": "hello", "max_tokens": 3})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "device lost"
+    ok = live.client.completions.create(model="tiny", prompt="hello", max_tokens=3)
+    assert ok.choices[0].text == direct(bundle, bundle.tokenizer().encode("hello"), 3)[1]
 
 
 def _fed(prompt, out, max_tokens):

@@ -45,7 +45,7 @@ class EngineConfig:
             raise EdgeError("queue and cache size must be >= 0")
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request. `on_event` (called from the worker thread) gets ('text', str) pieces, then
     ('done', finish_reason, usage) or ('error', message)."""
@@ -118,6 +118,7 @@ class Engine:
         self._keys = itertools.count()
         self._closed = False
         self.generated = 0  # tokens generated since start, all requests together
+        self.batched_steps = 0  # decode steps that served several requests at once
         self._thread = threading.Thread(target=self._loop, name="mistral-edge-engine", daemon=True)
         self._thread.start()
 
@@ -138,7 +139,7 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             return {"running": len(self._runs) + (self._prefill is not None), "queued": len(self._waiting),
-                    "cached_conversations": len(self._conversations), "generated_tokens": self.generated}
+                    "cached_conversations": len(self._conversations), "generated_tokens": self.generated, "batched_steps": self.batched_steps}
 
     def close(self) -> None:
         with self._lock:
@@ -228,6 +229,7 @@ class Engine:
             tokens[run.row, 0], valid[run.row] = run.next, 1
             run.fed.append(run.next)
         logits = self.multi.step(tokens, valid)
+        self.batched_steps += 1
         for run in list(self._runs):
             self._advance(run, logits[run.row, -1])
 
