@@ -248,6 +248,7 @@ BAD = [
     ("max_tokens 0", {**GOOD, "max_tokens": 0}, "max_tokens must be between 1 and 64, got 0"),
     ("max_tokens negative", {**GOOD, "max_tokens": -3}, "max_tokens must be between 1 and 64, got -3"),
     ("max_tokens absurd", {**GOOD, "max_tokens": 10**12}, "max_tokens must be between 1 and 64"),
+    ("max_completion_tokens 0", {**GOOD, "max_completion_tokens": 0}, "max_tokens must be between 1 and 64, got 0"),
     ("temperature negative", {**GOOD, "temperature": -0.5}, "temperature must be >= 0, got -0.5"),
     ("temperature NaN", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
      "temperature: Input should be a finite number"),

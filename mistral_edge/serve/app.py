@@ -37,8 +37,8 @@ class _Body(BaseModel):
     top_p: float | None = None
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    stream: bool = False
-    n: StrictInt = 1
+    stream: bool | None = False
+    n: StrictInt | None = None
 
 
 class _Part(BaseModel):
@@ -104,10 +104,10 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
     def _job(body: _Body, ids: list[int], emit, reuse: bool) -> Job:
         if body.model is not None and body.model != model_id:
             raise BadRequest(f"unknown model {body.model!r}; this server has {model_id!r}")
-        if body.n != 1:
+        if body.n not in (None, 1):
             raise BadRequest("n: only n=1 is supported")
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        max_tokens = defaults.get("max_new_tokens", 256) if max_tokens is None else max_tokens
+        max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
+                          min(defaults.get("max_new_tokens", 256), limits.max_tokens))
         if not 0 < max_tokens <= limits.max_tokens:
             raise BadRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
         if not ids:
