@@ -137,7 +137,8 @@ def test_seeded_sampling_matches_direct_sampling(bundle, live):
 
 def test_stop_string_cuts_the_reply(live):
     messages = [{"role": "user", "content": "Say something long"}]
-    full = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30).choices[0].message.content
+    full = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30)
+    full = full.choices[0].message.content
     stop = full[len(full) // 2:len(full) // 2 + 2]
     assert stop.strip(), full
     r = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, stop=[stop])

@@ -139,7 +139,8 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             return {"running": len(self._runs) + (self._prefill is not None), "queued": len(self._waiting),
-                    "cached_conversations": len(self._conversations), "generated_tokens": self.generated, "batched_steps": self.batched_steps}
+                    "cached_conversations": len(self._conversations), "generated_tokens": self.generated,
+                    "batched_steps": self.batched_steps}
 
     def close(self) -> None:
         with self._lock:

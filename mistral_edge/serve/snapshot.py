@@ -250,7 +250,8 @@ def _parse_header(path: Path, blob: bytes) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise EdgeError(f"{path}: damaged snapshot (unreadable header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise EdgeError(f"{path}: unsupported snapshot format {header.get('format') if isinstance(header, dict) else None!r}")
+        found = header.get("format") if isinstance(header, dict) else None
+        raise EdgeError(f"{path}: unsupported snapshot format {found!r}")
     for key, kind in _HEADER_TYPES.items():
         if not isinstance(header.get(key), kind) or (kind is int and header[key] < 0):
             raise EdgeError(f"{path}: damaged snapshot (header field {key!r})")
