@@ -153,7 +153,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
 
         try:
             body = await _read(request, ChatBody if chat else CompletionBody)
-            ids = _encode_chat(body) if chat else _encode_prompt(body)
+            ids = await asyncio.to_thread(_encode_chat if chat else _encode_prompt, body)  # off the event loop
             job = _job(body, ids, emit, reuse=chat)
             engine.submit(job)
         except BadRequest as e:
