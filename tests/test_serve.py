@@ -334,6 +334,11 @@ def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+        s.listen()
+        r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", str(port)],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        taken = f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
+        assert r.returncode == 1 and r.stderr.strip() == taken
     proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
                              "--bundle", str(bundle.path), "--port", str(port), "--batch", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

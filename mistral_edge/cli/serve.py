@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -38,14 +39,28 @@ def serve(
 
     b = Bundle.open(bundle, check=verify)
     config = EngineConfig(batch, queue, max_prompt, max_tokens, cache_mib << 20, threads)
+    sock = _listen(host, port)
     engine = Engine(b, config)
     model_id = b.path.resolve().name
     app = create_app(engine, model_id, ChatFormat.from_manifest(b.manifest), b.manifest.get("generation", {}))
     typer.echo(f"serving {model_id} on http://{host}:{port}/v1 (batch {batch}, queue {queue})", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one line, not uvicorn's log and exit 3."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EdgeError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
 
 
 COMMANDS["serve"] = serve
