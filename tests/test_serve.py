@@ -229,10 +229,10 @@ def test_conversation_past_the_window_is_reused_through_the_hash_chain(bundle, l
     assert _run(live.engine, changed, 2)[2]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
-def _post(live, path, body, **kw):
+def _post(live, path, body, timeout=TIMEOUT):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(live.url + path, content=data, headers={"content-type": "application/json"},
-                      timeout=TIMEOUT, **kw)
+                      timeout=timeout)
 
 
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -297,6 +297,17 @@ def test_disconnecting_client_cancels_its_generation(endless):
     stopped = endless.health()["generated_tokens"]
     assert stopped - before < 4096  # it did not run to max_tokens
     assert _generated_after(endless, 0.5) == stopped  # and nothing runs on
+
+
+def test_non_streaming_client_that_gives_up_cancels_too(endless):
+    before = endless.health()["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        _post(endless, "/v1/completions", {"prompt": "go", "max_tokens": 4096}, timeout=0.5)
+    deadline = time.monotonic() + TIMEOUT
+    while endless.health()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert endless.health()["generated_tokens"] - before < 4096
 
 
 def test_full_queue_gets_503_and_never_hangs(endless):

@@ -201,24 +201,28 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
+        async def watch() -> None:  # a busy stream of events must not hide a client that left
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            events.put_nowait(("gone",))
+
+        watcher = asyncio.create_task(watch())
         pieces = []
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+                event = await events.get()
                 if event[0] == "text":
                     pieces.append(event[1])
                 elif event[0] == "done":
                     return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
                                          "choices": [choice("".join(pieces), event[1], False)], "usage": event[2]})
+                elif event[0] == "gone":
+                    return Response(status_code=499)
                 else:
                     return _error(500, event[1], "server_error")
         finally:
             job.cancelled.set()
+            watcher.cancel()
 
     async def chat_completions(request: Request) -> Response:
         return await _serve(request, chat=True)
