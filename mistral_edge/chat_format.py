@@ -17,9 +17,13 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import EdgeError, first_line
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 GUARDRAIL_PROMPT = (
     "You are a helpful assistant. Answer truthfully, carefully and respectfully, and be as useful as you "
@@ -51,11 +55,10 @@ class ChatFormat:
         return cls(chat_template, chat_template is None and tokenizer.kind == "sentencepiece")
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> ChatFormat:
-        """The same choice from a bundle manifest's 'tokenizer' entry."""
-        tok = manifest.get("tokenizer") or {}
-        template = tok.get("chat_template")
-        return cls(template, template is None and str(tok.get("file", "")).startswith("tokenizer.model"))
+    def from_manifest(cls, manifest: Manifest) -> ChatFormat:
+        """The same choice from a bundle manifest's tokenizer entry."""
+        tok = manifest.tokenizer
+        return cls(tok.chat_template, tok.chat_template is None and tok.file.startswith("tokenizer.model"))
 
     def render(self, messages: list[dict], tokenizer: Tokenizer | None = None, *, guardrail: bool = False,
                add_generation_prompt: bool = True) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from types import SimpleNamespace
 
 import pytest
 from helpers import SPM_V1
@@ -16,6 +17,7 @@ from test_tokenizer import smol  # noqa: F401  (session fixture, shared)
 
 from mistral_edge.chat_format import GUARDRAIL_PROMPT, ChatFormat
 from mistral_edge.errors import EdgeError
+from mistral_edge.manifest import TokenizerInfo
 from mistral_edge.tokenizer import Tokenizer
 
 ONE = [{"role": "user", "content": "What is 2+2?"}]
@@ -115,10 +117,15 @@ def test_broken_template_is_an_edge_error():
         ChatFormat("{% for m in messages %}").render(ONE)
 
 
+def _manifest(tokenizer_file: str) -> SimpleNamespace:
+    """What ChatFormat.from_manifest reads of a bundle's manifest: its tokenizer entry."""
+    return SimpleNamespace(tokenizer=TokenizerInfo(tokenizer_file, None, (), None))
+
+
 def test_plain_fallback(smol):  # noqa: F811
     _, tok = smol
     fmt = ChatFormat.for_tokenizer(tok, None)
-    assert fmt == ChatFormat() and ChatFormat.from_manifest({"tokenizer": {"file": "tokenizer.json"}}) == fmt
+    assert fmt == ChatFormat() and ChatFormat.from_manifest(_manifest("tokenizer.json")) == fmt
     assert fmt.render(MULTI, tok, guardrail=True) == (
         f"System: {GUARDRAIL_PROMPT}\n\nUser: Hi! Ça va?\n\nAssistant: Très bien 🤖\n\nUser: Name a prime.\n\nAssistant:")
     assert fmt.encode(ONE, tok) == tok.encode("User: What is 2+2?\n\nAssistant:")
@@ -133,7 +140,7 @@ def _mistral_common(path, messages, system=None):
 def test_mistral_format_matches_mistral_common():
     tok = Tokenizer.from_files({"tokenizer.model": SPM_V1})
     fmt = ChatFormat.for_tokenizer(tok, None)
-    assert fmt.mistral and ChatFormat.from_manifest({"tokenizer": {"file": "tokenizer.model"}}) == fmt
+    assert fmt.mistral and ChatFormat.from_manifest(_manifest("tokenizer.model")) == fmt
     assert fmt.encode(MULTI, tok) == _mistral_common(SPM_V1, MULTI)
     ids = fmt.encode(MULTI, tok, guardrail=True)
     assert ids == _mistral_common(SPM_V1, MULTI, system=GUARDRAIL_PROMPT)

@@ -87,6 +87,7 @@ USAGE_ERRORS = [
     (["verify", "a", "b"], "unexpected extra argument"),
     (["chat", "--temperature", "hot"], "Invalid value for '--temperature'"),
     (["chat", "extra"], "unexpected extra argument"),
+    (["serve", "--port", "http"], "Invalid value for '--port'"),
     (["no-such-command"], "No such command"),
 ]
 

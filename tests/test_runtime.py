@@ -106,7 +106,7 @@ def test_chat_longer_than_window_keeps_working(tiny):
     from mistral_edge.chat_format import ChatFormat
 
     tok = b.tokenizer()
-    fmt = ChatFormat.from_manifest(b.manifest.to_json())
+    fmt = ChatFormat.from_manifest(b.manifest)
     gen = Generator(b.session(), tok)
     engine = ChatEngine(gen, lambda m: fmt.encode(m, tok))
     for turn in range(4):

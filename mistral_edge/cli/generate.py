@@ -140,7 +140,7 @@ def open_bundle(opts: RunOptions):
 
     b = Bundle.open(opts.bundle, check=opts.verify is not False)
     session = b.session(threads=opts.threads or 0, chunk=opts.chunk)
-    return (Generator(session, b.tokenizer()), ChatFormat.from_manifest(b.manifest.to_json()),
+    return (Generator(session, b.tokenizer()), ChatFormat.from_manifest(b.manifest),
             dataclasses.asdict(b.manifest.generation))
 
 

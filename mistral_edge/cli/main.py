@@ -14,7 +14,7 @@ import sys
 import typer
 
 from ..errors import EdgeError
-from . import bundle, compare, export, generate, info
+from . import bundle, compare, export, generate, info, serve
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -31,6 +31,7 @@ COMMANDS = (
     ("generate", generate.generate),
     ("chat", generate.chat),
     ("compare", compare.compare),
+    ("serve", serve.serve),
 )
 """Every command, in the order `--help` lists them (the data flow: model -> bundle -> run -> compare)."""
 

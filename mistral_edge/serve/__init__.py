@@ -1,0 +1,1 @@
+"""The OpenAI-compatible local server (app, engine) and session snapshots."""

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible HTTP API over an Engine (Starlette; uvicorn serves it).
+
+POST /v1/chat/completions and /v1/completions (server-sent events with `stream`), GET /v1/models
+and /health. A bad request gets a 400 with a one-line message in OpenAI's error shape; a full
+queue a 503; a client that goes away cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import EdgeError, first_line
+from ..runtime.sampling import SamplingParams
+from .engine import Busy, Engine, Job
+
+MAX_BODY = 8 << 20
+"""Request bodies larger than this are refused before they are parsed."""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool | None = False
+    n: StrictInt | None = None
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[_Part]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    prompt: Union[StrictStr, list[StrictStr]]
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _validation_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None = None) -> Starlette:
+    """The ASGI app serving `engine` under the name `model_id`; `chat_format` encodes messages."""
+    defaults = defaults or {}
+    limits = engine.config
+    tokenizer = engine.tokenizer
+
+    async def _read(request: Request, kind: type[_Body]) -> _Body:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            raise BadRequest(f"request body over {MAX_BODY} bytes")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY:
+                raise BadRequest(f"request body over {MAX_BODY} bytes")
+        try:
+            return kind.model_validate_json(bytes(body))
+        except ValidationError as e:
+            if e.errors()[0]["type"] == "json_invalid":
+                raise BadRequest(f"malformed JSON: {e.errors()[0]['msg']}") from None
+            raise BadRequest(_validation_line(e)) from None
+
+    def _job(body: _Body, ids: list[int], emit, reuse: bool) -> Job:
+        if body.model is not None and body.model != model_id:
+            raise BadRequest(f"unknown model {body.model!r}; this server has {model_id!r}")
+        if body.n not in (None, 1):
+            raise BadRequest("n: only n=1 is supported")
+        max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
+                          min(defaults.get("max_new_tokens", 256), limits.max_tokens))
+        if not 0 < max_tokens <= limits.max_tokens:
+            raise BadRequest(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        if len(ids) > limits.max_prompt:
+            raise BadRequest(f"prompt of {len(ids)} tokens is over this server's limit of {limits.max_prompt}")
+        temperature = defaults.get("temperature", 0.0) if body.temperature is None else body.temperature
+        top_p = defaults.get("top_p", 1.0) if body.top_p is None else body.top_p
+        try:
+            sampling = SamplingParams(temperature, defaults.get("top_k", 0), top_p,
+                                      defaults.get("repetition_penalty", 1.0), body.seed)
+        except EdgeError as e:
+            raise BadRequest(str(e)) from None
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
+            raise BadRequest("stop: up to 4 non-empty strings of at most 256 characters")
+        return Job(ids, max_tokens, sampling, emit, stop, reuse)
+
+    def _encode_chat(body: ChatBody) -> list[int]:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            return chat_format.encode(messages, tokenizer)
+        except EdgeError as e:
+            raise BadRequest(str(e)) from None
+
+    def _encode_prompt(body: CompletionBody) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise BadRequest("prompt: give one string (batches of prompts are not supported)")
+            prompt = prompt[0]
+        return tokenizer.encode(prompt)
+
+    async def _serve(request: Request, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(*event) -> None:  # from the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed
+                pass
+
+        try:
+            body = await _read(request, ChatBody if chat else CompletionBody)
+            ids = await asyncio.to_thread(_encode_chat if chat else _encode_prompt, body)  # off the event loop
+            job = _job(body, ids, emit, reuse=chat)
+            engine.submit(job)
+        except BadRequest as e:
+            return _error(400, str(e))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Busy as e:
+            return _error(503, str(e), "server_busy")
+        except EdgeError as e:
+            return _error(500, first_line(e), "server_error")
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            content = {} if text is None else {"content": text}
+            if delta:
+                return {"index": 0, "delta": content, "finish_reason": finish}
+            return {"index": 0, "message": {"role": "assistant", **content}, "finish_reason": finish}
+
+        if body.stream:
+            async def sse():
+                try:
+                    first = {"role": "assistant", "content": ""} if chat else None
+                    head = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                            "model": model_id}
+                    if first:
+                        yield _sse({**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
+                    while True:
+                        event = await events.get()
+                        if event[0] == "text":
+                            yield _sse({**head, "choices": [choice(event[1], None, True)]})
+                        elif event[0] == "done":
+                            yield _sse({**head, "choices": [choice(None, event[1], True)], "usage": event[2]})
+                            break
+                        else:
+                            yield _sse({"error": {"message": event[1], "type": "server_error"}})
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # also when the client went away and the response was cancelled
+                    job.cancelled.set()
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        async def watch() -> None:  # a busy stream of events must not hide a client that left
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            events.put_nowait(("gone",))
+
+        watcher = asyncio.create_task(watch())
+        pieces = []
+        try:
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "done":
+                    return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
+                                         "choices": [choice("".join(pieces), event[1], False)], "usage": event[2]})
+                elif event[0] == "gone":
+                    return Response(status_code=499)
+                else:
+                    return _error(500, event[1], "server_error")
+        finally:
+            job.cancelled.set()
+            watcher.cancel()
+
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _serve(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "mistral-edge"}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **engine.stats()})
+
+    async def not_found(request: Request, exc) -> Response:
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ], exception_handlers={404: not_found, 405: not_found})
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

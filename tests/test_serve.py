@@ -1,0 +1,370 @@
+"""The OpenAI-compatible server, live on loopback, driven by the real `openai` client."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from mistral_edge.chat_format import ChatFormat
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.bundle import Bundle
+from mistral_edge.runtime.generate import GenerationConfig, Generator
+from mistral_edge.serve.app import MAX_BODY, create_app
+from mistral_edge.runtime.sampling import SamplingParams
+from mistral_edge.serve.engine import Engine, EngineConfig, Job
+from mistral_edge.targets.bundle import BundleRequest, write_bundle
+from mistral_edge.targets.profiles import get_target
+from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+
+W = 16
+MAX_PROMPT = 96
+TIMEOUT = 60  # seconds: the bound on any one request in these tests
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
+    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    return Bundle.open(out)
+
+
+class Live:
+    """A server in a thread on 127.0.0.1, an ephemeral port."""
+
+    def __init__(self, bundle, config: EngineConfig, eos: bool = True):
+        self.engine = Engine(bundle, config)
+        if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
+            self.engine.stops = set()
+        app = create_app(self.engine, "tiny", ChatFormat.from_manifest(bundle.manifest))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=TIMEOUT).json()
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.engine.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def live(bundle):
+    server = Live(bundle, EngineConfig(batch=2, queue=8, max_prompt=MAX_PROMPT, max_tokens=64))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def endless(bundle):
+    """No EOS, one request at a time, one waiting: long replies keep it busy."""
+    server = Live(bundle, EngineConfig(batch=1, queue=1, max_tokens=4096), eos=False)
+    yield server
+    server.close()
+
+
+def direct(bundle, ids, max_tokens):
+    """What `generate` gives: the ids and text of a greedy reply, on a fresh batch-1 session."""
+    gen = Generator(bundle.session(), bundle.tokenizer())
+    out = list(gen.stream_ids(ids, GenerationConfig(max_new_tokens=max_tokens)))
+    return out, bundle.tokenizer().decode(out)
+
+
+def chat_ids(bundle, messages):
+    return ChatFormat.from_manifest(bundle.manifest).encode(messages, bundle.tokenizer())
+
+
+def test_chat_completion_equals_direct_generation(bundle, live):
+    messages = [{"role": "user", "content": "Tell me about the sea"}]
+    r = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
+    ids = chat_ids(bundle, messages)
+    out, text = direct(bundle, ids, 10)
+    assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ("length" if len(out) == 10 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(out))
+    assert r.usage.total_tokens == len(ids) + len(out) and r.model == "tiny"
+
+
+def test_streamed_chat_equals_unstreamed(live):
+    messages = [{"role": "user", "content": "Count to five"}]
+    plain = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    chunks = list(live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_streamed_and_not(bundle, live):
+    r = live.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8)
+    out, text = direct(bundle, bundle.tokenizer().encode("Once upon a time"), 8)
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(out)
+    stream = live.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_seeded_sampling_matches_direct_sampling(bundle, live):
+    ids = bundle.tokenizer().encode("Pick a word")
+    runs = [live.client.completions.create(model="tiny", prompt="Pick a word", max_tokens=10, temperature=1.0,
+                                           top_p=0.9, seed=5).choices[0].text for _ in range(2)]
+    gen = Generator(bundle.session(), bundle.tokenizer())
+    cfg = GenerationConfig(max_new_tokens=10, sampling=SamplingParams(1.0, top_p=0.9, seed=5))
+    assert runs[0] == runs[1] == bundle.tokenizer().decode(list(gen.stream_ids(ids, cfg)))
+    assert runs[0] != direct(bundle, ids, 10)[1]  # it did sample
+
+
+def test_stop_string_cuts_the_reply(live):
+    messages = [{"role": "user", "content": "Say something long"}]
+    full = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30)
+    full = full.choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), full
+    r = live.client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, stop=[stop])
+    assert r.choices[0].message.content == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(live):
+    assert [m.id for m in live.client.models.list()] == ["tiny"]
+    assert live.health()["status"] == "ok"
+
+
+def test_concurrent_clients_get_what_each_would_alone(bundle, live):
+    """Six clients on a batch-2 engine: batched decode gives each the tokens it gets alone."""
+    prompts = [f"Question number {i}: " + "why " * i for i in range(6)]
+
+    def ask(p):
+        return live.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
+
+    before = live.health()["batched_steps"]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, prompts, timeout=TIMEOUT))
+    assert got == [direct(bundle, bundle.tokenizer().encode(p), 12)[1] for p in prompts]
+    assert live.health()["batched_steps"] > before  # some steps decoded two requests at once
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(bundle, live, monkeypatch):
+    real = live.engine.single.step
+
+    def broken(*args, **kw):
+        monkeypatch.setattr(live.engine.single, "step", real)  # fails once
+        raise RuntimeError("device lost\nsecond line")
+
+    monkeypatch.setattr(live.engine.single, "step", broken)
+    r = _post(live, "/v1/completions", {"prompt": "hello", "max_tokens": 3})
+    assert r.status_code == 500 and r.json()["error"]["message"] == "device lost"
+    ok = live.client.completions.create(model="tiny", prompt="hello", max_tokens=3)
+    assert ok.choices[0].text == direct(bundle, bundle.tokenizer().encode("hello"), 3)[1]
+
+
+def _fed(prompt, out, max_tokens):
+    """What a finished request left in its cache: the last token of a reply cut by length is not fed."""
+    return prompt + (out[:-1] if len(out) == max_tokens else out)
+
+
+def _common(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_multi_turn_prefills_only_the_new_tokens(bundle, live):
+    """The second turn extends the first's tokens: the cached conversation is reused."""
+    turn = [{"role": "user", "content": "Hi"}]
+    first = live.client.chat.completions.create(model="tiny", messages=turn, max_tokens=4)
+    second = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+    r = live.client.chat.completions.create(model="tiny", messages=second, max_tokens=6)
+    first_ids, ids = chat_ids(bundle, turn), chat_ids(bundle, second)
+    fed = _fed(first_ids, direct(bundle, first_ids, 4)[0], 4)
+    assert r.usage.prompt_tokens_details.cached_tokens == _common(fed, ids) >= len(first_ids)
+    assert r.choices[0].message.content == direct(bundle, ids, 6)[1]
+
+
+def _run(engine, ids, max_tokens):
+    """Submit a reusing job straight to the engine; (text, finish reason, usage)."""
+    done, pieces, end = threading.Event(), [], []
+
+    def on_event(kind, *rest):
+        (pieces if kind == "text" else end).append(rest[0] if kind == "text" else (kind, *rest))
+        if kind != "text":
+            done.set()
+
+    engine.submit(Job(ids, max_tokens, SamplingParams(), on_event, reuse=True))
+    assert done.wait(TIMEOUT)
+    return "".join(pieces), *end[0][1:]
+
+
+def test_conversation_past_the_window_is_reused_through_the_hash_chain(bundle, live):
+    """A history longer than the kept tail (max(W, 64) tokens) is matched by its hash chain."""
+    prompt = [100 + i % 300 for i in range(70)]
+    _run(live.engine, prompt, 5)
+    fed = _fed(prompt, direct(bundle, prompt, 5)[0], 5)
+    assert len(fed) > 64
+    follow = fed + [7, 8, 9, 10]
+    text, reason, usage = _run(live.engine, follow, 6)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(fed)
+    assert text == direct(bundle, follow, 6)[1]
+    changed = list(follow)
+    changed[2] += 1  # not an extension any more: prefilled in full
+    assert _run(live.engine, changed, 2)[2]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def _post(live, path, body, timeout=TIMEOUT):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(live.url + path, content=data, headers={"content-type": "application/json"},
+                      timeout=timeout)
+
+
+GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+BAD = [
+    ("malformed JSON", '{"messages": [', "malformed JSON"),
+    ("not an object", "[1, 2]", "Input should be an object"),
+    ("max_tokens a string", {**GOOD, "max_tokens": "5"}, "max_tokens: Input should be a valid integer"),
+    ("messages a string", {**GOOD, "messages": "hi"}, "messages: Input should be a valid array"),
+    ("content a number", {**GOOD, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("unknown role", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("no messages", {**GOOD, "messages": []}, "messages: List should have at least 1 item"),
+    ("stream a string", {**GOOD, "stream": "yes"}, "stream: Input should be a valid boolean"),
+    ("unknown model", {**GOOD, "model": "gpt-9"}, "unknown model 'gpt-9'"),
+    ("max_tokens 0", {**GOOD, "max_tokens": 0}, "max_tokens must be between 1 and 64, got 0"),
+    ("max_tokens negative", {**GOOD, "max_tokens": -3}, "max_tokens must be between 1 and 64, got -3"),
+    ("max_tokens absurd", {**GOOD, "max_tokens": 10**12}, "max_tokens must be between 1 and 64"),
+    ("max_completion_tokens 0", {**GOOD, "max_completion_tokens": 0}, "max_tokens must be between 1 and 64, got 0"),
+    ("temperature negative", {**GOOD, "temperature": -0.5}, "temperature must be 0 (greedy) or a finite number >= 0.001, got -0.5"),
+    ("temperature NaN", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     "temperature: Input should be a finite number"),
+    ("top_p zero", {**GOOD, "top_p": 0}, "top-p must be in (0, 1]"),
+    ("n > 1", {**GOOD, "n": 2}, "only n=1"),
+    ("prompt too long", {**GOOD, "messages": [{"role": "user", "content": "word " * MAX_PROMPT}]},
+     f"over this server's limit of {MAX_PROMPT}"),
+    ("body too large", {**GOOD, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}, "request body over"),
+]
+
+
+@pytest.mark.parametrize("body, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_gets_400_with_one_line_and_the_server_keeps_serving(live, body, message):
+    r = _post(live, "/v1/chat/completions", body)
+    assert r.status_code == 400
+    error = r.json()["error"]["message"]
+    assert message in error and "\n" not in error
+    ok = _post(live, "/v1/chat/completions", GOOD)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 0
+
+
+def test_bad_completion_prompt_and_openai_client_error(live):
+    r = _post(live, "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 2})
+    assert r.status_code == 400 and "one string" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="unknown model"):
+        live.client.completions.create(model="other", prompt="x", max_tokens=2)
+    assert httpx.get(live.url + "/v1/nothing", timeout=TIMEOUT).status_code == 404
+
+
+def _generated_after(server, seconds):
+    time.sleep(seconds)
+    return server.health()["generated_tokens"]
+
+
+def test_disconnecting_client_cancels_its_generation(endless):
+    before = endless.health()["generated_tokens"]
+    with httpx.stream("POST", endless.url + "/v1/completions", json={"prompt": "go", "max_tokens": 4096,
+                      "stream": True}, timeout=TIMEOUT) as r:
+        lines = r.iter_lines()
+        assert sum(1 for _, line in zip(range(3), lines) if line.startswith("data:")) >= 1
+    deadline = time.monotonic() + TIMEOUT
+    while endless.health()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stopped = endless.health()["generated_tokens"]
+    assert stopped - before < 4096  # it did not run to max_tokens
+    assert _generated_after(endless, 0.5) == stopped  # and nothing runs on
+
+
+def test_non_streaming_client_that_gives_up_cancels_too(endless):
+    before = endless.health()["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        _post(endless, "/v1/completions", {"prompt": "go", "max_tokens": 4096}, timeout=0.5)
+    deadline = time.monotonic() + TIMEOUT
+    while endless.health()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert endless.health()["generated_tokens"] - before < 4096
+
+
+def test_full_queue_gets_503_and_never_hangs(endless):
+    """batch 1, queue 1: one running, one waiting, the third is refused at once."""
+    streams = []
+    try:
+        for _ in range(2):
+            cm = httpx.stream("POST", endless.url + "/v1/completions", timeout=TIMEOUT,
+                              json={"prompt": "go", "max_tokens": 4096, "stream": True})
+            streams.append((cm, cm.__enter__()))
+        deadline = time.monotonic() + TIMEOUT
+        while endless.health()["queued"] + endless.health()["running"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        r = _post(endless, "/v1/completions", {"prompt": "me too", "max_tokens": 2})
+        assert r.status_code == 503 and "server busy" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(openai.InternalServerError):
+            endless.client.completions.create(model="tiny", prompt="x", max_tokens=2)
+    finally:
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+    deadline = time.monotonic() + TIMEOUT
+    while endless.health()["running"] or endless.health()["queued"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert endless.client.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
+    r = subprocess.run(["mistral-edge", "serve", "--bundle", "/nonexistent"], capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 1 and r.stderr.strip() == "error: /nonexistent: no such bundle directory"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.listen()
+        r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", str(port)],
+                           capture_output=True, text=True, timeout=TIMEOUT)
+        taken = f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
+        assert r.returncode == 1 and r.stderr.strip() == taken
+    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
+                             "--bundle", str(bundle.path), "--port", str(port), "--batch", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
