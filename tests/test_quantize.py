@@ -223,7 +223,7 @@ def test_int4_split_offset():
     """W = s (q - 8) + o: a symmetric weight with the same codes and scales, and one offset per group."""
     qw = quantize_int4(randw(8, 80, seed=6), 32, "float")
     sym, offsets = qw.split_offset()
-    assert (sym.zero_point, offsets.shape, offsets.dtype) == ("none", (8, 3), torch.float32)
+    assert (sym.zero_point_kind, offsets.shape, offsets.dtype) == ("none", (8, 3), torch.float32)
     assert torch.equal(sym.q, qw.q) and torch.equal(sym.scales, qw.scales) and bool((sym.zero_points == 8).all())
     torch.testing.assert_close(sym.dequantize() + offsets.repeat_interleave(32, 1)[:, :80], qw.dequantize())
     with pytest.raises(ValueError, match="split_offset"):

@@ -1,7 +1,7 @@
 """int4 weights in groups of G along K, and their two ONNX layouts.
 
 W[n, k] ~= (q[n, k] - z[n, k // G]) * s[n, k // G], codes q in [0, 15]. The zero
-point z is one of ("zero_point"):
+point z is one of (`zero_point_kind`; `zero_points` holds the values):
 - "none": symmetric, z = 8 everywhere (nothing stored);
 - "int": an integer in [0, 15] (what MatMulNBits and DequantizeLinear store), so
   0 is always on the grid and each group's range includes 0;
@@ -26,20 +26,8 @@ Methods:
   error is weighted by its square, which is what x @ (W - Wq).T sees for
   independent channels).
 
-Measured on SmolLM2-135M (next-token KL vs fp32 on 384 WikiText tokens, all
-linears int4, integer zero points): act-weighted search beats RTN by 27-35% (g128
-0.28 vs 0.39, g32 0.17 vs 0.26). Unweighted, the lower weight error does not carry
-over: search is slightly better at g32 (0.25 vs 0.26) but worse at g64/g128 (0.40
-vs 0.35, 0.47 vs 0.39): it clips large weights that meet large activations.
-Uncalibrated g64/g128 exports do better with "rtn".
-
-Float zero points, same model, the compare protocol (WikiText-2 test, 32 x 512
-tokens): g32 perplexity +0.17% vs fp32 (integer zero points: +20%). That is
-because its weights come from a Q4_1 GGUF (w = d q + m per block of 32 along K,
-the same grid), which a float zero point fits exactly (relative error 1e-7); on
-weights from a float checkpoint it is a better-fitting grid (Q4_1-like), not a
-lossless one. At g64 (5.0 bits, not aligned to a Q4_1 grid) it measured about
-as far from fp32 as integer g32 (+18.6% vs +18.2% on 4 windows).
+The default method is "search" at every group size (`int4-g128` is `int4-g128-mzp-search`).
+Measurements of both methods and of the zero points: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -77,7 +65,8 @@ class Int4Weight:
     group_size: int
     k: int
     """The real K (q is padded to n_groups * group_size)."""
-    zero_point: str = "int"
+    zero_point_kind: str = "int"
+    """"none", "int" or "float" (see the module docstring): what `zero_points` holds."""
 
     @property
     def n(self) -> int:
@@ -166,7 +155,7 @@ class _GroupFit:
 
     def __init__(self, rows: int, groups: int, group_size: int, weight: torch.Tensor | None, zero_point: str):
         shape = (rows, groups, group_size)
-        self.weight, self.zero_point = weight, zero_point
+        self.weight, self.kind = weight, zero_point
         self._buffers = [torch.zeros(shape)] + [torch.empty(shape) for _ in range(3 if weight is None else 4)]
         self.total = torch.tensor(float(group_size)) if weight is None else weight.sum(-1)
         """The weight per group."""
@@ -179,16 +168,16 @@ class _GroupFit:
         self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
         lo, hi = self._bounds()
         if method == "rtn":
-            s, z = _grid(lo, hi, self.zero_point, 1.0)
+            s, z = _grid(lo, hi, self.kind, 1.0)
             return s, z, self._residual(s, z)[0]
-        s, z = _grid(lo, hi, self.zero_point, CLIP_RATIOS[0])
+        s, z = _grid(lo, hi, self.kind, CLIP_RATIOS[0])
         err = self._error(s, z)
         for ratio in CLIP_RATIOS[1:]:
-            s_r, z_r = _grid(lo, hi, self.zero_point, ratio)
+            s_r, z_r = _grid(lo, hi, self.kind, ratio)
             err_r = self._error(s_r, z_r)
             better = err_r < err
             s, z, err = torch.where(better, s_r, s), torch.where(better, z_r, z), torch.minimum(err_r, err)
-        return self._refine_line(s, z, err) if self.zero_point == "float" else self._refine(s, z)
+        return self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)
 
     def _residual(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes q (float, 0..15) for per-group s, z, and the rounding residual
@@ -210,22 +199,22 @@ class _GroupFit:
         absmax] (symmetric), or the real entries' [min, max] (float: padding and zero-weight
         channels left out)."""
         w = self.w
-        if self.zero_point == "float" and self.weight is not None:
+        if self.kind == "float" and self.weight is not None:
             pad = self.weight == 0
             lo = self.y.copy_(w).masked_fill_(pad, torch.inf).amin(-1).nan_to_num_(posinf=0.0)
             return lo, self.y.copy_(w).masked_fill_(pad, -torch.inf).amax(-1).nan_to_num_(neginf=0.0)
         lo, hi = w.aminmax(dim=-1)
-        if self.zero_point == "none":
+        if self.kind == "none":
             absmax = torch.maximum(-lo, hi)
             return -absmax, absmax
-        return (lo.clamp_(max=0), hi.clamp_(min=0)) if self.zero_point == "int" else (lo, hi)
+        return (lo.clamp_(max=0), hi.clamp_(min=0)) if self.kind == "int" else (lo, hi)
 
     def _refine(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Alternating exact minimisation of the weighted squared error on an integer or symmetric
         grid (never increases it): codes, then the integer zero point, then the scale."""
         for _ in range(REFINE_STEPS):
             q, r = self._residual(s, z)
-            if self.zero_point == "int":  # the weighted mean of q - w / s, which is z - r
+            if self.kind == "int":  # the weighted mean of q - w / s, which is z - r
                 z = torch.round(z - self._sum(r) / self.total.clamp(min=1e-30)).clamp_(0, 15)
             d = q.sub_(z[..., None])
             num = torch.mul(d, self.wa, out=self.y).sum(-1)
@@ -288,7 +277,7 @@ def pack_matmul_nbits(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray
     q = w.q.view(w.n, w.n_groups, w.group_size)
     b = q[..., 0::2] | (q[..., 1::2] << 4)
     scales = w.scales.reshape(-1).numpy().astype(np.float32)
-    if w.zero_point == "none":
+    if w.zero_point_kind == "none":
         return b.numpy(), scales, None
     z = F.pad(w.zero_points, (0, w.n_groups % 2))
     return b.numpy(), scales, (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).numpy()
@@ -307,11 +296,11 @@ def blocked_qdq(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
     _integer_zero_points(w)
     q = w.q[:, : w.k].T.contiguous().numpy()
     scale = w.scales.T.contiguous().numpy()
-    if w.zero_point == "none":
+    if w.zero_point_kind == "none":
         return (q.astype(np.int8) - 8).astype(ml_dtypes.int4), scale, None
     return q.astype(ml_dtypes.uint4), scale, w.zero_points.T.contiguous().numpy().astype(ml_dtypes.uint4)
 
 
 def _integer_zero_points(w: Int4Weight) -> None:
-    if w.zero_point == "float":
+    if w.zero_point_kind == "float":
         raise ValueError("float zero points have no ONNX int4 layout: store w.split_offset()'s parts")
