@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -55,6 +56,10 @@ def test_rotated_copy_has_the_same_logits_and_no_grid(tmp_path, tied):
             assert grid_error(t) > 0.01, name  # a 4-bit grid's fit error on random-normal weights: ~0.05
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
     assert json.loads((out / "config.json").read_text())["sliding_window"] == ck.config.sliding_window
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}  # not mkdtemp's 0600
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_rotation_is_orthogonal_and_seeded():

@@ -106,6 +106,8 @@ def save_hf(ck: Checkpoint, out: Path) -> Path:
     to_hf.update({f"layers.{i}.{canon}": f"model.layers.{i}.{name}"
                   for i in range(ck.config.n_layers) for name, canon in hf._LAYER_MAP.items()})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0o22)
+    os.umask(umask)
     try:
         save_file({to_hf[k]: v.float().contiguous() for k, v in ck.weights.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -114,6 +116,9 @@ def save_hf(ck: Checkpoint, out: Path) -> Path:
             shutil.copyfile(path, tmp / ("tokenizer.json" if name == "tokenizer.json" else "tokenizer.model"))
         if ck.chat_template:
             (tmp / "chat_template.jinja").write_text(ck.chat_template)
+        for f in tmp.iterdir():  # mkdtemp's and safetensors' private modes -> the user's umask
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
