@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mistral_edge.errors import EdgeError
 from mistral_edge.quantize.plan import LAYER_LINEARS, quant_plan
-from mistral_edge.quantize import int4
+from mistral_edge.quantize import int4, int8, stats
 from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
@@ -118,6 +118,15 @@ def test_int8_per_channel():
     err = (qw.dequantize() - w).abs()
     assert bool((err <= qw.scale[:, None] / 2 + 1e-7).all())
     assert bool((qw.dequantize()[3] == 0).all())
+
+
+def test_int8_in_row_blocks_equals_whole(monkeypatch):
+    w = randw(45, 20, seed=13).bfloat16()
+    whole = quantize_int8(w)
+    monkeypatch.setattr(int8, "ROW_BLOCK_ELEMENTS", 4 * 20)  # 12 blocks, the last one short
+    blocked = quantize_int8(w)
+    assert torch.equal(blocked.q, whole.q) and torch.equal(blocked.scale, whole.scale)
+    torch.testing.assert_close(whole.scale, w.float().abs().amax(1) / 127)
 
 
 # ---- int4 ------------------------------------------------------------------------------
@@ -395,6 +404,16 @@ def test_error_stats():
     assert s.snr_db == pytest.approx(20.0)
     assert error_stats(w, w).snr_db == math.inf and error_stats(w, w).rel_fro == 0
     assert "snr 20.0 dB" in str(s)
+
+
+def test_error_stats_in_row_blocks_match_whole_float64(monkeypatch):
+    w = randw(50, 30, seed=12).bfloat16()
+    wq = quantize_int8(w).dequantize()
+    d = wq.double() - w.double()
+    monkeypatch.setattr(stats, "ROW_BLOCK_ELEMENTS", 7 * 30)  # 8 blocks, the last one short
+    s = error_stats(w, wq)
+    assert s.rel_fro == pytest.approx(float(d.norm() / w.double().norm()), rel=1e-6)
+    assert s.max_abs == pytest.approx(float(d.abs().max()), rel=1e-6)
 
 
 def test_quant_spec_is_frozen():
