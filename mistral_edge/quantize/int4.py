@@ -1,7 +1,7 @@
 """int4 weights in groups of G along K, and their two ONNX layouts.
 
 W[n, k] ~= (q[n, k] - z[n, k // G]) * s[n, k // G], codes q in [0, 15]. The zero
-point z is one of ("zero_point"):
+point z is one of (`zero_point_kind`; `zero_points` holds the values):
 - "none": symmetric, z = 8 everywhere (nothing stored);
 - "int": an integer in [0, 15] (what MatMulNBits and DequantizeLinear store), so
   0 is always on the grid and each group's range includes 0;
@@ -26,25 +26,16 @@ Methods:
   error is weighted by its square, which is what x @ (W - Wq).T sees for
   independent channels).
 
-Measured on SmolLM2-135M (next-token KL vs fp32 on 384 WikiText tokens, all
-linears int4, integer zero points): act-weighted search beats RTN by 27-35% (g128
-0.28 vs 0.39, g32 0.17 vs 0.26). Unweighted, the lower weight error does not carry
-over: search is slightly better at g32 (0.25 vs 0.26) but worse at g64/g128 (0.40
-vs 0.35, 0.47 vs 0.39): it clips large weights that meet large activations.
-Uncalibrated g64/g128 exports do better with "rtn".
-
-Float zero points, same model, the compare protocol (WikiText-2 test, 32 x 512
-tokens): g32 perplexity +0.17% vs fp32 (integer zero points: +20%). That is
-because its weights come from a Q4_1 GGUF (w = d q + m per block of 32 along K,
-the same grid), which a float zero point fits exactly (relative error 1e-7); on
-weights from a float checkpoint it is a better-fitting grid (Q4_1-like), not a
-lossless one. At g64 (5.0 bits, not aligned to a Q4_1 grid) it measured about
-as far from fp32 as integer g32 (+18.6% vs +18.2% on 4 windows).
+The default method is "search" at every group size (`int4-g128` is `int4-g128-mzp-search`).
+Measurements of both methods and of the zero points: docs/quantization.md.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -59,7 +50,8 @@ TENSOR_ZERO_POINTS = ("none", "int", "float")
 
 CLIP_RATIOS = torch.linspace(1.0, 0.75, 12).tolist()  # 20 or 40 ratios measured no better
 REFINE_STEPS = 3
-_ROW_CHUNK = 4096  # bounds temporaries on 49k-row embeddings
+CHUNK_ELEMENTS = 1 << 18
+"""Weights fitted at once (whole rows): bounds the search's temporaries to a few MiB for any matrix."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +65,8 @@ class Int4Weight:
     group_size: int
     k: int
     """The real K (q is padded to n_groups * group_size)."""
-    zero_point: str = "int"
+    zero_point_kind: str = "int"
+    """"none", "int" or "float" (see the module docstring): what `zero_points` holds."""
 
     @property
     def n(self) -> int:
@@ -105,106 +98,171 @@ def quantize_int4(
     method: str = "search",
     act_scale: torch.Tensor | None = None,
 ) -> Int4Weight:
-    """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K."""
+    """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K.
+
+    Fits blocks of CHUNK_ELEMENTS in whole rows (converted to float32 one block at a time), all
+    their groups at once, on torch.get_num_threads() threads. Every group is fitted on its own,
+    so the result depends on neither the block size nor the thread count."""
     if method not in INT4_METHODS:
         raise EdgeError(f"unknown int4 method {method!r}; expected one of {', '.join(INT4_METHODS)}")
     if zero_point not in TENSOR_ZERO_POINTS:
         raise EdgeError(f"unknown int4 zero point {zero_point!r}; expected one of {', '.join(TENSOR_ZERO_POINTS)}")
     if group_size % 2:
         raise EdgeError(f"int4 group size must be even, got {group_size}")
-    w = w.detach().float()
+    w = w.detach()
     n, k = w.shape
     groups = math.ceil(k / group_size)
     pad = groups * group_size - k
-    weight = torch.ones(k) if act_scale is None else act_scale.detach().float().reshape(k) ** 2
-    weight = F.pad(weight, (0, pad)).view(1, groups, group_size)
-    grouped = F.pad(w, (0, pad)).view(n, groups, group_size)
-    fits = [_fit(rows, weight, zero_point, method) for rows in grouped.split(_ROW_CHUNK)]
-    scales = torch.cat([s for s, _ in fits])
-    zeros = torch.cat([z for _, z in fits])
-    q = _codes(grouped, scales, zeros).to(torch.uint8).view(n, -1)
+    weight = None  # the error weight per input channel, [groups, G]; None: all ones
+    if act_scale is not None or pad:
+        ones = torch.ones(k) if act_scale is None else act_scale.detach().float().reshape(k) ** 2
+        weight = F.pad(ones, (0, pad)).view(groups, group_size)
+    q = torch.empty(n, groups * group_size, dtype=torch.uint8)
+    scales, zeros = torch.empty(n, groups), torch.empty(n, groups)
+    rows = min(n, max(1, CHUNK_ELEMENTS // (groups * group_size)))
+    fits = threading.local()  # one set of buffers per thread
+
+    def fit_block(block: slice) -> None:
+        if not hasattr(fits, "fit"):
+            fits.fit = _GroupFit(rows, groups, group_size, weight, zero_point)
+        scales[block], zeros[block], codes = fits.fit(w[block], method)
+        q[block] = codes.view(len(codes), -1)
+
+    _each_on_threads(fit_block, [slice(start, start + rows) for start in range(0, n, rows)])
     return Int4Weight(q, scales, zeros if zero_point == "float" else zeros.to(torch.uint8), group_size, k, zero_point)
 
 
-def _codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Nearest codes (float, 0..15) of w [rows, groups, G] for per-group s, z."""
-    return torch.round(w / s[..., None] + z[..., None]).clamp_(0, 15)
+def _each_on_threads(work: Callable[[slice], None], blocks: list[slice]) -> None:
+    """work(block) for every block, spread over torch.get_num_threads() threads that each run their
+    ops single-threaded. (Intra-op threads meet at a barrier after every step, a few microseconds
+    of work each: on a busy machine the waiting cost 20x the work.)"""
+    caller = torch.get_num_threads()
+    threads = min(caller, len(blocks))
+    if threads == 1:
+        for block in blocks:
+            work(block)
+        return
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(work, blocks))
+    finally:
+        torch.set_num_threads(caller)  # set_num_threads is process-wide: restore the caller's count
 
 
-def _error(w: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    q = _codes(w, s, z)
-    return (((q - z[..., None]) * s[..., None] - w) ** 2 * weight).sum(-1)
+class _GroupFit:
+    """Fits the groups of a block of whole rows, [rows, groups, G] in float32, in reused buffers
+    (fresh full-size temporaries page-fault at every step and cost more than the arithmetic)."""
+
+    def __init__(self, rows: int, groups: int, group_size: int, weight: torch.Tensor | None, zero_point: str):
+        shape = (rows, groups, group_size)
+        self.weight, self.kind = weight, zero_point
+        self._buffers = [torch.zeros(shape)] + [torch.empty(shape) for _ in range(3 if weight is None else 4)]
+        self.total = torch.tensor(float(group_size)) if weight is None else weight.sum(-1)
+        """The weight per group."""
+
+    def __call__(self, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale and zero point [rows, groups] for the rows w [rows, K], and the codes (float, a view
+        of a buffer that the next call overwrites)."""
+        self.w, self.y, self.q, self.keep, *wa = (b[: len(w)] for b in self._buffers)
+        self.w.view(len(w), -1)[:, : w.shape[1]].copy_(w)  # padding columns stay 0
+        self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
+        lo, hi = self._bounds()
+        if method == "rtn":
+            s, z = _grid(lo, hi, self.kind, 1.0)
+            return s, z, self._residual(s, z)[0]
+        s, z = _grid(lo, hi, self.kind, CLIP_RATIOS[0])
+        err = self._error(s, z)
+        for ratio in CLIP_RATIOS[1:]:
+            s_r, z_r = _grid(lo, hi, self.kind, ratio)
+            err_r = self._error(s_r, z_r)
+            better = err_r < err
+            s, z, err = torch.where(better, s_r, s), torch.where(better, z_r, z), torch.minimum(err_r, err)
+        return self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)
+
+    def _residual(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest codes q (float, 0..15) for per-group s, z, and the rounding residual
+        r = w / s + z - q in steps (in the buffers q and y)."""
+        y = torch.div(self.w, s[..., None], out=self.y).add_(z[..., None])
+        q = torch.clamp(y, 0, 15, out=self.q).round_()
+        return q, y.sub_(q)
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over each group of x (overwritten)."""
+        return (x if self.weight is None else x.mul_(self.weight)).sum(-1)
+
+    def _error(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Weighted squared error per group of the nearest codes: s^2 sum(weight r^2)."""
+        return self._sum(self._residual(s, z)[1].square_()) * (s * s)
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's range at ratio 1: [min(w, 0), max(w, 0)] (the integer grid holds 0), [-absmax,
+        absmax] (symmetric), or the real entries' [min, max] (float: padding and zero-weight
+        channels left out)."""
+        w = self.w
+        if self.kind == "float" and self.weight is not None:
+            pad = self.weight == 0
+            lo = self.y.copy_(w).masked_fill_(pad, torch.inf).amin(-1).nan_to_num_(posinf=0.0)
+            return lo, self.y.copy_(w).masked_fill_(pad, -torch.inf).amax(-1).nan_to_num_(neginf=0.0)
+        lo, hi = w.aminmax(dim=-1)
+        if self.kind == "none":
+            absmax = torch.maximum(-lo, hi)
+            return -absmax, absmax
+        return (lo.clamp_(max=0), hi.clamp_(min=0)) if self.kind == "int" else (lo, hi)
+
+    def _refine(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Alternating exact minimisation of the weighted squared error on an integer or symmetric
+        grid (never increases it): codes, then the integer zero point, then the scale."""
+        for _ in range(REFINE_STEPS):
+            q, r = self._residual(s, z)
+            if self.kind == "int":  # the weighted mean of q - w / s, which is z - r
+                z = torch.round(z - self._sum(r) / self.total.clamp(min=1e-30)).clamp_(0, 15)
+            d = q.sub_(z[..., None])
+            num = torch.mul(d, self.wa, out=self.y).sum(-1)
+            den = self._sum(d.square_())
+            best = num / den.clamp(min=1e-30)
+            s = torch.where((den > 0) & (best > 0), best, s)
+        return s, z, self._residual(s, z)[0]
+
+    def _refine_line(
+        self, s: torch.Tensor, z: torch.Tensor, err: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float zero points: alternate the codes with the weighted least-squares line w ~= a q + c
+        per group (s = a, z = -c / a). A group keeps its (s, z) where the fit is degenerate (fewer
+        than two distinct codes, or a <= 0) or not better, so the error never increases."""
+        n, sw = self.total.double(), self.wa.sum(-1).double()
+        q = self.keep.copy_(self._residual(s, z)[0])
+        for _ in range(REFINE_STEPS):
+            qa = q if self.weight is None else torch.mul(q, self.weight, out=self.y)
+            sq = qa.sum(-1).double()
+            sqq = torch.mul(q, qa, out=self.y).sum(-1).double()
+            sqw = torch.mul(q, self.wa, out=self.y).sum(-1).double()
+            det = n * sqq - sq * sq
+            a = (n * sqw - sq * sw) / torch.where(det > 0, det, 1.0)
+            c = (sqq * sw - sq * sqw) / torch.where(det > 0, det, 1.0)
+            ok = (det > 0) & (a > 0)
+            new_s = torch.where(ok, a, 1.0).float()
+            new_z = torch.where(ok, -c / torch.where(ok, a, 1.0), 0.0).float()
+            new_q, r = self._residual(new_s, new_z)
+            new_err = self._sum(r.square_()) * (new_s * new_s)
+            better = ok & (new_err < err)
+            s, z, err = torch.where(better, new_s, s), torch.where(better, new_z, z), torch.where(better, new_err, err)
+            q = torch.where(better[..., None], new_q, q, out=self.keep)
+        return s, z, q
 
 
-def _range(w: torch.Tensor, weight: torch.Tensor, zero_point: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point covering ratio x each group's range: [min(w, 0), max(w, 0)] (the
-    integer grid holds 0), absmax (symmetric), or the real entries' [min, max] around its middle."""
+def _grid(lo: torch.Tensor, hi: torch.Tensor, zero_point: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point covering ratio x the range [lo, hi] (towards 0 for an integer zero
+    point, towards the middle for a float one)."""
     if zero_point == "none":
-        s = w.abs().amax(-1) * (ratio / 7)
+        s = hi * (ratio / 7)
         z = torch.full_like(s, 8.0)
     elif zero_point == "int":
-        lo, hi = w.amin(-1).clamp(max=0) * ratio, w.amax(-1).clamp(min=0) * ratio
-        s = (hi - lo) / 15
-        z = torch.round(-lo / torch.where(s > 0, s, 1.0)).clamp_(0, 15)
+        s = (hi - lo) * ratio / 15
+        z = torch.round(-lo * ratio / torch.where(s > 0, s, 1.0)).clamp_(0, 15)
     else:
-        real = weight > 0
-        lo = torch.where(real, w, torch.inf).amin(-1).nan_to_num(posinf=0.0)
-        hi = torch.where(real, w, -torch.inf).amax(-1).nan_to_num(neginf=0.0)
         mid, s = (hi + lo) / 2, (hi - lo) * (ratio / 15)
         z = torch.where(s > 0, 7.5 - mid / torch.where(s > 0, s, 1.0), -lo)  # a flat group: s = 1, q = 0
     return torch.where(s > 0, s, 1.0), z
-
-
-def _refine(
-    w: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, zero_point: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alternating exact minimisation of the weighted squared error (never increases it)."""
-    total = weight.sum(-1).clamp(min=1e-30)
-    for _ in range(REFINE_STEPS):
-        q = _codes(w, s, z)
-        if zero_point == "float":
-            s, z = _fit_line(w, weight, q, s, z)
-        else:
-            if zero_point == "int":
-                z = torch.round(((q - w / s[..., None]) * weight).sum(-1) / total).clamp_(0, 15)
-            d = q - z[..., None]
-            den = (d * d * weight).sum(-1)
-            best = (w * d * weight).sum(-1) / den.clamp(min=1e-30)
-            s = torch.where((den > 0) & (best > 0), best, s)
-    return s, z
-
-
-def _fit_line(
-    w: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted least squares w ~= a q + c per group, as s = a, z = -c / a; groups whose fit is
-    degenerate (fewer than two distinct codes, or a <= 0) or not better keep (s, z)."""
-    def moment(t: torch.Tensor) -> torch.Tensor:
-        return (t * weight).sum(-1, dtype=torch.float64)
-    n, sq, sqq, sw, sqw = moment(torch.ones_like(q)), moment(q), moment(q * q), moment(w), moment(q * w)
-    det = n * sqq - sq * sq
-    a = (n * sqw - sq * sw) / torch.where(det > 0, det, 1.0)
-    c = (sqq * sw - sq * sqw) / torch.where(det > 0, det, 1.0)
-    ok = (det > 0) & (a > 0)
-    new_s = torch.where(ok, a, 1.0).float()
-    new_z = torch.where(ok, -c / torch.where(ok, a, 1.0), 0.0).float()
-    better = ok & (_error(w, weight, new_s, new_z) < _error(w, weight, s, z))
-    return torch.where(better, new_s, s), torch.where(better, new_z, z)
-
-
-def _fit(w: torch.Tensor, weight: torch.Tensor, zero_point: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero point) for w [rows, groups, G]."""
-    if method == "rtn":
-        return _range(w, weight, zero_point, 1.0)
-    best_s, best_z = _range(w, weight, zero_point, CLIP_RATIOS[0])
-    best_err = _error(w, weight, best_s, best_z)
-    for ratio in CLIP_RATIOS[1:]:
-        s, z = _range(w, weight, zero_point, ratio)
-        err = _error(w, weight, s, z)
-        better = err < best_err
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-        best_err = torch.minimum(err, best_err)
-    return _refine(w, weight, best_s, best_z, zero_point)
 
 
 def pack_matmul_nbits(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -219,7 +277,7 @@ def pack_matmul_nbits(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray
     q = w.q.view(w.n, w.n_groups, w.group_size)
     b = q[..., 0::2] | (q[..., 1::2] << 4)
     scales = w.scales.reshape(-1).numpy().astype(np.float32)
-    if w.zero_point == "none":
+    if w.zero_point_kind == "none":
         return b.numpy(), scales, None
     z = F.pad(w.zero_points, (0, w.n_groups % 2))
     return b.numpy(), scales, (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).numpy()
@@ -238,11 +296,11 @@ def blocked_qdq(w: Int4Weight) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
     _integer_zero_points(w)
     q = w.q[:, : w.k].T.contiguous().numpy()
     scale = w.scales.T.contiguous().numpy()
-    if w.zero_point == "none":
+    if w.zero_point_kind == "none":
         return (q.astype(np.int8) - 8).astype(ml_dtypes.int4), scale, None
     return q.astype(ml_dtypes.uint4), scale, w.zero_points.T.contiguous().numpy().astype(ml_dtypes.uint4)
 
 
 def _integer_zero_points(w: Int4Weight) -> None:
-    if w.zero_point == "float":
+    if w.zero_point_kind == "float":
         raise ValueError("float zero points have no ONNX int4 layout: store w.split_offset()'s parts")

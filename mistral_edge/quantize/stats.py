@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Weights compared at once: a 7B matrix in float64 would double the export's peak memory."""
+
 
 @dataclass(frozen=True)
 class ErrorStats:
@@ -21,8 +24,16 @@ class ErrorStats:
 
 
 def error_stats(w: torch.Tensor, wq: torch.Tensor) -> ErrorStats:
-    w, d = w.double(), wq.double() - w.double()
-    err, ref = float((d * d).sum()), float((w * w).sum())
+    """Compared a block of rows at a time in float32; the sums accumulate in float64."""
+    w, wq = w.reshape(len(w), -1) if w.dim() > 1 else w.reshape(1, -1), wq.reshape(w.shape)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    err = ref = max_abs = 0.0
+    for a, b in zip(w.split(rows), wq.split(rows)):
+        a = a.float()
+        d = b.float() - a
+        err += float((d * d).sum(dtype=torch.float64))
+        ref += float((a * a).sum(dtype=torch.float64))
+        max_abs = max(max_abs, float(d.abs().max()) if d.numel() else 0.0)
     rel = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
     snr = math.inf if err == 0 else (10 * math.log10(ref / err) if ref > 0 else -math.inf)
-    return ErrorStats(rel, float(d.abs().max()) if d.numel() else 0.0, snr)
+    return ErrorStats(rel, max_abs, snr)
