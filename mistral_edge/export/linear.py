@@ -77,7 +77,7 @@ class WeightEmitter:
         if tq.kind == "int4":
             q4 = quantize_int4(w, tq.group_size, tq.zero_point, tq.method, tq.act_scale)
             self._record(name, tq, w, q4.dequantize())
-            if q4.zero_point != "float":
+            if q4.zero_point_kind != "float":
                 return self._int4(x, name, q4, outs)
             sym, offsets = q4.split_offset()
             sums = b.op("MatMul", [x, self._once(f"group_sum.k{k}.g{tq.group_size}",
