@@ -16,10 +16,8 @@ ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
 """int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, float, or
 mixed (float for FLOAT_ZP_LINEARS, integer elsewhere). Every tensor gets one of the first three."""
 FLOAT_ZP_LINEARS = ("attention.wqkv", "feed_forward.w2")
-"""The layer linears a mixed spec gives float zero points: measured on the demo model (first 4
-WikiText-2 windows, int4-g32), float zero points on w2 take the error from +18% to +9.4%, on w2
-and wqkv to +5.1% (5.48 bits per linear weight; all linears float: +0.3% at 6.0 bits), and each
-float-zero-point linear costs a correction MatMul pair at run time (export/linear.py)."""
+"""The layer linears a mixed spec gives float zero points: the two whose int4 error cost the most
+per bit (docs/quantization.md); each costs a correction MatMul pair at run time (export/linear.py)."""
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_ZERO_POINT = "mixed"
 VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"

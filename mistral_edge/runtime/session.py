@@ -115,10 +115,9 @@ class DecoderSession:
     def _allocate(self, slots: int, keep: int = 0) -> None:
         """(Re)allocate every cache buffer with `slots` slots, keeping the first `keep` of the old one.
 
-        Buffers are numpy arrays, freed when dropped (peak RSS at 8192 demo tokens 365.7 MiB against
-        368.3 with onnxruntime-allocated ones, whose 64-byte alignment bought no speed), zeroed
-        (empty slots are masked, but 0 * NaN would still poison the weighted sum), and replaced a
-        layer at a time, so growing holds at most one extra buffer."""
+        Buffers are numpy arrays, freed when dropped (onnxruntime-allocated ones bought no speed,
+        docs/quantization.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
+        weighted sum), and replaced a layer at a time, so growing holds at most one extra buffer."""
         b, h, d = self._cache_shape
         for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
             a = np.zeros((b, h, slots, d), self.cache_dtype)
