@@ -116,7 +116,7 @@ class DecoderSession:
         """(Re)allocate every cache buffer with `slots` slots, keeping the first `keep` of the old one.
 
         Buffers are numpy arrays, freed when dropped (onnxruntime-allocated ones bought no speed,
-        docs/quantization.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
+        docs/graph-contract.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
         weighted sum), and replaced a layer at a time, so growing holds at most one extra buffer."""
         b, h, d = self._cache_shape
         for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
