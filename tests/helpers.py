@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import sentencepiece
 import torch
+from safetensors.torch import save_file
 from transformers import MistralConfig, MistralForCausalLM
 
 from mistral_edge.model.checkpoint import Checkpoint
 from mistral_edge.model.loaders.hf import canonical_name, config_from_hf
-from mistral_edge.model.weights import Weights
+from mistral_edge.model.weights import Weights, half_to_interleaved
+
+
+W = 16
+"""The window of the tiny fixtures: small, so a few dozen tokens wrap the rolling cache."""
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+"""WikiText-2 beside the checkout (../shared/data): evaluate on the test split, calibrate on valid."""
+TEST_TEXT, VALID_TEXT = WIKI / "wiki.test.tokens", WIKI / "wiki.valid.tokens"
+needs_wiki = pytest.mark.skipif(not TEST_TEXT.is_file(), reason="WikiText-2 not in ../shared/data")
+
+
+def chunked_logits(session, tokens: np.ndarray, chunk: int) -> np.ndarray:
+    """[B, T, V] logits of every position, the [B, T] tokens fed `chunk` at a time (any Session)."""
+    return np.concatenate([session.step(tokens[:, s:s + chunk], all_logits=True).copy()
+                           for s in range(0, tokens.shape[1], chunk)], 1)
 
 
 def tiny_hf_mistral(n_heads: int = 4, n_kv_heads: int = 2, window: int = 16, vocab: int = 128,
@@ -50,17 +73,6 @@ def assert_close(got, expected, activations: str, fp32_tol: float = 1e-4, fp16_t
 
 
 # --- Checkpoints on disk in the layouts users bring (tests/test_loaders.py) ---------------------
-
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import gguf  # noqa: E402
-import numpy as np  # noqa: E402
-import sentencepiece  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from mistral_edge.model.weights import half_to_interleaved  # noqa: E402
 
 SPM_V1 = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
 """mistral-common's bundled Mistral 7B SentencePiece tokenizer (32000 pieces)."""

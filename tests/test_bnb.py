@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, chunked_logits, tiny_hf_mistral
 from mistral_edge.cli.main import app
 from mistral_edge.compare.run import CompareRequest, run_compare
 from mistral_edge.errors import EdgeError
@@ -29,7 +29,6 @@ except ImportError:
     bitsandbytes = None
 needs_bnb = pytest.mark.skipif(bitsandbytes is None, reason="bitsandbytes is not importable "
                                                             "(pip install 'mistral-edge[bnb]')")
-W = 16
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +90,7 @@ def test_bnb_session_decode_matches_prefill(ck):
     quantize_linears(model, "nf4")
     tokens = np.random.default_rng(0).integers(0, 128, (1, 24))
     session = TorchSession(model, W, 8)
-    full = np.concatenate([session.step(tokens[:, s:s + 8], all_logits=True) for s in range(0, 24, 8)], 1)
+    full = chunked_logits(session, tokens, 8)
     session.reset()
     steps = np.concatenate([session.step(tokens[:, i:i + 1]) for i in range(24)], 1)
     np.testing.assert_allclose(steps, full, atol=2e-2 * np.abs(full).max())

@@ -11,7 +11,7 @@ import time
 from dataclasses import fields
 
 import pytest
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
 
 import mistral_edge.model.loaders
 from mistral_edge.cli import generate as generate_cli
@@ -22,7 +22,6 @@ from mistral_edge.targets.bundle import write_bundle
 from mistral_edge.targets.profiles import get_target
 from mistral_edge.targets.request import MAX_WINDOW, BundleRequest
 
-W = 16
 NESTED_RANGES = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}{{ 'x' }}"
 HUGE_STRING = "{{ 'x' * 300000000 }}"
 

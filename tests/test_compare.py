@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, TEST_TEXT, VALID_TEXT, W, checkpoint_of, chunked_logits, needs_wiki, tiny_hf_mistral
 from mistral_edge.cli.main import app
 from mistral_edge.quantize import calibrate
 from mistral_edge.compare.quality import GridLogProbs, ReferenceStore, evaluate, kl_grid, kl_rows, log_softmax
@@ -32,10 +32,7 @@ from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
 from mistral_edge.tokenizer import Tokenizer
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
-TEST_TEXT, VALID_TEXT = WIKI / "wiki.test.tokens", WIKI / "wiki.valid.tokens"
-needs_wiki = pytest.mark.skipif(not TEST_TEXT.is_file(), reason="WikiText-2 not in ../shared/data")
-W, CTX, CHUNK = 16, 40, 8  # windows longer than W: the rolling cache wraps inside each window
+CTX, CHUNK = 40, 8  # windows longer than W: the rolling cache wraps inside each window
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +128,7 @@ def _all_logits(model_path, windows):
     out = []
     for tokens in windows:
         s.reset()
-        out.append(torch.cat([torch.from_numpy(s.step(tokens[None, i:i + CHUNK], all_logits=True)[0].copy())
-                              for i in range(0, len(tokens), CHUNK)])[:-1])
+        out.append(torch.from_numpy(chunked_logits(s, np.asarray(tokens)[None], CHUNK)[0, :-1]))
     return out
 
 

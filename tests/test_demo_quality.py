@@ -3,10 +3,10 @@
 Thresholds come from measurement (see the comments), with headroom for ORT's int8-compute kernels.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TEST_TEXT, chunked_logits
 
 from mistral_edge.export.pipeline import export_onnx
 from mistral_edge.model.loaders import load_checkpoint
@@ -14,7 +14,6 @@ from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
 from mistral_edge.tokenizer import Tokenizer
 
-TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"
 CTX, WINDOWS = 256, 2
 
 pytestmark = pytest.mark.slow
@@ -22,11 +21,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    if not TEXT.exists():
-        pytest.skip(f"WikiText-2 not found at {TEXT}")
+    if not TEST_TEXT.exists():
+        pytest.skip(f"WikiText-2 not found at {TEST_TEXT}")
     ck = load_checkpoint(None)
     tok = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
-    ids = tok.encode(TEXT.read_text(encoding="utf-8")[:20000], add_bos=False)
+    ids = tok.encode(TEST_TEXT.read_text(encoding="utf-8")[:20000], add_bos=False)
     windows = [ids[i * CTX:(i + 1) * CTX] for i in range(WINDOWS)]
     return ck, windows, tmp_path_factory.mktemp("demo")
 
@@ -36,8 +35,7 @@ def log_probs(path, windows):
     out = []
     for w in windows:
         session.reset()
-        logits = np.concatenate([session.step(np.array([w[s:s + 128]]), all_logits=True)[0].copy()
-                                 for s in range(0, len(w), 128)])
+        logits = chunked_logits(session, np.array([w]), 128)[0]
         z = logits - logits.max(-1, keepdims=True)
         out.append(z - np.log(np.exp(z).sum(-1, keepdims=True)))
     return np.concatenate(out)

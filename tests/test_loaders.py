@@ -21,10 +21,9 @@ from mistral_edge.errors import EdgeError
 from mistral_edge.model.config import ModelConfig
 from mistral_edge.model.loaders import default, load_checkpoint
 from mistral_edge.model.reference import ReferenceModel
-from helpers import SPM_V1, save_gguf, save_mistral_inference, tiny_hf_mistral
+from helpers import SPM_V1, W, save_gguf, save_mistral_inference, tiny_hf_mistral
 
 Q = gguf.GGMLQuantizationType
-W = 16
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 
 

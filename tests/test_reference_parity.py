@@ -5,9 +5,8 @@ import torch
 
 from mistral_edge.errors import EdgeError
 from mistral_edge.model.reference import ReferenceModel
-from helpers import checkpoint_of, tiny_hf_mistral
+from helpers import W, checkpoint_of, tiny_hf_mistral
 
-W = 16
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # GQA ratios 1, 2, 4

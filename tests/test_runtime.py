@@ -17,9 +17,8 @@ from mistral_edge.runtime.generate import GenerationConfig, Generator, generate_
 from mistral_edge.runtime.sampling import SamplingParams
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
 
-W = 16
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ from mistral_edge.runtime.sampling import SamplingParams
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
 
-W = 16
 MAX_PROMPT = 96
 TIMEOUT = 60  # seconds: the bound on any one request in these tests
 

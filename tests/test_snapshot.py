@@ -16,9 +16,8 @@ from mistral_edge.serve.snapshot import (BLOCK, TokenHistory, bundle_identity, c
                                          save_session)
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
 
-W = 16
 CFG = GenerationConfig(max_new_tokens=12)
 
 

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import SPM_V1, assert_close, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, assert_close, checkpoint_of, tiny_hf_mistral
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
@@ -37,7 +37,6 @@ from mistral_edge.targets import bundle as bundle_mod
 from mistral_edge.targets.bundle import BundleRequest, write_bundle
 from mistral_edge.targets.profiles import DEVICES, TARGETS, get_target, parse_memory
 
-W = 16
 ONNX_TARGETS = ("cpu", "gpu", "jetson", "android", "ios")
 MODEL_FILE = {"cpu": "model.onnx", "gpu": "model.onnx", "jetson": "model.onnx", "android": "model.ort",
               "ios": "model.ort"}
