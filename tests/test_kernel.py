@@ -6,6 +6,8 @@ one with kernel="on" (which fails rather than falling back), so both paths run h
 """
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,7 +58,8 @@ def reference(ck, w, tokens_of, steps):
 @pytest.mark.parametrize("w", [16, 80])  # 80 > GROW: the cache has S = 64 < W slots for a while
 @pytest.mark.parametrize("act", ["fp32", "fp16"])
 def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act):
-    ck = checkpoint_of(tiny_hf_mistral(window=w, vocab=128, dim=32, seed=w))
+    dim = 64 if w > 64 else 32  # head_dim 16 (full vectors) and 8
+    ck = checkpoint_of(tiny_hf_mistral(window=w, vocab=128, dim=dim, seed=w))
     path = tmp_path / "m.onnx"
     export_onnx(ck, parse_quant("fp32"), path, chunk=5, activations=act)
     rng = np.random.default_rng(w)
@@ -85,6 +88,39 @@ def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act):
             assert abs(g[row, :n] - f[row, :n]).max(initial=0) <= tol
             if n:
                 assert_close(g[row, :n], r[row, :n], act)
+
+
+VARIANT_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+from mistral_edge import kernels
+from mistral_edge.runtime.session import DecoderSession, SessionConfig
+path, w = sys.argv[1], int(sys.argv[2])
+outs = []
+for mode in ("on", "off"):
+    s = DecoderSession(path, batch=2, config=SessionConfig(threads=1, kernel=mode))
+    rng = np.random.default_rng(1)
+    outs.append([s.step(rng.integers(0, 128, (2, c)), np.array(v), all_logits=True).copy()
+                 for c, v in ((5, [5, 3]), (w, [w, w - 1]), (1, [1, 1]))])
+err = max(float(abs(a[:, :3] - b[:, :3]).max()) for a, b in zip(*outs))
+print(kernels.isa(), err)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_compute_variant(library, tmp_path, isa):
+    """The lesser variants (the library picks the best one the CPU has) on head_dim 16 and 8."""
+    for dim, w in ((64, 16), (32, 20)):  # 4 heads: head_dim 16 (vector loops), 8 (narrower lanes)
+        ck = checkpoint_of(tiny_hf_mistral(window=w, vocab=128, dim=dim))
+        path = tmp_path / f"m{dim}.onnx"
+        export_onnx(ck, parse_quant("fp32"), path, chunk=5)
+        env = {**os.environ, "MISTRAL_EDGE_KERNEL_ISA": isa, "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run([sys.executable, "-c", VARIANT_CHECK, str(path), str(w)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        got_isa, err = done.stdout.split()
+        assert got_isa == isa and float(err) < 1e-5
 
 
 def test_environment_and_required_kernel(library, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@
 #include <onnxruntime_lite_custom_op.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <memory>
@@ -24,12 +25,17 @@ namespace {
 using Ort::Custom::Tensor;
 const char* const OP = "WindowedGroupQueryAttention";
 
+// The best variant the CPU has, chosen once when the library loads; MISTRAL_EDGE_KERNEL_ISA=avx2 or
+// portable asks for a lesser one (tests run every variant this way).
 wgqa::UnitFn pick_unit() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+  const char* env = std::getenv("MISTRAL_EDGE_KERNEL_ISA");
+  const std::string want = env ? env : "";
+  if (want != "avx2" && want != "portable" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     return wgqa::unit_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+  if (want != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
     return wgqa::unit_avx2;
   return wgqa::unit_portable;
 }

@@ -1,8 +1,8 @@
 // One (batch row, kv head) unit of WindowedGroupQueryAttention, in the order the ONNX function
 // fixes (export/attention.py): gather the entries the chunk overwrites, write the rotated chunk,
 // then attend over the S updated slots plus the gathered entries. Compiled once per instruction
-// set with WGQA_UNIT naming the entry point; the loops are written for the compiler to vectorize
-// over the head dimension (omp simd reductions: no -ffast-math needed).
+// set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions over the head
+// dimension, whose width follows the variant's flags.
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -17,7 +17,7 @@ namespace wgqa {
 namespace {
 
 using half = _Float16;
-constexpr int64_t ROWS = 4;  // query rows per register block
+constexpr int64_t ROWS = 4;  // query rows per register block (block() handles 1..ROWS)
 
 template <typename T>
 inline float f(T x) { return static_cast<float>(x); }
@@ -33,85 +33,153 @@ void rope(const T* x, const T* cos, const T* sin, int64_t D, float* y) {
   }
 }
 
-// scores[r * ld + n] = q[r] . keys[n] for nr <= ROWS rows of q (float) and n keys of type T.
-template <int64_t nr, typename T>
+// L floats as one GCC vector (extensions, so each variant's flags pick the instructions).
+template <int L>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef _Float16 h __attribute__((vector_size(2 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+};
+#if defined(__AVX__)  // AVX2 and AVX-512 (256-bit AVX-512VL: 512-bit lanes measured slower, docs/kernel.md)
+constexpr int NATIVE = 8;
+#else
+constexpr int NATIVE = 4;
+#endif
+
+template <int L>
+[[gnu::always_inline]] inline typename Vec<L>::f load(const float* p) {
+  typename Vec<L>::f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int L>
+[[gnu::always_inline]] inline typename Vec<L>::f load(const half* p) {
+  typename Vec<L>::h v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, typename Vec<L>::f);
+}
+template <int L>
+[[gnu::always_inline]] inline void store(float* p, typename Vec<L>::f v) { std::memcpy(p, &v, sizeof v); }
+
+// The sum of the lanes by halving (log2 L dependent adds, not L).
+template <int L>
+[[gnu::always_inline]] inline float hsum(typename Vec<L>::f v) {
+  if constexpr (L == 1) {
+    return v[0];
+  } else {
+    typename Vec<L / 2>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return hsum<L / 2>(lo + hi);
+  }
+}
+
+// scores[r * ld + s] = q[r] . keys[s] for NR rows of q (float, [NR, D]) and n keys of type T, in
+// L-lane vectors (L divides D); NR is a template argument so the accumulators stay in registers.
+template <int L, int NR, typename T>
 void scores_n(const float* q, const T* keys, int64_t n, int64_t D, float* out, int64_t ld) {
-  const float* q0 = q;
-  const float* q1 = q + (nr > 1 ? D : 0);
-  const float* q2 = q + (nr > 2 ? 2 * D : 0);
-  const float* q3 = q + (nr > 3 ? 3 * D : 0);
   for (int64_t s = 0; s < n; ++s) {
     const T* k = keys + s * D;
-    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t d = 0; d < D; ++d) {
-      const float kd = f(k[d]);
-      a0 += q0[d] * kd;
-      if (nr > 1) a1 += q1[d] * kd;
-      if (nr > 2) a2 += q2[d] * kd;
-      if (nr > 3) a3 += q3[d] * kd;
+    typename Vec<L>::f a[NR] = {};
+    for (int64_t c = 0; c < D; c += L) {
+      const auto kv = load<L>(k + c);
+      for (int r = 0; r < NR; ++r) a[r] += load<L>(q + r * D + c) * kv;
     }
-    out[s] = a0;
-    if (nr > 1) out[ld + s] = a1;
-    if (nr > 2) out[2 * ld + s] = a2;
-    if (nr > 3) out[3 * ld + s] = a3;
+    for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]);
   }
 }
 
-// The row count as a template argument, so a block of fewer rows computes no spare dot products.
-template <typename T>
-void scores(const float* q, int64_t nr, const T* keys, int64_t n, int64_t D, float* out, int64_t ld) {
-  switch (nr) {
-    case 1: return scores_n<1>(q, keys, n, D, out, ld);
-    case 2: return scores_n<2>(q, keys, n, D, out, ld);
-    case 3: return scores_n<3>(q, keys, n, D, out, ld);
-    default: return scores_n<4>(q, keys, n, D, out, ld);
-  }
-}
-
-// acc[r] += sum_n p[r * ld + n] * vals[n] for nr <= ROWS rows.
-template <int64_t nr, typename T>
+// acc[r] += sum_s p[r * ld + s] * vals[s] for NR rows ([NR, D] float accumulators).
+template <int L, int NR, typename T>
 void weighted_n(const float* p, int64_t ld, const T* vals, int64_t n, int64_t D, float* acc) {
-  float* o0 = acc;
-  float* o1 = acc + (nr > 1 ? D : 0);
-  float* o2 = acc + (nr > 2 ? 2 * D : 0);
-  float* o3 = acc + (nr > 3 ? 3 * D : 0);
-  for (int64_t s = 0; s < n; ++s) {
-    const T* v = vals + s * D;
-    const float p0 = p[s], p1 = nr > 1 ? p[ld + s] : 0, p2 = nr > 2 ? p[2 * ld + s] : 0,
-                p3 = nr > 3 ? p[3 * ld + s] : 0;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const float vd = f(v[d]);
-      o0[d] += p0 * vd;
-      if (nr > 1) o1[d] += p1 * vd;
-      if (nr > 2) o2[d] += p2 * vd;
-      if (nr > 3) o3[d] += p3 * vd;
+  for (int64_t c = 0; c < D; c += L) {
+    typename Vec<L>::f o[NR] = {};
+    for (int64_t s = 0; s < n; ++s) {
+      const auto v = load<L>(vals + s * D + c);
+      for (int r = 0; r < NR; ++r) o[r] += p[r * ld + s] * v;
     }
+    for (int r = 0; r < NR; ++r) store<L>(acc + r * D + c, load<L>(acc + r * D + c) + o[r]);
   }
 }
 
-template <typename T>
-void weighted(const float* p, int64_t ld, int64_t nr, const T* vals, int64_t n, int64_t D, float* acc) {
+// Both products for a block of nr rows, with the widest lane count (up to the variant's native
+// one) that divides D.
+template <int L, typename T>
+void block(const float* q, int64_t nr, const T* keys, const T* vals, int64_t n, int64_t D, float* sc,
+           int64_t ld, float* acc, bool weigh) {
+  if constexpr (L > 1) {
+    if (D % L) return block<L / 2>(q, nr, keys, vals, n, D, sc, ld, acc, weigh);
+  }
+#define WGQA_ROWS(NR)                                  \
+  case NR:                                             \
+    if (weigh)                                         \
+      weighted_n<L, NR>(sc, ld, vals, n, D, acc);      \
+    else                                               \
+      scores_n<L, NR>(q, keys, n, D, sc, ld);          \
+    return;
   switch (nr) {
-    case 1: return weighted_n<1>(p, ld, vals, n, D, acc);
-    case 2: return weighted_n<2>(p, ld, vals, n, D, acc);
-    case 3: return weighted_n<3>(p, ld, vals, n, D, acc);
-    default: return weighted_n<4>(p, ld, vals, n, D, acc);
+    WGQA_ROWS(1)
+    WGQA_ROWS(2)
+    WGQA_ROWS(3)
+    default:
+      WGQA_ROWS(4)
   }
+#undef WGQA_ROWS
 }
 
-// Softmax in place over n scores plus the additive bias (type T).
+// e^x in L lanes: 2^n e^r with n = round(x log2 e), |r| <= ln2 / 2, e^r by its degree-7 Taylor
+// polynomial (relative error below 2e-8, under float rounding); e^x below e^-87 is 0, as in expf
+// up to denormals, so masked keys weigh exactly nothing.
+template <int L>
+[[gnu::always_inline]] inline typename Vec<L>::f vexp(typename Vec<L>::f x) {
+  using F = typename Vec<L>::f;
+  using I = typename Vec<L>::i;
+  const I tiny = x < -87.0f;
+  x = tiny ? F{} - 87.0f : x;
+  const F t = x * 1.44269504088896341f;
+  const I n = __builtin_convertvector(t + (t < 0.0f ? F{} - 0.5f : F{} + 0.5f), I);
+  const F nf = __builtin_convertvector(n, F);
+  const F r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;  // ln 2 in two parts
+  F e = 1.0f / 5040 + F{};
+  e = e * r + 1.0f / 720;
+  e = e * r + 1.0f / 120;
+  e = e * r + 1.0f / 24;
+  e = e * r + 1.0f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.0f;
+  e = e * r + 1.0f;
+  const I bits = (n + 127) << 23;
+  F scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return tiny ? F{} : e * scale;
+}
+
+// Softmax in place over n scores plus the additive bias (type T), NATIVE lanes at a time; the
+// tail goes through one padded vector.
 template <typename T>
 void softmax(float* x, const T* bias, int64_t n) {
+  constexpr int L = NATIVE;
+  using F = typename Vec<L>::f;
+  const int64_t body = n - n % L;
   float m = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
     x[i] += f(bias[i]);
     m = x[i] > m ? x[i] : m;
   }
-  float sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
-  const float inv = 1.0f / sum;
+  F sum{};
+  for (int64_t i = 0; i < body; i += L) {
+    const F e = vexp<L>(load<L>(x + i) - m);
+    store<L>(x + i, e);
+    sum += e;
+  }
+  if (body < n) {
+    float tail[L];
+    for (int i = 0; i < L; ++i) tail[i] = body + i < n ? x[body + i] - m : -INFINITY;
+    const F e = vexp<L>(load<L>(tail));
+    sum += e;
+    for (int64_t i = body; i < n; ++i) x[i] = e[i - body];
+  }
+  const float inv = 1.0f / hsum<L>(sum);
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
@@ -155,12 +223,12 @@ void unit(const Problem& p, int64_t u) {
   for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
     const int64_t nr = R - r0 < ROWS ? R - r0 : ROWS;
     const float* qb = &q[r0 * D];
-    scores(qb, nr, key, S, D, sc.data(), L);
-    scores(qb, nr, old_k.data(), C, D, sc.data() + S, L);
+    block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, nullptr, false);
+    block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, nullptr, false);
     for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bias + (r0 + r) * L, L);
     std::fill(acc.begin(), acc.end(), 0.0f);
-    weighted(sc.data(), L, nr, value, S, D, acc.data());
-    weighted(sc.data() + S, L, nr, old_v.data(), C, D, acc.data());
+    block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, acc.data(), true);
+    block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, acc.data(), true);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
       T* o = out + i * p.Hq * D + (h * G + g) * D;
