@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from mistral_edge.export.attention import DOMAIN, OP, PLAN_INPUTS, attention_function, attention_plan
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.model.config import ModelConfig
-from mistral_edge.runtime.session import SessionConfig, _register_kernel
+from mistral_edge.runtime.session import _register_kernel
 
 DEMO = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536, vocab_size=49152)
 
@@ -123,7 +123,7 @@ def main() -> None:
     for threads in a.threads:
         for slots in a.slots:
             r = bench(DEMO, a.window, slots, threads, a.nodes, a.rounds, a.iters, a.activations, clock)
-            (nk, native), (fb, body) = r.items()
+            (nk, native), (_, body) = r.items()
             print(f"{a.activations} {a.clock} slots={slots} threads={threads}: {nk} {native:.1f} us, "
                   f"function body {body:.1f} us, speedup {body / native:.2f}x")
 

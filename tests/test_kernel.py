@@ -64,7 +64,9 @@ def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act):
     export_onnx(ck, parse_quant("fp32"), path, chunk=5, activations=act)
     rng = np.random.default_rng(w)
     table = rng.integers(0, 128, (len(schedule(w)), 2, w))
-    tokens_of = lambda i, c: table[i, :, :c]  # noqa: E731
+
+    def tokens_of(i, c):
+        return table[i, :, :c]
     steps = schedule(w)
 
     native = DecoderSession(path, batch=2, config=SessionConfig(threads=2, kernel="on"))
@@ -116,7 +118,7 @@ def test_every_compute_variant(library, tmp_path, isa):
         path = tmp_path / f"m{dim}.onnx"
         export_onnx(ck, parse_quant("fp32"), path, chunk=5)
         env = {**os.environ, "MISTRAL_EDGE_KERNEL_ISA": isa, "PYTHONPATH": os.pathsep.join(sys.path)}
-        done = subprocess.run([sys.executable, "-c", VARIANT_CHECK, str(path), str(w)], env=env,
+        done = subprocess.run([sys.executable, "-c", VARIANT_CHECK, str(path), str(w)], check=False, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         got_isa, err = done.stdout.split()
@@ -134,6 +136,9 @@ def test_environment_and_required_kernel(library, tmp_path, monkeypatch):
         DecoderSession(path)
     monkeypatch.delenv("MISTRAL_EDGE_KERNEL")
     assert DecoderSession(path).attention_path == f"native kernel ({kernels.isa()})"
+    other_first = SessionConfig(providers=("AzureExecutionProvider", "CPUExecutionProvider"))
+    assert DecoderSession(path, config=other_first).attention_path == (
+        "function body (the native kernel is for the CPU provider, not AzureExecutionProvider)")
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "native attention kernel not built (test)")
     assert DecoderSession(path).attention_path == "function body (native attention kernel not built (test))"
     with pytest.raises(EdgeError, match="not built"):
@@ -147,3 +152,17 @@ def test_missing_or_stale_library_is_not_used(tmp_path, monkeypatch):
     lib.write_bytes(b"")
     os.utime(lib, (0, 0))  # older than any source
     assert "older than its sources" in kernels.unavailable_reason() and kernels.library_path() is None
+
+
+def test_library_that_does_not_load(tmp_path, monkeypatch):
+    ck = checkpoint_of(tiny_hf_mistral(window=16, vocab=128, dim=32))
+    path = tmp_path / "m.onnx"
+    export_onnx(ck, parse_quant("fp32"), path, chunk=5)
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"not a shared library")  # newer than the sources: it looks usable
+    monkeypatch.setattr(kernels, "OUT", lib)
+    session = DecoderSession(path)
+    assert session.attention_path.startswith("function body (native kernel failed to load: ")
+    assert session.step(np.array([[1, 2, 3]])).shape == (1, 1, 128)
+    with pytest.raises(EdgeError, match="failed to load"):
+        DecoderSession(path, config=SessionConfig(kernel="on"))

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import HERE, OUT, SOURCES
+from . import HERE, OUT
 
 HEADER_CACHE = HERE / "build" / "include"
 HEADER = "onnxruntime_lite_custom_op.h"
@@ -38,7 +38,7 @@ class BuildError(Exception):
 
 def _run(cmd: list[str], timeout: float = 300) -> None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BuildError(f"{cmd[0]}: {e}") from None
     if done.returncode:
