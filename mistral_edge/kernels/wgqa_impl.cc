@@ -3,6 +3,8 @@
 // then attend over the S updated slots plus the gathered entries. Compiled once per instruction
 // set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions over the head
 // dimension, whose width follows the variant's flags.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -52,8 +54,14 @@ template <int L>
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// float16 lanes to float: F16C's vcvtph2ps where the variant has it (GCC converts a vector of
+// _Float16 element by element otherwise).
 template <int L>
 [[gnu::always_inline]] inline typename Vec<L>::f load(const half* p) {
+#if defined(__F16C__)
+  if constexpr (L == 8) return (typename Vec<L>::f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if constexpr (L == 4) return (typename Vec<L>::f)_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#endif
   typename Vec<L>::h v;
   std::memcpy(&v, p, sizeof v);
   return __builtin_convertvector(v, typename Vec<L>::f);
