@@ -19,7 +19,8 @@ def unavailable_reason() -> str | None:
     """Why the library cannot be used, in one line, or None when it can."""
     if not OUT.is_file():
         return "native attention kernel not built (run `make install`)"
-    if OUT.stat().st_mtime < max(s.stat().st_mtime for s in SOURCES):
+    sources = [s.stat().st_mtime for s in SOURCES if s.is_file()]  # an installed copy may lack them
+    if OUT.stat().st_mtime < max(sources, default=0):
         return "native attention kernel is older than its sources (run `make install` again)"
     return None
 
