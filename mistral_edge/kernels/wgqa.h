@@ -1,0 +1,28 @@
+// The problem one WindowedGroupQueryAttention node solves, shared by the ORT glue (wgqa.cc) and the
+// compute variants (wgqa_impl.cc, compiled once per instruction set).
+#pragma once
+#include <cstdint>
+
+namespace wgqa {
+
+struct Problem {
+  int64_t B, C, Hq, Hkv, D, S;  // batch, chunk, query heads, kv heads, head dim, cache slots
+  bool half;                     // storage type: float16 when true, float32 otherwise
+  const void* qkv;               // [B, C, (Hq + 2 Hkv) D], before RoPE
+  void* key;                     // present_key [B, Hkv, S, D], holding past_key on entry
+  void* value;                   // present_value, likewise
+  const void *cos_q, *sin_q, *cos_k, *sin_k;  // [B, C, D/2]
+  const int64_t* write_at;       // [B]
+  const int64_t* gather_idx;     // [B, Hkv, C, D]
+  const bool* keep;              // [B, 1, C, 1]
+  const void* bias;              // [B, 1, G C, S + C]
+  void* out;                     // [B, C, Hq D]
+};
+
+// Solves one (batch row, kv head) unit, unit = b * Hkv + h. Units touch disjoint cache slices.
+using UnitFn = void (*)(const Problem&, int64_t unit);
+void unit_avx512(const Problem&, int64_t);
+void unit_avx2(const Problem&, int64_t);
+void unit_portable(const Problem&, int64_t);
+
+}  // namespace wgqa
