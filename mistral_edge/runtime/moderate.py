@@ -70,9 +70,13 @@ def moderation_messages(text: str, reply: str | None = None) -> list[dict]:
 
 class Moderator:
     """Classifies with `generator`'s model. Each call starts from an empty cache and leaves one:
-    a chat that shares the generator must re-feed its conversation afterwards."""
+    a chat that shares the generator must re-feed its conversation afterwards.
 
-    def __init__(self, generator: Generator, fmt: ChatFormat):
+    `calibrate` divides each score by the one the model gives a content-free text ('N/A') and
+    renormalises (contextual calibration, Zhao et al. 2021): a small model's preference for one
+    label whatever the text then cancels out."""
+
+    def __init__(self, generator: Generator, fmt: ChatFormat, calibrate: bool = False):
         self.generator, self.fmt = generator, fmt
         tok = generator.tokenizer
         firsts = [tok.encode(label, add_bos=False)[:1] for label in LABELS]
@@ -81,6 +85,9 @@ class Moderator:
         self.label_ids = np.array([f[0] for f in firsts])
         if len(set(self.label_ids.tolist())) != len(LABELS):
             raise EdgeError("the moderation labels share a first token under this tokenizer")
+        self.prior: Verdict | None = None
+        if calibrate:
+            self.prior = self.classify(CONTENT_FREE)
 
     def classify(self, text: str, reply: str | None = None) -> Verdict:
         ids = self.fmt.encode(moderation_messages(text, reply), self.generator.tokenizer)
@@ -90,10 +97,21 @@ class Moderator:
             logits = np.asarray(self.generator.prefill(ids), np.float64)[self.label_ids]
         finally:
             session.reset()
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        scores = {label: float(x) for label, x in zip(LABELS, p)}
-        return Verdict(LABELS[int(np.argmax(p))], scores)
+        verdict = _verdict(np.exp(logits - logits.max()))
+        return verdict if self.prior is None else calibrated(verdict, self.prior)
+
+
+CONTENT_FREE = "N/A"
+
+
+def calibrated(verdict: Verdict, prior: Verdict) -> Verdict:
+    """`verdict` with each score divided by `prior`'s (the content-free text's), renormalised."""
+    return _verdict(np.array([verdict.scores[k] / max(prior.scores[k], 1e-12) for k in LABELS]))
+
+
+def _verdict(weights: np.ndarray) -> Verdict:
+    p = weights / weights.sum()
+    return Verdict(LABELS[int(np.argmax(p))], {label: float(x) for label, x in zip(LABELS, p)})
 
 
 MODES = ("input", "output", "both")
