@@ -19,6 +19,8 @@ def moderate(
     model: ModelOpt = None,
     reply: Annotated[Optional[str], typer.Option(help="judge this reply to TEXT instead of TEXT itself")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the verdict and scores as one JSON object")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="divide the scores by a content-free text's (helps small models; one more pass)")] = False,
     threads: ThreadsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     verify: Annotated[Optional[bool], typer.Option(
@@ -31,7 +33,7 @@ def moderate(
         reply = _text(reply, "--reply")
     opts = RunOptions(bundle=bundle, model=model, threads=threads, trust_pickle=trust_pickle, verify=verify)
     gen, fmt, _ = open_run(opts)
-    verdict = Moderator(gen, fmt).classify(text, reply)
+    verdict = Moderator(gen, fmt, calibrate=calibrate).classify(text, reply)
     if as_json:
         out.write(json.dumps({"verdict": verdict.category, "scores": verdict.scores}) + "\n")
     else:
