@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def llguidance_steps(path: str, eos: int):
     import llguidance
     import llguidance.numpy as lln
 
-    tok = llguidance.LLTokenizer(open(path, encoding="utf-8").read(), eos_token=eos)
+    tok = llguidance.LLTokenizer(Path(path).read_text(encoding="utf-8"), eos_token=eos)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA)
     mask = lln.allocate_token_bitmask(1, tok.vocab_size)
 

@@ -161,6 +161,15 @@ def test_the_evaluation_set():
     rows = [json.loads(line) for line in EVAL.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 200 and len({r["id"] for r in rows}) == len({r["text"] for r in rows}) == len(rows)
     counts = {label: sum(r["label"] == label for r in rows) for label in LABELS}
-    assert set(r["label"] for r in rows) == set(LABELS) and min(counts.values()) >= 40
+    assert {r["label"] for r in rows} == set(LABELS) and min(counts.values()) >= 40
     assert abs(2 * counts[ACCEPTABLE] - len(rows)) <= 10  # about balanced, as the paper's set
     assert sum(bool(r.get("alarming")) for r in rows if r["label"] == ACCEPTABLE) >= 40
+
+
+def test_moderation_works_with_a_template_that_refuses_a_system_turn(opened):
+    """Mistral's own templates raise on a system message: the moderation prompt is one user turn."""
+    gen, _ = opened
+    strict = ChatFormat("{% for m in messages %}{% if m['role'] == 'system' %}"
+                        "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                        "[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    assert set(Moderator(gen, strict).classify("hello", reply="hi").scores) == set(LABELS)

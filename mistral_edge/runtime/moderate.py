@@ -43,7 +43,7 @@ MODERATION_PROMPT = (
     + "".join(f"{c.label}: {c.description}.\n" for c in CATEGORIES[1:])
     + f"{CATEGORIES[0].label}: {CATEGORIES[0].description}."
 )
-"""The self-reflection instructions (our wording), sent as the system turn."""
+"""The self-reflection instructions (our wording), at the head of the user turn."""
 
 DEFAULT_REFUSAL = "Sorry, I can't help with that."
 
@@ -59,13 +59,15 @@ class Verdict:
 
 
 def moderation_messages(text: str, reply: str | None = None) -> list[dict]:
-    """The conversation that asks for a verdict on `text`, or on `reply` as the answer to `text`."""
+    """The conversation that asks for a verdict on `text`, or on `reply` as the answer to `text`:
+    one user turn holding the instructions too, as every chat template takes one (some refuse a
+    system turn)."""
     if reply is None:
         body = f"Text to review:\n<<<\n{text}\n>>>"
     else:
         body = f"A user asked:\n<<<\n{text}\n>>>\nThe assistant replied:\n<<<\n{reply}\n>>>\nReview the reply."
     ask = f"{body}\nCategory ({', '.join(LABELS[1:])} or {ACCEPTABLE}):"
-    return [{"role": "system", "content": MODERATION_PROMPT}, {"role": "user", "content": ask}]
+    return [{"role": "user", "content": f"{MODERATION_PROMPT}\n\n{ask}"}]
 
 
 class Moderator:
