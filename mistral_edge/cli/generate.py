@@ -20,10 +20,13 @@ import typer
 from ..errors import EdgeError
 from ..runtime.chat import ChatEngine
 from ..runtime.generate import GenerationConfig, Generator
+from ..runtime.moderate import DEFAULT_REFUSAL, MODES, Guard, Moderator
 from ..runtime.sampling import SamplingParams
 from .options import ChunkOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 BACKENDS = ("onnx", "torch")
+REFUSED = 3
+"""Exit status of a refusal (`--moderate`) and of an unacceptable verdict (`mistral-edge moderate`)."""
 TORCH_FP32 = "fp32"
 """The torch backend's unquantized --quant; the others are model/bnb.py's BNB_QUANTS."""
 
@@ -46,6 +49,11 @@ class RunOptions:
     seed: Annotated[Optional[int], typer.Option(help="sampling seed (>= 0)")] = None
     stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None
     guardrail: Annotated[bool, typer.Option("--guardrail", help="prepend the guardrail system prompt")] = False
+    moderate: Annotated[Optional[str], typer.Option(
+        help="have the model judge the request (input), its reply (output) or both, and refuse what it finds "
+             "unacceptable (exit 3 for generate); output and both print the reply only once it is judged")] = None
+    refusal: Annotated[Optional[str], typer.Option(
+        help=f"what --moderate answers instead (default: {DEFAULT_REFUSAL!r})")] = None
     threads: ThreadsOpt = None
     chunk: ChunkOpt = None
     window: WindowOpt = None
@@ -74,6 +82,10 @@ class RunOptions:
             if self.torch_quant not in self.torch_quants():
                 raise EdgeError(f"unknown --quant {self.torch_quant!r} for the torch backend; "
                                 f"expected {', '.join(self.torch_quants())}")
+        if self.moderate is not None and self.moderate not in MODES:
+            raise EdgeError(f"unknown --moderate {self.moderate!r}; expected {', '.join(MODES)}")
+        if self.refusal is not None and self.moderate is None:
+            raise EdgeError("--refusal applies with --moderate")
         if self.threads is not None and self.threads < 0:
             raise EdgeError(f"--threads must be >= 0 (0: all cores), got {self.threads}")
         if self.window is not None or self.chunk is not None:
@@ -166,7 +178,8 @@ def open_checkpoint(opts: RunOptions):
     return Generator(TorchSession(reference, w, c), tokenizer), ChatFormat.for_tokenizer(tokenizer, ck.chat_template), {}
 
 
-def _open(opts: RunOptions):
+def open_run(opts: RunOptions):
+    """open_bundle or open_checkpoint, as --backend says."""
     return open_bundle(opts) if opts.backend == "onnx" else open_checkpoint(opts)
 
 
@@ -198,30 +211,96 @@ def _write(out, pieces) -> None:
         raise
 
 
+def _guard(opts: RunOptions, gen: Generator, fmt) -> Guard | None:
+    return None if opts.moderate is None else Guard(Moderator(gen, fmt), opts.moderate, opts.refusal)
+
+
+def _constraint(json_schema: Path | None, regex: str | None, choice: str | None):
+    """The one output constraint asked for (checked before any model opens), or None."""
+    given = [flag for flag, value in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice))
+             if value is not None]
+    if len(given) > 1:
+        raise EdgeError(f"{' and '.join(given)} cannot be combined; give one constraint")
+    if not given:
+        return None
+    from ..runtime.constrain import Constraint
+
+    if json_schema is not None:
+        return Constraint.schema_file(json_schema)
+    if regex is not None:
+        return Constraint.regex(_text(regex, "--regex"))
+    return Constraint.choice([c.strip() for c in _text(choice, "--choice").split(",")])
+
+
 @with_run_options
 def generate(
     opts: RunOptions,
     prompt: Annotated[str, typer.Argument(help="the prompt")],
     raw: Annotated[bool, typer.Option("--raw", help="send the prompt as is, without the chat template")] = False,
-) -> None:
+    json_schema: Annotated[Optional[Path], typer.Option(
+        "--json-schema", help="the reply is JSON valid under this schema file (needs the guard extra)")] = None,
+    regex: Annotated[Optional[str], typer.Option(help="the reply matches this regular expression as a whole")] = None,
+    choice: Annotated[Optional[str], typer.Option(help="the reply is one of these comma-separated strings")] = None,
+) -> int:
     """Generate a reply to PROMPT, streaming tokens as they come (greedy by default)."""
     prompt, out = _text(prompt, "the prompt"), _stdout()
-    gen, fmt, defaults = _open(opts)
+    constraint = _constraint(json_schema, regex, choice)
+    gen, fmt, defaults = open_run(opts)
     cfg = opts.config(defaults)
+    guard = _guard(opts, gen, fmt)
+    if guard and guard.refuses_request(prompt):
+        _write(out, [guard.refusal])
+        return REFUSED
     messages = [{"role": "user", "content": prompt}]
     ids = gen.tokenizer.encode(prompt) if raw else fmt.encode(messages, gen.tokenizer, guardrail=opts.guardrail)
-    _write(out, gen.stream(ids, cfg))
+    processor = constraint and constraint.processor(gen.tokenizer, gen.session.vocab_size)
+    pieces = gen.stream(ids, cfg, processor=processor)
+    if guard and guard.checks_output:
+        reply = "".join(pieces)
+        if guard.refuses_reply(prompt, reply):
+            _write(out, [guard.refusal])
+            return REFUSED
+        pieces = [reply]
+    _write(out, pieces)
+    if processor and not processor.complete:
+        raise EdgeError(f"the reply reached --max-new-tokens before it completed {constraint.what}")
+    return 0
 
 
 @with_run_options
-def chat(opts: RunOptions) -> None:
+def chat(
+    opts: RunOptions,
+    save: Annotated[Optional[Path], typer.Option(
+        help="on exit, save the conversation (cache, positions, history) to this file; a bundle's only")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="continue a conversation saved with --save (same bundle)")] = None,
+) -> None:
     """Interactive multi-turn chat; an empty line or end of input quits."""
     if sys.stdin is None:
         raise EdgeError("standard input is closed")
+    if (save or resume) and (opts.backend != "onnx" or opts.moderate is not None):
+        raise EdgeError("--save/--resume take a --bundle conversation without --moderate "
+                        "(moderation re-feeds every turn, so its cache is no conversation to save)")
     out = _stdout()
-    gen, fmt, defaults = _open(opts)
+    gen, fmt, defaults = open_run(opts)
     cfg = opts.config(defaults)
+    guard = _guard(opts, gen, fmt)
     engine = ChatEngine(gen, lambda messages: fmt.encode(messages, gen.tokenizer, guardrail=opts.guardrail))
+    bundle = resumed = None
+    if save or resume:
+        from ..runtime.bundle import Bundle
+        from ..serve.snapshot import resume_chat
+
+        bundle = Bundle.open(opts.bundle, check=False)  # checked (or not) by open_run already
+        resumed = resume_chat(resume, bundle, engine, fmt) if resume else None
+    _chat_loop(out, engine, guard, cfg)
+    if save:  # only after a clean end of input: an interrupted turn leaves the cache ahead of the history
+        from ..serve.snapshot import save_chat
+
+        save_chat(save, bundle, engine, resumed)
+
+
+def _chat_loop(out, engine: ChatEngine, guard, cfg: GenerationConfig) -> None:
     while True:
         try:
             text = _text(input("you> "), "the input")
@@ -232,4 +311,21 @@ def chat(opts: RunOptions) -> None:
         if not text.strip():
             break
         out.write("assistant> ")
-        _write(out, engine.reply(text, cfg))
+        if guard is None:
+            _write(out, engine.reply(text, cfg))
+        else:
+            _write(out, [_guarded_turn(engine, guard, text, cfg)])
+
+
+def _guarded_turn(engine: ChatEngine, guard: Guard, text: str, cfg: GenerationConfig) -> str:
+    """One chat turn under --moderate: a refused request never enters the conversation, a refused
+    reply is replaced by the refusal. Moderation empties the cache, so the next turn re-feeds it all."""
+    try:
+        if guard.refuses_request(text):
+            return guard.refusal
+        reply = "".join(engine.reply(text, cfg))
+        if guard.refuses_reply(text, reply):
+            engine.messages[-1]["content"] = reply = guard.refusal
+        return reply
+    finally:
+        engine.fed = []

@@ -2,7 +2,8 @@
 
 Contract: a failure prints one line `error: ...` on stderr, never a traceback or a boxed
 message. Exit codes: 0 success, 1 bad input (EdgeError: a file, a value, a bundle), 2 a usage
-error (an unknown option, a missing argument, a value of the wrong type), 130 interrupted;
+error (an unknown option, a missing argument, a value of the wrong type), 3 refused or judged
+unacceptable (`--moderate`, `moderate`), 130 interrupted;
 a reader that closes stdout early (`| head`) ends the command quietly with exit 1.
 """
 
@@ -14,7 +15,7 @@ import sys
 import typer
 
 from ..errors import EdgeError
-from . import bundle, compare, export, generate, info, serve
+from . import bundle, compare, export, generate, info, moderate, serve
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -30,6 +31,7 @@ COMMANDS = (
     ("verify", bundle.verify),
     ("generate", generate.generate),
     ("chat", generate.chat),
+    ("moderate", moderate.moderate),
     ("compare", compare.compare),
     ("serve", serve.serve),
 )

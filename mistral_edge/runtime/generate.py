@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -26,6 +27,17 @@ class GenerationConfig:
             raise EdgeError("a stop string must be non-empty (an empty one would end every reply at once)")
 
 
+class LogitsProcessor(Protocol):
+    """A hook in the sampling loop, e.g. a grammar (runtime/constrain.py): it masks each step's
+    logits before sampling and learns the token chosen; it lives for one generation."""
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` [V] with the tokens not allowed next at -inf."""
+
+    def accept(self, token: int) -> bool:
+        """Take the sampled token; False once the output is complete (generation then ends)."""
+
+
 class Generator:
     """Generation for one conversation (batch 1): the session keeps its cache between calls,
     so a chat feeds only each turn's new tokens and may run past W (the cache rolls)."""
@@ -46,24 +58,27 @@ class Generator:
         return logits[0, -1]
 
     def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig,
-                   history: list[int] | None = None) -> Iterator[int]:
-        """Feed `prompt_ids`, then yield generated ids until EOS/stop token or the token budget.
-        A yielded id is already in the cache. `history` (default: the prompt) feeds the
-        repetition penalty."""
+                   history: list[int] | None = None, processor: LogitsProcessor | None = None) -> Iterator[int]:
+        """Feed `prompt_ids`, then yield generated ids until EOS/stop token, the token budget or
+        `processor`'s end. A yielded id is already in the cache. `history` (default: the prompt)
+        feeds the repetition penalty."""
         stops = set(self.tokenizer.eos_ids) | set(cfg.stop_tokens)
         sampler = Sampler(cfg.sampling)
         history = list(prompt_ids if history is None else history)
         logits = self.prefill(prompt_ids)
         for _ in range(cfg.max_new_tokens):
-            tok = sampler(logits, history)
+            tok = sampler(logits if processor is None else processor(logits), history)
             if tok in stops:
                 return
             history.append(tok)
+            done = processor is not None and not processor.accept(tok)
             logits = self.session.step(np.asarray([[tok]], np.int64))[0, -1]
             yield tok
+            if done:
+                return
 
     def stream(self, prompt_ids: list[int], cfg: GenerationConfig, on_token=None,
-               history: list[int] | None = None) -> Iterator[str]:
+               history: list[int] | None = None, processor: LogitsProcessor | None = None) -> Iterator[str]:
         """Yield text pieces as they become final; stops at a stop string (not included).
         `on_token(id)` sees every id that entered the cache."""
         from ..tokenizer import StreamDecoder
@@ -71,7 +86,7 @@ class Generator:
         decoder = StreamDecoder(self.tokenizer)
         hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
         text, emitted = "", 0
-        for tok in self.stream_ids(prompt_ids, cfg, history):
+        for tok in self.stream_ids(prompt_ids, cfg, history, processor):
             if on_token:
                 on_token(tok)
             text += decoder.add(tok)
