@@ -124,7 +124,7 @@ def test_commands_are_registered_in_the_listed_order():
 def test_generate_and_chat_share_one_options_object():
     shared = [f.name for f in fields(generate_cli.RunOptions)]
     for command, own in ((generate_cli.generate, ["prompt", "raw", "json_schema", "regex", "choice"]),
-                        (generate_cli.chat, [])):
+                        (generate_cli.chat, ["save", "resume"])):
         assert list(inspect.signature(command).parameters) == own + shared
 
 

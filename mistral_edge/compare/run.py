@@ -205,7 +205,7 @@ class _Run:
         del session
         speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model_path=str(built.model_path)), choice.name, built.weight_bytes)
-        return self.row(choice.name, "onnx", window, quality, speed, model_bits_per_weight=built.bits_per_weight,
+        return self.row(choice.name, "onnx", window, quality, speed, model_bits_per_weight=built.model_bits_per_weight,
                         size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 

@@ -67,7 +67,7 @@ def parse_quants(text: str) -> list[QuantChoice]:
     return list(choices.values())
 
 
-def bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> float:
+def model_bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> float:
     """Stored bits per weight over the whole model (embedding, layers, head; scales and zero
     points included; a tied head stored once), as the bundle holds them."""
     shapes = tensor_shapes(cfg)
@@ -85,7 +85,7 @@ class Built:
     size_bytes: int  # every file of the bundle, manifest included
     weight_bytes: int
     kv_cache_bytes: int
-    bits_per_weight: float
+    model_bits_per_weight: float
     reused: bool
     note: str = ""
 
@@ -135,7 +135,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest.memory_budget
     return Built(bundle.model_path, _dir_bytes(path), budget.weight_bytes, budget.kv_cache_bytes,
-                 bits_per_weight(ck.config, quant_plan(ck.config, spec)), reused)
+                 model_bits_per_weight(ck.config, quant_plan(ck.config, spec)), reused)
 
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
@@ -158,7 +158,7 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
                         accuracy_level=target.accuracy_level, plan=cal.plan)
             budget = estimate(ck.config, cal.plan, window, chunk)
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
-                      "bits_per_weight": bits_per_weight(ck.config, cal.plan), "int8": list(cal.int8),
+                      "bits_per_weight": model_bits_per_weight(ck.config, cal.plan), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}
             (tmp / VARIANT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         reused = False
