@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,17 @@ class ErrorStats:
 
 
 def error_stats(w: torch.Tensor, wq: torch.Tensor) -> ErrorStats:
-    w, d = w.double(), wq.double() - w.double()
-    err, ref = float((d * d).sum()), float((w * w).sum())
+    return error_stats_of([(w, wq)])
+
+
+def error_stats_of(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> ErrorStats:
+    """The stats of a tensor given as (w, wq) row blocks, so that no float64 copy of a large
+    matrix is ever whole."""
+    err = ref = max_abs = 0.0
+    for w, wq in blocks:
+        w, d = w.double(), wq.double() - w.double()
+        err, ref = err + float((d * d).sum()), ref + float((w * w).sum())
+        max_abs = max(max_abs, float(d.abs().max()) if d.numel() else 0.0)
     rel = math.sqrt(err / ref) if ref > 0 else (0.0 if err == 0 else math.inf)
     snr = math.inf if err == 0 else (10 * math.log10(ref / err) if ref > 0 else -math.inf)
-    return ErrorStats(rel, float(d.abs().max()) if d.numel() else 0.0, snr)
+    return ErrorStats(rel, max_abs, snr)

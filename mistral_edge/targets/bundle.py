@@ -134,8 +134,9 @@ def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
     return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck.config, req.quant)}
 
 
-def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> dict:
-    """Export `ck` for `req.target` into `out`; returns the manifest.
+def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progress=None) -> dict:
+    """Export `ck` for `req.target` into `out`; returns the manifest. `log` gets one line per
+    quantized tensor (its error), `progress(done, total)` is called as the export goes.
 
     Everything that can refuse the export (window, quant, tokenizer, memory budget, an
     --out that is not a bundle) is checked before the first byte is written.
@@ -144,7 +145,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
     mlc = target.name == "mlc"
     window, chunk = resolve_window(ck, req.window, req.chunk)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
-    budget = estimate(ck.config, plan, window, chunk, activations=req.activation_dtype)
+    budget = estimate(ck.config, plan, window, chunk, activations=req.activation_dtype, fmt=req.fmt or target.fmt)
     usable = check_budget(budget, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
     if tok_name is None:
@@ -161,7 +162,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> di
         else:
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
-                                 activations=req.activation_dtype)
+                                 activations=req.activation_dtype, progress=progress)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors:
                 log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
