@@ -43,7 +43,7 @@ MISTRAL_7B = {
     "torch_dtype": "bfloat16", "hidden_act": "silu",
 }
 SHARDS = 4
-EXPORTS = {  # name -> (target, quant)
+EXPORTS = {  # name -> (target, quant; "int4" is --int4's spec)
     "cpu-int4": ("cpu", "int4"),
     "android": ("android", "int4"),
     "cpu-int8": ("cpu", "int8"),
@@ -78,10 +78,10 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int):
     return (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
 
 
-def write_checkpoint(path: Path, layers: int, seed: int = 0) -> Path:
+def write_checkpoint(path: Path, layers: int, seed: int = 0, vocab: int = MISTRAL_7B["vocab_size"]) -> Path:
     """A Mistral-7B-shaped HF directory, written one tensor at a time (safetensors by hand: an
     8-byte header length, the JSON header, then each tensor's bytes)."""
-    cfg = {**MISTRAL_7B, "num_hidden_layers": layers}
+    cfg = {**MISTRAL_7B, "num_hidden_layers": layers, "vocab_size": vocab}
     done = path / "config.json"
     if done.is_file() and json.loads(done.read_text()) == cfg:
         return path
@@ -168,7 +168,7 @@ def export_child(model: Path, out: Path, target: str, quant: str) -> None:
     cfg = load_config(model)
     ck = Checkpoint(cfg, LazyHF(model, list(expected_shapes(cfg))), str(model), tokenizer_files(model),
                     chat_template(model), "hf")
-    steps = []
+    steps, start = [], vm("VmRSS")
 
     def progress(done: int, total: int) -> None:
         steps.append((done, round(time.perf_counter() - t0, 1), vm("VmRSS")))
@@ -177,7 +177,8 @@ def export_child(model: Path, out: Path, target: str, quant: str) -> None:
 
     req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB")
     write_bundle(ck, req, out, log=lambda line: None, progress=progress)
-    print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": vm("VmHWM"), "steps": steps}), flush=True)
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": vm("VmHWM"), "start_rss": start,
+                      "steps": steps}), flush=True)
 
 
 def run_export(model: Path, out: Path, target: str, quant: str, cli: bool) -> dict:
@@ -340,6 +341,7 @@ def main() -> None:
     ap.add_argument("--exports", default=",".join(EXPORTS), help=f"comma-separated subset of {', '.join(EXPORTS)}")
     ap.add_argument("--skip-run", action="store_true", help="export only: no prefill/decode runs")
     ap.add_argument("--skip-llamacpp", action="store_true", help="run our bundle only")
+    ap.add_argument("--int4", default="int4", help="the int4 spec of cpu-int4 and android (e.g. int4-rtn)")
     ap.add_argument("--cli", action="store_true", help="export with `mistral-edge export` (needs lazy loaders)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mistral-edge-export-scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles under --work")
@@ -354,6 +356,7 @@ def main() -> None:
     results = {}
     for name in names:
         target, quant = EXPORTS[name]
+        quant = args.int4 if quant == "int4" else quant
         out = args.work / f"bundle-{name}-L{args.layers}"
         r = run_export(model, out, target, quant, args.cli)
         problems = verify(out)

@@ -4,17 +4,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 
 from mistral_edge.errors import EdgeError
+from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
-from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.pipeline import export_onnx, resolve_window
-from mistral_edge.quantize.plan import quant_plan
 from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.quantize.plan import quant_plan
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
-from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 
 W = 16
 EXACT = SessionConfig(entries=(("session.qdq_matmulnbits_accuracy_level", "0"),))
@@ -269,3 +269,36 @@ def test_budget_counts_the_stored_weights(tmp_path, quant, fmt, tied):
     if tied:  # one int8 table, read by the embedding's Gather and by the head
         assert not any(t.name.startswith("output") for t in model.graph.initializer)
         assert sum(t.name.startswith("tok_embeddings.q") for t in model.graph.initializer) == 1
+
+
+def test_external_data_runs_as_inline_and_converts_to_ort_format(tmp_path, monkeypatch):
+    """Streamed weights: initializers hold only aligned references into model.onnx.data; the graph
+    gives the inline graph's logits, and the .ort conversion (android, ios) consumes both files,
+    unless the model is past what one ORT-format flatbuffer holds."""
+    from mistral_edge.export import pipeline
+    from mistral_edge.export.onnx_builder import ALIGN
+    from mistral_edge.targets import bundle as bundle_mod
+
+    ck = checkpoint_of(tiny_hf_mistral(window=W))
+    export_onnx(ck, parse_quant("int4-g32"), tmp_path / "inline.onnx", window=W, chunk=4)
+    assert not (tmp_path / "inline.onnx.data").exists()  # a small model stays one file
+    monkeypatch.setattr(pipeline, "INLINE_BELOW", 0)
+    (tmp_path / "ext").mkdir()
+    path = tmp_path / "ext" / "model.onnx"
+    export_onnx(ck, parse_quant("int4-g32"), path, window=W, chunk=4)
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 4 * ck.config.n_layers and not any(t.raw_data for t in external)
+    offsets = [int(e.value) for t in external for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(external) and all(o % ALIGN == 0 for o in offsets)
+    tokens = tokens_for(ck, 12).numpy()
+    expected = run_chunks(DecoderSession(tmp_path / "inline.onnx"), tokens, 4)
+    np.testing.assert_array_equal(run_chunks(DecoderSession(path), tokens, 4), expected)
+
+    monkeypatch.setattr(bundle_mod, "ORT_FORMAT_MAX_BYTES", path.stat().st_size)
+    assert bundle_mod._to_ort_format(path) == "model.onnx"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    monkeypatch.undo()
+    assert bundle_mod._to_ort_format(path) == "model.ort"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.ort"]
+    np.testing.assert_allclose(run_chunks(DecoderSession(path.with_suffix(".ort")), tokens, 4), expected, atol=1e-5)

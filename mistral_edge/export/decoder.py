@@ -17,9 +17,9 @@ import onnx
 import torch
 from onnx import helper
 
+from ..contract import GraphInfo
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
-from ..contract import GraphInfo
 from ..quantize.plan import head_shares_embedding
 from .attention import DOMAIN, OP, attention_function, attention_plan
 from .linear import WeightEmitter

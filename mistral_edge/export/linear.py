@@ -15,10 +15,9 @@ share one initializer. Scales have the graph's activation type (`Activations`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import math
 
 import numpy as np
 import torch

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgeError
 
-
 EXTERNAL_MIN_BYTES = 1024
 """Initializers of at least this size go to the external-data file (onnx's own default threshold)."""
 ALIGN = 64 << 10

@@ -206,16 +206,27 @@ def _plan_groups(plan: dict) -> dict:
     return {k: "+".join(sorted(v)) for k, v in groups.items()}
 
 
+ORT_FORMAT_MAX_BYTES = (2 << 30) - (64 << 20)
+"""An ORT-format file is one flatbuffer (32-bit offsets: under 2 GiB, initializers inline)."""
+
+
 def _to_ort_format(onnx_path: Path) -> str:
-    """Convert to ORT format for the mobile packages; the .onnx is kept only as the .ort's source."""
+    """Convert to ORT format for the mobile packages; the .onnx and its .data are kept only as the
+    .ort's source. The converter holds the whole model in memory and its output is one flatbuffer,
+    so a model past ORT_FORMAT_MAX_BYTES stays ONNX with external data (mapped, not copied, by the
+    full onnxruntime-android / -ios packages, which load .onnx files too)."""
     import onnxruntime as ort
 
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    if onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0) > ORT_FORMAT_MAX_BYTES:
+        return onnx_path.name
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(onnx_path.with_suffix(".ort"))
     so.add_session_config_entry("session.save_model_format", "ORT")
     ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     onnx_path.unlink()
+    data.unlink(missing_ok=True)
     return onnx_path.with_suffix(".ort").name
 
 
