@@ -12,7 +12,7 @@ from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.export.pipeline import export_onnx, resolve_window
 from mistral_edge.model.reference import ReferenceModel
-from mistral_edge.quantize.plan import quant_plan
+from mistral_edge.quantize.plan import head_shares_embedding, quant_plan
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
 
@@ -53,7 +53,10 @@ def export_exact(path, ck, quant: str, fmt: str, activations: str = "fp32") -> d
     emitter = WeightEmitter(Builder(), quant_plan(ck.config, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations],
                             keep_dequantized=True)
     path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
-    return {**ck.weights, **unfuse(ck.config, emitter.dequantized)}
+    computed = unfuse(ck.config, emitter.dequantized)
+    if head_shares_embedding(ck.config, emitter.plan) and "tok_embeddings.weight" in computed:
+        computed["output.weight"] = computed["tok_embeddings.weight"]  # the head reads the embedding's table
+    return {**ck.weights, **computed}
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])

@@ -28,6 +28,19 @@ from .onnx_builder import FLOAT, INT64
 OPSET = 24
 
 
+def stack_rows(weights: Mapping[str, torch.Tensor], names: list[str], rows: list[int]) -> torch.Tensor:
+    """The named [rows_i, K] tensors as one [sum(rows), K] (fused QKV, gate/up), each read into
+    the result in turn, so that no two of them are alive beside it."""
+    out, start = None, 0
+    for name, n in zip(names, rows):
+        t = weights[name]
+        if out is None:
+            out = t.new_empty((sum(rows), t.shape[1]))
+        out[start:start + n] = t
+        start += n
+    return out
+
+
 Progress = Callable[[int, int], None]
 """progress(done, total): called after the embedding, each layer and the head (total = layers + 2)."""
 
@@ -76,14 +89,16 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
     progress(1, steps)
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        qkv = emitter.linear(x, p + "attention.wqkv",
-                             torch.cat([weights[p + f"attention.{n}.weight"] for n in ("wq", "wk", "wv")]))
+        wqkv = stack_rows(weights, [p + f"attention.{n}.weight" for n in ("wq", "wk", "wv")],
+                          [c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
+        qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
+        del wqkv
         attn, _, _ = b.op(OP, [qkv, f"past_key.{i}", f"past_value.{i}", *plan.inputs],
                           domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
                           name=f"{p}attention")
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
                         p + "ffn_norm.weight")
-        w13 = torch.cat([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]])
+        w13 = stack_rows(weights, [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"], [c.hidden_dim] * 2)
         gate, up = b.op("Split", [emitter.linear(x, p + "feed_forward.w13", w13), b.const([c.hidden_dim] * 2)],
                         n_out=2, axis=-1)
         del w13

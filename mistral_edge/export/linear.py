@@ -30,8 +30,8 @@ from ..quantize.stats import error_stats_of
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
-BLOCK_ELEMENTS = 1 << 24
-"""Quantization and error statistics run over row blocks of about this many weights (64 MiB in
+BLOCK_ELEMENTS = 1 << 22
+"""Quantization and error statistics run over row blocks of about this many weights (16 MiB in
 float32): both are per row, so the results are the same, and a 7B matrix (up to 117M weights)
 never has whole-matrix float temporaries."""
 
@@ -58,8 +58,8 @@ class WeightEmitter:
     _stored: dict[str, str] = field(default_factory=dict)
     """Initializers made so far, by name (tied head and embedding share)."""
     _int8_last: tuple[str, Int8Weight] | None = None
-    """The last int8 quantization, reused by the several initializers of one tensor; one only, so
-    a model's int8 tensors are not all kept."""
+    """The int8 quantization of the tensor being emitted, shared by its several initializers and
+    dropped when its call returns, so no int8 tensor outlives its own emission."""
 
     def _quant(self, name: str) -> TensorQuant:
         return self.plan.get(name, TensorQuant("fp32"))
@@ -75,6 +75,19 @@ class WeightEmitter:
 
     def linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         """y = x @ w.T for w [N, K]."""
+        try:
+            return self._linear(x, name, w, output)
+        finally:
+            self._int8_last = None
+
+    def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
+        """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
+        try:
+            return self._embedding(ids, name, w)
+        finally:
+            self._int8_last = None
+
+    def _linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         b, tq = self.builder, self._quant(name)
         outs = [output] if output else None
         n, k = w.shape
@@ -126,8 +139,7 @@ class WeightEmitter:
             ins.append(b.init(name + ".zero_points", zero))
         return b.op("MatMul", [x, b.op("DequantizeLinear", ins, axis=0, block_size=g)], outputs=outs)
 
-    def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
-        """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
+    def _embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
         b, tq = self.builder, self._quant(name)
         if tq.kind in ("fp32", "fp16"):
             return b.op("Gather", [self._float(name, w, tq), ids], axis=0)
@@ -164,8 +176,11 @@ class WeightEmitter:
 
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if self._int8_last is None or self._int8_last[0] != name:
-            parts = [quantize_int8(w[r]) for r in row_blocks(*w.shape)]
-            q8 = Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+            self._int8_last = None
+            q8 = Int8Weight(torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0]))
+            for r in row_blocks(*w.shape):
+                part = quantize_int8(w[r])
+                q8.q[r], q8.scale[r] = part.q, part.scale
             self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scale[r]).dequantize())
             self._int8_last = (name, q8)
         return self._int8_last[1]
@@ -193,9 +208,12 @@ class WeightEmitter:
         block = int8_block(k)
         blocks = math.ceil(k / block)
 
-        def pack() -> np.ndarray:
+        def pack() -> np.ndarray:  # q + 128 as a byte is q's two's-complement byte with its top bit flipped
+            shifted = self._int8(name, w).q.view(torch.uint8) ^ INT8_ZERO
+            if blocks * block == k:
+                return shifted.view(n, blocks, block).numpy()
             packed = torch.full((n, blocks * block), INT8_ZERO, dtype=torch.uint8)
-            packed[:, :k] = (self._int8(name, w).q.to(torch.int16) + INT8_ZERO).to(torch.uint8)
+            packed[:, :k] = shifted
             return packed.view(n, blocks, block).numpy()
         return self._once(name + ".q8", pack), block
 
@@ -206,12 +224,17 @@ def int8_block(k: int) -> int:
 
 
 def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
-    """quantize_int4 over row blocks (its fit is per row and group, so the result is the same)."""
-    parts = [quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale)
-             for r in row_blocks(*w.shape)]
-    first = parts[0]
-    return Int4Weight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
-                      torch.cat([p.zero_points for p in parts]), first.group_size, first.k, first.zero_point)
+    """quantize_int4 over row blocks (its fit is per row and group, so the result is the same),
+    each written into the whole tensor's arrays."""
+    out = None
+    for r in row_blocks(*w.shape):
+        part = quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale)
+        if out is None:
+            n = w.shape[0]
+            out = Int4Weight(part.q.new_empty((n, part.q.shape[1])), part.scales.new_empty((n, part.n_groups)),
+                             part.zero_points.new_empty((n, part.n_groups)), part.group_size, part.k, part.zero_point)
+        out.q[r], out.scales[r], out.zero_points[r] = part.q, part.scales, part.zero_points
+    return out
 
 
 def _rows(q4: Int4Weight, r: slice) -> Int4Weight:

@@ -7,6 +7,8 @@ protobuf limit is 2 GB; a 7B model is 4 GB at int4).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,26 @@ EXTERNAL_MIN_BYTES = 1024
 ALIGN = 64 << 10
 """Offset of every external tensor: a multiple of the page size (4 KiB) and of Windows' allocation
 granularity (64 KiB), so ONNX Runtime can map each tensor straight from the file."""
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim). Quantizing one tensor frees
+    many temporaries of a few MiB, below glibc's mmap threshold, so they come from the heap and
+    fragment it: measured on a 7B-wide layer, the resident set after each layer grew by 0.3-0.4
+    GiB without this (docs/export-scale.md)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class ExternalData:
@@ -46,6 +68,7 @@ class ExternalData:
         self._file.write(b"\0" * (offset - self.size))
         self._file.write(data)
         self.size = offset + data.nbytes
+        release_free_memory()  # the previous tensors' temporaries
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(data.nbytes))):
             entry = t.external_data.add()

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import EdgeError
 from ..export.linear import row_blocks
+from ..export.onnx_builder import release_free_memory
 from ..model.checkpoint import Checkpoint
 from ..model.weights import expected_shapes, output_weight
 
@@ -127,6 +128,7 @@ class _ShardWriter:
     def _commit(self, data: bytes, records: list[dict]) -> None:
         path = f"params_shard_{len(self.shards)}.bin"
         (self.out_dir / path).write_bytes(data)
+        release_free_memory()
         self.shards.append({"dataPath": path, "format": "raw-shard", "nbytes": len(data), "records": records,
                             "md5sum": hashlib.md5(data).hexdigest()})
 
