@@ -345,6 +345,7 @@ def main() -> None:
     ap.add_argument("--cli", action="store_true", help="export with `mistral-edge export` (needs lazy loaders)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mistral-edge-export-scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles under --work")
+    ap.add_argument("--reuse", action="store_true", help="reuse bundles kept under --work that verify (no export)")
     args = ap.parse_args()
     names = [e for e in args.exports.split(",") if e]
     if unknown := set(names) - set(EXPORTS):
@@ -358,6 +359,9 @@ def main() -> None:
         target, quant = EXPORTS[name]
         quant = args.int4 if quant == "int4" else quant
         out = args.work / f"bundle-{name}-L{args.layers}"
+        if args.reuse and out.is_dir() and not verify(out):
+            print(f"export {name}: reusing {out}", flush=True)
+            continue
         r = run_export(model, out, target, quant, args.cli)
         problems = verify(out)
         results[name] = {**r, "bytes": size(out), "verify": problems or "ok"}
@@ -366,7 +370,7 @@ def main() -> None:
         if r["steps"]:
             print("  rss by step (step, s, GiB): " + " ".join(
                 f"{d}:{s:.0f}:{rss / 2**30:.2f}" for d, s, rss in r["steps"]), flush=True)
-    if not args.skip_run and "cpu-int4" in results:
+    if not args.skip_run and "cpu-int4" in names:
         prompt = np.random.default_rng(0).integers(3, MISTRAL_7B["vocab_size"], PROMPT).tolist()
         bundle = args.work / f"bundle-cpu-int4-L{args.layers}"
         ours = measure("ours", bundle, prompt)
