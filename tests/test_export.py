@@ -4,18 +4,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 
 from mistral_edge.errors import EdgeError
-from mistral_edge.export.decoder import unfuse
+from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
-from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.pipeline import export_onnx, resolve_window
-from mistral_edge.quantize.plan import quant_plan
 from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.quantize.plan import head_shares_embedding, quant_plan
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
-from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 
 W = 16
 EXACT = SessionConfig(entries=(("session.qdq_matmulnbits_accuracy_level", "0"),))
@@ -31,12 +30,33 @@ def tokens_for(ck, n, seed=0):
     return torch.randint(0, ck.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def unfuse(cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical weights from the exporter's names (fused wqkv / w13, 'output'), to run the
+    reference model on exactly the weights a quantized graph uses."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("attention.wqkv"):
+            for part, piece in zip(("wq", "wk", "wv"), t.split([q, kv, kv])):
+                out[name.replace("wqkv", part) + ".weight"] = piece
+        elif name.endswith("feed_forward.w13"):
+            for part, piece in zip(("w1", "w3"), t.split([cfg.hidden_dim] * 2)):
+                out[name.replace("w13", part) + ".weight"] = piece
+        else:
+            out[name + ".weight"] = t
+    return out
+
+
 def export_exact(path, ck, quant: str, fmt: str, activations: str = "fp32") -> dict[str, torch.Tensor]:
     """Write the graph with fp32 compute in its linears (accuracy_level 0); returns the canonical
     weights it really computes with (quantized, or rounded to fp16), for the reference."""
-    emitter = WeightEmitter(Builder(), quant_plan(ck.config, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations])
+    emitter = WeightEmitter(Builder(), quant_plan(ck.config, parse_quant(quant)), fmt, 0, ACTIVATIONS[activations],
+                            keep_dequantized=True)
     path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
-    return {**ck.weights, **unfuse(ck.config, emitter.dequantized)}
+    computed = unfuse(ck.config, emitter.dequantized)
+    if head_shares_embedding(ck.config, emitter.plan) and "tok_embeddings.weight" in computed:
+        computed["output.weight"] = computed["tok_embeddings.weight"]  # the head reads the embedding's table
+    return {**ck.weights, **computed}
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -220,3 +240,68 @@ def test_unknown_weight_format(tmp_path):
     ck = checkpoint_of(tiny_hf_mistral(window=W))
     with pytest.raises(EdgeError, match="unknown weight format"):
         export_onnx(ck, parse_quant("int8"), tmp_path / "m.onnx", fmt="zip")
+
+
+def test_emitter_keeps_no_weights_by_default():
+    """Regression: every quantized tensor's float32 dequantized copy (and every Int8Weight) was kept
+    for the whole export: ~29 GB for a 7B model."""
+    ck = checkpoint_of(tiny_hf_mistral(window=W))
+    emitter = WeightEmitter(Builder(), quant_plan(ck.config, parse_quant("int8")))
+    build_decoder(ck.config, ck.weights, W, 4, emitter)
+    assert len(emitter.log) == 4 * ck.config.n_layers + 2  # embedding and head are still logged
+    assert emitter.dequantized == {}
+    kept = [v for v in vars(emitter).values() if isinstance(v, dict)]
+    assert not any(isinstance(x, (torch.Tensor, tuple)) and not isinstance(x, str) for d in kept for x in d.values())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("quant", ["int8", "int4-g32", "int4-g32-sym-rtn", "int4-g64-fzp-rtn"])
+def test_budget_counts_the_stored_weights(tmp_path, quant, fmt, tied):
+    """The budget's weight bytes are the graph's initializer bytes (regression: a qdq tied int8
+    head stored the int8 table twice, [K, N] for the head and [N, K] for the embedding; nbits int8
+    scales, one per block, were counted once per row)."""
+    from mistral_edge.targets.budget import estimate
+
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    spec = parse_quant(quant)
+    export_onnx(ck, spec, tmp_path / "m.onnx", window=W, chunk=4, fmt=fmt)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    stored = sum(len(t.raw_data) for t in model.graph.initializer)
+    assert stored == estimate(ck.config, quant_plan(ck.config, spec), W, 4, fmt=fmt).weight_bytes
+    if tied:  # one int8 table, read by the embedding's Gather and by the head
+        assert not any(t.name.startswith("output") for t in model.graph.initializer)
+        assert sum(t.name.startswith("tok_embeddings.q") for t in model.graph.initializer) == 1
+
+
+def test_external_data_runs_as_inline_and_converts_to_ort_format(tmp_path, monkeypatch):
+    """Streamed weights: initializers hold only aligned references into model.onnx.data; the graph
+    gives the inline graph's logits, and the .ort conversion (android, ios) consumes both files,
+    unless the model is past what one ORT-format flatbuffer holds."""
+    from mistral_edge.export import pipeline
+    from mistral_edge.export.onnx_builder import ALIGN
+    from mistral_edge.targets import bundle as bundle_mod
+
+    ck = checkpoint_of(tiny_hf_mistral(window=W))
+    export_onnx(ck, parse_quant("int4-g32"), tmp_path / "inline.onnx", window=W, chunk=4)
+    assert not (tmp_path / "inline.onnx.data").exists()  # a small model stays one file
+    monkeypatch.setattr(pipeline, "INLINE_BELOW", 0)
+    (tmp_path / "ext").mkdir()
+    path = tmp_path / "ext" / "model.onnx"
+    export_onnx(ck, parse_quant("int4-g32"), path, window=W, chunk=4)
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) >= 4 * ck.config.n_layers and not any(t.raw_data for t in external)
+    offsets = [int(e.value) for t in external for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(external) and all(o % ALIGN == 0 for o in offsets)
+    tokens = tokens_for(ck, 12).numpy()
+    expected = run_chunks(DecoderSession(tmp_path / "inline.onnx"), tokens, 4)
+    np.testing.assert_array_equal(run_chunks(DecoderSession(path), tokens, 4), expected)
+
+    monkeypatch.setattr(bundle_mod, "ORT_FORMAT_MAX_BYTES", path.stat().st_size)
+    assert bundle_mod._to_ort_format(path) == "model.onnx"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    monkeypatch.undo()
+    assert bundle_mod._to_ort_format(path) == "model.ort"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.ort"]
+    np.testing.assert_allclose(run_chunks(DecoderSession(path.with_suffix(".ort")), tokens, 4), expected, atol=1e-5)

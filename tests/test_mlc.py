@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,46 @@ LLAMA_FIELDS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_
                 "vocab_size", "tie_word_embeddings", "position_embedding_base", "rope_scaling",
                 "context_window_size", "prefill_chunk_size", "num_key_value_heads", "head_dim",
                 "tensor_parallel_shards", "pipeline_parallel_stages", "max_batch_size", "disaggregation"}
+
+
+# --- readers of the format, as MLC's and TVM's loaders read it (test-only) --------------------------
+
+def dequantize_q4f16_1(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    """(code - 7) * scale in float16, MLC's dequantize; `in_features` drops group padding."""
+    n = q_weight.shape[0]
+    shifts = np.arange(mlc.PER_WORD, dtype=np.uint32) * 4
+    codes = ((q_weight[..., None] >> shifts) & 0xF).reshape(n, -1).astype(np.float16)
+    scale = np.repeat(q_scale.astype(np.float16), mlc.GROUP_SIZE, axis=1)
+    out = (codes - np.float16(mlc.MAX_INT)) * scale
+    return out if in_features is None else out[:, :in_features]
+
+
+def read_mlc_params(model_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of an MLC directory, read through tensor-cache.json as TVM's loader does."""
+    model_dir = Path(model_dir)
+    try:
+        cache = json.loads((model_dir / "tensor-cache.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeError(f"{model_dir}: no readable tensor-cache.json ({e})") from None
+    params = {}
+    for shard in cache["records"]:
+        data = (model_dir / shard["dataPath"]).read_bytes()
+        if shard["format"] != "raw-shard" or shard["nbytes"] != len(data):
+            raise EdgeError(f"{shard['dataPath']}: corrupt shard (format {shard['format']!r}, "
+                            f"{len(data)} bytes, index says {shard['nbytes']})")
+        for rec in shard["records"]:
+            start, end = rec["byteOffset"], rec["byteOffset"] + rec["nbytes"]
+            if end > len(data):
+                raise EdgeError(f"{rec['name']}: bytes {start}..{end} lie outside {shard['dataPath']}")
+            if rec["dtype"] == "float32" and rec["format"] == mlc.ENCODE_FORMAT:  # stored as bfloat16 halves
+                raw = np.frombuffer(data[start:end], np.uint16).astype(np.uint32) << 16
+                arr = raw.view(np.float32)
+            else:
+                arr = np.frombuffer(data[start:end], np.dtype(rec["dtype"]))
+            if arr.size != math.prod(rec["shape"]):
+                raise EdgeError(f"{rec['name']}: {rec['nbytes']} bytes do not hold shape {rec['shape']}")
+            params[rec["name"]] = arr.reshape(rec["shape"])
+    return params
 
 
 def _write(tmp_path, tied=False, window=WINDOW, **kw):
@@ -80,7 +121,7 @@ def test_parameters_have_mlc_names_shapes_and_dtypes(mistral_dir):
     out, *_ = mistral_dir
     got = [(r["name"], tuple(r["shape"]), r["dtype"]) for r in _records(out)]
     assert got == _expected_params(lm_head=True)
-    params = mlc.read_mlc_params(out)
+    params = read_mlc_params(out)
     assert {n: (a.shape, str(a.dtype)) for n, a in params.items()} == {
         n: (s, d) for n, s, d in _expected_params(lm_head=True)}
 
@@ -133,7 +174,7 @@ def _check_against_reference(q_weight, q_scale, w):
     diff = codes[:, :k] - 7 - ref
     assert (diff[~near_tie] == 0).all() and (np.abs(diff) <= 1).all()
 
-    deq = mlc.dequantize_q4f16_1(q_weight, q_scale, in_features=k).astype(np.float64)
+    deq = dequantize_q4f16_1(q_weight, q_scale, in_features=k).astype(np.float64)
     expect = ref * np.repeat(scale, 32, axis=1)[:, :k]
     np.testing.assert_allclose(deq[~near_tie], expect[~near_tie], rtol=2e-3, atol=1e-6)
     step = np.repeat(scale, 32, axis=1)[:, :k]
@@ -144,7 +185,7 @@ def test_q4f16_1_matches_reference_quantization_of_hf_weights(mistral_dir):
     """Fused QKV = q, k, v rows and gate_up = gate, up rows, straight from HF (rotate-half RoPE order)."""
     out, model, _, _ = mistral_dir
     hf = {n: t.detach().numpy() for n, t in model.state_dict().items()}
-    params = mlc.read_mlc_params(out)
+    params = read_mlc_params(out)
     sources = {"model.embed_tokens": hf["model.embed_tokens.weight"], "lm_head": hf["lm_head.weight"]}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
@@ -169,7 +210,7 @@ def test_zero_group_and_packing_order():
     assert q_weight[0, 0] == sum(c << (4 * r) for r, c in enumerate([2, 4, 5, 7, 9, 10, 12, 14]))
     assert q_scale[1, 0] == 0 and q_weight[1, 0] == 0x77777777  # all-zero group: code 7, dequantizes to 0
     assert q_weight[0, 5] == 0  # columns 40.. are padding: code 0
-    np.testing.assert_array_equal(mlc.dequantize_q4f16_1(q_weight, q_scale, in_features=40)[1], 0)
+    np.testing.assert_array_equal(dequantize_q4f16_1(q_weight, q_scale, in_features=40)[1], 0)
 
 
 def test_mistral_chat_config(mistral_dir):
@@ -209,7 +250,7 @@ def test_tied_llama_without_window(tmp_path):
 def test_tied_mistral_gets_its_own_lm_head(tmp_path):
     """MLC's Mistral cannot tie, so the embedding is written again as lm_head."""
     _write(tmp_path, tied=True)
-    params = mlc.read_mlc_params(tmp_path)
+    params = read_mlc_params(tmp_path)
     np.testing.assert_array_equal(params["lm_head.q_weight"], params["model.embed_tokens.q_weight"])
 
 
@@ -231,8 +272,8 @@ def test_small_shard_cap_splits_like_tvm(tmp_path, mistral_dir, monkeypatch):
     assert alone_names == [n for n in order if n in alone_names]
     assert packed_names == [n for n in order if n not in alone_names]
     assert "model.embed_tokens.q_weight" in alone_names  # 4096 bytes: larger than a shard
-    reference = mlc.read_mlc_params(mistral_dir[0])
-    params = mlc.read_mlc_params(tmp_path)
+    reference = read_mlc_params(mistral_dir[0])
+    params = read_mlc_params(tmp_path)
     assert params.keys() == reference.keys()
     for name, arr in reference.items():
         np.testing.assert_array_equal(params[name], arr)

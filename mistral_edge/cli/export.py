@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from ..quantize.spec import EMBEDDING_PRECISIONS, GROUP_SIZES, PRECISIONS, VALID_FORMS, parse_quant
 from ..targets.profiles import TARGETS, get_target
@@ -28,6 +30,7 @@ def export(
     chunk: ChunkOpt = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
     trust_pickle: TrustPickleOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
 ) -> None:
     """Export a model, quantized, as a self-contained bundle for a target device."""
     # the whole request is checked before the (slow) checkpoint load
@@ -41,8 +44,12 @@ def export(
     console = Console(stderr=True)
     with console.status(f"loading {model or 'the embedded demo model'}"):
         ck = load_checkpoint(model, trust_pickle=trust_pickle)
-    with console.status(f"exporting {spec.name}, {req.activation_dtype} activations, for {target}"):
-        manifest = write_bundle(ck, req, out, log=lambda line: console.print(line, highlight=False))
+    say = lambda line: console.print(line, highlight=False)  # noqa: E731
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"exporting {spec.name}, {req.activation_dtype} activations, for {target}", total=None)
+        manifest = write_bundle(ck, req, out, log=say, tensor_log=say if verbose else None,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
     b = manifest.memory_budget
     console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, "
                   f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, "

@@ -80,3 +80,7 @@ def _drop_stdout() -> None:
 
 def main() -> None:
     sys.exit(run())
+
+
+if __name__ == "__main__":  # python -m mistral_edge.cli.main, as the benchmarks run it
+    main()

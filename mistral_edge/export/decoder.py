@@ -11,13 +11,16 @@ either way, so sampling does not depend on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import onnx
 import torch
 from onnx import helper
 
+from ..contract import GraphInfo
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
-from ..contract import GraphInfo
+from ..quantize.plan import head_shares_embedding
 from .attention import DOMAIN, OP, attention_function, attention_plan
 from .linear import WeightEmitter
 from .onnx_builder import FLOAT, INT64
@@ -25,26 +28,30 @@ from .onnx_builder import FLOAT, INT64
 OPSET = 24
 
 
-def unfuse(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical weights from the exporter's names (fused wqkv / w13, 'output'), e.g. to run the
-    reference model on exactly the weights a quantized graph uses."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith("attention.wqkv"):
-            for part, piece in zip(("wq", "wk", "wv"), t.split([q, kv, kv])):
-                out[name.replace("wqkv", part) + ".weight"] = piece
-        elif name.endswith("feed_forward.w13"):
-            for part, piece in zip(("w1", "w3"), t.split([cfg.hidden_dim] * 2)):
-                out[name.replace("w13", part) + ".weight"] = piece
-        else:
-            out[name + ".weight"] = t
+def stack_rows(weights: Mapping[str, torch.Tensor], names: list[str], rows: list[int]) -> torch.Tensor:
+    """The named [rows_i, K] tensors as one [sum(rows), K] (fused QKV, gate/up), each read into
+    the result in turn, so that no two of them are alive beside it."""
+    out, start = None, 0
+    for name, n in zip(names, rows):
+        t = weights[name]
+        if out is None:
+            out = t.new_empty((sum(rows), t.shape[1]))
+        out[start:start + n] = t
+        start += n
     return out
 
 
-def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: int, chunk: int,
-                  emitter: WeightEmitter) -> onnx.ModelProto:
+Progress = Callable[[int, int], None]
+"""progress(done, total): called after the embedding, each layer and the head (total = layers + 2)."""
+
+
+def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window: int, chunk: int,
+                  emitter: WeightEmitter, progress: Progress | None = None) -> onnx.ModelProto:
+    """The graph, reading each weight from `weights` once, when its initializers are made (with a
+    streaming builder nothing of a layer stays in memory after it)."""
     b, act = emitter.builder, emitter.activations
+    steps = cfg.n_layers + 2
+    progress = progress or (lambda done, total: None)
     c = cfg
     kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W
     inputs = [
@@ -79,33 +86,37 @@ def build_decoder(cfg: ModelConfig, weights: dict[str, torch.Tensor], window: in
 
     h = emitter.embedding("input_ids", "tok_embeddings", weights["tok_embeddings.weight"])
     x = norm(h, "layers.0.attention_norm.weight")
+    progress(1, steps)
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        wqkv = torch.cat([weights[p + f"attention.{n}.weight"] for n in ("wq", "wk", "wv")])
+        wqkv = stack_rows(weights, [p + f"attention.{n}.weight" for n in ("wq", "wk", "wv")],
+                          [c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
         qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
+        del wqkv
         attn, _, _ = b.op(OP, [qkv, f"past_key.{i}", f"past_value.{i}", *plan.inputs],
                           domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
                           name=f"{p}attention")
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
                         p + "ffn_norm.weight")
-        w13 = torch.cat([weights[p + "feed_forward.w1.weight"], weights[p + "feed_forward.w3.weight"]])
+        w13 = stack_rows(weights, [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"], [c.hidden_dim] * 2)
         gate, up = b.op("Split", [emitter.linear(x, p + "feed_forward.w13", w13), b.const([c.hidden_dim] * 2)],
                         n_out=2, axis=-1)
+        del w13
         gated = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
         down = emitter.linear(gated, p + "feed_forward.w2", weights[p + "feed_forward.w2.weight"])
         if i + 1 < c.n_layers:
             x, h = add_norm(h, down, f"layers.{i + 1}.attention_norm.weight")
         else:
             h = b.op("Add", [h, down])
+        progress(i + 2, steps)
 
     picked = b.op("GatherND", [h, b.op("Unsqueeze", ["logits_index", b.const([2])])], batch_dims=1)
-    # a tied head shares the embedding's storage when both have the same precision
-    shared = "output.weight" not in weights and emitter.plan.get("output") == emitter.plan.get("tok_embeddings")
-    head_name = "tok_embeddings" if shared else "output"
+    head_name = "tok_embeddings" if head_shares_embedding(c, emitter.plan) else "output"
     head_out = "logits" if act.onnx_type == FLOAT else None
     logits = emitter.linear(norm(picked, "norm.weight"), head_name, output_weight(weights), output=head_out)
     if head_out is None:
         b.op("Cast", [logits], to=FLOAT, outputs=["logits"])
+    progress(steps, steps)
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(

@@ -5,7 +5,8 @@ session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 per output channel is stored as 8-bit blocks that share their
 row's scale, which is exactly per-channel quantization).
-int8 / int4, `qdq` format: standard DequantizeLinear + MatMul, runnable anywhere.
+int8, `qdq` format: DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
+shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Runnable anywhere.
 int4 with float zero points, either format: the symmetric int4 matmul plus
 MatMul(MatMul(x, group-sum matrix), offsets), see quantize/int4.py.
 The embedding is a Gather on the same storage, so a tied head and embedding
@@ -14,9 +15,9 @@ share one initializer. Scales have the graph's activation type (`Activations`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,10 +26,19 @@ from ..errors import EdgeError
 from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
 from ..quantize.int8 import Int8Weight, quantize_int8
 from ..quantize.plan import TensorQuant
-from ..quantize.stats import error_stats
+from ..quantize.stats import error_stats_of
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
+BLOCK_ELEMENTS = 1 << 22
+"""Quantization and error statistics run over row blocks of about this many weights (16 MiB in
+float32): both are per row, so the results are the same, and a 7B matrix (up to 117M weights)
+never has whole-matrix float temporaries."""
+
+
+def row_blocks(n: int, k: int) -> Iterator[slice]:
+    rows = max(1, BLOCK_ELEMENTS // max(k, 1))
+    return (slice(r, min(r + rows, n)) for r in range(0, n, rows))
 
 
 @dataclass
@@ -39,28 +49,50 @@ class WeightEmitter:
     fmt: str = "nbits"  # or "qdq"
     accuracy_level: int = 4
     activations: Activations = ACTIVATIONS["fp32"]
+    keep_dequantized: bool = False
+    """Tests only: keep in `dequantized` a float32 copy of every quantized tensor (a whole model's worth)."""
     log: list = field(default_factory=list)
+    """(name, kind, shape, ErrorStats) per quantized tensor."""
     dequantized: dict = field(default_factory=dict)
-    """name -> the weight the graph really computes with (quantized tensors only)."""
-    _stored: dict = field(default_factory=dict)
+    """name -> the weight the graph really computes with (quantized tensors only; keep_dequantized)."""
+    _stored: dict[str, str] = field(default_factory=dict)
+    """Initializers made so far, by name (tied head and embedding share)."""
+    _int8_last: tuple[str, Int8Weight] | None = None
+    """The int8 quantization of the tensor being emitted, shared by its several initializers and
+    dropped when its call returns, so no int8 tensor outlives its own emission."""
 
     def _quant(self, name: str) -> TensorQuant:
         return self.plan.get(name, TensorQuant("fp32"))
 
-    def _record(self, name: str, tq: TensorQuant, w: torch.Tensor, wq: torch.Tensor) -> None:
-        self.log.append((name, tq.kind, tuple(w.shape), error_stats(w, wq)))
-        self.dequantized[name] = wq
+    def _record(self, name: str, kind: str, w: torch.Tensor, dequantize: Callable[[slice], torch.Tensor]) -> None:
+        """Log the error of `dequantize(rows)` against w[rows], computed over row blocks."""
+        if any(entry[0] == name for entry in self.log):  # a tied head re-quantizes the embedding
+            return
+        blocks = list(row_blocks(*w.shape))
+        self.log.append((name, kind, tuple(w.shape), error_stats_of((w[r], dequantize(r)) for r in blocks)))
+        if self.keep_dequantized:
+            self.dequantized[name] = torch.cat([dequantize(r) for r in blocks])
 
     def linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         """y = x @ w.T for w [N, K]."""
+        try:
+            return self._linear(x, name, w, output)
+        finally:
+            self._int8_last = None
+
+    def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
+        """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
+        try:
+            return self._embedding(ids, name, w)
+        finally:
+            self._int8_last = None
+
+    def _linear(self, x: str, name: str, w: torch.Tensor, output: str | None = None) -> str:
         b, tq = self.builder, self._quant(name)
         outs = [output] if output else None
         n, k = w.shape
-        if tq.kind in ("fp32", "fp16"):  # Gemm with transB reads the [N, K] table an embedding shares
-            flat = b.op("Gemm", [b.op("Reshape", [x, b.const([-1, k])]), self._float(name, w, tq)], transB=1)
-            shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x]), b.const([0]), b.const([-1])]),
-                                    b.const([n])], axis=0)
-            return b.op("Reshape", [flat, shape], outputs=outs)
+        if tq.kind in ("fp32", "fp16"):
+            return self._gemm_t(x, self._float(name, w, tq), n, k, outs)
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             blocks = math.ceil(k / block)
@@ -68,15 +100,12 @@ class WeightEmitter:
                                 lambda: self._act(self._int8(name, w).scale.repeat_interleave(blocks).numpy()))
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
-        if tq.kind == "int8":
-            q8 = self._int8(name, w)
-            dq = b.op("DequantizeLinear", [b.init(name + ".q_t", q8.q.T.contiguous().numpy()),
-                                           self._once(name + ".row_scale", lambda: self._act(q8.scale.numpy()))],
-                                axis=1)
-            return b.op("MatMul", [x, dq], outputs=outs)
+        if tq.kind == "int8":  # the [N, K] table an embedding's Gather reads, so a tied head shares it
+            table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_row_scale(name, w)], axis=0)
+            return self._gemm_t(x, table, n, k, outs)
         if tq.kind == "int4":
-            q4 = quantize_int4(w, tq.group_size, tq.zero_point, tq.method, tq.act_scale)
-            self._record(name, tq, w, q4.dequantize())
+            q4 = _int4_rows(w, tq)
+            self._record(name, tq.kind, w, lambda r: _rows(q4, r).dequantize())
             if q4.zero_point_kind != "float":
                 return self._int4(x, name, q4, outs)
             sym, offsets = q4.split_offset()
@@ -85,6 +114,14 @@ class WeightEmitter:
             shift = b.op("MatMul", [sums, b.init(name + ".offsets", self._act(offsets.T.contiguous().numpy()))])
             return b.op("Add", [self._int4(x, name, sym), shift], outputs=outs)
         raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
+
+    def _gemm_t(self, x: str, table: str, n: int, k: int, outs: list[str] | None) -> str:
+        """x @ table.T for an [N, K] table: Gemm with transB on x flattened to 2-D."""
+        b = self.builder
+        flat = b.op("Gemm", [b.op("Reshape", [x, b.const([-1, k])]), table], transB=1)
+        shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x]), b.const([0]), b.const([-1])]),
+                                b.const([n])], axis=0)
+        return b.op("Reshape", [flat, shape], outputs=outs)
 
     def _int4(self, x: str, name: str, q4: Int4Weight, outs: list[str] | None = None) -> str:
         """x @ W.T for int4 W with integer (or no) zero points."""
@@ -102,8 +139,7 @@ class WeightEmitter:
             ins.append(b.init(name + ".zero_points", zero))
         return b.op("MatMul", [x, b.op("DequantizeLinear", ins, axis=0, block_size=g)], outputs=outs)
 
-    def embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
-        """Rows of the [V, dim] table; int8 rows are dequantized after the Gather."""
+    def _embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
         b, tq = self.builder, self._quant(name)
         if tq.kind in ("fp32", "fp16"):
             return b.op("Gather", [self._float(name, w, tq), ids], axis=0)
@@ -117,10 +153,9 @@ class WeightEmitter:
             rows = b.op("Sub", [b.op("Cast", [rows], to=self.activations.onnx_type),
                                 b.const(float(INT8_ZERO), self.activations.np_type)])
         else:
-            rows = b.op("Cast", [b.op("Gather", [b.init(name + ".q", self._int8(name, w).q.numpy()), ids], axis=0)],
+            rows = b.op("Cast", [b.op("Gather", [self._int8_table(name, w), ids], axis=0)],
                         to=self.activations.onnx_type)
-        row_scale = self._once(name + ".row_scale", lambda: self._act(self._int8(name, w).scale.numpy()))
-        scale = b.op("Unsqueeze", [b.op("Gather", [row_scale, ids], axis=0), b.const([2])])
+        scale = b.op("Unsqueeze", [b.op("Gather", [self._int8_row_scale(name, w), ids], axis=0), b.const([2])])
         return b.op("Mul", [rows, scale])
 
     def _act(self, scales: np.ndarray) -> np.ndarray:
@@ -134,17 +169,28 @@ class WeightEmitter:
 
         def make() -> np.ndarray:
             if half:
-                self._record(name, TensorQuant("fp16"), w, w.half().float())
+                self._record(name, "fp16", w, lambda r: w[r].half().float())
             return w.detach().to(torch.float16 if half else torch.float32).contiguous().numpy()
         table = self._once(name + ".weight", make)
         return self.builder.op("Cast", [table], to=FLOAT) if half and self.activations.onnx_type == FLOAT else table
 
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
-        if name not in self._stored:
-            q8 = quantize_int8(w)
-            self._record(name, TensorQuant("int8"), w, q8.dequantize())
-            self._stored[name] = q8
-        return self._stored[name]
+        if self._int8_last is None or self._int8_last[0] != name:
+            self._int8_last = None
+            q8 = Int8Weight(torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0]))
+            for r in row_blocks(*w.shape):
+                part = quantize_int8(w[r])
+                q8.q[r], q8.scale[r] = part.q, part.scale
+            self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scale[r]).dequantize())
+            self._int8_last = (name, q8)
+        return self._int8_last[1]
+
+    def _int8_table(self, name: str, w: torch.Tensor) -> str:
+        """int8 [N, K] codes, as the qdq embedding's Gather and a qdq head's DequantizeLinear read them."""
+        return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
+
+    def _int8_row_scale(self, name: str, w: torch.Tensor) -> str:
+        return self._once(name + ".row_scale", lambda: self._act(self._int8(name, w).scale.numpy()))
 
     def _once(self, init_name: str, make) -> str:
         """Add an initializer the first time it is asked for (tied head and embedding share)."""
@@ -159,14 +205,40 @@ class WeightEmitter:
         per weight block: on the demo model 32 halves the KL to fp32 against 128 (0.0064 vs 0.0134).
         Returns (initializer name, block size)."""
         n, k = w.shape
-        block = 32 if k >= 32 else 16
+        block = int8_block(k)
         blocks = math.ceil(k / block)
 
-        def pack() -> np.ndarray:
+        def pack() -> np.ndarray:  # q + 128 as a byte is q's two's-complement byte with its top bit flipped
+            shifted = self._int8(name, w).q.view(torch.uint8) ^ INT8_ZERO
+            if blocks * block == k:
+                return shifted.view(n, blocks, block).numpy()
             packed = torch.full((n, blocks * block), INT8_ZERO, dtype=torch.uint8)
-            packed[:, :k] = (self._int8(name, w).q.to(torch.int16) + INT8_ZERO).to(torch.uint8)
+            packed[:, :k] = shifted
             return packed.view(n, blocks, block).numpy()
         return self._once(name + ".q8", pack), block
+
+
+def int8_block(k: int) -> int:
+    """MatMulNBits block size of an int8 table with K columns (see _int8_nbits)."""
+    return 32 if k >= 32 else 16
+
+
+def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
+    """quantize_int4 over row blocks (its fit is per row and group, so the result is the same),
+    each written into the whole tensor's arrays."""
+    out = None
+    for r in row_blocks(*w.shape):
+        part = quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale)
+        if out is None:
+            n = w.shape[0]
+            out = Int4Weight(part.q.new_empty((n, part.q.shape[1])), part.scales.new_empty((n, part.n_groups)),
+                             part.zero_points.new_empty((n, part.n_groups)), part.group_size, part.k, part.zero_point_kind)
+        out.q[r], out.scales[r], out.zero_points[r] = part.q, part.scales, part.zero_points
+    return out
+
+
+def _rows(q4: Int4Weight, r: slice) -> Int4Weight:
+    return Int4Weight(q4.q[r], q4.scales[r], q4.zero_points[r], q4.group_size, q4.k, q4.zero_point_kind)
 
 
 def _group_sum_matrix(k: int, group_size: int) -> np.ndarray:

@@ -1,32 +1,33 @@
-"""Checkpoint + quantization spec -> model.onnx, with a per-tensor error log."""
+"""Checkpoint + quantization spec -> model.onnx (+ model.onnx.data), with a per-tensor error log.
+
+The weights stream: each tensor is read from the checkpoint, quantized and written to the
+external-data file in turn, so memory holds about one layer, whatever the model's size.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-
-from ..contract import GraphInfo, graph_ops
+from ..contract import graph_ops
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..quantize.plan import TensorQuant, quant_plan
 from ..quantize.spec import QuantSpec
-from .decoder import build_decoder
+from .decoder import Progress, build_decoder
 from .linear import WeightEmitter
-from .onnx_builder import Builder, activation_type
+from .onnx_builder import Builder, ExternalData, activation_type, save_model
 
 DEFAULT_WINDOW = 1024
 """W for models without a sliding window (Llama layout): the cache must have a fixed size."""
 DEFAULT_CHUNK = 128
 FORMATS = ("nbits", "qdq")
+INLINE_BELOW = 64 << 20
+"""A model whose weights stay under this many bytes is written as one self-contained .onnx file."""
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    path: Path
-    info: GraphInfo
-    plan: dict[str, TensorQuant]
     errors: list  # (name, kind, shape, ErrorStats) per quantized tensor
     ops: tuple[str, ...]  # "domain::op" used by the graph (function bodies included)
 
@@ -43,19 +44,21 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tup
 
 def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
-                plan: dict[str, TensorQuant] | None = None, activations: str = "fp32") -> ExportResult:
-    """Write the decoder-step graph to out_path (weights external when the model is large);
-    `activations` ("fp32" or "fp16") is the type it computes in and caches keys and values in."""
+                plan: dict[str, TensorQuant] | None = None, activations: str = "fp32",
+                progress: Progress | None = None) -> ExportResult:
+    """Write the decoder-step graph to out_path, its weights to out_path + '.data' (folded into
+    the .onnx when under INLINE_BELOW bytes); `activations` ("fp32" or "fp16") is the type it
+    computes in and caches keys and values in."""
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
     w, c = resolve_window(ck, window, chunk)
     plan = plan or quant_plan(ck.config, spec)
-    emitter = WeightEmitter(Builder(), plan, fmt, accuracy_level, act)
-    model = build_decoder(ck.config, ck.weights, w, c, emitter)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
-    onnx.save(model, str(out_path), save_as_external_data=big, location=out_path.name + ".data")
-    ops = graph_ops(model)
-    cfg = ck.config
-    info = GraphInfo(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, w, c, cfg.vocab_size, act.name)
-    return ExportResult(out_path, info, plan, emitter.log, tuple(ops))
+    data = ExternalData(out_path.with_name(out_path.name + ".data"))
+    try:
+        emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act)
+        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress)
+    finally:
+        data.close()
+    save_model(model, out_path, data, INLINE_BELOW)
+    return ExportResult(emitter.log, tuple(graph_ops(model)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -24,11 +25,17 @@ class ErrorStats:
 
 
 def error_stats(w: torch.Tensor, wq: torch.Tensor) -> ErrorStats:
-    """Compared a block of rows at a time in float32; the sums accumulate in float64."""
+    """The stats of a whole tensor, compared ROW_BLOCK_ELEMENTS weights at a time."""
     w, wq = w.reshape(len(w), -1) if w.dim() > 1 else w.reshape(1, -1), wq.reshape(w.shape)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, w.shape[1]))
+    return error_stats_of(zip(w.split(rows), wq.split(rows)))
+
+
+def error_stats_of(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> ErrorStats:
+    """The stats of a tensor given as (w, wq) row blocks, each compared in float32 while the sums
+    accumulate in float64, so that no float64 copy of a large matrix is ever made."""
     err = ref = max_abs = 0.0
-    for a, b in zip(w.split(rows), wq.split(rows)):
+    for a, b in blocks:
         a = a.float()
         d = b.float() - a
         err += float((d * d).sum(dtype=torch.float64))

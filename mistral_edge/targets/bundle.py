@@ -173,7 +173,7 @@ def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, ch
                  req: BundleRequest) -> tuple[MemoryBudget, int | None]:
     """The memory budget and the device's usable bytes (None: no device given); raises before
     writing when the bundle cannot fit, naming the changes to the request that would fit."""
-    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype)
+    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
         return budget, None
@@ -203,7 +203,8 @@ def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chun
         hints.append(f"--device-memory {min(same or devices)[2]}")
 
     def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
-        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype).total_bytes <= usable
+        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype,
+                        fmt=req.weight_format).total_bytes <= usable
 
     if window > 1 and fits(1):
         lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W
@@ -238,8 +239,11 @@ def _mlc_plan(ck: Checkpoint, req: BundleRequest) -> dict[str, TensorQuant]:
     return {name: TensorQuant("int4", MLC_GROUP_SIZE, "none", "rtn") for name in quant_plan(ck.config, req.quant)}
 
 
-def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> Manifest:
-    """Export `ck` for `req.target` into `out`; returns the manifest.
+def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progress=None,
+                 tensor_log=None) -> Manifest:
+    """Export `ck` for `req.target` into `out`; returns the manifest. `log` gets what a person should
+    see (e.g. a stale temp dir removed), `tensor_log` one line per quantized tensor (its error),
+    `progress(done, total)` is called as the export goes.
 
     Everything that can refuse the export (window, quant, tokenizer, memory budget, an
     --out that is not a bundle) is checked before the first byte is written.
@@ -256,7 +260,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> Ma
         raise EdgeError(f"{ck.tokenizer_files[tok_name]}: tokenizer file not found")
     tokenizer = TokenizerInfo(tok_name, ck.config.bos_id, ck.config.eos_ids, ck.chat_template)
     tokenizer.check_ids(ck.config.vocab_size)
-    fmt = MLC_QUANTIZATION if mlc else req.fmt or target.fmt
+    fmt = req.weight_format
     with atomic_dir(out, log) as tmp:
         if mlc:
             write_mlc(ck, tmp, tokenizer_files={tok_name: ck.tokenizer_files[tok_name]},
@@ -266,10 +270,10 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print) -> Ma
         else:
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
-                                 activations=req.activation_dtype)
+                                 activations=req.activation_dtype, progress=progress)
             model_file = "model.onnx"
-            for name, kind, shape, stats in result.errors:
-                log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
+            for name, kind, shape, stats in result.errors if tensor_log else ():
+                tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
             if target.ort_format:
                 model_file = _to_ort_format(tmp / "model.onnx")
             shutil.copyfile(ck.tokenizer_files[tok_name], tmp / tok_name)  # write_mlc copies its own
@@ -299,16 +303,27 @@ def _plan_groups(plan: dict) -> dict:
     return {k: "+".join(sorted(v)) for k, v in groups.items()}
 
 
+ORT_FORMAT_MAX_BYTES = (2 << 30) - (64 << 20)
+"""An ORT-format file is one flatbuffer (32-bit offsets: under 2 GiB, initializers inline)."""
+
+
 def _to_ort_format(onnx_path: Path) -> str:
-    """Convert to ORT format for the mobile packages; the .onnx is kept only as the .ort's source."""
+    """Convert to ORT format for the mobile packages; the .onnx and its .data are kept only as the
+    .ort's source. The converter holds the whole model in memory and its output is one flatbuffer,
+    so a model past ORT_FORMAT_MAX_BYTES stays ONNX with external data (mapped, not copied, by the
+    full onnxruntime-android / -ios packages, which load .onnx files too)."""
     import onnxruntime as ort
 
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    if onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0) > ORT_FORMAT_MAX_BYTES:
+        return onnx_path.name
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(onnx_path.with_suffix(".ort"))
     so.add_session_config_entry("session.save_model_format", "ORT")
     ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     onnx_path.unlink()
+    data.unlink(missing_ok=True)
     return onnx_path.with_suffix(".ort").name
 
 

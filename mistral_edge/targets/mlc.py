@@ -3,7 +3,8 @@
 mlc_llm cannot be installed here, so this writes, without it, the directory that
 `mlc_llm convert_weight --quantization q4f16_1` followed by `mlc_llm gen_config`
 produce for a Llama or Mistral model; `mlc_llm compile --device android` and
-`mlc_llm package` take it from there. Formats follow MLC-LLM's GroupQuantize,
+`mlc_llm package` take it from there. Tensors are read, quantized and written to the
+32 MB shards one at a time. Formats follow MLC-LLM's GroupQuantize,
 Llama/Mistral model definitions and gen_config, and TVM's `dump_tensor_cache`.
 
 MLC's Llama/Mistral apply RoPE in rotate-half order to fused QKV rows taken from
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 
 from ..errors import EdgeError
+from ..export.linear import row_blocks
+from ..export.onnx_builder import release_free_memory
 from ..model.checkpoint import Checkpoint
-from ..model.weights import output_weight
+from ..model.weights import expected_shapes, output_weight
 
 QUANTIZATION = "q4f16_1"
 GROUP_SIZE = 32
@@ -65,16 +68,6 @@ def quantize_q4f16_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q_weight, scale.astype(np.float16)
 
 
-def dequantize_q4f16_1(q_weight: np.ndarray, q_scale: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    """(code - 7) * scale in float16, MLC's dequantize; `in_features` drops group padding."""
-    n = q_weight.shape[0]
-    shifts = np.arange(PER_WORD, dtype=np.uint32) * 4
-    codes = ((q_weight[..., None] >> shifts) & 0xF).reshape(n, -1).astype(np.float16)
-    scale = np.repeat(q_scale.astype(np.float16), GROUP_SIZE, axis=1)
-    out = (codes - np.float16(MAX_INT)) * scale
-    return out if in_features is None else out[:, :in_features]
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
@@ -84,9 +77,12 @@ def _mlc_params(ckpt: Checkpoint, with_lm_head: bool) -> Iterator[tuple[str, np.
     w = ckpt.weights
 
     def quantized(name: str, *parts: torch.Tensor) -> Iterator[tuple[str, np.ndarray]]:
-        q_weight, q_scale = quantize_q4f16_1(np.concatenate([_np(p) for p in parts]))
-        yield f"{name}.q_weight", q_weight
-        yield f"{name}.q_scale", q_scale
+        """One tensor at a time, in row blocks (q4f16_1 is per row), in float16 as MLC computes."""
+        w16 = torch.cat([p.detach().to(torch.float16) for p in parts]).numpy()
+        blocks = [quantize_q4f16_1(w16[r]) for r in row_blocks(*w16.shape)]
+        del w16
+        yield f"{name}.q_weight", np.concatenate([q for q, _ in blocks])
+        yield f"{name}.q_scale", np.concatenate([s for _, s in blocks])
 
     yield from quantized("model.embed_tokens", w["tok_embeddings.weight"])
     for i in range(ckpt.config.n_layers):
@@ -132,6 +128,7 @@ class _ShardWriter:
     def _commit(self, data: bytes, records: list[dict]) -> None:
         path = f"params_shard_{len(self.shards)}.bin"
         (self.out_dir / path).write_bytes(data)
+        release_free_memory()
         self.shards.append({"dataPath": path, "format": "raw-shard", "nbytes": len(data), "records": records,
                             "md5sum": hashlib.md5(data).hexdigest()})
 
@@ -271,7 +268,7 @@ def write_mlc(checkpoint: Checkpoint, out_dir: Path, *, tokenizer_files: dict[st
         shards.add(name, arr)
         n_tensors, param_bytes = n_tensors + 1, param_bytes + arr.nbytes
     shards.flush()
-    bits_per_param = param_bytes * 8.0 / checkpoint.n_params
+    bits_per_param = param_bytes * 8.0 / sum(math.prod(s) for _, s in expected_shapes(cfg))
     cache = {"metadata": {"ParamSize": n_tensors, "ParamBytes": float(param_bytes), "BitsPerParam": bits_per_param},
              "records": shards.shards}
     (out_dir / "tensor-cache.json").write_text(json.dumps(cache, indent=4))
@@ -299,31 +296,3 @@ def write_mlc(checkpoint: Checkpoint, out_dir: Path, *, tokenizer_files: dict[st
     files = ["mlc-chat-config.json", "tensor-cache.json", *(s["dataPath"] for s in shards.shards), *names]
     return {"files": files, "model_type": model_type, "quantization": QUANTIZATION,
             "param_bytes": param_bytes, "bits_per_param": bits_per_param}
-
-
-def read_mlc_params(model_dir: Path) -> dict[str, np.ndarray]:
-    """Every tensor of an MLC directory, read through tensor-cache.json as TVM's loader does."""
-    model_dir = Path(model_dir)
-    try:
-        cache = json.loads((model_dir / "tensor-cache.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgeError(f"{model_dir}: no readable tensor-cache.json ({e})") from None
-    params = {}
-    for shard in cache["records"]:
-        data = (model_dir / shard["dataPath"]).read_bytes()
-        if shard["format"] != "raw-shard" or shard["nbytes"] != len(data):
-            raise EdgeError(f"{shard['dataPath']}: corrupt shard (format {shard['format']!r}, "
-                            f"{len(data)} bytes, index says {shard['nbytes']})")
-        for rec in shard["records"]:
-            start, end = rec["byteOffset"], rec["byteOffset"] + rec["nbytes"]
-            if end > len(data):
-                raise EdgeError(f"{rec['name']}: bytes {start}..{end} lie outside {shard['dataPath']}")
-            if rec["dtype"] == "float32" and rec["format"] == ENCODE_FORMAT:  # stored as bfloat16 halves
-                raw = np.frombuffer(data[start:end], np.uint16).astype(np.uint32) << 16
-                arr = raw.view(np.float32)
-            else:
-                arr = np.frombuffer(data[start:end], np.dtype(rec["dtype"]))
-            if arr.size != math.prod(rec["shape"]):
-                raise EdgeError(f"{rec['name']}: {rec['nbytes']} bytes do not hold shape {rec['shape']}")
-            params[rec["name"]] = arr.reshape(rec["shape"])
-    return params

@@ -68,5 +68,10 @@ class BundleRequest:
                             f"and no --activations fp32")
 
     @property
+    def weight_format(self) -> str:
+        """nbits or qdq (the target's unless --format), or MLC's own q4f16_1."""
+        return self.fmt or self.target.fmt
+
+    @property
     def activation_dtype(self) -> str:
         return self.activations or self.target.activation_dtype
