@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "export_scale.py"
-VOCAB = 8000  # 7B's width (hidden 4096, intermediate 14336, 32/8 heads), a smaller vocabulary to keep it quick
+VOCAB = 32000  # 7B's shapes (hidden 4096, intermediate 14336, 32/8 heads, its tokenizer's 32000 tokens)
 
 
 def _export_scale():

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from importlib.metadata import PackageNotFoundError
 
@@ -532,23 +533,25 @@ def test_info_error_is_one_line(tmp_path):
 
 # --- counts from a file bound nothing before the file's own contents are checked (security 3, 4) ----
 
+_LIMITED = """
+import resource, subprocess, sys
+memory, cpu_s = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+code = subprocess.run(sys.argv[3:], stdout=subprocess.DEVNULL).returncode
+print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
 def run_limited(args: list[str], memory: int = 3 * 2**30, cpu_s: int = 300) -> tuple[int, str, int]:
     """`mistral-edge ARGS` under address-space and CPU-time limits (a regression fails fast instead of
-    taking the machine): (exit code, stderr, peak RSS in bytes)."""
-    import os
-    import resource
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-
-    p = subprocess.Popen(["mistral-edge", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         preexec_fn=limit)
-    stderr = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, stderr, usage.ru_maxrss * 1024
+    taking the machine): (exit code, stderr, peak RSS in bytes). The command runs as the child of a
+    small launcher: Linux carries a process's peak RSS across fork and exec, so a child forked from
+    pytest itself would report pytest's own peak."""
+    r = subprocess.run([sys.executable, "-c", _LIMITED, str(memory), str(cpu_s), "mistral-edge", *args],
+                       capture_output=True, text=True, errors="replace", timeout=cpu_s + 60)
+    code, rss = map(int, r.stdout.split())
+    return code, r.stderr, rss
 
 
 def _gguf_header_only(tmp_path, kv: bytes, n_kv: int = 1):
