@@ -144,6 +144,37 @@ def test_stop_string_cuts_the_reply(live):
     assert r.choices[0].message.content == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_always_parses(live, stream):
+    """A random-weight model at temperature 1 still answers JSON valid under the schema, streamed or not."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    for seed in range(3):
+        args = dict(model="tiny", messages=[{"role": "user", "content": "Who are you?"}], max_tokens=64,
+                    temperature=1.0, seed=seed, response_format=fmt)
+        if stream:
+            chunks = list(live.client.chat.completions.create(stream=True, **args))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            r = live.client.chat.completions.create(**args)
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_bad_response_format_is_a_400(live):
+    r = httpx.post(live.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}})
+    assert r.status_code == 400 and "response_format: unknown response_format type 'xml'" in r.json()["error"]["message"]
+
+
 def test_models_and_health(live):
     assert [m.id for m in live.client.models.list()] == ["tiny"]
     assert live.health()["status"] == "ok"

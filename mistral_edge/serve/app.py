@@ -39,6 +39,7 @@ class _Body(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stream: bool | None = False
     n: StrictInt | None = None
+    response_format: dict | None = None  # OpenAI's: text, json_object or json_schema (the guard extra)
 
 
 class _Part(BaseModel):
@@ -101,7 +102,22 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
                 raise BadRequest(f"malformed JSON: {e.errors()[0]['msg']}") from None
             raise BadRequest(_validation_line(e)) from None
 
-    def _job(body: _Body, ids: list[int], emit, reuse: bool) -> Job:
+    def _processor(body: _Body):
+        """The grammar a response_format asks for, or None (built off the event loop: it compiles)."""
+        if body.response_format is None:
+            return None
+        from ..runtime.constrain import Constraint
+
+        try:
+            constraint = Constraint.response_format(body.response_format)
+            return None if constraint is None else constraint.processor(tokenizer, engine.single.vocab_size)
+        except EdgeError as e:
+            raise BadRequest(f"response_format: {e}") from None
+
+    def _prepare(body: _Body, chat: bool):
+        return (_encode_chat if chat else _encode_prompt)(body), _processor(body)
+
+    def _job(body: _Body, ids: list[int], emit, reuse: bool, processor=None) -> Job:
         if body.model is not None and body.model != model_id:
             raise BadRequest(f"unknown model {body.model!r}; this server has {model_id!r}")
         if body.n not in (None, 1):
@@ -124,7 +140,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
             raise BadRequest("stop: up to 4 non-empty strings of at most 256 characters")
-        return Job(ids, max_tokens, sampling, emit, stop, reuse)
+        return Job(ids, max_tokens, sampling, emit, stop, reuse, processor)
 
     def _encode_chat(body: ChatBody) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -153,8 +169,8 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
 
         try:
             body = await _read(request, ChatBody if chat else CompletionBody)
-            ids = await asyncio.to_thread(_encode_chat if chat else _encode_prompt, body)  # off the event loop
-            job = _job(body, ids, emit, reuse=chat)
+            ids, processor = await asyncio.to_thread(_prepare, body, chat)  # off the event loop
+            job = _job(body, ids, emit, reuse=chat, processor=processor)
             engine.submit(job)
         except BadRequest as e:
             return _error(400, str(e))

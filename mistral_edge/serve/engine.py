@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import EdgeError, first_line
+from ..runtime.generate import LogitsProcessor
 from ..runtime.sampling import Sampler, SamplingParams
 from ..tokenizer import StreamDecoder
 from .snapshot import SessionState, TokenHistory, capture, restore
@@ -56,6 +57,7 @@ class Job:
     on_event: Callable[..., None]
     stop: tuple[str, ...] = ()
     reuse: bool = False  # look up and leave behind a cached conversation
+    processor: LogitsProcessor | None = None  # e.g. the grammar of a response_format (runtime/constrain.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -237,15 +239,17 @@ class Engine:
     def _advance(self, run: _Run, logits: np.ndarray) -> None:
         """Sample the next token from `logits` and pass on its text; finish on EOS, a stop string
         or the token budget (the last token sampled is then not fed: the cache holds `fed`)."""
-        token = run.sampler(logits, run.fed)
+        processor = run.job.processor
+        token = run.sampler(logits if processor is None else processor(logits), run.fed)
         if token in self.stops:
             return self._finish(run, "stop")
+        complete = processor is not None and not processor.accept(token)
         run.generated.append(token)
         self.generated += 1
         piece, stopped = run.text.add(token)
         if piece:
             run.job.on_event("text", piece)
-        if stopped:
+        if stopped or complete:
             return self._finish(run, "stop")
         if len(run.generated) >= run.job.max_tokens:
             return self._finish(run, "length")
