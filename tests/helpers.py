@@ -54,6 +54,20 @@ def checkpoint_of(model: MistralForCausalLM) -> Checkpoint:
     return Checkpoint(cfg, Weights.of(model.state_dict()).renamed(canonical_name), source="fixture", source_format="hf")
 
 
+
+def write_tiny_bundle(out: Path) -> Checkpoint:
+    """The fp32 cpu bundle most runtime tests share: the tiny Mistral (W, vocabulary 32000) with
+    mistral-common's SentencePiece tokenizer, chunk 5. Returns the checkpoint it was made from."""
+    from mistral_edge.quantize.spec import parse_quant
+    from mistral_edge.targets.bundle import write_bundle
+    from mistral_edge.targets.profiles import get_target
+    from mistral_edge.targets.request import BundleRequest
+
+    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
+    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
+    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    return ck
+
 FP16_TOL = 0.005
 """fp16 graphs: max |logit error| relative to the largest |logit| (measured on the fixtures: at
 most 0.0013 against the reference on the same weights)."""

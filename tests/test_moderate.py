@@ -8,29 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import write_tiny_bundle
 
 from mistral_edge.chat_format import ChatFormat
 from mistral_edge.cli.main import run
 from mistral_edge.errors import EdgeError
-from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime import moderate as moderation
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.runtime.moderate import (ACCEPTABLE, DEFAULT_REFUSAL, LABELS, Guard, Moderator, Verdict,
                                            calibrated)
-from mistral_edge.targets.bundle import BundleRequest, write_bundle
-from mistral_edge.targets.profiles import get_target
 
 EVAL = Path(__file__).parent.parent / "benchmarks" / "moderation" / "eval.jsonl"
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    ck = checkpoint_of(tiny_hf_mistral(window=16, vocab=32000, dim=32))
-    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
     out = tmp_path_factory.mktemp("moderate") / "b"
-    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    write_tiny_bundle(out)
     return out
 
 

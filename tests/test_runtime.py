@@ -10,23 +10,18 @@ import torch
 
 from mistral_edge.errors import EdgeError
 from mistral_edge.model.reference import ReferenceModel
-from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.chat import ChatEngine
 from mistral_edge.runtime.generate import GenerationConfig, Generator, generate_batch
 from mistral_edge.runtime.sampling import SamplingParams
-from mistral_edge.targets.bundle import BundleRequest, write_bundle
-from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
+from helpers import W, write_tiny_bundle
 
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
-    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
     out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    ck = write_tiny_bundle(out)
     return ck, out
 
 

@@ -14,15 +14,12 @@ import pytest
 import uvicorn
 
 from mistral_edge.chat_format import ChatFormat
-from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.serve.app import MAX_BODY, create_app
 from mistral_edge.runtime.sampling import SamplingParams
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
-from mistral_edge.targets.bundle import BundleRequest, write_bundle
-from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
+from helpers import write_tiny_bundle
 
 MAX_PROMPT = 96
 TIMEOUT = 60  # seconds: the bound on any one request in these tests
@@ -30,10 +27,8 @@ TIMEOUT = 60  # seconds: the bound on any one request in these tests
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
-    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
     out = tmp_path_factory.mktemp("bundle") / "tiny"
-    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    write_tiny_bundle(out)
     return Bundle.open(out)
 
 

@@ -9,7 +9,6 @@ import pytest
 from mistral_edge.chat_format import PLAIN_TEMPLATE, ChatFormat
 from mistral_edge.errors import EdgeError
 from mistral_edge.runtime.chat import ChatEngine
-from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.runtime.sampling import Sampler, SamplingParams
@@ -17,19 +16,15 @@ from mistral_edge.serve import snapshot
 from mistral_edge.serve.snapshot import (BLOCK, TokenHistory, bundle_identity, capture, load, restore,
                                          restore_sampler, resume_chat, resume_session, sampler_state, save, save_chat,
                                          save_session)
-from mistral_edge.targets.bundle import BundleRequest, write_bundle
-from mistral_edge.targets.profiles import get_target
-from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
+from helpers import W, write_tiny_bundle
 
 CFG = GenerationConfig(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    ck = checkpoint_of(tiny_hf_mistral(window=W, vocab=32000, dim=32))
-    ck.tokenizer_files = {"tokenizer.model": SPM_V1}
     out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(ck, BundleRequest(get_target("cpu"), parse_quant("fp32"), chunk=5), out, log=lambda _: None)
+    write_tiny_bundle(out)
     return Bundle.open(out)
 
 
