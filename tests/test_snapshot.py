@@ -243,3 +243,8 @@ def test_chat_command_saves_and_resumes(bundle, tmp_path):
     r = subprocess.run([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "chat", "--model",
                         "x", "--save", str(tmp_path / "d.snap")], input="", capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.startswith("error: --save/--resume take a --bundle conversation")
+    r = subprocess.run([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "chat", "--bundle",
+                        str(bundle.path), "--save", str(tmp_path / "no" / "dir" / "c.snap")], input="hi\n",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: --save") and "not a writable directory" in r.stderr
+    assert "you>" not in r.stdout  # refused before the conversation, not after it

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import functools
 import inspect
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -281,6 +282,8 @@ def chat(
     if (save or resume) and (opts.backend != "onnx" or opts.moderate is not None):
         raise EdgeError("--save/--resume take a --bundle conversation without --moderate "
                         "(moderation re-feeds every turn, so its cache is no conversation to save)")
+    if save is not None and not (save.parent.is_dir() and os.access(save.parent, os.W_OK)):
+        raise EdgeError(f"--save {save}: {save.parent} is not a writable directory")  # before the conversation
     out = _stdout()
     gen, fmt, defaults = open_run(opts)
     cfg = opts.config(defaults)

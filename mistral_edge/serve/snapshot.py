@@ -174,7 +174,10 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % HEADER_PAD)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    except OSError as e:
+        raise EdgeError(f"cannot write snapshot {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             for part in (MAGIC, struct.pack("<Q", len(blob)), blob, np.asarray(h.tail, "<i8").tobytes(),
@@ -185,6 +188,9 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise EdgeError(f"cannot write snapshot {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
