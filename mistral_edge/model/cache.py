@@ -14,12 +14,12 @@ import torch
 
 class RollingKVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, window: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch, n_kv_heads, window, head_dim)
         self.window = window
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]
-        self.pos = torch.zeros(batch, dtype=torch.long)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -27,7 +27,7 @@ class RollingKVCache:
 
     def slot_positions(self) -> torch.Tensor:
         """[batch, W] absolute position held by each slot, -1 where the slot is still empty."""
-        j = torch.arange(self.window)
+        j = torch.arange(self.window, device=self.pos.device)
         last = self.pos[:, None] - 1
         p = last - torch.remainder(last - j, self.window)
         return torch.where(p >= 0, p, torch.full_like(p, -1))
@@ -40,7 +40,7 @@ class RollingKVCache:
         """
         for b in range(k.shape[0]):
             n = int(n_valid[b])
-            slots = torch.remainder(self.pos[b] + torch.arange(n), self.window)
+            slots = torch.remainder(self.pos[b] + torch.arange(n, device=k.device), self.window)
             self.k[layer][b, :, slots] = k[b, :, :n].to(self.k[layer].dtype)
             self.v[layer][b, :, slots] = v[b, :, :n].to(self.v[layer].dtype)
 

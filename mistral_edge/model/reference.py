@@ -25,7 +25,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [*positions.shape, head_dim] for rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -38,13 +38,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class ReferenceModel:
-    """Functional model over a canonical weight dict, computing in `dtype` (fp32 by default)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+           bias: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of a chunk over the cache before it plus the chunk itself.
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    q: [B, H, C, D]; k/v: the chunk's [B, Hkv, C, D]; past_k/v: the cache's [B, Hkv, W, D];
+    bias: [B, 1, C, W + C] (0 or -inf). The query heads sharing a KV head are stacked as rows
+    of one matmul, so the cache is read once per step, never concatenated or repeated per head.
+    """
+    B, H, C, D = q.shape
+    kv_heads, W = k.shape[1], past_k.shape[2]
+    qg = q.reshape(B, kv_heads, H // kv_heads * C, D)
+    scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1) * D**-0.5
+    scores = scores.view(B, kv_heads, H // kv_heads, C, W + C) + bias[:, :, None]
+    p = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(q.dtype).view(B, kv_heads, -1, W + C)
+    return (p[..., :W] @ past_v + p[..., W:] @ v).view(B, H, C, D)
+
+
+class ReferenceModel:
+    """Functional model over a canonical weight dict, computing in `dtype` (fp32 by default) on `device`."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         self.cfg = config
         self.dtype = dtype
-        self.w = {k: v.to(dtype) for k, v in weights.items()}
+        self.device = torch.device(device)
+        self.w = {k: v.to(self.device, dtype) for k, v in weights.items()}
         self.head = output_weight(self.w)
         self.linears: dict[str, torch.nn.Module] = {}
         """Layer linears computed by a module instead of `x @ w.T` (bitsandbytes: model/bnb.py)."""
@@ -55,7 +74,8 @@ class ReferenceModel:
 
     def new_cache(self, batch: int = 1, window: int | None = None) -> RollingKVCache:
         c = self.cfg
-        return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype)
+        return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype,
+                              self.device)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W.T for the layer weight `name`, or its replacement module when there is one."""
@@ -70,11 +90,12 @@ class ReferenceModel:
         W = cache.window
         if C > W:
             raise EdgeError(f"chunk of {C} tokens is larger than the window W={W}")
-        n_valid = torch.full((B,), C, dtype=torch.long) if n_valid is None else n_valid.long()
-        qpos = cache.pos[:, None] + torch.arange(C)  # [B, C]
-        kpos = torch.cat([cache.slot_positions(), torch.where(torch.arange(C) < n_valid[:, None], qpos, -1)], 1)
+        dev = self.device
+        n_valid = torch.full((B,), C, dtype=torch.long, device=dev) if n_valid is None else n_valid.long()
+        qpos = cache.pos[:, None] + torch.arange(C, device=dev)  # [B, C]
+        kpos = torch.cat([cache.slot_positions(), torch.where(torch.arange(C, device=dev) < n_valid[:, None], qpos, -1)], 1)
         visible = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - W)
-        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill(~visible, float("-inf"))[:, None]
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill(~visible, float("-inf"))[:, None]
         cos, sin = rope_tables(qpos, c.head_dim, c.rope_theta)
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
 
@@ -86,10 +107,7 @@ class ReferenceModel:
             k = self.linear(x, p + "attention.wk.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             v = self.linear(x, p + "attention.wv.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            keys = torch.cat([cache.k[i].to(self.dtype), k], 2).repeat_interleave(c.gqa_ratio, 1)
-            vals = torch.cat([cache.v[i].to(self.dtype), v], 2).repeat_interleave(c.gqa_ratio, 1)
-            scores = (q @ keys.transpose(-1, -2)) * c.head_dim**-0.5 + bias
-            attn = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(self.dtype) @ vals
+            attn = attend(q, k, v, cache.k[i].to(self.dtype), cache.v[i].to(self.dtype), bias)
             cache.write(i, k, v, n_valid)
             h = h + self.linear(attn.transpose(1, 2).reshape(B, C, -1), p + "attention.wo.weight")
             x = rms_norm(h, self.w[p + "ffn_norm.weight"], c.norm_eps).to(self.dtype)
