@@ -158,7 +158,7 @@ def test_bad_quant_choices():
         check_bnb("int4")
     r = run_cli(["generate", "--backend", "torch", "--quant", "int4", "hi"])
     assert r.returncode == 1 and r.stderr.strip() == "error: unknown --quant 'int4' for the torch backend; " \
-                                                     "expected fp32, int8, nf4"
+                                                     "expected none, int8, nf4, int8-wo, int4-wo"
     r = run_cli(["generate", "--bundle", "/nonexistent", "--quant", "int8", "hi"])
     assert r.returncode == 1 and r.stderr.strip() == "error: --quant applies to --backend torch; " \
                                                      "a bundle's quantization is chosen at export"

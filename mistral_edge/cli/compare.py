@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from ..compare.report import table, write_all
 from ..errors import EdgeError
-from .options import ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
+from .options import DeviceOpt, ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="output directory (bundles are kept in OUT/bundles)")]
@@ -49,13 +49,15 @@ def compare(
     out: OutOpt = Path("compare"),
     torch_rows: TorchRowsOpt = True,
     trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Compare quant levels on the same text: perplexity, KL and top-1 vs fp32, sizes, memory, speed."""
     from ..compare.run import CompareRequest, run_compare  # torch: only when comparing
 
     req = CompareRequest(model=model, quants=quants, text=text, dataset=dataset,
                          windows=_window_list(windows, window), ctx=ctx, n_windows=n_windows, calib=calib,
-                         threads=threads, runs=runs, out=out, torch_rows=torch_rows, trust_pickle=trust_pickle)
+                         threads=threads, runs=runs, out=out, torch_rows=torch_rows, trust_pickle=trust_pickle,
+                         device=device or "cpu")
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())

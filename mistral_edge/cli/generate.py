@@ -23,13 +23,11 @@ from ..runtime.chat import ChatEngine
 from ..runtime.generate import GenerationConfig, Generator
 from ..runtime.moderate import DEFAULT_REFUSAL, MODES, Guard, Moderator
 from ..runtime.sampling import SamplingParams
-from .options import ChunkOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
+from .options import ChunkOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 BACKENDS = ("onnx", "torch")
 REFUSED = 3
 """Exit status of a refusal (`--moderate`) and of an unacceptable verdict (`mistral-edge moderate`)."""
-TORCH_FP32 = "fp32"
-"""The torch backend's unquantized --quant; the others are model/bnb.py's BNB_QUANTS."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,11 @@ class RunOptions:
     backend: Annotated[Optional[str], typer.Option(
         help="onnx (runs --bundle) or torch (the PyTorch reference on --model); default: onnx with --bundle, else torch")] = None
     quant: Annotated[Optional[str], typer.Option(
-        "--quant", help="torch backend only: fp32 (default), or the layer linears in bitsandbytes int8 (LLM.int8) or nf4")] = None
+        "--quant", help="torch backend only: none (default), the layer linears in bitsandbytes int8 (LLM.int8) or "
+                        "nf4, or weight-only int8-wo / int4-wo on PyTorch's own kernels")] = None
+    device: DeviceOpt = None
+    dtype: DtypeOpt = None
+    compile: CompileOpt = False
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate at most (default 256)")] = None
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default)")] = None
     top_k: Annotated[Optional[int], typer.Option(help="sample among the k most likely tokens")] = None
@@ -75,14 +77,17 @@ class RunOptions:
             _refuse(self, "a bundle brings its own model and window", {
                 "--model": self.model is not None, "--window": self.window is not None,
                 "--trust-pickle": self.trust_pickle})
+            _refuse(self, "they apply to --backend torch", {
+                "--device": self.device is not None, "--dtype": self.dtype is not None, "--compile": self.compile})
         else:
             if self.bundle is not None:
                 raise EdgeError("--bundle runs on the onnx backend; the torch backend takes --model")
             _refuse(self, "they apply to --bundle (the onnx backend)", {
                 "--threads": self.threads is not None, "--verify/--no-verify": self.verify is not None})
-            if self.torch_quant not in self.torch_quants():
-                raise EdgeError(f"unknown --quant {self.torch_quant!r} for the torch backend; "
-                                f"expected {', '.join(self.torch_quants())}")
+            from ..model.torch_session import check_quant, resolve_device, resolve_dtype  # torch: this backend only
+
+            device = resolve_device(self.device or "cpu")
+            check_quant(self.torch_quant, device, resolve_dtype(self.dtype, device))
         if self.moderate is not None and self.moderate not in MODES:
             raise EdgeError(f"unknown --moderate {self.moderate!r}; expected {', '.join(MODES)}")
         if self.refusal is not None and self.moderate is None:
@@ -98,13 +103,7 @@ class RunOptions:
 
     @property
     def torch_quant(self) -> str:
-        return self.quant or TORCH_FP32
-
-    @staticmethod
-    def torch_quants() -> tuple[str, ...]:
-        from ..model.bnb import BNB_QUANTS  # torch: only for the torch backend
-
-        return (TORCH_FP32, *BNB_QUANTS)
+        return self.quant or "none"
 
     def config(self, defaults: dict) -> GenerationConfig:
         """The generation settings: each option given wins over `defaults` (a bundle's), then the built-in ones."""
@@ -161,22 +160,21 @@ def open_checkpoint(opts: RunOptions):
     """(Generator, chat format, no defaults) for --model on the PyTorch reference."""
     from ..chat_format import ChatFormat
     from ..export.pipeline import resolve_window
-    from ..model.bnb import check_bnb, quantize_linears
     from ..model.loaders import load_checkpoint
     from ..model.reference import ReferenceModel
-    from ..model.torch_session import TorchSession
+    from ..model.captured import open_session
+    from ..model.torch_session import quantize, resolve_device, resolve_dtype
     from ..tokenizer import Tokenizer
 
-    if opts.torch_quant != TORCH_FP32:
-        check_bnb(opts.torch_quant)  # before the checkpoint loads
+    device = resolve_device(opts.device or "cpu")  # the device and the quant were checked by RunOptions
     ck = load_checkpoint(opts.model, trust_pickle=opts.trust_pickle)
     w, c = resolve_window(ck, opts.window, opts.chunk)
-    reference = ReferenceModel(ck.config, ck.weights)
-    ck.weights.clear()  # the model holds them: quantize_linears can free each float linear it replaces
-    if opts.torch_quant != TORCH_FP32:
-        quantize_linears(reference, opts.torch_quant)
+    reference = ReferenceModel(ck.config, ck.weights, resolve_dtype(opts.dtype, device), device)
+    ck.weights.clear()  # the model holds them: quantize can free each float linear it replaces
+    quantize(reference, opts.torch_quant)
     tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
-    return Generator(TorchSession(reference, w, c), tokenizer), ChatFormat.for_tokenizer(tokenizer, ck.chat_template), {}
+    session = open_session(reference, w, c, opts.torch_quant, opts.compile)
+    return Generator(session, tokenizer), ChatFormat.for_tokenizer(tokenizer, ck.chat_template), {}
 
 
 def open_run(opts: RunOptions):

@@ -13,3 +13,8 @@ WindowOpt = Annotated[Optional[int], typer.Option(help="W, the number of rolling
 ChunkOpt = Annotated[Optional[int], typer.Option(help="prefill chunk size C (1 <= C <= W)")]
 TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow torch pickle checkpoints (.bin/.pth/.pt)")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="ONNX Runtime intra-op threads (0: all cores)")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="torch backend: cpu (default) or cuda")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="torch backend compute dtype: bf16, fp16 or fp32 (default: bf16 on "
+                                                      "cuda, fp32 on cpu)")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the decode and prefill steps "
+                                                            "before they are captured (minutes for a 7B)")]

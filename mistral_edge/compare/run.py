@@ -57,6 +57,7 @@ class CompareRequest:
     trust_pickle: bool = False
     prompt_tokens: int = 128
     decode_tokens: int = 64
+    device: str = "cpu"  # where the torch rows compute
 
 
 def resolve_threads(threads: int) -> int:
@@ -77,6 +78,10 @@ def check_request(req: CompareRequest) -> list[QuantChoice]:
             raise EdgeError(f"--window must be a positive integer, got {w}")
         check_window(w, None)
     check_out(req.out)
+    if req.torch_rows:
+        from ..model.torch_session import resolve_device  # torch: only for the torch rows
+
+        resolve_device(req.device)
     if req.runs < 1:
         raise EdgeError(f"--runs must be a positive integer, got {req.runs}")
     if req.ctx < 2:
@@ -222,20 +227,20 @@ class _Run:
         backend = "torch" if bnb is None else "bitsandbytes"
         if bnb is not None:
             try:
-                check_bnb(bnb)
+                check_bnb(bnb, self.req.device)
             except EdgeError as e:
                 self.log(f"{name} not measured: {e}")
                 return Row.unmeasured(name, backend, str(e))
         _, chunk = resolve_window(self.ck, window, None)
         torch.set_num_threads(self.threads)
-        model = ReferenceModel(self.ck.config, self.ck.weights, getattr(torch, dtype))
+        model = ReferenceModel(self.ck.config, self.ck.weights, getattr(torch, dtype), self.req.device)
         size = torch.finfo(model.dtype).bits // 8
         weight_bytes = self.ck.n_params * size if bnb is None else quantize_linears(model, bnb)
         quality = self.quality(TorchSession(model, window, chunk), chunk, f"PyTorch {name}")
         del model
         speed = self.speed(SpeedJob("torch", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
-                                    dtype=dtype, bnb=bnb), f"PyTorch {name}",
+                                    dtype=dtype, bnb=bnb, device=self.req.device), f"PyTorch {name}",
                            self.ck.n_params * 4)  # the worker loads the checkpoint as fp32 first
         return self.row(name, backend, window, quality, speed,
                         model_bits_per_weight=8 * weight_bytes / self.ck.n_params,

@@ -36,6 +36,7 @@ class SpeedJob:
     window: int | None = None
     dtype: str = "float32"  # torch compute dtype
     bnb: str | None = None  # torch: bitsandbytes quant of the layer linears (model/bnb.py)
+    device: str = "cpu"  # torch: where the reference computes
 
 
 @dataclass(frozen=True)
@@ -93,18 +94,17 @@ def open_session(job: SpeedJob):
         return DecoderSession(job.model_path, config=SessionConfig(threads=job.threads, chunk=job.chunk))
     import torch
 
-    from ..model.bnb import quantize_linears
+    from ..model.captured import open_session as torch_session
     from ..model.loaders import load_checkpoint
     from ..model.reference import ReferenceModel
-    from ..model.torch_session import TorchSession
+    from ..model.torch_session import UNQUANTIZED, quantize
 
     torch.set_num_threads(job.threads)
     ck = load_checkpoint(job.model, trust_pickle=job.trust_pickle)
-    model = ReferenceModel(ck.config, ck.weights, getattr(torch, job.dtype))
+    model = ReferenceModel(ck.config, ck.weights, getattr(torch, job.dtype), job.device)
     ck.weights.clear()  # the model holds its own (converted) copy
-    if job.bnb is not None:
-        quantize_linears(model, job.bnb)
-    return TorchSession(model, job.window, job.chunk)
+    quantize(model, job.bnb or UNQUANTIZED)
+    return torch_session(model, job.window, job.chunk, job.bnb or UNQUANTIZED)
 
 
 def run_job(job: SpeedJob) -> SpeedResult:

@@ -21,14 +21,13 @@ import torch
 
 from ..errors import EdgeError, first_line
 from .reference import ReferenceModel
+from .weight_only import swap_linears
 
 BNB_QUANTS = ("int8", "nf4")
 INT8_THRESHOLD = 6.0
 """LLM.int8's outlier threshold (the paper's and transformers' default): input columns holding
 any |x| above it are multiplied in floating point, the rest in int8."""
 NF4_BLOCKSIZE = 64
-DEVICE = "cpu"
-"""Where the modules live: the reference model computes on the CPU (a CUDA reference is not built yet)."""
 NOTES = {"int8": f"bitsandbytes LLM.int8 (threshold {INT8_THRESHOLD:g}); embedding and head unquantized",
          "nf4": f"bitsandbytes nf4 (blocks of {NF4_BLOCKSIZE}, double-quantized scales); embedding and head unquantized"}
 
@@ -39,31 +38,34 @@ for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
-def bnb_linear(weight: torch.Tensor, quant: str, dtype: torch.dtype) -> torch.nn.Module:
-    """One [N, K] weight as a bitsandbytes module in inference mode, computing in `dtype`.
+def bnb_linear(weight: torch.Tensor, quant: str, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+    """One [N, K] weight as a bitsandbytes module on `device` in inference mode, computing in `dtype`.
 
     Inference mode matters: in training mode bitsandbytes' CPU int8 path dequantizes the
     weight and skips LLM.int8's int8 matmul, and its 4-bit CPU path skips the packed kernel.
     That packed kernel (AVX512-BF16 CPUs) needs N in tiles of 32 rows and K in whole blocks;
     other layers keep the unpacked path (bitsandbytes 0.50 fails on them instead of falling back).
+    The int8 weight is quantized here, as Int8Params would on a move from the CPU: a weight already
+    on the GPU (the GPU benchmark's) would otherwise stay unquantized.
     """
     import bitsandbytes as bnb
 
     n, k = weight.shape
     if quant == "int8":
         module = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
-        module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     else:
         module = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
         module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE,
                                           compress_statistics=True)
         if n % 32 or k % NF4_BLOCKSIZE:
             module.support_avx512bf16_for_cpu = False
-    return module.to(DEVICE).eval()
+    return module.to(device).eval()
 
 
 @functools.cache
-def check_bnb(quant: str) -> None:
+def check_bnb(quant: str, device: str = "cpu") -> None:
     """Raise EdgeError, with bitsandbytes' own reason, unless `quant` runs here: quantizes and
     multiplies a small layer once, so a missing package or kernel shows before a model loads."""
     if quant not in BNB_QUANTS:
@@ -75,11 +77,12 @@ def check_bnb(quant: str) -> None:
                         f"'mistral-edge[bnb]'): {type(e).__name__}: {first_line(e)}") from None
     try:
         with torch.no_grad():
-            out = bnb_linear(torch.randn(64, 64), quant, torch.float32)(torch.randn(1, 2, 64))
+            out = bnb_linear(torch.randn(64, 64, device=device), quant, torch.float32, device)(
+                torch.randn(1, 2, 64, device=device))
         if not torch.isfinite(out).all():
             raise ValueError("non-finite output on a test layer")
     except Exception as e:
-        raise EdgeError(f"bitsandbytes {quant} needs a working {DEVICE} backend: {type(e).__name__}: {first_line(e)}") from None
+        raise EdgeError(f"bitsandbytes {quant} needs a working {device} backend: {type(e).__name__}: {first_line(e)}") from None
 
 
 def quantize_linears(model: ReferenceModel, quant: str) -> int:
@@ -90,8 +93,5 @@ def quantize_linears(model: ReferenceModel, quant: str) -> int:
     plus the modules' state as bitsandbytes saves it (quantized weight, scales). Read here, before
     any forward: the 4-bit CPU modules repack their weight on first use, and state_dict() unpacks it.
     """
-    check_bnb(quant)
-    for name in [k for k, w in model.w.items() if k.startswith("layers.") and w.ndim == 2]:
-        model.linears[name] = bnb_linear(model.w.pop(name), quant, model.dtype)
-    states = (t for m in model.linears.values() for t in m.state_dict().values())
-    return sum(t.nbytes for t in model.w.values()) + sum(t.nbytes for t in states)
+    check_bnb(quant, model.device.type)
+    return swap_linears(model, lambda w: bnb_linear(w, quant, model.dtype, model.device.type))

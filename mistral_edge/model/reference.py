@@ -25,7 +25,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [*positions.shape, head_dim] for rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    even = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+    inv_freq = 1.0 / (theta ** (even.float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -93,7 +94,8 @@ class ReferenceModel:
         dev = self.device
         n_valid = torch.full((B,), C, dtype=torch.long, device=dev) if n_valid is None else n_valid.long()
         qpos = cache.pos[:, None] + torch.arange(C, device=dev)  # [B, C]
-        kpos = torch.cat([cache.slot_positions(), torch.where(torch.arange(C, device=dev) < n_valid[:, None], qpos, -1)], 1)
+        chunk_valid = torch.arange(C, device=dev) < n_valid[:, None]
+        kpos = torch.cat([cache.slot_positions(), torch.where(chunk_valid, qpos, -1)], 1)
         visible = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - W)
         bias = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill(~visible, float("-inf"))[:, None]
         cos, sin = rope_tables(qpos, c.head_dim, c.rope_theta)
