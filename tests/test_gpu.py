@@ -161,9 +161,12 @@ def test_int8_quantization_and_kernel():
     deq = q.float() * scale[:, None]
     assert q.dtype == torch.int8 and (w - deq).abs().le(scale[:, None] / 2 + 1e-6).all()
     for dtype, tol in [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)]:
-        out = Int8Linear(w, dtype)(x.to(dtype)[None]).float()
+        layer = Int8Linear(w, dtype)
+        out = layer(x.to(dtype)[None]).float()
         ref = x.to(dtype).float() @ deq.T
         assert out.shape == (1, 5, 96) and (out[0] - ref).abs().max() <= tol * ref.abs().max()
+        layer.fused = True  # the gpt-fast form computes the same product
+        assert (layer(x.to(dtype)[None]).float()[0] - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_int4_quantization_and_kernel():

@@ -38,6 +38,7 @@ WARMUP_STEPS = 3
 class CaptureConfig:
     sizes: tuple[int, ...] = (1,)  # chunk sizes run as captured steps (1: decode); other chunks run eagerly
     compile: str | Callable | None = None  # torch.compile backend applied before capture (None: eager kernels)
+    compile_sizes: tuple[int, ...] | None = None  # the sizes compiled (None: all of `sizes`)
     graphs: bool | None = None  # record CUDA graphs; None: when the model is on a CUDA device
 
 
@@ -71,8 +72,8 @@ class CapturedStep:
         self.tokens = torch.zeros((batch, size), dtype=torch.long, device=dev)
         self.valid = torch.zeros(batch, dtype=torch.long, device=dev)
         run = bound_step(model, cache)
-        self.run = run if config.compile is None else torch.compile(run, backend=config.compile, fullgraph=True,
-                                                                    dynamic=False)
+        compiled = config.compile is not None and (config.compile_sizes is None or size in config.compile_sizes)
+        self.run = torch.compile(run, backend=config.compile, fullgraph=True, dynamic=False) if compiled else run
         self.graphs = dev.type == "cuda" if config.graphs is None else config.graphs
         self.pool, self.graph, self.out, self.captured = pool, None, None, False
 

@@ -53,6 +53,11 @@ def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor, group: int)
 
 
 class Int8Linear(torch.nn.Module):
+    fused = False
+    """True: the gpt-fast form, (x @ q.T) * scale with q cast to x's dtype, a single int8-reading GEMV once
+    torch.compile fuses the cast into it (eagerly it materializes the float weight every call). The GPU
+    benchmark measures it against the aten kernel (benchmarks/gpu_vs_hf.py, row ours-int8-wo-fused)."""
+
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         q, scale = quantize_int8(weight)
@@ -60,6 +65,8 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("scale", scale.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scale
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
         return out.view(*x.shape[:-1], -1)
 
