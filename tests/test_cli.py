@@ -200,7 +200,7 @@ def test_generate_refuses_with_a_bundle(cli, bundles, args, message):
     (["--threads", "2"], "--threads cannot be used with --backend torch"),
     (["--verify"], "--verify/--no-verify cannot be used with --backend torch"),
     (["--no-verify"], "--verify/--no-verify cannot be used with --backend torch"),
-    (["--quant", "int3"], "unknown --quant 'int3' for the torch backend; expected fp32, int8, nf4"),
+    (["--quant", "int3"], "unknown --quant 'int3' for the torch backend; expected none, int8, nf4, int8-wo, int4-wo"),
     (["--window", str(2**40)], "window must be an integer between 1"),
     (["--backend", "tpu"], "unknown backend 'tpu'"),
 ])
