@@ -230,3 +230,13 @@ def test_cuda_weight_only_kernels_match_dequantized(quant):
         deq, layer = dequantize_int4(q, sz.bfloat16(), 128), Int4Linear(w, torch.bfloat16, 128, 8)
     ref = x.float() @ deq.T
     assert (layer(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.slow  # inductor compiles the tiny model's two step shapes: about 3 minutes on a busy 2-core machine
+def test_cli_generate_compiled_equals_eager(model_dir):
+    """--compile (inductor on a CPU, then the same static-buffer steps) streams the eager reply, 20 tokens
+    past W = 8, so the compiled cache write wraps."""
+    args = ["generate", "--model", str(model_dir), "--raw", "--max-new-tokens", "20", "Hello world"]
+    eager, compiled = CliRunner().invoke(app, args), CliRunner().invoke(app, [*args, "--compile"])
+    assert eager.exit_code == compiled.exit_code == 0
+    assert len(eager.output) > 20 and compiled.output == eager.output

@@ -20,8 +20,8 @@ compiled) step, which is what the CPU tests check, capture count included.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

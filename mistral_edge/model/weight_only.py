@@ -11,7 +11,7 @@ CUDA, the only dtype tinygemm takes); embedding, norms and head stay unquantized
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
