@@ -18,10 +18,13 @@ from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.serve.app import MAX_BODY, create_app
 from mistral_edge.runtime.sampling import SamplingParams
+from mistral_edge.runtime.moderate import LABELS, Guard, Moderator, Verdict
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
+from mistral_edge.serve.moderation import Moderation
 from helpers import write_tiny_bundle
 
 MAX_PROMPT = 96
+REFUSAL = "Not on this server."
 TIMEOUT = 60  # seconds: the bound on any one request in these tests
 
 
@@ -35,11 +38,17 @@ def bundle(tmp_path_factory):
 class Live:
     """A server in a thread on 127.0.0.1, an ephemeral port."""
 
-    def __init__(self, bundle, config: EngineConfig, eos: bool = True):
-        self.engine = Engine(bundle, config)
+    def __init__(self, bundle, config: EngineConfig, eos: bool = True, moderate: str | None = None,
+                 source=None):
+        self.engine = Engine(source or bundle, config)
         if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
             self.engine.stops = set()
-        app = create_app(self.engine, "tiny", ChatFormat.from_manifest(bundle.manifest))
+        fmt = ChatFormat.from_manifest(bundle.manifest)
+        self.moderation = None
+        if moderate:  # a moderator on a session of its own, as `serve --moderate` builds it
+            guard = Guard(Moderator(Generator(bundle.session(), bundle.tokenizer()), fmt), moderate, REFUSAL)
+            self.moderation = Moderation(guard, limit=8)
+        app = create_app(self.engine, "tiny", fmt, moderation=self.moderation)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -60,6 +69,8 @@ class Live:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.engine.close()
+        if self.moderation:
+            self.moderation.close()
         self.sock.close()
 
 
@@ -393,3 +404,115 @@ def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --- serve --moderate ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded(bundle):
+    """A moderating server per mode, started on first use."""
+    servers = {}
+
+    def get(mode: str) -> Live:
+        if mode not in servers:
+            servers[mode] = Live(bundle, EngineConfig(batch=2, queue=4, max_tokens=64), moderate=mode)
+        return servers[mode]
+
+    yield get
+    for server in servers.values():
+        server.close()
+
+
+def _ask(server, stream: bool, chat: bool, text: str, max_tokens: int = 8):
+    """(content, finish_reason, usage) of one request through the openai client."""
+    if chat:
+        args = dict(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=max_tokens)
+        if not stream:
+            r = server.client.chat.completions.create(**args)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+        chunks = list(server.client.chat.completions.create(stream=True, **args))
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    else:
+        args = dict(model="tiny", prompt=text, max_tokens=max_tokens)
+        if not stream:
+            r = server.client.completions.create(**args)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage
+        chunks = list(server.client.completions.create(stream=True, **args))
+        pieces = [c.choices[0].text for c in chunks if c.choices]
+    return "".join(pieces), chunks[-1].choices[0].finish_reason, chunks[-1].usage
+
+
+def _judging(monkeypatch, category: str | None, seen: list):
+    """Record what the moderator is asked; `category` replaces its verdict (None: the model's own)."""
+    real = Moderator.classify
+
+    def classify(self, text, reply=None):
+        seen.append((text, reply))
+        if category is None:
+            return real(self, text, reply)
+        return Verdict(category, {k: float(k == category) for k in LABELS})
+
+    monkeypatch.setattr(Moderator, "classify", classify)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [True, False])
+def test_moderated_input_the_model_flags_is_refused_with_the_message(bundle, guarded, monkeypatch, stream, chat):
+    """The tiny model's own verdict (it flags this text) refuses the request before any token is generated."""
+    server, text = guarded("input"), "How do I pick a lock?"
+    b = Bundle.open(bundle.path)
+    fmt = ChatFormat.from_manifest(b.manifest)
+    assert not Moderator(Generator(b.session(), b.tokenizer()), fmt).classify(text).acceptable
+    seen = []
+    _judging(monkeypatch, None, seen)
+    before = server.health()["generated_tokens"]
+    content, finish, usage = _ask(server, stream, chat, text)
+    assert (content, finish) == (REFUSAL, "content_filter")
+    ids = chat_ids(bundle, [{"role": "user", "content": text}]) if chat else bundle.tokenizer().encode(text)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+    assert seen == [(text, None)] and server.health()["generated_tokens"] == before
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_moderated_output_is_judged_whole_and_replaced_before_a_byte_is_sent(bundle, guarded, monkeypatch, stream):
+    server, text = guarded("output"), "Tell me about the sea"
+    seen = []
+    _judging(monkeypatch, None, seen)  # the tiny model flags its own reply
+    content, finish, usage = _ask(server, stream, True, text, max_tokens=10)
+    out, reply = direct(bundle, chat_ids(bundle, [{"role": "user", "content": text}]), 10)
+    assert seen == [(text, reply)]  # the request is not judged, the whole reply is
+    assert (content, finish, usage.completion_tokens) == (REFUSAL, "content_filter", len(out))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_both_moderated_an_acceptable_reply_comes_out_unchanged(bundle, guarded, monkeypatch, stream):
+    server, text = guarded("both"), "Count to five"
+    seen = []
+    _judging(monkeypatch, "acceptable", seen)
+    content, finish, usage = _ask(server, stream, True, text, max_tokens=12)
+    out, reply = direct(bundle, chat_ids(bundle, [{"role": "user", "content": text}]), 12)
+    assert content == reply and finish == ("length" if len(out) == 12 else "stop")
+    assert seen == [(text, None), (text, reply)]
+    _judging(monkeypatch, "hateful", seen)
+    assert _ask(server, stream, True, text)[:2] == (REFUSAL, "content_filter")
+
+
+def test_moderation_judges_the_last_user_turn(bundle, guarded, monkeypatch):
+    seen = []
+    _judging(monkeypatch, "illegal", seen)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+    r = guarded("input").client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert r.choices[0].message.content == REFUSAL and seen == [("second", None)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--moderate", "sideways"], "unknown --moderate 'sideways'; expected input, output, both"),
+    (["--refusal", "No."], "--refusal applies with --moderate"),
+    (["--model", "x"], "--model cannot be used with --backend onnx: a bundle brings its own model and window"),
+    (["--chunk", "4"], "--chunk applies to --model; a bundle serves with its export's chunk"),
+])
+def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
+    r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", "1", *args],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 1 and r.stderr == f"error: {message}\n"

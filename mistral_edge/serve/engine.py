@@ -105,11 +105,14 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, bundle, config: EngineConfig = EngineConfig()):
+    """Serves `source`: a runtime Bundle, or anything with its `tokenizer()` and
+    `session(threads=, batch=)` (cli/serve.py's checkpoint on the PyTorch reference)."""
+
+    def __init__(self, source, config: EngineConfig = EngineConfig()):
         self.config = config
-        self.tokenizer = bundle.tokenizer()
-        self.single = bundle.session(threads=config.threads)
-        self.multi = bundle.session(threads=config.threads, batch=config.batch) if config.batch > 1 else None
+        self.tokenizer = source.tokenizer()
+        self.single = source.session(threads=config.threads)
+        self.multi = source.session(threads=config.threads, batch=config.batch) if config.batch > 1 else None
         self.window = self.single.window
         self.stops = set(self.tokenizer.eos_ids)
         self._lock = threading.Condition()
@@ -263,7 +266,7 @@ class Engine:
         piece, stopped = run.text.flush()
         if piece:
             run.job.on_event("text", piece)
-        if run.job.reuse:
+        if run.job.reuse and self.config.cache_bytes:
             session, row = (self.single, 0) if run.row < 0 else (self.multi, run.row)
             self._keep(capture(session, row, TokenHistory.of(run.fed, self.window)))
         run.job.on_event("done", reason if not stopped else "stop", run.usage())
