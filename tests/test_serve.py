@@ -1,6 +1,8 @@
 """The OpenAI-compatible server, live on loopback, driven by the real `openai` client."""
 
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from mistral_edge.runtime.sampling import SamplingParams
 from mistral_edge.runtime.moderate import LABELS, Guard, Moderator, Verdict
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
 from mistral_edge.serve.moderation import Moderation
-from helpers import write_tiny_bundle
+from helpers import SPM_V1, W, tiny_hf_mistral, write_tiny_bundle
 
 MAX_PROMPT = 96
 REFUSAL = "Not on this server."
@@ -38,15 +40,15 @@ def bundle(tmp_path_factory):
 class Live:
     """A server in a thread on 127.0.0.1, an ephemeral port."""
 
-    def __init__(self, bundle, config: EngineConfig, eos: bool = True, moderate: str | None = None,
-                 source=None):
-        self.engine = Engine(source or bundle, config)
+    def __init__(self, source, config: EngineConfig, eos: bool = True, moderate: str | None = None, fmt=None):
+        """`source`: a Bundle, or a checkpoint's Reference (then give its chat format `fmt`)."""
+        self.engine = Engine(source, config)
         if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
             self.engine.stops = set()
-        fmt = ChatFormat.from_manifest(bundle.manifest)
+        fmt = fmt or ChatFormat.from_manifest(source.manifest)
         self.moderation = None
         if moderate:  # a moderator on a session of its own, as `serve --moderate` builds it
-            guard = Guard(Moderator(Generator(bundle.session(), bundle.tokenizer()), fmt), moderate, REFUSAL)
+            guard = Guard(Moderator(Generator(source.session(), source.tokenizer()), fmt), moderate, REFUSAL)
             self.moderation = Moderation(guard, limit=8)
         app = create_app(self.engine, "tiny", fmt, moderation=self.moderation)
         self.sock = socket.socket()
@@ -72,6 +74,30 @@ class Live:
         if self.moderation:
             self.moderation.close()
         self.sock.close()
+
+
+@contextlib.contextmanager
+def _cli_server(*args):
+    """`mistral-edge serve ARGS` on a free loopback port; an openai client on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
+                             "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -386,24 +412,9 @@ def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
                            capture_output=True, text=True, timeout=TIMEOUT)
         taken = f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
         assert r.returncode == 1 and r.stderr.strip() == taken
-    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
-                             "--bundle", str(bundle.path), "--port", str(port), "--batch", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                       timeout=TIMEOUT)
-        assert r.status_code == 200 and r.json()["object"] == "text_completion"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with _cli_server("--bundle", str(bundle.path), "--batch", "1") as client:
+        r = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert r.object == "text_completion" and r.usage.completion_tokens >= 1
 
 
 # --- serve --moderate ------------------------------------------------------------------------------
@@ -516,3 +527,80 @@ def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
     r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", "1", *args],
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 1 and r.stderr == f"error: {message}\n"
+
+
+def test_cli_serve_moderates_with_the_configured_refusal(bundle):
+    with _cli_server("--bundle", str(bundle.path), "--moderate", "input", "--refusal", "Nope.") as client:
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Nope.", "content_filter")
+
+
+# --- serve --model (the PyTorch reference) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny random Mistral as a Hugging Face directory with a SentencePiece tokenizer."""
+    out = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    tiny_hf_mistral(window=W, vocab=32000, dim=32).save_pretrained(out, safe_serialization=True)
+    shutil.copy(SPM_V1, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """(a batch-2 server on the checkpoint's torch backend, a batch-1 Generator on the same backend, its chat format)."""
+    from mistral_edge.cli.generate import RunOptions, open_checkpoint
+    from mistral_edge.cli.serve import Reference
+
+    gen, fmt, _ = open_checkpoint(RunOptions(model=str(checkpoint)))
+    server = Live(Reference(gen.session, gen.tokenizer), EngineConfig(batch=2, queue=8, max_tokens=64), fmt=fmt)
+    yield server, gen, fmt
+    server.close()
+
+
+def _torch_direct(gen, ids, max_tokens):
+    gen.session.reset()
+    out = list(gen.stream_ids(ids, GenerationConfig(max_new_tokens=max_tokens)))
+    return out, gen.tokenizer.decode(out)
+
+
+def test_served_checkpoint_greedy_equals_direct_torch_generation(reference):
+    server, gen, fmt = reference
+    messages = [{"role": "user", "content": "Tell me about the sea"}]
+    ids = fmt.encode(messages, gen.tokenizer)
+    out, text = _torch_direct(gen, ids, 10)
+    r = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
+    assert r.choices[0].message.content == text and r.usage.completion_tokens == len(out) > 0
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_served_checkpoint_batches_and_reuses_on_the_torch_backend(reference):
+    """Rows move between the torch sessions (batched decode, cached conversations) without changing a token."""
+    server, gen, fmt = reference
+    prompts = [f"Question {i}: " + "why " * i for i in range(4)]
+
+    def ask(p):
+        return server.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
+
+    before = server.health()["batched_steps"]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, prompts, timeout=TIMEOUT))
+    assert got == [_torch_direct(gen, gen.tokenizer.encode(p), 12)[1] for p in prompts]
+    assert server.health()["batched_steps"] > before
+    turn = [{"role": "user", "content": "Hi"}]
+    first = server.client.chat.completions.create(model="tiny", messages=turn, max_tokens=4)
+    second = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+    r = server.client.chat.completions.create(model="tiny", messages=second, max_tokens=6)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(fmt.encode(turn, gen.tokenizer))
+    assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(second, gen.tokenizer), 6)[1]
+
+
+def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference):
+    _, gen, fmt = reference
+    messages = [{"role": "user", "content": "hi"}]
+    with _cli_server("--model", str(checkpoint), "--batch", "1") as client:
+        assert [m.id for m in client.models.list()] == ["tiny-hf"]
+        r = client.chat.completions.create(model="tiny-hf", messages=messages, max_tokens=6)
+    assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(messages, gen.tokenizer), 6)[1]
