@@ -11,6 +11,7 @@ a refused reply reaches the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -26,6 +27,7 @@ from ..errors import EdgeError, first_line
 from ..runtime.sampling import SamplingParams
 from .engine import Busy, Engine, Job
 from .moderation import Moderation
+from .relay import Relay
 
 MAX_BODY = 8 << 20
 """Request bodies larger than this are refused before they are parsed."""
@@ -90,6 +92,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
     `moderation` (serve --moderate) refuses what the model judges unacceptable."""
     defaults = defaults or {}
     limits = engine.config
+    relay = Relay()
     tokenizer = engine.tokenizer
 
     async def _read(request: Request, kind: type[_Body]) -> _Body:
@@ -192,14 +195,22 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(*event) -> None:  # from the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop has closed
-                pass
+            relay.put(loop, queue, event)
 
         async def from_engine():
+            """The engine's events; text pieces already waiting are joined into one (one SSE event)."""
+            held = None
             while True:
-                event = await queue.get()
+                event, held = held or await queue.get(), None
+                if event[0] == "text":
+                    pieces = [event[1]]
+                    while not queue.empty() and held is None:
+                        nxt = queue.get_nowait()
+                        if nxt[0] == "text":
+                            pieces.append(nxt[1])
+                        else:
+                            held = nxt
+                    event = ("text", "".join(pieces))
                 yield event
                 if event[0] != "text":
                     return
@@ -305,12 +316,17 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
     async def not_found(request: Request, exc) -> Response:
         return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        relay.close()
+
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: not_found})
+    ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
 
 
 def _sse(obj: dict) -> str:
