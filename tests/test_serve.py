@@ -604,3 +604,29 @@ def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference):
         assert [m.id for m in client.models.list()] == ["tiny-hf"]
         r = client.chat.completions.create(model="tiny-hf", messages=messages, max_tokens=6)
     assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(messages, gen.tokenizer), 6)[1]
+
+
+def test_requests_arriving_together_fill_the_batch_before_it_decodes(bundle):
+    """Two requests queued at once on a batch-2 engine: both prompts are prefilled before the first
+    decode step, which then serves both rows (no step with one busy row of two)."""
+    engine = Engine(bundle, EngineConfig(batch=2, queue=4, max_tokens=8))
+    calls = []
+    for name in ("single", "multi"):
+        session = getattr(engine, name)
+
+        def step(tokens, valid_lens=None, all_logits=False, real=session.step, name=name):
+            calls.append((name, tokens.shape[1], None if valid_lens is None else int(sum(valid_lens))))
+            return real(tokens, valid_lens, all_logits)
+
+        session.step = step
+    try:
+        done = [threading.Event(), threading.Event()]
+        with engine._lock:  # the worker sees both at once
+            for i, prompt in enumerate(["first prompt", "second prompt"]):
+                engine.submit(Job(bundle.tokenizer().encode(prompt), 4, SamplingParams(),
+                                  lambda kind, *rest, i=i: kind != "text" and done[i].set()))
+        assert all(d.wait(TIMEOUT) for d in done)
+    finally:
+        engine.close()
+    decodes = [c for c in calls if c[1] == 1]
+    assert decodes[0] == ("multi", 1, 2), calls

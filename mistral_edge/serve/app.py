@@ -11,7 +11,6 @@ a refused reply reaches the client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import uuid
@@ -27,7 +26,6 @@ from ..errors import EdgeError, first_line
 from ..runtime.sampling import SamplingParams
 from .engine import Busy, Engine, Job
 from .moderation import Moderation
-from .relay import Relay
 
 MAX_BODY = 8 << 20
 """Request bodies larger than this are refused before they are parsed."""
@@ -92,7 +90,6 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
     `moderation` (serve --moderate) refuses what the model judges unacceptable."""
     defaults = defaults or {}
     limits = engine.config
-    relay = Relay()
     tokenizer = engine.tokenizer
 
     async def _read(request: Request, kind: type[_Body]) -> _Body:
@@ -195,7 +192,10 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(*event) -> None:  # from the engine thread
-            relay.put(loop, queue, event)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop has closed
+                pass
 
         async def from_engine():
             """The engine's events; text pieces already waiting are joined into one (one SSE event)."""
@@ -316,17 +316,12 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
     async def not_found(request: Request, exc) -> Response:
         return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        relay.close()
-
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    ], exception_handlers={404: not_found, 405: not_found})
 
 
 def _sse(obj: dict) -> str:
