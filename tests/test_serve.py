@@ -40,7 +40,8 @@ def bundle(tmp_path_factory):
 class Live:
     """A server in a thread on 127.0.0.1, an ephemeral port."""
 
-    def __init__(self, source, config: EngineConfig, eos: bool = True, moderate: str | None = None, fmt=None):
+    def __init__(self, source, config: EngineConfig, eos: bool = True, moderate: str | None = None, fmt=None,
+                 stream_interval: float = 0.0):
         """`source`: a Bundle, or a checkpoint's Reference (then give its chat format `fmt`)."""
         self.engine = Engine(source, config)
         if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
@@ -50,7 +51,7 @@ class Live:
         if moderate:  # a moderator on a session of its own, as `serve --moderate` builds it
             guard = Guard(Moderator(Generator(source.session(), source.tokenizer()), fmt), moderate, REFUSAL)
             self.moderation = Moderation(guard, limit=8)
-        app = create_app(self.engine, "tiny", fmt, moderation=self.moderation)
+        app = create_app(self.engine, "tiny", fmt, moderation=self.moderation, stream_interval=stream_interval)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -630,3 +631,20 @@ def test_requests_arriving_together_fill_the_batch_before_it_decodes(bundle):
         engine.close()
     decodes = [c for c in calls if c[1] == 1]
     assert decodes[0] == ("multi", 1, 2), calls
+
+
+def test_stream_interval_joins_pieces_and_loses_nothing(bundle):
+    """With a 0.3 s interval a fast reply streams in a few events, the first at once; the text is the same."""
+    server = Live(bundle, EngineConfig(batch=1, queue=2, max_tokens=64), eos=False, stream_interval=0.3)
+    try:
+        args = dict(model="tiny", prompt="Once upon a time", max_tokens=40)
+        plain = server.client.completions.create(**args)
+        t0, stamps, pieces = time.monotonic(), [], []
+        for chunk in server.client.completions.create(stream=True, **args):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.monotonic() - t0)
+                pieces.append(chunk.choices[0].text)
+    finally:
+        server.close()
+    assert "".join(pieces) == plain.choices[0].text and plain.usage.completion_tokens == 40
+    assert len(pieces) < 20 and all(b - a > 0.25 for a, b in zip(stamps, stamps[1:]))

@@ -26,6 +26,8 @@ def serve(
     max_prompt: Annotated[int, typer.Option(help="longest prompt accepted, in tokens")] = 8192,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens accepted")] = 4096,
     cache_mib: Annotated[int, typer.Option(help="memory for cached conversations (multi-turn reuse), MiB")] = 512,
+    stream_interval: Annotated[int, typer.Option(
+        help="a streamed reply sends its text at most once per this many milliseconds (0: every piece at once)")] = 20,
     moderate: Annotated[Optional[str], typer.Option(
         help="have the model judge each request (input), its reply (output) or both, and answer what it finds "
              "unacceptable with --refusal (finish_reason content_filter); output and both stream a reply "
@@ -46,6 +48,8 @@ def serve(
         raise EdgeError("serve needs starlette and uvicorn: pip install 'mistral-edge[serve]'") from None
     if not 0 < port < 65536:
         raise EdgeError(f"port must be between 1 and 65535, got {port}")
+    if not 0 <= stream_interval <= 10_000:
+        raise EdgeError(f"stream-interval must be between 0 and 10000 ms, got {stream_interval}")
     opts = RunOptions(bundle=bundle, model=model, moderate=moderate, refusal=refusal, threads=threads,
                       window=window, chunk=chunk, trust_pickle=trust_pickle, verify=verify)
     from ..serve.app import create_app
@@ -56,7 +60,7 @@ def serve(
     sock = _listen(host, port)
     engine = Engine(source, config)
     moderation = _moderation(opts, source, fmt, config)
-    app = create_app(engine, model_id, fmt, defaults, moderation)
+    app = create_app(engine, model_id, fmt, defaults, moderation, stream_interval / 1000)
     guarded = f", moderating {opts.moderate}" if moderation else ""
     typer.echo(f"serving {model_id} on http://{host}:{port}/v1 ({opts.backend} backend, batch {batch}, "
                f"queue {queue}{guarded})", err=True)

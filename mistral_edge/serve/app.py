@@ -85,9 +85,11 @@ def _validation_line(e: ValidationError) -> str:
 
 
 def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None = None,
-               moderation: Moderation | None = None) -> Starlette:
+               moderation: Moderation | None = None, stream_interval: float = 0.0) -> Starlette:
     """The ASGI app serving `engine` under the name `model_id`; `chat_format` encodes messages;
-    `moderation` (serve --moderate) refuses what the model judges unacceptable."""
+    `moderation` (serve --moderate) refuses what the model judges unacceptable; a streamed reply
+    sends its text at most once per `stream_interval` seconds (each event costs the event loop and
+    the client CPU time that, on a small machine, decoding would otherwise have)."""
     defaults = defaults or {}
     limits = engine.config
     tokenizer = engine.tokenizer
@@ -177,13 +179,13 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             if event[0] == "text":
                 held.append(event)
                 continue
+            reply = "".join(e[1] for e in held)
             if event[0] != "done":  # an error or a client gone: nothing unjudged goes out
-                held = []
-            elif await moderation.refuses_reply(asked, "".join(e[1] for e in held)):
-                held = [("text", moderation.refusal)]
-                event = ("done", "content_filter", event[2])
-            for e in held:
-                yield e
+                reply = ""
+            elif await moderation.refuses_reply(asked, reply):
+                reply, event = moderation.refusal, ("done", "content_filter", event[2])
+            if reply:
+                yield "text", reply
             yield event
             return
 
@@ -197,12 +199,17 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             except RuntimeError:  # the event loop has closed
                 pass
 
-        async def from_engine():
-            """The engine's events; text pieces already waiting are joined into one (one SSE event)."""
-            held = None
+        async def from_engine(interval: float):
+            """The engine's events; text pieces are joined so that text goes out at most once per
+            `interval` seconds (the first at once), or, with 0, as soon as it comes."""
+            held, due = None, 0.0
             while True:
                 event, held = held or await queue.get(), None
                 if event[0] == "text":
+                    wait = due - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    due = loop.time() + interval
                     pieces = [event[1]]
                     while not queue.empty() and held is None:
                         nxt = queue.get_nowait()
@@ -237,8 +244,9 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             return _error(503, str(e), "server_busy")
         except EdgeError as e:
             return _error(500, first_line(e), "server_error")
-        events = _moderated(from_engine(), asked) if job and moderation and moderation.checks_output \
-            else from_engine()
+        events = from_engine(stream_interval if body.stream else 0.0)
+        if job and moderation and moderation.checks_output:
+            events = _moderated(events, asked)
 
         def stop() -> None:
             if job is not None:
