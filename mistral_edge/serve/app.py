@@ -25,6 +25,7 @@ from starlette.routing import Route
 from ..errors import EdgeError, first_line
 from ..runtime.sampling import SamplingParams
 from .engine import Busy, Engine, Job
+from .inbox import Inbox
 from .moderation import Moderation
 
 MAX_BODY = 8 << 20
@@ -190,50 +191,35 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             return
 
     async def _serve(request: Request, chat: bool) -> Response:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(*event) -> None:  # from the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop has closed
-                pass
+        inbox = Inbox(asyncio.get_running_loop())
 
         async def from_engine(interval: float):
-            """The engine's events; text pieces are joined so that text goes out at most once per
-            `interval` seconds (the first at once), or, with 0, as soon as it comes."""
-            held, due = None, 0.0
+            """The engine's events, the text that came meanwhile joined into one piece; after a
+            piece, wait `interval` seconds (streaming: fewer, larger events) before taking more."""
             while True:
-                event, held = held or await queue.get(), None
-                if event[0] == "text":
-                    wait = due - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    due = loop.time() + interval
-                    pieces = [event[1]]
-                    while not queue.empty() and held is None:
-                        nxt = queue.get_nowait()
-                        if nxt[0] == "text":
-                            pieces.append(nxt[1])
-                        else:
-                            held = nxt
-                    event = ("text", "".join(pieces))
-                yield event
-                if event[0] != "text":
+                events = await inbox.take()
+                text = "".join(e[1] for e in events if e[0] == "text")
+                end = next((e for e in events if e[0] != "text"), None)
+                if text:
+                    yield "text", text
+                if end:
+                    yield end
                     return
+                if interval:
+                    await asyncio.sleep(interval)
 
         job = None
         try:
             body = await _read(request, ChatBody if chat else CompletionBody)
             ids, processor = await asyncio.to_thread(_prepare, body, chat)  # off the event loop
-            job = _job(body, ids, emit, reuse=chat, processor=processor)
+            job = _job(body, ids, inbox.put, reuse=chat, processor=processor)
             asked = _asked(body, chat) if moderation else ""
             if moderation and await moderation.refuses_request(asked):
                 usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
                          "prompt_tokens_details": {"cached_tokens": 0}}
                 job = None
-                for event in (("text", moderation.refusal), ("done", "content_filter", usage)):
-                    queue.put_nowait(event)
+                inbox.put("text", moderation.refusal)
+                inbox.put("done", "content_filter", usage)
             else:
                 engine.submit(job)
         except BadRequest as e:
@@ -289,7 +275,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         async def watch() -> None:  # a busy stream of events must not hide a client that left
             while not await request.is_disconnected():
                 await asyncio.sleep(0.5)
-            queue.put_nowait(("gone",))
+            inbox.put("gone")
 
         watcher = asyncio.create_task(watch())
         pieces = []
