@@ -191,11 +191,15 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             return
 
     async def _serve(request: Request, chat: bool) -> Response:
-        inbox = Inbox(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
 
         async def from_engine(interval: float):
-            """The engine's events, the text that came meanwhile joined into one piece; after a
-            piece, wait `interval` seconds (streaming: fewer, larger events) before taking more."""
+            """The engine's events, the text that came meanwhile joined into one piece. While pieces
+            come less than 2 x `interval` seconds apart, wait `interval` after each (streaming: fewer,
+            larger events, no wake-up per token); slower ones go out as they come (a wait would add
+            a timer wake-up per piece)."""
+            sent = -interval * 2
             while True:
                 events = await inbox.take()
                 text = "".join(e[1] for e in events if e[0] == "text")
@@ -205,8 +209,10 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
                 if end:
                     yield end
                     return
-                if interval:
+                now = loop.time()
+                if now - sent < 2 * interval:
                     await asyncio.sleep(interval)
+                sent = now
 
         job = None
         try:
