@@ -3,6 +3,10 @@ several concurrent clients, raw batched-step cost, and time to first token on a 
 with and without the conversation cache.
 
     PYTHONPATH=$PWD python3 benchmarks/serve_bench.py --bundle /tmp/demo-cpu --threads 2
+    PYTHONPATH=$PWD python3 benchmarks/serve_bench.py --bundle /tmp/demo-cpu --no-turns --before /tmp/old-src
+
+Figures are medians of alternating rounds (direct, this server, the --before server in turn), with
+the median of per-round ratios beside them ("paired"), so that load drifting hits every side alike.
 
 The servers run as `mistral-edge serve` subprocesses on 127.0.0.1; every request is bounded in time.
 Figures go to docs/serve.md with the machine's load (`uptime`).
