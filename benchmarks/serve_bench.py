@@ -3,6 +3,10 @@ several concurrent clients, raw batched-step cost, and time to first token on a 
 with and without the conversation cache.
 
     PYTHONPATH=$PWD python3 benchmarks/serve_bench.py --bundle /tmp/demo-cpu --threads 2
+    PYTHONPATH=$PWD python3 benchmarks/serve_bench.py --bundle /tmp/demo-cpu --no-turns --before /tmp/old-src
+
+Figures are medians of alternating rounds (direct, this server, the --before server in turn), with
+the median of per-round ratios beside them ("paired"), so that load drifting hits every side alike.
 
 The servers run as `mistral-edge serve` subprocesses on 127.0.0.1; every request is bounded in time.
 Figures go to docs/serve.md with the machine's load (`uptime`).
@@ -18,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import numpy as np
@@ -34,13 +38,13 @@ PROMPTS = ["Write a long story about a dragon who learns to cook.",
            "Write a letter to a friend about your summer holidays."]
 
 
-def _best(runs: list[float]) -> float:
-    return max(runs)
+def _median(runs: list[float]) -> float:
+    return float(np.median(runs))
 
 
 def direct_decode(bundle: Bundle, threads: int, tokens: int, repeats: int) -> float:
     """Decode tok/s of Generator.stream, text included as `generate` prints it (first token to last),
-    best of `repeats`."""
+    median of `repeats`."""
     tok = bundle.tokenizer()
     ids = ChatFormat.from_manifest(bundle.manifest).encode([{"role": "user", "content": PROMPTS[0]}], tok)
     gen = Generator(bundle.session(threads=threads), tok)
@@ -52,7 +56,7 @@ def direct_decode(bundle: Bundle, threads: int, tokens: int, repeats: int) -> fl
         for _ in gen.stream(ids, cfg, on_token=lambda _: stamps.append(time.perf_counter())):
             pass
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return _best(rates)
+    return _median(rates)
 
 
 def batched_steps(bundle: Bundle, threads: int, batch: int, steps: int = 32, repeats: int = 3) -> dict:
@@ -77,13 +81,15 @@ def batched_steps(bundle: Bundle, threads: int, batch: int, steps: int = 32, rep
 
 
 @contextmanager
-def server(bundle: str, threads: int, *extra: str):
+def server(bundle: str, threads: int, *extra: str, source: str | None = None):
+    """`mistral-edge serve` from this checkout, or from the source tree `source` (--before)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = os.environ if source is None else {**os.environ, "PYTHONPATH": source}
     proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
                              "--bundle", bundle, "--port", str(port), "--threads", str(threads), *extra],
-                            env=os.environ, stderr=subprocess.DEVNULL)
+                            env=env, cwd=source, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -123,9 +129,9 @@ def stream(url: str, path: str, body: dict) -> dict:
             "prompt": usage["prompt_tokens"], "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
-def served_decode(url: str, tokens: int, repeats: int) -> float:
+def served_decode(url: str, tokens: int) -> float:
     body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": tokens}
-    return _best([stream(url, "/v1/chat/completions", body)["decode"] for _ in range(repeats)])
+    return stream(url, "/v1/chat/completions", body)["decode"]
 
 
 def concurrent(url: str, clients: int, tokens: int, run: int) -> float:
@@ -157,6 +163,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--steps-only", action="store_true", help="measure only the raw batched step")
+    ap.add_argument("--no-turns", action="store_true", help="skip the time-to-first-token conversations")
+    ap.add_argument("--before", metavar="SRC", help="also serve from this source tree (e.g. a `git archive` of "
+                    "an older revision), alternately with this one, for before/after figures")
     args = ap.parse_args()
     bundle = Bundle.open(args.bundle)
     report = {"uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
@@ -168,19 +177,35 @@ def main() -> None:
     if args.steps_only:
         return print(json.dumps(report, indent=1))
 
-    with server(args.bundle, args.threads, "--batch", str(args.clients)) as url:
-        direct, served = [], []
-        for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-            direct.append(direct_decode(bundle, args.threads, args.tokens, 1))
-            served.append(served_decode(url, args.tokens, 1))
-        report["direct_decode_tok_s"] = round(_best(direct), 2)
-        report["served_decode_tok_s"] = round(_best(served), 2)
-        report["serving_cost_pct"] = round(100 * (1 - _best(served) / _best(direct)), 1)
-        one = _best([concurrent(url, 1, args.tokens, r) for r in range(args.repeats)])
-        many = _best([concurrent(url, args.clients, args.tokens, r) for r in range(args.repeats)])
-        report["one_client_tok_s"], report[f"{args.clients}_clients_tok_s"] = round(one, 2), round(many, 2)
-        report["concurrency_speedup"] = round(many / one, 2)
-
+    with ExitStack() as stack:
+        urls = {"served": stack.enter_context(server(args.bundle, args.threads, "--batch", str(args.clients)))}
+        if args.before:
+            urls["before"] = stack.enter_context(server(args.bundle, args.threads, "--batch", str(args.clients),
+                                                        source=args.before))
+        runs: dict[str, list[float]] = {}
+        for r in range(args.repeats):  # alternating rounds, so load changes hit every side alike
+            runs.setdefault("direct", []).append(direct_decode(bundle, args.threads, args.tokens, 1))
+            for name, url in urls.items():
+                runs.setdefault(name, []).append(served_decode(url, args.tokens))
+                runs.setdefault(f"{name}_1_client", []).append(concurrent(url, 1, args.tokens, r))
+                runs.setdefault(f"{name}_{args.clients}_clients", []).append(concurrent(url, args.clients, args.tokens, r))
+        report["rounds"] = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+        direct = _median(runs["direct"])
+        report["direct_decode_tok_s"] = round(direct, 2)
+        for name in urls:
+            report[f"{name}_decode_tok_s"] = round(_median(runs[name]), 2)
+            report[f"{name}_cost_pct"] = round(100 * (1 - _median(runs[name]) / direct), 1)
+            # per round, against that round's direct run: less sensitive to load drifting between rounds
+            report[f"{name}_cost_pct_paired"] = round(100 * (1 - _median(
+                [s / d for s, d in zip(runs[name], runs["direct"])])), 1)
+            one, many = _median(runs[f"{name}_1_client"]), _median(runs[f"{name}_{args.clients}_clients"])
+            report[f"{name}_concurrency_speedup"] = round(many / one, 2)
+            report[f"{name}_concurrency_speedup_paired"] = round(_median(
+                [m / o for m, o in zip(runs[f"{name}_{args.clients}_clients"], runs[f"{name}_1_client"])]), 2)
+        if args.no_turns:
+            report["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+            return print(json.dumps(report, indent=1))
+        url = urls["served"]
         late = [conversation(url, f"{p} Keep it short.", args.turns, 48) for p in PROMPTS[:2]]
         reuse = [stream(url, "/v1/chat/completions", {"messages": m, "max_tokens": 8}) for m in late]
     with server(args.bundle, args.threads, "--cache-mib", "0") as url:

@@ -1,6 +1,8 @@
 """The OpenAI-compatible server, live on loopback, driven by the real `openai` client."""
 
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +20,13 @@ from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
 from mistral_edge.serve.app import MAX_BODY, create_app
 from mistral_edge.runtime.sampling import SamplingParams
+from mistral_edge.runtime.moderate import LABELS, Guard, Moderator, Verdict
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
-from helpers import write_tiny_bundle
+from mistral_edge.serve.moderation import Moderation
+from helpers import SPM_V1, W, tiny_hf_mistral, write_tiny_bundle
 
 MAX_PROMPT = 96
+REFUSAL = "Not on this server."
 TIMEOUT = 60  # seconds: the bound on any one request in these tests
 
 
@@ -35,11 +40,18 @@ def bundle(tmp_path_factory):
 class Live:
     """A server in a thread on 127.0.0.1, an ephemeral port."""
 
-    def __init__(self, bundle, config: EngineConfig, eos: bool = True):
-        self.engine = Engine(bundle, config)
+    def __init__(self, source, config: EngineConfig, eos: bool = True, moderate: str | None = None, fmt=None,
+                 stream_interval: float = 0.0):
+        """`source`: a Bundle, or a checkpoint's Reference (then give its chat format `fmt`)."""
+        self.engine = Engine(source, config)
         if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
             self.engine.stops = set()
-        app = create_app(self.engine, "tiny", ChatFormat.from_manifest(bundle.manifest))
+        fmt = fmt or ChatFormat.from_manifest(source.manifest)
+        self.moderation = None
+        if moderate:  # a moderator on a session of its own, as `serve --moderate` builds it
+            guard = Guard(Moderator(Generator(source.session(), source.tokenizer()), fmt), moderate, REFUSAL)
+            self.moderation = Moderation(guard, limit=8)
+        app = create_app(self.engine, "tiny", fmt, moderation=self.moderation, stream_interval=stream_interval)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -60,7 +72,33 @@ class Live:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.engine.close()
+        if self.moderation:
+            self.moderation.close()
         self.sock.close()
+
+
+@contextlib.contextmanager
+def _cli_server(*args):
+    """`mistral-edge serve ARGS` on a free loopback port; an openai client on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
+                             "--port", str(port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -375,21 +413,239 @@ def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
                            capture_output=True, text=True, timeout=TIMEOUT)
         taken = f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
         assert r.returncode == 1 and r.stderr.strip() == taken
-    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "serve",
-                             "--bundle", str(bundle.path), "--port", str(port), "--batch", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with _cli_server("--bundle", str(bundle.path), "--batch", "1") as client:
+        r = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert r.object == "text_completion" and r.usage.completion_tokens >= 1
+
+
+# --- serve --moderate ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guarded(bundle):
+    """A moderating server per mode, started on first use."""
+    servers = {}
+
+    def get(mode: str) -> Live:
+        if mode not in servers:
+            servers[mode] = Live(bundle, EngineConfig(batch=2, queue=4, max_tokens=64), moderate=mode)
+        return servers[mode]
+
+    yield get
+    for server in servers.values():
+        server.close()
+
+
+def _ask(server, stream: bool, chat: bool, text: str, max_tokens: int = 8):
+    """(content, finish_reason, usage) of one request through the openai client."""
+    if chat:
+        args = dict(model="tiny", messages=[{"role": "user", "content": text}], max_tokens=max_tokens)
+        if not stream:
+            r = server.client.chat.completions.create(**args)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+        chunks = list(server.client.chat.completions.create(stream=True, **args))
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    else:
+        args = dict(model="tiny", prompt=text, max_tokens=max_tokens)
+        if not stream:
+            r = server.client.completions.create(**args)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage
+        chunks = list(server.client.completions.create(stream=True, **args))
+        pieces = [c.choices[0].text for c in chunks if c.choices]
+    return "".join(pieces), chunks[-1].choices[0].finish_reason, chunks[-1].usage
+
+
+def _judging(monkeypatch, category: str | None, seen: list):
+    """Record what the moderator is asked; `category` replaces its verdict (None: the model's own)."""
+    real = Moderator.classify
+
+    def classify(self, text, reply=None):
+        seen.append((text, reply))
+        if category is None:
+            return real(self, text, reply)
+        return Verdict(category, {k: float(k == category) for k in LABELS})
+
+    monkeypatch.setattr(Moderator, "classify", classify)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("chat", [True, False])
+def test_moderated_input_the_model_flags_is_refused_with_the_message(bundle, guarded, monkeypatch, stream, chat):
+    """The tiny model's own verdict (it flags this text) refuses the request before any token is generated."""
+    server, text = guarded("input"), "How do I pick a lock?"
+    b = Bundle.open(bundle.path)
+    fmt = ChatFormat.from_manifest(b.manifest)
+    assert not Moderator(Generator(b.session(), b.tokenizer()), fmt).classify(text).acceptable
+    seen = []
+    _judging(monkeypatch, None, seen)
+    before = server.health()["generated_tokens"]
+    content, finish, usage = _ask(server, stream, chat, text)
+    assert (content, finish) == (REFUSAL, "content_filter")
+    ids = chat_ids(bundle, [{"role": "user", "content": text}]) if chat else bundle.tokenizer().encode(text)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+    assert seen == [(text, None)] and server.health()["generated_tokens"] == before
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_moderated_output_is_judged_whole_and_replaced_before_a_byte_is_sent(bundle, guarded, monkeypatch, stream):
+    server, text = guarded("output"), "Tell me about the sea"
+    seen = []
+    _judging(monkeypatch, None, seen)  # the tiny model flags its own reply
+    content, finish, usage = _ask(server, stream, True, text, max_tokens=10)
+    out, reply = direct(bundle, chat_ids(bundle, [{"role": "user", "content": text}]), 10)
+    assert seen == [(text, reply)]  # the request is not judged, the whole reply is
+    assert (content, finish, usage.completion_tokens) == (REFUSAL, "content_filter", len(out))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_both_moderated_an_acceptable_reply_comes_out_unchanged(bundle, guarded, monkeypatch, stream):
+    server, text = guarded("both"), "Count to five"
+    seen = []
+    _judging(monkeypatch, "acceptable", seen)
+    content, finish, usage = _ask(server, stream, True, text, max_tokens=12)
+    out, reply = direct(bundle, chat_ids(bundle, [{"role": "user", "content": text}]), 12)
+    assert content == reply and finish == ("length" if len(out) == 12 else "stop")
+    assert seen == [(text, None), (text, reply)]
+    _judging(monkeypatch, "hateful", seen)
+    assert _ask(server, stream, True, text)[:2] == (REFUSAL, "content_filter")
+
+
+def test_moderation_judges_the_last_user_turn(bundle, guarded, monkeypatch):
+    seen = []
+    _judging(monkeypatch, "illegal", seen)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+    r = guarded("input").client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert r.choices[0].message.content == REFUSAL and seen == [("second", None)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--moderate", "sideways"], "unknown --moderate 'sideways'; expected input, output, both"),
+    (["--refusal", "No."], "--refusal applies with --moderate"),
+    (["--model", "x"], "--model cannot be used with --backend onnx: a bundle brings its own model and window"),
+    (["--chunk", "4"], "--chunk applies to --model; a bundle serves with its export's chunk"),
+])
+def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
+    r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", "1", *args],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 1 and r.stderr == f"error: {message}\n"
+
+
+def test_cli_serve_moderates_with_the_configured_refusal(bundle):
+    with _cli_server("--bundle", str(bundle.path), "--moderate", "input", "--refusal", "Nope.") as client:
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Nope.", "content_filter")
+
+
+# --- serve --model (the PyTorch reference) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny random Mistral as a Hugging Face directory with a SentencePiece tokenizer."""
+    out = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    tiny_hf_mistral(window=W, vocab=32000, dim=32).save_pretrained(out, safe_serialization=True)
+    shutil.copy(SPM_V1, out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """(a batch-2 server on the checkpoint's torch backend, a batch-1 Generator on the same backend, its chat format)."""
+    from mistral_edge.cli.generate import RunOptions, open_checkpoint
+    from mistral_edge.cli.serve import Reference
+
+    gen, fmt, _ = open_checkpoint(RunOptions(model=str(checkpoint)))
+    server = Live(Reference(gen.session, gen.tokenizer), EngineConfig(batch=2, queue=8, max_tokens=64), fmt=fmt)
+    yield server, gen, fmt
+    server.close()
+
+
+def _torch_direct(gen, ids, max_tokens):
+    gen.session.reset()
+    out = list(gen.stream_ids(ids, GenerationConfig(max_new_tokens=max_tokens)))
+    return out, gen.tokenizer.decode(out)
+
+
+def test_served_checkpoint_greedy_equals_direct_torch_generation(reference):
+    server, gen, fmt = reference
+    messages = [{"role": "user", "content": "Tell me about the sea"}]
+    ids = fmt.encode(messages, gen.tokenizer)
+    out, text = _torch_direct(gen, ids, 10)
+    r = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
+    assert r.choices[0].message.content == text and r.usage.completion_tokens == len(out) > 0
+    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_served_checkpoint_batches_and_reuses_on_the_torch_backend(reference):
+    """Rows move between the torch sessions (batched decode, cached conversations) without changing a token."""
+    server, gen, fmt = reference
+    prompts = [f"Question {i}: " + "why " * i for i in range(4)]
+
+    def ask(p):
+        return server.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
+
+    before = server.health()["batched_steps"]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, prompts, timeout=TIMEOUT))
+    assert got == [_torch_direct(gen, gen.tokenizer.encode(p), 12)[1] for p in prompts]
+    assert server.health()["batched_steps"] > before
+    turn = [{"role": "user", "content": "Hi"}]
+    first = server.client.chat.completions.create(model="tiny", messages=turn, max_tokens=4)
+    second = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+    r = server.client.chat.completions.create(model="tiny", messages=second, max_tokens=6)
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(fmt.encode(turn, gen.tokenizer))
+    assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(second, gen.tokenizer), 6)[1]
+
+
+def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference):
+    _, gen, fmt = reference
+    messages = [{"role": "user", "content": "hi"}]
+    with _cli_server("--model", str(checkpoint), "--batch", "1") as client:
+        assert [m.id for m in client.models.list()] == ["tiny-hf"]
+        r = client.chat.completions.create(model="tiny-hf", messages=messages, max_tokens=6)
+    assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(messages, gen.tokenizer), 6)[1]
+
+
+def test_requests_arriving_together_fill_the_batch_before_it_decodes(bundle):
+    """Two requests queued at once on a batch-2 engine: both prompts are prefilled before the first
+    decode step, which then serves both rows (no step with one busy row of two)."""
+    engine = Engine(bundle, EngineConfig(batch=2, queue=4, max_tokens=8))
+    calls = []
+    for name in ("single", "multi"):
+        session = getattr(engine, name)
+
+        def step(tokens, valid_lens=None, all_logits=False, real=session.step, name=name):
+            calls.append((name, tokens.shape[1], None if valid_lens is None else int(sum(valid_lens))))
+            return real(tokens, valid_lens, all_logits)
+
+        session.step = step
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                       timeout=TIMEOUT)
-        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+        done = [threading.Event(), threading.Event()]
+        with engine._lock:  # the worker sees both at once
+            for i, prompt in enumerate(["first prompt", "second prompt"]):
+                engine.submit(Job(bundle.tokenizer().encode(prompt), 4, SamplingParams(),
+                                  lambda kind, *rest, i=i: kind != "text" and done[i].set()))
+        assert all(d.wait(TIMEOUT) for d in done)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        engine.close()
+    decodes = [c for c in calls if c[1] == 1]
+    assert decodes[0] == ("multi", 1, 2), calls
+
+
+def test_stream_interval_joins_pieces_and_loses_nothing(bundle):
+    """With a 0.3 s interval a fast reply streams in a few events (once pieces are seen to come fast,
+    0.3 s or more apart); the text is the same."""
+    server = Live(bundle, EngineConfig(batch=1, queue=2, max_tokens=64), eos=False, stream_interval=0.3)
+    try:
+        args = dict(model="tiny", prompt="Once upon a time", max_tokens=40)
+        plain = server.client.completions.create(**args)
+        t0, stamps, pieces = time.monotonic(), [], []
+        for chunk in server.client.completions.create(stream=True, **args):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.monotonic() - t0)
+                pieces.append(chunk.choices[0].text)
+    finally:
+        server.close()
+    assert "".join(pieces) == plain.choices[0].text and plain.usage.completion_tokens == 40
+    assert len(pieces) < 20 and all(b - a > 0.25 for a, b in zip(stamps[1:], stamps[2:]))

@@ -1,20 +1,24 @@
-"""`mistral-edge serve`: an OpenAI-compatible HTTP server on a bundle."""
+"""`mistral-edge serve`: an OpenAI-compatible HTTP server on a bundle (ONNX Runtime) or a
+checkpoint (`--model`, the PyTorch reference)."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from ..errors import EdgeError
-from .options import ThreadsOpt
+from ..runtime.moderate import DEFAULT_REFUSAL
+from .generate import RunOptions, open_checkpoint
+from .options import ChunkOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
 def serve(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="bundle directory from `mistral-edge export`")],
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="bundle directory from `mistral-edge export`")] = None,
+    model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8080,
     batch: Annotated[int, typer.Option(help="requests decoded together")] = 4,
@@ -22,34 +26,96 @@ def serve(
     max_prompt: Annotated[int, typer.Option(help="longest prompt accepted, in tokens")] = 8192,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens accepted")] = 4096,
     cache_mib: Annotated[int, typer.Option(help="memory for cached conversations (multi-turn reuse), MiB")] = 512,
-    threads: ThreadsOpt = 0,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="check the bundle's checksums first")] = True,
+    stream_interval: Annotated[int, typer.Option(
+        help="a streamed reply sends its text at most once per this many milliseconds (0: every piece at once)")] = 20,
+    moderate: Annotated[Optional[str], typer.Option(
+        help="have the model judge each request (input), its reply (output) or both, and answer what it finds "
+             "unacceptable with --refusal (finish_reason content_filter); output and both stream a reply "
+             "only once it is judged")] = None,
+    refusal: Annotated[Optional[str], typer.Option(
+        help=f"what --moderate answers instead (default: {DEFAULT_REFUSAL!r})")] = None,
+    threads: ThreadsOpt = None,
+    window: WindowOpt = None,
+    chunk: ChunkOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    verify: Annotated[Optional[bool], typer.Option(
+        "--verify/--no-verify", help="check the bundle's checksums first (default: on)")] = None,
 ) -> None:
-    """Serve a bundle over HTTP with OpenAI's chat and completions API (Ctrl-C stops)."""
+    """Serve a bundle, or a checkpoint with --model, over HTTP with OpenAI's chat and completions API (Ctrl-C stops)."""
     try:
         import uvicorn
     except ImportError:
         raise EdgeError("serve needs starlette and uvicorn: pip install 'mistral-edge[serve]'") from None
     if not 0 < port < 65536:
         raise EdgeError(f"port must be between 1 and 65535, got {port}")
-    from ..chat_format import ChatFormat
-    from ..runtime.bundle import Bundle
+    if not 0 <= stream_interval <= 10_000:
+        raise EdgeError(f"stream-interval must be between 0 and 10000 ms, got {stream_interval}")
+    opts = RunOptions(bundle=bundle, model=model, moderate=moderate, refusal=refusal, threads=threads,
+                      window=window, chunk=chunk, trust_pickle=trust_pickle, verify=verify)
     from ..serve.app import create_app
     from ..serve.engine import Engine, EngineConfig
 
-    b = Bundle.open(bundle, check=verify)
-    config = EngineConfig(batch, queue, max_prompt, max_tokens, cache_mib << 20, threads)
+    config = EngineConfig(batch, queue, max_prompt, max_tokens, cache_mib << 20, threads or 0)
+    source, fmt, defaults, model_id = _open(opts)
     sock = _listen(host, port)
-    engine = Engine(b, config)
-    model_id = b.path.resolve().name
-    app = create_app(engine, model_id, ChatFormat.from_manifest(b.manifest),
-                     dataclasses.asdict(b.manifest.generation))
-    typer.echo(f"serving {model_id} on http://{host}:{port}/v1 (batch {batch}, queue {queue})", err=True)
+    engine = Engine(source, config)
+    moderation = _moderation(opts, source, fmt, config)
+    app = create_app(engine, model_id, fmt, defaults, moderation, stream_interval / 1000)
+    guarded = f", moderating {opts.moderate}" if moderation else ""
+    typer.echo(f"serving {model_id} on http://{host}:{port}/v1 ({opts.backend} backend, batch {batch}, "
+               f"queue {queue}{guarded})", err=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.close()
+        if moderation:
+            moderation.close()
         sock.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A checkpoint on the PyTorch reference as the engine's source: its sessions (the engine's and
+    the moderator's) share the one model, so its weights are in memory once."""
+
+    session_of: object  # the TorchSession open_checkpoint made
+    tok: object
+
+    def tokenizer(self):
+        return self.tok
+
+    def session(self, threads: int = 0, batch: int = 1):
+        from ..model.torch_session import TorchSession
+
+        s = self.session_of
+        return TorchSession(s.model, s.window, s.chunk, batch)
+
+
+def _open(opts: RunOptions):
+    """(engine source, chat format, generation defaults, the served model's name)."""
+    if opts.backend == "torch":
+        gen, fmt, defaults = open_checkpoint(opts)
+        name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct"
+        return Reference(gen.session, gen.tokenizer), fmt, defaults, name
+    from ..chat_format import ChatFormat
+    from ..runtime.bundle import Bundle
+
+    if opts.chunk is not None:
+        raise EdgeError("--chunk applies to --model; a bundle serves with its export's chunk")
+    b = Bundle.open(opts.bundle, check=opts.verify is not False)
+    return b, ChatFormat.from_manifest(b.manifest), dataclasses.asdict(b.manifest.generation), b.path.resolve().name
+
+
+def _moderation(opts: RunOptions, source, fmt, config):
+    """serve --moderate: a Guard on a batch-1 session of its own (its checks run beside the engine's)."""
+    if opts.moderate is None:
+        return None
+    from ..runtime.generate import Generator
+    from ..runtime.moderate import Guard, Moderator
+    from ..serve.moderation import Moderation
+
+    gen = Generator(source.session(threads=config.threads), source.tokenizer())
+    return Moderation(Guard(Moderator(gen, fmt), opts.moderate, opts.refusal), config.batch + config.queue)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -62,4 +128,3 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise EdgeError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     return sock
-

@@ -2,7 +2,10 @@
 
 POST /v1/chat/completions and /v1/completions (server-sent events with `stream`), GET /v1/models
 and /health. A bad request gets a 400 with a one-line message in OpenAI's error shape; a full
-queue a 503; a client that goes away cancels its generation.
+queue a 503; a client that goes away cancels its generation. With `moderation`, a request the
+model judges unacceptable, or its reply, is answered with the refusal text and finish_reason
+"content_filter"; a judged reply is held back until it is judged, streamed or not, so no byte of
+a refused reply reaches the client.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from starlette.routing import Route
 from ..errors import EdgeError, first_line
 from ..runtime.sampling import SamplingParams
 from .engine import Busy, Engine, Job
+from .inbox import Inbox
+from .moderation import Moderation
 
 MAX_BODY = 8 << 20
 """Request bodies larger than this are refused before they are parsed."""
@@ -80,8 +85,12 @@ def _validation_line(e: ValidationError) -> str:
     return f"{where}: {err['msg']}{more}"
 
 
-def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None = None) -> Starlette:
-    """The ASGI app serving `engine` under the name `model_id`; `chat_format` encodes messages."""
+def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None = None,
+               moderation: Moderation | None = None, stream_interval: float = 0.0) -> Starlette:
+    """The ASGI app serving `engine` under the name `model_id`; `chat_format` encodes messages;
+    `moderation` (serve --moderate) refuses what the model judges unacceptable; a streamed reply
+    sends its text at most once per `stream_interval` seconds (each event costs the event loop and
+    the client CPU time that, on a small machine, decoding would otherwise have)."""
     defaults = defaults or {}
     limits = engine.config
     tokenizer = engine.tokenizer
@@ -157,21 +166,68 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             prompt = prompt[0]
         return tokenizer.encode(prompt)
 
+    def _asked(body: _Body, chat: bool) -> str:
+        """What --moderate judges as the request: the last user turn of a chat, a completion's prompt."""
+        if not chat:
+            return body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        users = [m.text() for m in body.messages if m.role == "user"]
+        return users[-1] if users else "\n".join(m.text() for m in body.messages)
+
+    async def _moderated(events, asked: str):
+        """The reply's events, held back until the reply is judged, or the refusal in their place."""
+        held = []
+        async for event in events:
+            if event[0] == "text":
+                held.append(event)
+                continue
+            reply = "".join(e[1] for e in held)
+            if event[0] != "done":  # an error or a client gone: nothing unjudged goes out
+                reply = ""
+            elif await moderation.refuses_reply(asked, reply):
+                reply, event = moderation.refusal, ("done", "content_filter", event[2])
+            if reply:
+                yield "text", reply
+            yield event
+            return
+
     async def _serve(request: Request, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        inbox = Inbox(loop)
 
-        def emit(*event) -> None:  # from the engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop has closed
-                pass
+        async def from_engine(interval: float):
+            """The engine's events, the text that came meanwhile joined into one piece. While pieces
+            come less than 2 x `interval` seconds apart, wait `interval` after each (streaming: fewer,
+            larger events, no wake-up per token); slower ones go out as they come (a wait would add
+            a timer wake-up per piece)."""
+            sent = -interval * 2
+            while True:
+                events = await inbox.take()
+                text = "".join(e[1] for e in events if e[0] == "text")
+                end = next((e for e in events if e[0] != "text"), None)
+                if text:
+                    yield "text", text
+                if end:
+                    yield end
+                    return
+                now = loop.time()
+                if now - sent < 2 * interval:
+                    await asyncio.sleep(interval)
+                sent = now
 
+        job = None
         try:
             body = await _read(request, ChatBody if chat else CompletionBody)
             ids, processor = await asyncio.to_thread(_prepare, body, chat)  # off the event loop
-            job = _job(body, ids, emit, reuse=chat, processor=processor)
-            engine.submit(job)
+            job = _job(body, ids, inbox.put, reuse=chat, processor=processor)
+            asked = _asked(body, chat) if moderation else ""
+            if moderation and await moderation.refuses_request(asked):
+                usage = {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
+                         "prompt_tokens_details": {"cached_tokens": 0}}
+                job = None
+                inbox.put("text", moderation.refusal)
+                inbox.put("done", "content_filter", usage)
+            else:
+                engine.submit(job)
         except BadRequest as e:
             return _error(400, str(e))
         except ClientDisconnect:
@@ -180,6 +236,14 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
             return _error(503, str(e), "server_busy")
         except EdgeError as e:
             return _error(500, first_line(e), "server_error")
+        events = from_engine(stream_interval if body.stream else 0.0)
+        if job and moderation and moderation.checks_output:
+            events = _moderated(events, asked)
+
+        def stop() -> None:
+            if job is not None:
+                job.cancelled.set()
+
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -200,19 +264,16 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
                             "model": model_id}
                     if first:
                         yield _sse({**head, "choices": [{"index": 0, "delta": first, "finish_reason": None}]})
-                    while True:
-                        event = await events.get()
+                    async for event in events:
                         if event[0] == "text":
                             yield _sse({**head, "choices": [choice(event[1], None, True)]})
                         elif event[0] == "done":
                             yield _sse({**head, "choices": [choice(None, event[1], True)], "usage": event[2]})
-                            break
                         else:
                             yield _sse({"error": {"message": event[1], "type": "server_error"}})
-                            break
                     yield "data: [DONE]\n\n"
                 finally:  # also when the client went away and the response was cancelled
-                    job.cancelled.set()
+                    stop()
 
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -220,13 +281,12 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         async def watch() -> None:  # a busy stream of events must not hide a client that left
             while not await request.is_disconnected():
                 await asyncio.sleep(0.5)
-            events.put_nowait(("gone",))
+            inbox.put("gone")
 
         watcher = asyncio.create_task(watch())
         pieces = []
         try:
-            while True:
-                event = await events.get()
+            async for event in events:
                 if event[0] == "text":
                     pieces.append(event[1])
                 elif event[0] == "done":
@@ -237,7 +297,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
                 else:
                     return _error(500, event[1], "server_error")
         finally:
-            job.cancelled.set()
+            stop()
             watcher.cancel()
 
     async def chat_completions(request: Request) -> Response:

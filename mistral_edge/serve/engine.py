@@ -105,11 +105,14 @@ class _Run:
 
 
 class Engine:
-    def __init__(self, bundle, config: EngineConfig = EngineConfig()):
+    """Serves `source`: a runtime Bundle, or anything with its `tokenizer()` and
+    `session(threads=, batch=)` (cli/serve.py's checkpoint on the PyTorch reference)."""
+
+    def __init__(self, source, config: EngineConfig = EngineConfig()):
         self.config = config
-        self.tokenizer = bundle.tokenizer()
-        self.single = bundle.session(threads=config.threads)
-        self.multi = bundle.session(threads=config.threads, batch=config.batch) if config.batch > 1 else None
+        self.tokenizer = source.tokenizer()
+        self.single = source.session(threads=config.threads)
+        self.multi = source.session(threads=config.threads, batch=config.batch) if config.batch > 1 else None
         self.window = self.single.window
         self.stops = set(self.tokenizer.eos_ids)
         self._lock = threading.Condition()
@@ -183,10 +186,15 @@ class Engine:
             self._prefill = None
         if job is not None and not job.cancelled.is_set():
             self._start(job)
-        if self._prefill:
-            self._prefill_chunk()
-        if self._runs:
+        prefilled = self._prefill is not None and self._prefill_chunk()
+        if self._runs and not (prefilled and self._row_for_next()):
             self._decode()
+
+    def _row_for_next(self) -> bool:
+        """Whether a waiting request can start now: then a prompt just prefilled waits for it, and
+        the batch fills before it decodes (a step with one busy row of B costs most of a full one)."""
+        with self._lock:
+            return bool(self._waiting) and not self._busy()
 
     def _start(self, job: Job) -> None:
         """Move a lone decoding run out of the batch-1 session, then restore or reset it for `job`."""
@@ -202,18 +210,20 @@ class Engine:
             fed = list(job.ids[:state.history.count])
         self._prefill = _Run(job, self.tokenizer, fed, Sampler(job.sampling))
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self) -> bool:
+        """Feed the next chunk of the prompt being prefilled; True once it is all in."""
         run = self._prefill
         piece, run.todo = run.todo[:self.single.chunk], run.todo[self.single.chunk:]
         logits = self.single.step(np.asarray([piece], np.int64))[0, -1]
         run.fed += piece
         if run.todo:
-            return
+            return False
         self._prefill = None
         self._runs.append(run)
         if self.multi is not None and len(self._runs) > 1:
             self._move(run, self._free_row())
         self._advance(run, logits)
+        return True
 
     def _decode(self) -> None:
         alone = len(self._runs) == 1 and self._runs[0].row < 0
@@ -263,7 +273,7 @@ class Engine:
         piece, stopped = run.text.flush()
         if piece:
             run.job.on_event("text", piece)
-        if run.job.reuse:
+        if run.job.reuse and self.config.cache_bytes:
             session, row = (self.single, 0) if run.row < 0 else (self.multi, run.row)
             self._keep(capture(session, row, TokenHistory.of(run.fed, self.window)))
         run.job.on_event("done", reason if not stopped else "stop", run.usage())

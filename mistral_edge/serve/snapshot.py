@@ -14,7 +14,8 @@ bundle, or one whose checksum fails, is refused with one line.
 
 This module reads these DecoderSession internals (to become a public method): `_arrays`
 (the cache buffers by name), `_allocate(slots, keep)`, `positions`, `slots`, `window`, `n_layers`,
-`cache_dtype`.
+`cache_dtype`; and, to move rows of a TorchSession (`serve --model`), its `cache` (the reference's
+RollingKVCache: `k`, `v`, `pos`). Files are for bundles only.
 """
 
 from __future__ import annotations
@@ -136,19 +137,36 @@ def _names(session) -> list[str]:
     return [f"{kind}.{i}" for i in range(session.n_layers) for kind in ("key", "value")]
 
 
+def _tensors(session) -> list[tuple[str, object]]:
+    """A TorchSession's RollingKVCache tensors ([B, Hkv, W, D]; slot p mod W, as the graph's) by name."""
+    cache = session.cache
+    return [(f"{kind}.{i}", t) for i in range(len(cache.k)) for kind, t in (("key", cache.k[i]), ("value", cache.v[i]))]
+
+
 def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = None) -> SessionState:
     """Copy row `row` of a session (whose position must be history.count) into a SessionState."""
     if int(session.positions[row]) != history.count:
         raise EdgeError(f"session row {row} is at position {int(session.positions[row])}, "
                         f"history has {history.count} tokens")
     n = min(history.count, session.window)
-    cache = {name: session._arrays[name][row, :, :n].copy() for name in _names(session)}
+    if hasattr(session, "_arrays"):
+        cache = {name: session._arrays[name][row, :, :n].copy() for name in _names(session)}
+    else:
+        cache = {name: t[row, :, :n].cpu().numpy().copy() for name, t in _tensors(session)}
     return SessionState(cache, history, sampler_state(sampler) if sampler else None)
 
 
 def restore(session, row: int, state: SessionState) -> None:
     """Put a state into row `row` of a session; other rows keep theirs."""
     n = next(iter(state.cache.values())).shape[1]
+    if not hasattr(session, "_arrays"):
+        import torch
+
+        for name, t in _tensors(session):
+            t[row] = 0
+            t[row, :, :n] = torch.from_numpy(state.cache[name]).to(t)
+        session.cache.pos[row] = state.history.count
+        return
     if session.slots < n:
         session._allocate(n, keep=session.slots)
     for name in _names(session):
