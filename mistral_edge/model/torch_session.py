@@ -12,19 +12,19 @@ from .reference import ReferenceModel
 class TorchSession:
     """A runtime.session.Session (as DecoderSession is) computed by the PyTorch reference."""
 
-    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1):
-        if not 0 < chunk <= window:
-            raise EdgeError(f"chunk size must be between 1 and the window W={window}, got {chunk}")
-        self.model, self.window, self.chunk, self.batch = model, window, chunk, batch
+    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1, sinks: int = 0):
+        if not 0 < chunk <= window - sinks:
+            raise EdgeError(f"chunk size must be between 1 and W - sinks = {window - sinks}, got {chunk}")
+        self.model, self.window, self.chunk, self.batch, self.sinks = model, window, chunk, batch, sinks
         self.vocab_size = model.cfg.vocab_size
-        self.cache = model.new_cache(batch, window)
+        self.cache = model.new_cache(batch, window, sinks)
 
     @property
     def positions(self) -> np.ndarray:
         return self.cache.pos.numpy()
 
     def reset(self) -> None:
-        self.cache = self.model.new_cache(self.batch, self.window)
+        self.cache = self.model.new_cache(self.batch, self.window, self.sinks)
 
     def step(self, tokens: np.ndarray, valid_lens: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
         valid = None if valid_lens is None else torch.as_tensor(np.asarray(valid_lens, np.int64))
