@@ -51,7 +51,8 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks:
         raise EdgeError(f"sinks must be between 0 and W - 1 = {w - 1}, got {sinks}")
     c = chunk if chunk is not None else min(DEFAULT_CHUNK, w - sinks)
     if not 0 < c <= w - sinks:
-        raise EdgeError(f"chunk size must be between 1 and W - sinks = {w - sinks} (W={w}), got {c}")
+        ring = f" minus its {sinks} sinks, {w - sinks}" if sinks else ""
+        raise EdgeError(f"chunk size must be between 1 and the window W={w}{ring}, got {c}")
     return w, c
 
 

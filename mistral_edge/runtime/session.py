@@ -145,7 +145,7 @@ class DecoderSession:
 
     @property
     def _span(self) -> str:
-        return f"W - sinks = {self.ring} (W={self.window})" if self.sinks else f"the window W={self.window}"
+        return f"the window W={self.window}" + (f" minus its {self.sinks} sinks, {self.ring}" if self.sinks else "")
 
     @property
     def slots(self) -> int:
