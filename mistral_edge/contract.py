@@ -93,6 +93,17 @@ class GraphInfo:
         return cls(**values)
 
 
+def attention_note(trained_window: int | None, window: int | None, sinks: int = 0) -> tuple[str, str]:
+    """(how the model was trained, what a W-slot cache with `sinks` computes), for `info` and `inspect`."""
+    trained = f"sliding window of {trained_window}" if trained_window else "full attention (no window)"
+    if window is None:
+        return trained, "no window chosen: give --window"
+    if trained_window == window and not sinks:
+        return trained, f"W={window}: exact (the model's own window)"
+    kept = f"{sinks} sinks + the last {window - sinks} tokens" if sinks else f"the last {window} tokens"
+    return trained, f"W={window}: exact up to {window} tokens, an approximation past them ({kept})"
+
+
 def graph_ops(model) -> list[str]:
     """'domain::op' for every op of an onnx.ModelProto, function bodies included."""
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]

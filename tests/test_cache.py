@@ -154,3 +154,22 @@ def test_graph_metadata_sinks_and_trained_window(ck, tmp_path):
             GraphInfo.from_metadata({**meta, "mistral_edge.sinks": bad}, "m")
     with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 3; export the model again"):
         GraphInfo.from_metadata({**meta, "mistral_edge.graph_contract": "2"}, "m")
+
+
+def test_snapshot_of_a_sink_cache_past_the_ring_resumes_exactly(ck, tmp_path):
+    """serve's capture / save / load / restore carry the sinks, which the ring no longer holds."""
+    from mistral_edge.serve.snapshot import TokenHistory, capture, load, restore, save
+
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
+    tokens = sequences(4, [3 * W + 2])[0]
+    first, second = DecoderSession(tmp_path / "m.onnx"), DecoderSession(tmp_path / "m.onnx", batch=2)
+    for s in range(0, 2 * W, 4):
+        first.step(np.array([tokens[s:s + 4]]))
+    state = capture(first, 0, TokenHistory.of(tokens[:2 * W], W))
+    assert state.cache["sink_key.0"].shape[1] == S and state.cache["key.0"].shape[1] == W - S
+    save(tmp_path / "s.snap", state, first, "bundle")
+    restore(second, 1, load(tmp_path / "s.snap", second, "bundle"))
+    rest = np.array([tokens[2 * W:2 * W + 4]])
+    want = first.step(rest, all_logits=True).copy()
+    got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
+    assert np.abs(got - want).max() < 1e-5
