@@ -173,3 +173,26 @@ def test_snapshot_of_a_sink_cache_past_the_ring_resumes_exactly(ck, tmp_path):
     want = first.step(rest, all_logits=True).copy()
     got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
     assert np.abs(got - want).max() < 1e-5
+
+
+def test_attention_note_says_whether_the_window_is_exact():
+    from mistral_edge.contract import attention_note
+
+    assert attention_note(4096, 4096) == ("sliding window of 4096", "W=4096: exact (the model's own window)")
+    assert attention_note(None, 1024, 4) == (
+        "full attention (no window)",
+        "W=1024: exact up to 1024 tokens, an approximation past them (4 sinks + the last 1020 tokens)")
+    assert attention_note(4096, 1024)[1] == "W=1024: exact up to 1024 tokens, an approximation past them (the last 1024 tokens)"
+    assert attention_note(None, None)[1] == "no window chosen: give --window"
+
+
+def test_inspect_shows_sinks_and_exactness(tmp_path, capsys):
+    from helpers import write_tiny_bundle
+
+    from mistral_edge.cli.bundle import inspect
+
+    write_tiny_bundle(tmp_path / "b")
+    inspect(tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "sliding window of 16" in out and "W=16: exact (the model's own window)" in out
+    assert any(line.split()[:4] == ["│", "sinks", "│", "0"] for line in out.splitlines())
