@@ -13,7 +13,7 @@ from mistral_edge.errors import EdgeError
 from mistral_edge.export.pipeline import DEFAULT_SINKS, export_onnx, resolve_sinks, resolve_window
 from mistral_edge.model.reference import ReferenceModel, apply_rope, rms_norm, rope_tables
 from mistral_edge.quantize.spec import parse_quant
-from mistral_edge.runtime.session import DecoderSession
+from mistral_edge.runtime.session import DecoderSession, SessionConfig
 
 W, S = 16, 3
 
@@ -108,9 +108,10 @@ def test_graph_with_sinks_matches_reference(ck, tmp_path, activations, chunk):
     assert session.positions.tolist() == [len(a), len(b)]
 
 
-def test_sink_cache_is_updated_in_place_and_memory_is_fixed_by_w(ck, tmp_path, capfd):
+@pytest.mark.parametrize("kernel", ["off", "auto"])  # the function body, and the native kernel where built
+def test_sink_cache_is_updated_in_place_and_memory_is_fixed_by_w(ck, tmp_path, capfd, kernel):
     export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
-    session = DecoderSession(tmp_path / "m.onnx")
+    session = DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel=kernel))
     tokens = sequences(3, [5 * W])[0]
     session.step(np.array([tokens[:4]]))
     sinks = session._arrays["sink_key.0"].copy()
