@@ -75,7 +75,7 @@ def compare(
         rows = run_compare(req, progress, log=lambda line: console.print(line, highlight=False))
     first = next(r for r in rows if r.perplexity is not None)
     # A table redirected to a file would be squeezed to 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table(rows, title=f"{first.text}: {first.n_windows} windows of {first.ctx} tokens, "
+    Console(width=None if sys.stdout.isatty() else 260).print(table(rows, title=f"{first.text}: {first.n_windows} windows of {first.ctx} tokens, "
                                       f"{first.scored_tokens} scored; KL and top-1 against ONNX fp32"))
     for path in write_all(rows, out):
         console.print(f"[green]wrote[/] {path}", highlight=False)
