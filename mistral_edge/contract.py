@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import EdgeError
 
-GRAPH_CONTRACT_VERSION = 2
+GRAPH_CONTRACT_VERSION = 3
 """The decoder-step interface version; a runtime refuses any other ("export again")."""
 META_PREFIX = "mistral_edge."
 """Every metadata key the exporter writes starts with this."""
@@ -21,9 +21,20 @@ STEP_INPUTS = ("input_ids", "positions", "valid_lens", "logits_index")
 LOGITS = "logits"
 
 
-def cache_names(n_layers: int) -> list[str]:
-    """'key.0', 'value.0', ...: the graph has past_<name> inputs and present_<name> outputs."""
-    return [f"{kind}.{i}" for i in range(n_layers) for kind in ("key", "value")]
+def layer_cache_names(layer: int, sinks: int = 0) -> list[str]:
+    """'key.i', 'value.i' (and 'sink_key.i', 'sink_value.i' with sinks): the graph has past_<name>
+    inputs and present_<name> outputs."""
+    kinds = ("key", "value") + (("sink_key", "sink_value") if sinks else ())
+    return [f"{kind}.{layer}" for kind in kinds]
+
+
+def cache_names(n_layers: int, sinks: int = 0) -> list[str]:
+    """Every layer's `layer_cache_names`, in layer order."""
+    return [name for i in range(n_layers) for name in layer_cache_names(i, sinks)]
+
+
+def sink_names(n_layers: int) -> list[str]:
+    return [name for name in cache_names(n_layers, 1) if name.startswith("sink_")]
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,19 @@ class GraphInfo:
     chunk: int
     vocab_size: int
     activation_dtype: str  # "fp32" | "fp16": hidden states and the KV cache
+    sinks: int = 0  # attention sinks: cache slots holding positions 0..sinks-1 for ever (< window)
+    trained_window: int = 0  # the model's own sliding window; 0: trained with full attention
+
+    @property
+    def ring(self) -> int:
+        """Slots of the rolling part of the cache (W - sinks): the most a prefill chunk may hold."""
+        return self.window - self.sinks
+
+    @property
+    def exact(self) -> bool:
+        """Whether the cache computes the model's own attention at every length: a model trained
+        with this very window and no sinks. Otherwise it is exact up to W tokens only."""
+        return self.trained_window == self.window and not self.sinks
 
     def to_metadata(self) -> dict[str, str]:
         return {META_PREFIX + "graph_contract": str(GRAPH_CONTRACT_VERSION),
@@ -55,14 +79,29 @@ class GraphInfo:
             if raw is None:
                 raise EdgeError(f"{source}: not a mistral-edge decoder graph (metadata {META_PREFIX}{f.name} missing)")
             if f.type == "int":
-                if not raw.isdigit() or int(raw) <= 0:
-                    raise EdgeError(f"{source}: graph metadata {f.name} is {raw!r}, expected a positive integer")
+                low = 0 if f.name in ("sinks", "trained_window") else 1
+                if not raw.isdigit() or int(raw) < low or len(raw) > 12:
+                    raise EdgeError(f"{source}: graph metadata {f.name} is {raw!r}, expected an integer >= {low}")
                 values[f.name] = int(raw)
             else:
                 values[f.name] = raw
         if values["activation_dtype"] not in ("fp32", "fp16"):
             raise EdgeError(f"{source}: graph activation_dtype is {values['activation_dtype']!r}, expected fp32 or fp16")
+        if values["sinks"] >= values["window"] or values["chunk"] > values["window"] - values["sinks"]:
+            raise EdgeError(f"{source}: graph metadata sinks {values['sinks']} and chunk {values['chunk']} do not "
+                            f"fit the window {values['window']}")
         return cls(**values)
+
+
+def attention_note(trained_window: int | None, window: int | None, sinks: int = 0) -> tuple[str, str]:
+    """(how the model was trained, what a W-slot cache with `sinks` computes), for `info` and `inspect`."""
+    trained = f"sliding window of {trained_window}" if trained_window else "full attention (no window)"
+    if window is None:
+        return trained, "no window chosen: give --window"
+    if trained_window == window and not sinks:
+        return trained, f"W={window}: exact (the model's own window)"
+    kept = f"{sinks} sinks + the last {window - sinks} tokens" if sinks else f"the last {window} tokens"
+    return trained, f"W={window}: exact up to {window} tokens, an approximation past them ({kept})"
 
 
 def graph_ops(model) -> list[str]:

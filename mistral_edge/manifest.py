@@ -172,6 +172,7 @@ class Manifest:
     generation: GenerationDefaults
     memory_budget: BudgetRecord
     files: tuple[FileEntry, ...]  # every file but manifest.json, in path order
+    sinks: int = 0  # of the W slots, how many hold the first positions for ever (docs/cache.md)
     manifest_sha256: str | None = dataclasses.field(default=None, compare=False)
     """The digest as read from manifest.json; None for a manifest built in memory (to_json writes the true one)."""
     content_sha256: str | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
@@ -182,8 +183,10 @@ class Manifest:
         _check_version(self.format_version)
         if self.toolkit.name != TOOLKIT:
             raise EdgeError(f"written by {self.toolkit.name!r}, not {TOOLKIT}")
-        if not 0 < self.chunk <= self.window:
-            raise EdgeError(f"chunk {self.chunk} must be between 1 and the window {self.window}")
+        if not 0 <= self.sinks < self.window:
+            raise EdgeError(f"sinks {self.sinks} must be between 0 and the window {self.window} - 1")
+        if not 0 < self.chunk <= self.window - self.sinks:
+            raise EdgeError(f"chunk {self.chunk} must be between 1 and the window {self.window} minus its sinks")
         if self.activation_dtype not in ACTIVATION_DTYPES:
             raise EdgeError(f"activation_dtype {self.activation_dtype!r}: expected one of {', '.join(ACTIVATION_DTYPES)}")
         paths = [f.path for f in self.files]

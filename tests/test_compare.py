@@ -97,6 +97,29 @@ def test_perplexity_matches_transformers(hf_model, windows, fp32_onnx, tmp_path)
     assert onnx_q.kl_vs_fp32 < 1e-6 and onnx_q.top1_vs_fp32 == 1.0
 
 
+def test_perplexity_is_split_at_the_window(hf_model, windows, tmp_path):
+    """Predictions from positions < W against transformers' (every earlier token seen), those from
+    positions >= W apart; sinks change only the latter; the two parts make the whole."""
+    nll = np.zeros(CTX - 1)
+    with torch.no_grad():
+        for tokens in windows:
+            t = torch.as_tensor(tokens[None])
+            nll += torch.nn.functional.cross_entropy(hf_model(t).logits[0, :-1].double(), t[0, 1:],
+                                                     reduction="none").numpy()
+    model = ReferenceModel(checkpoint_of(hf_model).config, checkpoint_of(hf_model).weights)
+    plain = evaluate(TorchSession(model, W, CHUNK), windows, CHUNK, store_for(windows, tmp_path), record=True)
+    sinks = evaluate(TorchSession(model, W, CHUNK, sinks=2), windows, CHUNK, store_for(windows, tmp_path), record=True)
+    assert plain.ppl_within_w == pytest.approx(math.exp(nll[:W].sum() / (3 * W)), rel=1e-4)
+    assert plain.ppl_beyond_w == pytest.approx(math.exp(nll[W:].sum() / (3 * (CTX - 1 - W))), rel=1e-4)
+    assert sinks.ppl_within_w == pytest.approx(plain.ppl_within_w, rel=1e-6)
+    assert abs(sinks.ppl_beyond_w / plain.ppl_beyond_w - 1) > 1e-4
+    n_in, n_out = 3 * W, 3 * (CTX - 1 - W)
+    whole = math.exp((n_in * math.log(sinks.ppl_within_w) + n_out * math.log(sinks.ppl_beyond_w)) / (n_in + n_out))
+    assert sinks.perplexity == pytest.approx(whole, rel=1e-9)
+    full = evaluate(TorchSession(model, CTX, CHUNK), windows, CHUNK, store_for(windows, tmp_path), record=True)
+    assert full.ppl_beyond_w is None
+
+
 def test_fp32_against_itself_is_exact_and_repeats(windows, fp32_onnx, tmp_path):
     store = store_for(windows, tmp_path)
     first = evaluate(DecoderSession(fp32_onnx, config=SessionConfig(threads=1)), windows, CHUNK, store, record=True)
@@ -199,12 +222,13 @@ def test_timed_out_speed_is_a_note_row(monkeypatch):
     job = SpeedJob("onnx", 1, CHUNK, [1, 2, 3], [4], 1, model_path="unused")
     assert compare_run._Run.speed(run, job, "int8", 0) is None
     assert len(lines) == 1 and "int8: speed worker killed after 120 s" in lines[0]
-    quality = SimpleNamespace(perplexity=2.0, kl_vs_fp32=0.1, top1_vs_fp32=0.9, scored_tokens=10)
-    row = compare_run._Run.row(run, "int8", "onnx", 16, quality, None, note="n", model_bits_per_weight=8.0,
+    quality = SimpleNamespace(perplexity=2.0, kl_vs_fp32=0.1, top1_vs_fp32=0.9, scored_tokens=10,
+                              ppl_within_w=2.0, ppl_beyond_w=None)
+    row = compare_run._Run.row(run, "int8", "onnx", 16, 0, quality, None, note="n", model_bits_per_weight=8.0,
                                size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
     assert row.perplexity == 2.0 and row.decode_tok_s is None and row.peak_rss_bytes is None
     assert row.note == "n; speed not measured: the worker timed out"
-    measured = compare_run._Run.row(run, "int8", "onnx", 16, quality, SpeedResult(1.0, 2.0, 3), model_bits_per_weight=8.0,
+    measured = compare_run._Run.row(run, "int8", "onnx", 16, 0, quality, SpeedResult(1.0, 2.0, 3), model_bits_per_weight=8.0,
                                     size_bytes=1, weight_bytes=1, kv_cache_bytes=1)
     assert (measured.decode_tok_s, measured.peak_rss_bytes, measured.note) == (2.0, 3, "")
 

@@ -92,11 +92,12 @@ def test_cli_generate_dtype_and_quant(model_dir):
 # ---- the static cache and the captured steps -----------------------------------------------------
 
 
-def test_static_write_equals_the_rolling_write():
-    """Padding included: the fixed-shape write leaves the cache exactly as RollingKVCache.write does."""
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_static_write_equals_the_rolling_write(sinks):
+    """Padding and sink slots included: the fixed-shape write leaves the cache exactly as RollingKVCache.write does."""
     torch.manual_seed(0)
-    ref, static = RollingKVCache(1, 3, 2, W, 4), StaticRollingCache(1, 3, 2, W, 4)
-    for chunk, valid in [(5, [5, 3, 0]), (6, [6, 6, 2]), (1, [1, 0, 1]), (8, [8, 7, 8])]:
+    ref, static = RollingKVCache(1, 3, 2, W, 4, sinks=sinks), StaticRollingCache(1, 3, 2, W, 4, sinks=sinks)
+    for chunk, valid in [(5, [5, 3, 0]), (4, [4, 4, 2]), (1, [1, 0, 1]), (W - sinks, [W - sinks, 3, W - sinks])] * 2:
         k, v = torch.randn(3, 2, chunk, 4), torch.randn(3, 2, chunk, 4)
         n = torch.tensor(valid)
         for cache in (ref, static):

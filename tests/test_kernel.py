@@ -34,8 +34,9 @@ def library():
 
 
 def schedule(w: int) -> list[tuple[int, list[int]]]:
-    """(chunk, valid lengths of the 2 rows): padding, decode, an odd chunk, C = W after the
-    first W tokens (so it wraps), decode after the wrap, and a row with no valid token."""
+    """(chunk, valid lengths of the 2 rows): padding, decode, an odd chunk, C = W (the ring's
+    slots, W - sinks) after the first W tokens (so it wraps), decode after the wrap, and a row
+    with no valid token."""
     return [(5, [5, 3]), (1, [1, 1]), (1, [1, 1]), (7, [7, 2]), (w, [w, w]),
             (1, [1, 1]), (1, [1, 1]), (1, [1, 1]), (3, [3, 0]), (1, [1, 1])]
 
@@ -48,26 +49,27 @@ def run(session, tokens_of, steps):
     return out, {k: a.copy() for k, a in session._arrays.items()}
 
 
-def reference(ck, w, tokens_of, steps):
+def reference(ck, w, tokens_of, steps, sinks=0):
     ref = ReferenceModel(ck.config, ck.weights)
-    cache = ref.new_cache(batch=2, window=w)
+    cache = ref.new_cache(batch=2, window=w, sinks=sinks)
     return [ref.forward(torch.tensor(tokens_of(i, c)), cache, torch.tensor(v)).numpy()
             for i, (c, v) in enumerate(steps)]
 
 
 @pytest.mark.parametrize("w", [16, 80])  # 80 > GROW: the cache has S = 64 < W slots for a while
 @pytest.mark.parametrize("act", ["fp32", "fp16"])
-def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act):
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act, sinks):
     dim = 64 if w > 64 else 32  # head_dim 16 (full vectors) and 8
     ck = checkpoint_of(tiny_hf_mistral(window=w, vocab=128, dim=dim, seed=w))
     path = tmp_path / "m.onnx"
-    export_onnx(ck, parse_quant("fp32"), path, chunk=5, activations=act)
+    export_onnx(ck, parse_quant("fp32"), path, chunk=5, activations=act, sinks=sinks)
     rng = np.random.default_rng(w)
     table = rng.integers(0, 128, (len(schedule(w)), 2, w))
 
     def tokens_of(i, c):
         return table[i, :, :c]
-    steps = schedule(w)
+    steps = schedule(w - sinks)
 
     native = DecoderSession(path, batch=2, config=SessionConfig(threads=2, kernel="on"))
     before = kernels.calls()
@@ -78,9 +80,10 @@ def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act):
     before = kernels.calls()
     want, want_cache = run(body, tokens_of, steps)
     assert body.attention_path.startswith("function body") and kernels.calls() == before
-    expected = reference(ck, w, tokens_of, steps)
+    expected = reference(ck, w, tokens_of, steps, sinks)
 
-    assert native.slots == body.slots == w
+    assert native.slots == body.slots == w - sinks
+    assert len(want_cache) == 2 * ck.config.n_layers * (2 if sinks else 1)
     for name, cache in want_cache.items():  # the kernel wrote the bound buffers in place
         assert abs(cache).max() > 0
         np.testing.assert_allclose(got_cache[name], cache, atol=1e-5 if act == "fp32" else 2e-3)

@@ -216,7 +216,7 @@ def test_manifest_round_trip(ck, bundles):
     assert read_manifest(path) == written
     m = json.loads((path / "manifest.json").read_text())  # the JSON format of docs/bundle-format.md
     assert m == written.to_json() and m["manifest_sha256"] == written.digest()
-    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 2
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 3 and m["sinks"] == 0
     assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config
@@ -506,27 +506,34 @@ def test_fifos_are_refused_without_opening(copy_of, cli):
     assert result.returncode == 1 and "manifest.json: not a regular file" in result.stderr
 
 
-def contract_1_bundle(path):
-    """Rewrite a bundle as graph contract 1 wrote it: its graph metadata (no activation_dtype) and manifest."""
+NEWER_METADATA = {1: ("activation_dtype", "sinks", "trained_window"), 2: ("sinks", "trained_window")}
+
+
+def old_contract_bundle(path, version: int = 1):
+    """Rewrite a bundle as graph contract `version` wrote it: its graph metadata (without the keys
+    later versions added) and manifest."""
     model = onnx.load(str(path / "model.onnx"))
-    props = {p.key: p.value for p in model.metadata_props if p.key != "mistral_edge.activation_dtype"}
-    props["mistral_edge.graph_contract"] = "1"
+    props = {p.key: p.value for p in model.metadata_props
+             if p.key.removeprefix("mistral_edge.") not in NEWER_METADATA[version]}
+    props["mistral_edge.graph_contract"] = str(version)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path / "model.onnx"))
     data = (path / "model.onnx").read_bytes()
 
     def edit(m):
-        m["graph_contract"] = 1
+        m["graph_contract"] = version
+        m.pop("sinks", None)
         entry = next(f for f in m["files"] if f["path"] == "model.onnx")
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     edit_manifest(path, edit)
 
 
-def test_graph_contract_1_says_export_again(copy_of, cli):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_graph_contracts_say_export_again(copy_of, cli, version):
     path = copy_of("cpu")
-    contract_1_bundle(path)
-    message = "model.onnx: graph contract 1, this runtime runs version 2; export the model again"
+    old_contract_bundle(path, version)
+    message = f"model.onnx: graph contract {version}, this runtime runs version 3; export the model again"
     assert verify(path) == [message]
     assert_cli_rejects(cli, path, message)
 

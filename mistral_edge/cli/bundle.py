@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..contract import attention_note
 from ..runtime.bundle import read_manifest, verify as verify_bundle
 
 BundleArg = Annotated[Path, typer.Argument(help="bundle directory")]
@@ -22,7 +23,9 @@ def inspect(bundle: BundleArg) -> None:
     m = read_manifest(bundle)
     rows = [(key, json.dumps(dataclasses.asdict(getattr(m, key)))) for key in ("toolkit", "source")]
     rows += [(key, "-" if getattr(m, key) is None else str(getattr(m, key)))
-             for key in ("window", "chunk", "graph_contract", "model", "activation_dtype")]
+             for key in ("window", "sinks", "chunk", "graph_contract", "model", "activation_dtype")]
+    trained, cache = attention_note(m.config.sliding_window, m.window, m.sinks)
+    rows += [("trained with", trained), ("attention", cache)]
     rows.append(("quant", f"{m.quant.spec} ({m.quant.format})"))
     rows += [(f"  {group}", scheme) for group, scheme in m.quant.tensors.items()]
     rows += [(f"config.{key}", str(value)) for key, value in m.config.to_dict().items()]

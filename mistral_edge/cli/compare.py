@@ -31,6 +31,15 @@ def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:
         raise EdgeError(f"--windows takes comma-separated integers, e.g. 256,1024,4096; got {text!r}") from None
 
 
+def _sink_list(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise EdgeError(f"--sinks takes comma-separated integers, e.g. 0,4; got {text!r}") from None
+
+
 def compare(
     model: ModelArg = None,
     quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq is calibrated "
@@ -40,7 +49,10 @@ def compare(
                                                         "(wikitext-2, test split; needs the network)")] = None,
     window: WindowOpt = None,
     windows: Annotated[Optional[str], typer.Option(help="sweep W, e.g. 256,1024,4096: each quant at each W")] = None,
-    ctx: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
+    sinks: Annotated[Optional[str], typer.Option(help="sweep attention sinks, e.g. 0,4: each quant at each W with "
+                                                      "each (default: the export's)")] = None,
+    ctx: Annotated[int, typer.Option(help="tokens per perplexity window; above W, PPL is also split into "
+                                          "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
     calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq quants "
                                                        "(e.g. wiki.valid.tokens, never the evaluation text)")] = None,
@@ -55,9 +67,9 @@ def compare(
     from ..compare.run import CompareRequest, run_compare  # torch: only when comparing
 
     req = CompareRequest(model=model, quants=quants, text=text, dataset=dataset,
-                         windows=_window_list(windows, window), ctx=ctx, n_windows=n_windows, calib=calib,
-                         threads=threads, runs=runs, out=out, torch_rows=torch_rows, trust_pickle=trust_pickle,
-                         device=device or "cpu")
+                         windows=_window_list(windows, window), sinks=_sink_list(sinks), ctx=ctx, n_windows=n_windows,
+                         calib=calib, threads=threads, runs=runs, out=out, torch_rows=torch_rows,
+                         trust_pickle=trust_pickle, device=device or "cpu")
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -65,7 +77,7 @@ def compare(
         rows = run_compare(req, progress, log=lambda line: console.print(line, highlight=False))
     first = next(r for r in rows if r.perplexity is not None)
     # A table redirected to a file would be squeezed to 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table(rows, title=f"{first.text}: {first.n_windows} windows of {first.ctx} tokens, "
+    Console(width=None if sys.stdout.isatty() else 260).print(table(rows, title=f"{first.text}: {first.n_windows} windows of {first.ctx} tokens, "
                                       f"{first.scored_tokens} scored; KL and top-1 against ONNX fp32"))
     for path in write_all(rows, out):
         console.print(f"[green]wrote[/] {path}", highlight=False)

@@ -28,6 +28,8 @@ def export(
     activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states and KV cache (default: the target's: fp16 for gpu and jetson)")] = None,
     window: WindowOpt = None,
     chunk: ChunkOpt = None,
+    sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
+                                                      "(default: 4 for a model trained without a window, else 0)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
@@ -36,7 +38,7 @@ def export(
     # the whole request is checked before the (slow) checkpoint load
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
-    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks)
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle
@@ -51,7 +53,7 @@ def export(
         manifest = write_bundle(ck, req, out, log=say, tensor_log=say if verbose else None,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     b = manifest.memory_budget
-    console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, "
+    console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, sinks={manifest.sinks}, "
                   f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, "
                   f"weights {b.weight_bytes / 2**20:.1f} MiB, KV cache {b.kv_cache_bytes / 2**20:.1f} MiB, "
                   f"total {b.total_bytes / 2**20:.1f} MiB")

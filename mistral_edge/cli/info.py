@@ -7,6 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from ..contract import attention_note
 from ..targets.request import check_window
 from .options import ModelArg, TrustPickleOpt, WindowOpt
 
@@ -20,8 +21,9 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
     check_window(window, None)
     from ..model.loaders import load_checkpoint  # torch: only for commands that load checkpoints
 
-    ck = load_checkpoint(model, window=window, trust_pickle=trust_pickle)
-    cfg = ck.config
+    ck = load_checkpoint(model, trust_pickle=trust_pickle)
+    trained_window = ck.config.sliding_window
+    ck.config = cfg = ck.config.with_window(window)
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -35,6 +37,9 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
     for dtype, n in sorted(per_dtype.items()):
         table.add_row(f"weights {dtype}", _bytes(n))
     W = cfg.sliding_window
+    trained, cache = attention_note(trained_window, W)
+    table.add_row("trained with", trained)
+    table.add_row("attention", cache + ("" if trained_window else "; export adds attention sinks (--sinks)"))
     for label, size in (("fp32", 4), ("fp16", 2)):
         table.add_row(f"KV per token {label}", _bytes(cfg.kv_bytes_per_token(size)))
         table.add_row(f"KV for W={W} {label}" if W else f"KV for window {label}",

@@ -32,6 +32,8 @@ class Quality:
     kl_vs_fp32: float
     top1_vs_fp32: float
     scored_tokens: int
+    ppl_within_w: float | None = None  # predictions from positions < W
+    ppl_beyond_w: float | None = None  # from positions >= W: None when every window is within W
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -111,14 +113,20 @@ def window_logits(session, tokens: np.ndarray, chunk: int) -> np.ndarray:
 def evaluate(session, windows: np.ndarray, chunk: int, reference: ReferenceStore, record: bool = False,
              progress: Callable[[], None] | None = None) -> Quality:
     """Score `windows` [N, T] with `session` (DecoderSession or TorchSession). With `record`, this
-    session is the reference: its log-probabilities are stored first (so its KL is exactly 0)."""
+    session is the reference: its log-probabilities are stored first (so its KL is exactly 0).
+    Perplexity is also split at the session's window W: predictions made from positions < W saw
+    every earlier token, those from positions >= W only what the cache kept."""
     nll, kl, agree = 0.0, 0.0, 0
+    split = min(session.window, windows.shape[1] - 1)
+    nll_beyond = 0.0
     for i, tokens in enumerate(windows):
         logits = window_logits(session, tokens, chunk)[:-1]
         top1 = logits.argmax(-1)
         logp = log_softmax(logits)
         del logits
-        nll -= float(logp[np.arange(len(logp)), tokens[1:]].sum(dtype=np.float64))
+        token_nll = -logp[np.arange(len(logp)), tokens[1:]].astype(np.float64)
+        nll += float(token_nll.sum())
+        nll_beyond += float(token_nll[split:].sum())
         grid = GridLogProbs.encode(logp)
         del logp
         if record:
@@ -129,4 +137,7 @@ def evaluate(session, windows: np.ndarray, chunk: int, reference: ReferenceStore
         if progress:
             progress()
     n = windows.shape[0] * (windows.shape[1] - 1)
-    return Quality(math.exp(nll / n), kl / n, agree / n, n)
+    n_beyond = windows.shape[0] * (windows.shape[1] - 1 - split)
+    within = math.exp((nll - nll_beyond) / (n - n_beyond))
+    return Quality(math.exp(nll / n), kl / n, agree / n, n, within,
+                   math.exp(nll_beyond / n_beyond) if n_beyond else None)

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from .. import __version__
 from ..errors import EdgeError
 from ..contract import GRAPH_CONTRACT_VERSION
-from ..export.pipeline import resolve_window
+from ..export.pipeline import resolve_sinks, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint
 from ..quantize.spec import parse_quant
@@ -47,6 +47,7 @@ class CompareRequest:
     text: Path | None = None
     dataset: str | None = None
     windows: tuple[int, ...] = ()  # W sweep; empty: the model's own (or the export default)
+    sinks: tuple[int, ...] = ()  # attention-sink sweep; empty: the export default (resolve_sinks)
     ctx: int = 512
     n_windows: int = 32
     calib: Path | None = None
@@ -77,6 +78,8 @@ def check_request(req: CompareRequest) -> list[QuantChoice]:
         if w <= 0:
             raise EdgeError(f"--window must be a positive integer, got {w}")
         check_window(w, None)
+    for s in req.sinks:
+        check_window(min(req.windows, default=None), None, s)
     check_out(req.out)
     if req.torch_rows:
         from ..model.torch_session import resolve_device  # torch: only for the torch rows
@@ -135,8 +138,8 @@ class _Run:
         self.calib_sha: str | None = None
         self.chunk_step_s = 0.0  # seconds per chunk step of the latest quality pass (scales the speed timeout)
 
-    def row(self, quant: str, backend: str, window: int, quality, speed: SpeedResult | None, note: str = "",
-            **sizes) -> Row:
+    def row(self, quant: str, backend: str, window: int, sinks: int, quality, speed: SpeedResult | None,
+            note: str = "", **sizes) -> Row:
         """`speed` None: the speed worker timed out (the note says so)."""
         measured = {} if speed is None else asdict(speed)
         if speed is None:
@@ -146,7 +149,7 @@ class _Run:
                    prefill_tok_s=measured.get("prefill_tok_s"), decode_tok_s=measured.get("decode_tok_s"),
                    peak_rss_bytes=measured.get("peak_rss_bytes"), threads=self.threads, ctx=self.req.ctx,
                    n_windows=len(self.windows), scored_tokens=quality.scored_tokens, text=self.text, note=note,
-                   **sizes)
+                   sinks=sinks, ppl_within_w=quality.ppl_within_w, ppl_beyond_w=quality.ppl_beyond_w, **sizes)
 
     def quality(self, session, chunk: int, label: str, record: bool = False):
         task = self.progress.add_task(f"quality {label}", total=len(self.windows))
@@ -190,10 +193,11 @@ class _Run:
                  f"linears kept int8 (listed in variant.json)")
         return cal
 
-    def onnx_row(self, choice: QuantChoice, window: int, record: bool = False) -> Row:
-        _, chunk = resolve_window(self.ck, window, None)
-        path = self.req.out / "bundles" / f"{choice.name}-w{window}"
-        task = self.progress.add_task(f"export {choice.name} W={window}", total=None)
+    def onnx_row(self, choice: QuantChoice, window: int, sinks: int, record: bool = False) -> Row:
+        _, chunk = resolve_window(self.ck, window, None, sinks)
+        path = self.req.out / "bundles" / (f"{choice.name}-w{window}" + (f"-s{sinks}" if sinks else ""))
+        label = f"{choice.name} W={window}" + (f" S={sinks}" if sinks else "")
+        task = self.progress.add_task(f"export {label}", total=None)
         try:
             if choice.calibrated:
                 built = prepare_calibrated(self.ck, choice.spec, window, chunk, path,
@@ -201,20 +205,20 @@ class _Run:
                                            lambda: self.calibrated(choice), log=lambda line: None)
             else:
                 built = prepare_bundle(self.ck, choice.spec, window, chunk, path, self.source_sha,
-                                       log=lambda line: None)
+                                       log=lambda line: None, sinks=sinks)
         finally:
             self.progress.remove_task(task)
         self.log(f"{'reused' if built.reused else 'exported'} {path}")
         session = DecoderSession(built.model_path, config=SessionConfig(threads=self.threads, chunk=chunk))
-        quality = self.quality(session, chunk, f"{choice.name} W={window}", record)
+        quality = self.quality(session, chunk, label, record)
         del session
         speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model_path=str(built.model_path)), choice.name, built.weight_bytes)
-        return self.row(choice.name, "onnx", window, quality, speed, model_bits_per_weight=built.model_bits_per_weight,
+        return self.row(choice.name, "onnx", window, sinks, quality, speed, model_bits_per_weight=built.model_bits_per_weight,
                         size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 
-    def torch_row(self, name: str, window: int) -> Row:
+    def torch_row(self, name: str, window: int, sinks: int) -> Row:
         """The PyTorch reference as TORCH_ROWS[name] says; a bitsandbytes row that cannot run here
         is a note with bitsandbytes' reason."""
         import torch
@@ -231,18 +235,18 @@ class _Run:
             except EdgeError as e:
                 self.log(f"{name} not measured: {e}")
                 return Row.unmeasured(name, backend, str(e))
-        _, chunk = resolve_window(self.ck, window, None)
+        _, chunk = resolve_window(self.ck, window, None, sinks)
         torch.set_num_threads(self.threads)
         model = ReferenceModel(self.ck.config, self.ck.weights, getattr(torch, dtype), self.req.device)
         size = torch.finfo(model.dtype).bits // 8
         weight_bytes = self.ck.n_params * size if bnb is None else quantize_linears(model, bnb)
-        quality = self.quality(TorchSession(model, window, chunk), chunk, f"PyTorch {name}")
+        quality = self.quality(TorchSession(model, window, chunk, sinks=sinks), chunk, f"PyTorch {name}")
         del model
         speed = self.speed(SpeedJob("torch", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model=self.req.model, trust_pickle=self.req.trust_pickle, window=window,
                                     dtype=dtype, bnb=bnb, device=self.req.device), f"PyTorch {name}",
                            self.ck.n_params * 4)  # the worker loads the checkpoint as fp32 first
-        return self.row(name, backend, window, quality, speed,
+        return self.row(name, backend, window, sinks, quality, speed,
                         model_bits_per_weight=8 * weight_bytes / self.ck.n_params,
                         size_bytes=None, weight_bytes=weight_bytes,
                         kv_cache_bytes=self.ck.config.kv_bytes_per_token(size) * window,
@@ -268,15 +272,19 @@ def run_compare(req: CompareRequest, progress: Progress | None = None, log=print
     progress.remove_task(task)
 
     windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
+    sinks = sorted(set(req.sinks) or {resolve_sinks(ck, None)})
+    if sinks[-1] >= windows[0]:
+        raise EdgeError(f"--sinks {sinks[-1]} must be below every window (W={windows[0]})")
     reference = QuantChoice(parse_quant("fp32"))
-    try:
-        rows = [run.onnx_row(reference, windows[-1], record=True)]
+    try:  # the reference: fp32 at the largest W with the fewest sinks
+        rows = [run.onnx_row(reference, windows[-1], sinks[0], record=True)]
         for window in windows:
-            for choice in choices:
-                if (choice, window) != (reference, windows[-1]):
-                    rows.append(run.onnx_row(choice, window))
+            for s in sinks:
+                for choice in choices:
+                    if (choice, window, s) != (reference, windows[-1], sinks[0]):
+                        rows.append(run.onnx_row(choice, window, s))
         if req.torch_rows:
-            rows += [run.torch_row(name, windows[-1]) for name in TORCH_ROWS]
+            rows += [run.torch_row(name, windows[-1], sinks[0]) for name in TORCH_ROWS]
     finally:
         run.scratch.cleanup()
     return rows

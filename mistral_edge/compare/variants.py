@@ -99,16 +99,18 @@ def export_code_sha256() -> str:
     return h.hexdigest()
 
 
-def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, source_sha256: str | None) -> dict:
+def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, source_sha256: str | None,
+                      sinks: int = 0) -> dict:
     """The manifest entries that decide whether an existing bundle is this variant."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": spec.name,
-            "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+            "window": window, "sinks": sinks, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
             "weight_bytes": estimate(ck.config, quant_plan(ck.config, spec), window, chunk).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
     return {"target": m.get("target"), "source": {k: m.get("source", {}).get(k) for k in ("path", "sha256")},
-            "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "chunk": m.get("chunk"),
+            "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "sinks": m.get("sinks"),
+            "chunk": m.get("chunk"),
             "graph_contract": m.get("graph_contract"), "toolkit": m.get("toolkit", {}).get("version"),
             "weight_bytes": m.get("memory_budget", {}).get("weight_bytes")}
 
@@ -118,9 +120,9 @@ def _dir_bytes(path: Path) -> int:
 
 
 def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path,
-                   source_sha256: str | None, log=print) -> Built:
+                   source_sha256: str | None, log=print, sinks: int = 0) -> Built:
     """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
-    expected = expected_manifest(ck, spec, window, chunk, source_sha256)
+    expected = expected_manifest(ck, spec, window, chunk, source_sha256, sinks)
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
         bundle, reused = Bundle.open(path), True
@@ -130,7 +132,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         stamp.unlink(missing_ok=True)
         if path.exists() and not (path / MANIFEST).is_file():
             shutil.rmtree(path)  # ours (bundles/ belongs to compare), but not a bundle: write_bundle would refuse it
-        write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk), path, log=log)
+        write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks), path, log=log)
         stamp.write_text(code)
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest.memory_budget

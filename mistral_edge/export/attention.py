@@ -13,10 +13,15 @@ Order of work, so that past and present can share one buffer: (1) gather the ent
 is about to overwrite, (2) scatter the chunk with TensorScatter (circular, slot = p mod W;
 padding writes back the old entry), (3) attend over the updated slots plus the gathered entries.
 Every read of the old cache happens before the write by data dependency, never by node order.
+
+With attention sinks (S > 0, docs/cache.md) the op is `SinkWindowedGroupQueryAttention`: two more
+cache tensors of S slots hold positions 0..S-1 for ever (written by a Where while p < S), the ring
+keeps the last W - S positions, and one softmax runs over (ring, overwritten entries, sinks).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +32,13 @@ from .onnx_builder import FLOAT, Activations, Builder
 
 DOMAIN = "mistral_edge"
 OP = "WindowedGroupQueryAttention"
+SINK_OP = "SinkWindowedGroupQueryAttention"
 PLAN_INPUTS = ("cos_q", "sin_q", "cos_k", "sin_k", "write_at", "gather_idx", "keep", "bias", "score_split")
+SINK_PLAN_INPUTS = ("sink_src", "sink_new")
+
+
+def op_name(sinks: int) -> str:
+    return SINK_OP if sinks else OP
 
 
 @dataclass(frozen=True)
@@ -41,12 +52,15 @@ class AttentionPlan:
     write_at: str  # [B] slot of the chunk's first token
     gather_idx: str  # [B, Hkv, C, D] slots the chunk overwrites
     keep: str  # [B, 1, C, 1] real (not padding) chunk tokens
-    bias: str  # [B, 1, G*C, S+C] additive mask over (cache slots, overwritten entries)
-    score_split: str  # [2] = (S, C)
+    bias: str  # [B, 1, G*C, S+C(+Ss)] additive mask over (ring slots, overwritten entries(, sinks))
+    score_split: str  # [2] = (S, C), or [3] = (S, C, Ss) with sinks
+    sink_src: str | None = None  # [B, Hkv, Ss, D] chunk index each sink slot would take (clamped)
+    sink_new: str | None = None  # [B, 1, Ss, 1] sink slots this chunk writes
 
     @property
     def inputs(self) -> list[str]:
-        return [getattr(self, name) for name in PLAN_INPUTS]
+        names = PLAN_INPUTS + (SINK_PLAN_INPUTS if self.sink_src else ())
+        return [getattr(self, name) for name in names]
 
 
 def mask_value(act: Activations) -> float:
@@ -56,14 +70,16 @@ def mask_value(act: Activations) -> float:
     return float(np.finfo(act.np_type).min) / 2
 
 
-def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: Activations) -> AttentionPlan:
+def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: Activations,
+                   sinks: int = 0) -> AttentionPlan:
     """Build the per-step tensors from the graph inputs `input_ids`, `positions`, `valid_lens` and
-    the slot count S of the cache input `cache`. Tables and mask are computed in float32 (fp16
-    cannot hold positions past 2048 exactly) and cast once to the activation type."""
+    the slot count S of the cache input `cache` (the ring of W - sinks slots). Tables and mask are
+    computed in float32 (fp16 cannot hold positions past 2048 exactly) and cast once to the
+    activation type."""
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
     as_act = lambda x: x if act.onnx_type == FLOAT else b.op("Cast", [x], to=act.onnx_type)  # noqa: E731
     positions, valid_lens = "positions", "valid_lens"
-    w = b.const(window)
+    w = b.const(window - sinks)  # the ring's period
     c_dim = b.op("Shape", ["input_ids"], start=1, end=2)  # [1] = C
     j = b.op("Range", [b.const(0), b.op("Squeeze", [c_dim, i64(0)]), b.const(1)])  # [C]
     qpos = b.op("Add", [b.op("Unsqueeze", [positions, i64(1)]), j])  # [B, C]
@@ -91,25 +107,38 @@ def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: A
     p_old = b.op("Where", [is_valid, b.op("Sub", [qpos, w]), b.const(-1)])  # [B, C]
     kpos = b.op("Unsqueeze", [b.op("Concat", [p_cache, p_old], axis=1), i64(1)])  # [B, 1, S+C]
     qcol = b.op("Unsqueeze", [qpos, i64(2)])  # [B, C, 1]
-    visible = b.op("And", [b.op("And", [b.op("GreaterOrEqual", [kpos, b.const(0)]),
+    visible = b.op("And", [b.op("And", [b.op("GreaterOrEqual", [kpos, b.const(sinks)]),  # p < S: a sink slot's
                                         b.op("LessOrEqual", [kpos, qcol])]),
                            b.op("Greater", [kpos, b.op("Sub", [qcol, w])])])
+    split = b.op("Concat", [n_slots, c_dim], axis=0)
+    sink_src = sink_new = None
+    if sinks:
+        sink_ids = b.const(list(range(sinks)))  # [Ss]: sink slot s holds position s
+        visible = b.op("Concat", [visible, b.op("LessOrEqual", [sink_ids, qcol])], axis=2)
+        split = b.op("Concat", [split, i64(sinks)], axis=0)
+        src = b.op("Sub", [sink_ids, b.op("Unsqueeze", [positions, i64(1)])])  # [B, Ss] chunk index
+        sink_new = b.op("Unsqueeze", [b.op("And", [b.op("GreaterOrEqual", [src, b.const(0)]),
+                                                    b.op("Less", [src, b.op("Unsqueeze", [valid_lens, i64(1)])])]),
+                                      i64(1, 3)])
+        src = b.op("Unsqueeze", [b.op("Clip", [src, b.const(0), b.op("Sub", [b.op("Squeeze", [c_dim, i64(0)]),
+                                                                              b.const(1)])]), i64(1, 3)])
+        sink_src = b.op("Expand", [src, b.op("Concat", [bsz, i64(cfg.n_kv_heads, sinks, d)], axis=0)])
     bias = b.op("Where", [visible, b.const(0.0, np.float32), b.const(mask_value(act), np.float32)])
-    bias = as_act(bias)  # [B, C, S+C]
+    bias = as_act(bias)  # [B, C, S+C(+Ss)]
     group = cfg.n_heads // cfg.n_kv_heads
     bias = b.op("Tile", [b.op("Unsqueeze", [bias, i64(1)]), i64(1, 1, group, 1)])  # query rows g-major
-    split = b.op("Concat", [n_slots, c_dim], axis=0)
-    return AttentionPlan(cos_q, sin_q, cos_k, sin_k, write_at, idx, keep, bias, split)
+    return AttentionPlan(cos_q, sin_q, cos_k, sin_k, write_at, idx, keep, bias, split, sink_src, sink_new)
 
 
-def attention_function(cfg: ModelConfig) -> FunctionProto:
+def attention_function(cfg: ModelConfig, sinks: int = 0) -> FunctionProto:
     """Inputs: qkv [B, C, (Hq + 2 Hkv) D] (the fused projection, before RoPE), past_key,
-    past_value [B, Hkv, S, D], then the plan tensors. Outputs: output [B, C, Hq D], present_key,
-    present_value."""
+    past_value [B, Hkv, S, D] (with sinks, then past_sink_key, past_sink_value [B, Hkv, Ss, D]),
+    then the plan tensors. Outputs: output [B, C, Hq D], present_key, present_value (and
+    present_sink_key, present_sink_value)."""
     b = Builder("wgqa_")
     hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
-    p = AttentionPlan(*PLAN_INPUTS)
+    p = AttentionPlan(*PLAN_INPUTS, *(SINK_PLAN_INPUTS if sinks else (None, None)))
 
     heads = b.op("Transpose", [b.op("Reshape", ["qkv", i64(0, 0, hq + 2 * hkv, d)])], perm=[0, 2, 1, 3])
     q, k, v = b.op("Split", [heads, i64(hq, hkv, hkv)], n_out=3, axis=1)  # [B, H, C, D]
@@ -128,13 +157,21 @@ def attention_function(cfg: ModelConfig) -> FunctionProto:
     qg = b.op("Reshape", [q, i64(0, hkv, -1, d)])
     s_cache = b.op("MatMul", [qg, b.op("Transpose", ["present_key"], perm=[0, 1, 3, 2])])
     s_old = b.op("MatMul", [qg, b.op("Transpose", [old_k], perm=[0, 1, 3, 2])])
-    scores = b.op("Add", [b.op("Concat", [s_cache, s_old], axis=-1), p.bias])
-    pr_cache, pr_old = b.op("Split", [b.op("Softmax", [scores], axis=-1), p.score_split], n_out=2, axis=-1)
-    out = b.op("Add", [b.op("MatMul", [pr_cache, "present_value"]), b.op("MatMul", [pr_old, old_v])])
+    keys, values = [s_cache, s_old], ["present_value", old_v]
+    if sinks:  # a sink slot takes the chunk token of its position, once
+        for kind, new in (("key", k), ("value", v)):
+            b.op("Where", [p.sink_new, b.op("GatherElements", [new, p.sink_src], axis=2), f"past_sink_{kind}"],
+                 outputs=[f"present_sink_{kind}"])
+        keys.append(b.op("MatMul", [qg, b.op("Transpose", ["present_sink_key"], perm=[0, 1, 3, 2])]))
+        values.append("present_sink_value")
+    scores = b.op("Add", [b.op("Concat", keys, axis=-1), p.bias])
+    probs = b.op("Split", [b.op("Softmax", [scores], axis=-1), p.score_split], n_out=len(keys), axis=-1)
+    out = functools.reduce(lambda x, y: b.op("Add", [x, y]), [b.op("MatMul", [pr, val]) for pr, val in zip(probs, values)])
     out = b.op("Transpose", [b.op("Reshape", [out, i64(0, hq, -1, d)])], perm=[0, 2, 1, 3])  # [B, C, Hq, D]
     b.op("Reshape", [out, i64(0, 0, -1)], outputs=["output"])
 
+    caches = ["key", "value"] + (["sink_key", "sink_value"] if sinks else [])
     return helper.make_function(
-        DOMAIN, OP, ["qkv", "past_key", "past_value", *PLAN_INPUTS], ["output", "present_key", "present_value"],
-        b.nodes, opset_imports=[helper.make_opsetid("", 24)],
+        DOMAIN, op_name(sinks), ["qkv", *(f"past_{c}" for c in caches), *p.inputs],
+        ["output", *(f"present_{c}" for c in caches)], b.nodes, opset_imports=[helper.make_opsetid("", 24)],
     )

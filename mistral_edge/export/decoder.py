@@ -17,11 +17,11 @@ import onnx
 import torch
 from onnx import helper
 
-from ..contract import GraphInfo
+from ..contract import GraphInfo, cache_names, layer_cache_names
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
 from ..quantize.plan import head_shares_embedding
-from .attention import DOMAIN, OP, attention_function, attention_plan
+from .attention import DOMAIN, attention_function, attention_plan, op_name
 from .linear import WeightEmitter
 from .onnx_builder import FLOAT, INT64
 
@@ -46,14 +46,15 @@ Progress = Callable[[int, int], None]
 
 
 def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window: int, chunk: int,
-                  emitter: WeightEmitter, progress: Progress | None = None) -> onnx.ModelProto:
+                  emitter: WeightEmitter, progress: Progress | None = None, sinks: int = 0) -> onnx.ModelProto:
     """The graph, reading each weight from `weights` once, when its initializers are made (with a
-    streaming builder nothing of a layer stays in memory after it)."""
+    streaming builder nothing of a layer stays in memory after it); `sinks` of the W cache slots
+    hold the first positions for ever (docs/cache.md)."""
     b, act = emitter.builder, emitter.activations
     steps = cfg.n_layers + 2
     progress = progress or (lambda done, total: None)
     c = cfg
-    kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W
+    kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W - sinks
     inputs = [
         helper.make_tensor_value_info("input_ids", INT64, ["batch", "chunk"]),
         helper.make_tensor_value_info("positions", INT64, ["batch"]),
@@ -61,12 +62,12 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
         helper.make_tensor_value_info("logits_index", INT64, ["batch", "n_logits"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "n_logits", c.vocab_size])]
-    for i in range(c.n_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", act.onnx_type, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", act.onnx_type, kv_shape))
+    for name in cache_names(c.n_layers, sinks):
+        shape = [*kv_shape[:2], sinks, kv_shape[3]] if name.startswith("sink_") else kv_shape
+        inputs.append(helper.make_tensor_value_info(f"past_{name}", act.onnx_type, shape))
+        outputs.append(helper.make_tensor_value_info(f"present_{name}", act.onnx_type, shape))
 
-    plan = attention_plan(b, c, window, "past_key.0", act)  # per-step tensors shared by all layers
+    plan = attention_plan(b, c, window, "past_key.0", act, sinks)  # per-step tensors shared by all layers
 
     def norm_weight(name: str) -> str:
         return b.init(name, weights[name].float().numpy().astype(act.np_type))
@@ -93,9 +94,9 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
                           [c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
         qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
         del wqkv
-        attn, _, _ = b.op(OP, [qkv, f"past_key.{i}", f"past_value.{i}", *plan.inputs],
-                          domain=DOMAIN, outputs=[b.fresh("attn"), f"present_key.{i}", f"present_value.{i}"],
-                          name=f"{p}attention")
+        caches = layer_cache_names(i, sinks)
+        attn = b.op(op_name(sinks), [qkv, *(f"past_{n}" for n in caches), *plan.inputs], domain=DOMAIN,
+                    outputs=[b.fresh("attn"), *(f"present_{n}" for n in caches)], name=f"{p}attention")[0]
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
                         p + "ffn_norm.weight")
         w13 = stack_rows(weights, [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"], [c.hidden_dim] * 2)
@@ -120,11 +121,12 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
-        graph, functions=[attention_function(c)], producer_name="mistral-edge",
+        graph, functions=[attention_function(c, sinks)], producer_name="mistral-edge",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)],
     )
     model.ir_version = 10
-    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name)
+    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name, sinks,
+                     c.sliding_window or 0)
     helper.set_model_props(model, info.to_metadata())
     return model

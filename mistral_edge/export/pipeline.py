@@ -20,6 +20,8 @@ from .onnx_builder import Builder, ExternalData, activation_type, save_model
 
 DEFAULT_WINDOW = 1024
 """W for models without a sliding window (Llama layout): the cache must have a fixed size."""
+DEFAULT_SINKS = 4
+"""Attention sinks for models trained without a window (measured in docs/cache.md); 0 for the others."""
 DEFAULT_CHUNK = 128
 FORMATS = ("nbits", "qdq")
 INLINE_BELOW = 64 << 20
@@ -32,32 +34,45 @@ class ExportResult:
     ops: tuple[str, ...]  # "domain::op" used by the graph (function bodies included)
 
 
-def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None) -> tuple[int, int]:
+def resolve_sinks(ck: Checkpoint, sinks: int | None) -> int:
+    """--sinks as given, else DEFAULT_SINKS for a model trained with full attention (where the
+    window is an approximation) and 0 for one trained with a sliding window (where it is exact)."""
+    if sinks is None:
+        return 0 if ck.config.sliding_window else DEFAULT_SINKS
+    return sinks
+
+
+def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks: int = 0) -> tuple[int, int]:
+    """(W, chunk): W the model's window or DEFAULT_WINDOW; the chunk fits the ring of W - sinks slots."""
     w = window if window is not None else (ck.config.sliding_window or DEFAULT_WINDOW)
     if w <= 0:
         raise EdgeError(f"window must be a positive integer, got {w}")
-    c = chunk if chunk is not None else min(DEFAULT_CHUNK, w)
-    if not 0 < c <= w:
-        raise EdgeError(f"chunk size must be between 1 and the window W={w}, got {c}")
+    if not 0 <= sinks < w:
+        raise EdgeError(f"sinks must be between 0 and W - 1 = {w - 1}, got {sinks}")
+    c = chunk if chunk is not None else min(DEFAULT_CHUNK, w - sinks)
+    if not 0 < c <= w - sinks:
+        ring = f" minus its {sinks} sinks, {w - sinks}" if sinks else ""
+        raise EdgeError(f"chunk size must be between 1 and the window W={w}{ring}, got {c}")
     return w, c
 
 
 def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
                 plan: dict[str, TensorQuant] | None = None, activations: str = "fp32",
-                progress: Progress | None = None) -> ExportResult:
+                progress: Progress | None = None, sinks: int | None = None) -> ExportResult:
     """Write the decoder-step graph to out_path, its weights to out_path + '.data' (folded into
     the .onnx when under INLINE_BELOW bytes); `activations` ("fp32" or "fp16") is the type it
-    computes in and caches keys and values in."""
+    computes in and caches keys and values in; `sinks` None takes `resolve_sinks`' default."""
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
-    w, c = resolve_window(ck, window, chunk)
+    s = resolve_sinks(ck, sinks)
+    w, c = resolve_window(ck, window, chunk, s)
     plan = plan or quant_plan(ck.config, spec)
     data = ExternalData(out_path.with_name(out_path.name + ".data"))
     try:
         emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act)
-        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress)
+        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s)
     finally:
         data.close()
     save_model(model, out_path, data, INLINE_BELOW)

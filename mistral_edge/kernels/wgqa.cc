@@ -2,7 +2,8 @@
 // mistral_edge::WindowedGroupQueryAttention (export/attention.py, docs/graph-contract.md).
 // ONNX Runtime consults custom-op registries before inlining a function, so a session that loads
 // this library runs these nodes natively on the very same graph; other runtimes run the body.
-// Registered for float32 and float16 (one op per type); a node of any other type finds no kernel
+// Registered for float32 and float16 (one op per type), without and with attention sinks
+// (SinkWindowedGroupQueryAttention: two more cache tensors); a node of any other type finds no kernel
 // and ONNX Runtime inlines the function body as it would without the library.
 // Threads: one work unit per (batch row, kv head), run on the session's intra-op pool
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads holds.
@@ -59,13 +60,32 @@ struct Job {
 
 void run_unit(void* job, size_t unit) { UNIT(static_cast<Job*>(job)->p, static_cast<int64_t>(unit)); }
 
+// The sink half of a SinkWindowedGroupQueryAttention node's inputs and outputs.
+template <typename T>
+struct Sinks {
+  const Tensor<T>& past_key;
+  const Tensor<T>& past_value;
+  const Tensor<int64_t>& src;
+  const Tensor<bool>& fresh;
+  Tensor<T>& present_key;
+  Tensor<T>& present_value;
+};
+
+// present bound to past's buffer (the runtime's in-place binding) needs no copy
+template <typename T>
+T* keep_in_place(const Tensor<T>& past, Tensor<T>& present) {
+  T* out = present.Allocate(past.Shape());
+  if (out != past.Data()) std::memcpy(out, past.Data(), static_cast<size_t>(past.NumberOfElement()) * sizeof(T));
+  return out;
+}
+
 template <typename T>
 Ort::Status compute(OrtKernelContext* ctx, const Tensor<T>& qkv, const Tensor<T>& past_key,
                     const Tensor<T>& past_value, const Tensor<T>& cos_q, const Tensor<T>& sin_q,
                     const Tensor<T>& cos_k, const Tensor<T>& sin_k, const Tensor<int64_t>& write_at,
                     const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<T>& bias,
                     const Tensor<int64_t>& score_split, Tensor<T>& output, Tensor<T>& present_key,
-                    Tensor<T>& present_value) {
+                    Tensor<T>& present_value, const Sinks<T>* sinks = nullptr) {
   const auto& xs = qkv.Shape();
   const auto& cs = past_key.Shape();
   if (xs.size() != 3 || cs.size() != 4) return fail("qkv must be [B, C, (Hq+2Hkv) D] and past_key [B, Hkv, S, D]");
@@ -77,30 +97,37 @@ Ort::Status compute(OrtKernelContext* ctx, const Tensor<T>& qkv, const Tensor<T>
   if (!shaped(past_value.Shape(), cs)) return fail("past_value's shape differs from past_key's");
   for (const Tensor<T>* t : {&cos_q, &sin_q, &cos_k, &sin_k})
     if (!shaped(t->Shape(), {B, C, D / 2})) return fail("RoPE tables must be [B, C, D/2]");
+  const int64_t Ss = sinks ? sinks->past_key.Shape().size() == 4 ? sinks->past_key.Shape()[2] : -1 : 0;
+  if (sinks && (Ss <= 0 || !shaped(sinks->past_key.Shape(), {B, Hkv, Ss, D}) ||
+                !shaped(sinks->past_value.Shape(), {B, Hkv, Ss, D}) || !shaped(sinks->src.Shape(), {B, Hkv, Ss, D}) ||
+                !shaped(sinks->fresh.Shape(), {B, 1, Ss, 1})))
+    return fail("sink cache and sink plan tensors must be [B, Hkv, Ss, D] (Ss > 0) and [B, 1, Ss, 1]");
   if (!shaped(write_at.Shape(), {B}) || !shaped(gather_idx.Shape(), {B, Hkv, C, D}) ||
-      !shaped(keep.Shape(), {B, 1, C, 1}) || !shaped(bias.Shape(), {B, 1, G * C, S + C}) ||
-      !shaped(score_split.Shape(), {2}))
+      !shaped(keep.Shape(), {B, 1, C, 1}) || !shaped(bias.Shape(), {B, 1, G * C, S + C + Ss}) ||
+      !shaped(score_split.Shape(), {sinks ? 3 : 2}))
     return fail("plan tensors do not match qkv and the cache");
   const int64_t* split = score_split.Data();
-  if (split[0] != S || split[1] != C) return fail("score_split must be (S, C)");
+  if (split[0] != S || split[1] != C || (sinks && split[2] != Ss)) return fail("score_split must be (S, C[, Ss])");
   const int64_t* at = write_at.Data();
   const int64_t* idx = gather_idx.Data();
   for (int64_t b = 0; b < B; ++b)
     if (S > 0 ? (at[b] < 0 || at[b] >= S) : keep.Data()[b * C]) return fail("write slot outside the cache");
   for (int64_t i = 0, n = gather_idx.NumberOfElement(); i < n; i += D)
     if (idx[i] < 0 || idx[i] >= S) return fail("gather index outside the cache");
+  if (sinks)
+    for (int64_t i = 0, n = sinks->src.NumberOfElement(); i < n; i += D)
+      if (sinks->src.Data()[i] < 0 || sinks->src.Data()[i] >= C) return fail("sink source outside the chunk");
 
   calls.fetch_add(1, std::memory_order_relaxed);
   T* out = output.Allocate({B, C, Hq * D});
-  T* key = present_key.Allocate(cs);
-  T* value = present_value.Allocate(cs);
-  const size_t bytes = static_cast<size_t>(B * Hkv * S * D) * sizeof(T);
-  // present bound to past's buffer (the runtime's in-place binding) needs no copy
-  if (key != past_key.Data()) std::memcpy(key, past_key.Data(), bytes);
-  if (value != past_value.Data()) std::memcpy(value, past_value.Data(), bytes);
+  T* key = keep_in_place(past_key, present_key);
+  T* value = keep_in_place(past_value, present_value);
+  T* sink_key = sinks ? keep_in_place(sinks->past_key, sinks->present_key) : nullptr;
+  T* sink_value = sinks ? keep_in_place(sinks->past_value, sinks->present_value) : nullptr;
 
   Job job{{B, C, Hq, Hkv, D, S, !std::is_same<T, float>::value, qkv.Data(), key, value, cos_q.Data(),
-           sin_q.Data(), cos_k.Data(), sin_k.Data(), at, idx, keep.Data(), bias.Data(), out}};
+           sin_q.Data(), cos_k.Data(), sin_k.Data(), at, idx, keep.Data(), bias.Data(), out, Ss, sink_key,
+           sink_value, sinks ? sinks->src.Data() : nullptr, sinks ? sinks->fresh.Data() : nullptr}};
   const size_t units = static_cast<size_t>(B * Hkv);
   if (units == 1 || S == 0) {
     for (size_t u = 0; u < units && S > 0; ++u) run_unit(&job, u);
@@ -126,6 +153,20 @@ Ort::Status compute_f16(OrtKernelContext* ctx, const Tensor<F16>& a, const Tenso
   return compute<F16>(ctx, a, b, c, d, e, f, g, h, i, j, k, l, o1, o2, o3);
 }
 
+template <typename T>
+Ort::Status compute_sinks(OrtKernelContext* ctx, const Tensor<T>& qkv, const Tensor<T>& past_key,
+                          const Tensor<T>& past_value, const Tensor<T>& past_sink_key,
+                          const Tensor<T>& past_sink_value, const Tensor<T>& cos_q, const Tensor<T>& sin_q,
+                          const Tensor<T>& cos_k, const Tensor<T>& sin_k, const Tensor<int64_t>& write_at,
+                          const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<T>& bias,
+                          const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src,
+                          const Tensor<bool>& sink_new, Tensor<T>& output, Tensor<T>& present_key,
+                          Tensor<T>& present_value, Tensor<T>& present_sink_key, Tensor<T>& present_sink_value) {
+  const Sinks<T> sinks{past_sink_key, past_sink_value, sink_src, sink_new, present_sink_key, present_sink_value};
+  return compute<T>(ctx, qkv, past_key, past_value, cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias,
+                    score_split, output, present_key, present_value, &sinks);
+}
+
 }  // namespace
 
 extern "C" {
@@ -145,11 +186,17 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
       Ort::Custom::CreateLiteCustomOp("WindowedGroupQueryAttention", "CPUExecutionProvider", compute_f32)};
   static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f16{
       Ort::Custom::CreateLiteCustomOp("WindowedGroupQueryAttention", "CPUExecutionProvider", compute_f16)};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sinks_f32{Ort::Custom::CreateLiteCustomOp(
+      "SinkWindowedGroupQueryAttention", "CPUExecutionProvider", compute_sinks<float>)};
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sinks_f16{Ort::Custom::CreateLiteCustomOp(
+      "SinkWindowedGroupQueryAttention", "CPUExecutionProvider", compute_sinks<F16>)};
   try {
     static Ort::CustomOpDomain domain = [] {
       Ort::CustomOpDomain d{"mistral_edge"};
       d.Add(f32.get());
       d.Add(f16.get());
+      d.Add(sinks_f32.get());
+      d.Add(sinks_f16.get());
       return d;
     }();
     Ort::UnownedSessionOptions(options).Add(domain);

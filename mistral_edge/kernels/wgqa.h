@@ -15,8 +15,14 @@ struct Problem {
   const int64_t* write_at;       // [B]
   const int64_t* gather_idx;     // [B, Hkv, C, D]
   const bool* keep;              // [B, 1, C, 1]
-  const void* bias;              // [B, 1, G C, S + C]
+  const void* bias;              // [B, 1, G C, S + C + Ss]
   void* out;                     // [B, C, Hq D]
+  // attention sinks (SinkWindowedGroupQueryAttention; Ss = 0 and null pointers otherwise)
+  int64_t Ss;                    // sink slots
+  void* sink_key;                // present_sink_key [B, Hkv, Ss, D], holding past_sink_key on entry
+  void* sink_value;
+  const int64_t* sink_src;       // [B, Hkv, Ss, D] chunk index each sink slot takes
+  const bool* sink_new;          // [B, 1, Ss, 1] sink slots this chunk writes
 };
 
 // Solves one (batch row, kv head) unit, unit = b * Hkv + h. Units touch disjoint cache slices.

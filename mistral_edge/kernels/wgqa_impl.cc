@@ -1,6 +1,7 @@
 // One (batch row, kv head) unit of WindowedGroupQueryAttention, in the order the ONNX function
-// fixes (export/attention.py): gather the entries the chunk overwrites, write the rotated chunk,
-// then attend over the S updated slots plus the gathered entries. Compiled once per instruction
+// fixes (export/attention.py): gather the entries the chunk overwrites, write the rotated chunk
+// (and the sink slots it reaches), then attend over the S updated slots, the gathered entries and
+// the Ss sinks. Compiled once per instruction
 // set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions over the head
 // dimension, whose width follows the variant's flags.
 #include <immintrin.h>
@@ -194,7 +195,7 @@ void softmax(float* x, const T* bias, int64_t n) {
 template <typename T>
 void unit(const Problem& p, int64_t u) {
   const int64_t b = u / p.Hkv, h = u % p.Hkv, C = p.C, D = p.D, S = p.S, G = p.Hq / p.Hkv;
-  const int64_t R = G * C, L = S + C, width = (p.Hq + 2 * p.Hkv) * D, half_d = D / 2;
+  const int64_t Ss = p.Ss, R = G * C, L = S + C + Ss, width = (p.Hq + 2 * p.Hkv) * D, half_d = D / 2;
   const T* qkv = static_cast<const T*>(p.qkv) + b * C * width;
   T* key = static_cast<T*>(p.key) + (b * p.Hkv + h) * S * D;
   T* value = static_cast<T*>(p.value) + (b * p.Hkv + h) * S * D;
@@ -222,6 +223,16 @@ void unit(const Problem& p, int64_t u) {
     for (int64_t d = 0; d < D; ++d) key[slot * D + d] = static_cast<T>(row[d]);
     std::memcpy(value + slot * D, src + p.Hkv * D, D * sizeof(T));
   }
+  T* sink_key = Ss ? static_cast<T*>(p.sink_key) + (b * p.Hkv + h) * Ss * D : nullptr;
+  T* sink_value = Ss ? static_cast<T*>(p.sink_value) + (b * p.Hkv + h) * Ss * D : nullptr;
+  for (int64_t s = 0; s < Ss; ++s) {
+    if (!p.sink_new[b * Ss + s]) continue;
+    const int64_t j = p.sink_src[((b * p.Hkv + h) * Ss + s) * D];
+    const T* src = qkv + j * width + (p.Hq + h) * D;
+    rope(src, cos_k + j * half_d, sin_k + j * half_d, D, row.data());
+    for (int64_t d = 0; d < D; ++d) sink_key[s * D + d] = static_cast<T>(row[d]);
+    std::memcpy(sink_value + s * D, src + p.Hkv * D, D * sizeof(T));
+  }
   // (3) queries of this kv head, rows g-major (r = g C + i), scaled by the tables
   std::vector<float> q(R * D), sc(ROWS * L), acc(ROWS * D);
   for (int64_t g = 0; g < G; ++g)
@@ -233,10 +244,12 @@ void unit(const Problem& p, int64_t u) {
     const float* qb = &q[r0 * D];
     block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, nullptr, false);
     block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, nullptr, false);
+    if (Ss) block<NATIVE>(qb, nr, sink_key, sink_value, Ss, D, sc.data() + S + C, L, nullptr, false);
     for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bias + (r0 + r) * L, L);
     std::fill(acc.begin(), acc.end(), 0.0f);
     block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, acc.data(), true);
     block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, acc.data(), true);
+    if (Ss) block<NATIVE>(qb, nr, sink_key, sink_value, Ss, D, sc.data() + S + C, L, acc.data(), true);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
       T* o = out + i * p.Hq * D + (h * G + g) * D;

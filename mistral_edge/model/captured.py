@@ -43,13 +43,13 @@ class CaptureConfig:
 
 
 class StaticRollingCache(RollingKVCache):
-    """The rolling cache with a fixed-shape write: slots (pos + i) mod W for every token of the
-    chunk, padding rewriting what its slot held, so no Python int of a position is read."""
+    """The rolling cache with a fixed-shape write: the slots of positions pos + i for every token of
+    the chunk, padding rewriting what its slot held, so no Python int of a position is read."""
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor) -> None:
         B, _, C, _ = k.shape
         i = torch.arange(C, device=k.device)
-        slots = torch.remainder(self.pos[:, None] + i, self.window)  # [B, C], distinct per row as C <= W
+        slots = self.slots_of(self.pos[:, None] + i)  # [B, C], distinct per row as C <= W - sinks
         rows = torch.arange(B, device=k.device)[:, None]
         keep = (i < n_valid[:, None])[:, :, None, None]
         for buf, new in ((self.k[layer], k), (self.v[layer], v)):
@@ -117,11 +117,11 @@ class CapturedSession(TorchSession):
     to the next captured size (its padding is invalid, so it writes nothing), a longer one runs eagerly."""
 
     def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1,
-                 config: CaptureConfig = CaptureConfig()):
-        super().__init__(model, window, chunk, batch)
+                 config: CaptureConfig = CaptureConfig(), sinks: int = 0):
+        super().__init__(model, window, chunk, batch, sinks)
         pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.steps = {size: CapturedStep(model, self.cache, batch, size, config, pool)
-                      for size in sorted(set(config.sizes)) if 0 < size <= window}
+                      for size in sorted(set(config.sizes)) if 0 < size <= window - sinks}
 
     @property
     def captures(self) -> int:
@@ -130,7 +130,7 @@ class CapturedSession(TorchSession):
     def new_cache(self) -> StaticRollingCache:
         c = self.model.cfg
         return StaticRollingCache(c.n_layers, self.batch, c.n_kv_heads, self.window, c.head_dim, self.model.dtype,
-                                  self.model.device)
+                                  self.sinks, self.model.device)
 
     def reset(self) -> None:
         self.cache.clear()

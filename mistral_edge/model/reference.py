@@ -1,7 +1,9 @@
 """The reference Mistral model in PyTorch: the oracle every export is checked against.
 
 RMSNorm, rotate-half RoPE, grouped-query attention with a sliding window, SwiGLU,
-and chunked prefill over a rolling buffer cache (see cache.py). Each chunk's
+and chunked prefill over a rolling buffer cache with optional attention sinks (see cache.py:
+the attention pattern is `cache.visible`; keys keep their absolute RoPE positions,
+docs/cache.md says why). Each chunk's
 queries attend to the cache as it was before the chunk plus the chunk itself;
 the chunk is written to the cache afterwards, so a chunk of C <= W tokens never
 overwrites a key one of its own queries still needs.
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EdgeError
-from .cache import RollingKVCache
+from .cache import RollingKVCache, visible
 from .config import ModelConfig
 from .weights import output_weight
 
@@ -73,10 +75,10 @@ class ReferenceModel:
     def window(self) -> int:
         return self.cfg.sliding_window or self.cfg.max_position
 
-    def new_cache(self, batch: int = 1, window: int | None = None) -> RollingKVCache:
+    def new_cache(self, batch: int = 1, window: int | None = None, sinks: int = 0) -> RollingKVCache:
         c = self.cfg
         return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype,
-                              self.device)
+                              sinks, self.device)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W.T for the layer weight `name`, or its replacement module when there is one."""
@@ -88,16 +90,16 @@ class ReferenceModel:
         """Run one chunk of [B, C] tokens through the model; returns logits [B, C, V]."""
         c = self.cfg
         B, C = tokens.shape
-        W = cache.window
-        if C > W:
-            raise EdgeError(f"chunk of {C} tokens is larger than the window W={W}")
+        W, S = cache.window, cache.sinks
+        if C > W - S:
+            raise EdgeError(f"chunk of {C} tokens is larger than the window's ring of W - sinks = {W - S} slots")
         dev = self.device
         n_valid = torch.full((B,), C, dtype=torch.long, device=dev) if n_valid is None else n_valid.long()
         qpos = cache.pos[:, None] + torch.arange(C, device=dev)  # [B, C]
         chunk_valid = torch.arange(C, device=dev) < n_valid[:, None]
         kpos = torch.cat([cache.slot_positions(), torch.where(chunk_valid, qpos, -1)], 1)
-        visible = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None]) & (kpos[:, None, :] > qpos[:, :, None] - W)
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=dev).masked_fill(~visible, float("-inf"))[:, None]
+        seen = visible(kpos[:, None, :], qpos[:, :, None], W, S)
+        bias = torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill(~seen, float("-inf"))[:, None]
         cos, sin = rope_tables(qpos, c.head_dim, c.rope_theta)
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
 

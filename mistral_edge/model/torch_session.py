@@ -72,15 +72,15 @@ def quantize(model: ReferenceModel, quant: str) -> int:
 class TorchSession:
     """A runtime.session.Session (as DecoderSession is) computed by the PyTorch reference, eagerly."""
 
-    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1):
-        if not 0 < chunk <= window:
-            raise EdgeError(f"chunk size must be between 1 and the window W={window}, got {chunk}")
-        self.model, self.window, self.chunk, self.batch = model, window, chunk, batch
+    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1, sinks: int = 0):
+        if not 0 < chunk <= window - sinks:
+            raise EdgeError(f"chunk size must be between 1 and W - sinks = {window - sinks}, got {chunk}")
+        self.model, self.window, self.chunk, self.batch, self.sinks = model, window, chunk, batch, sinks
         self.vocab_size = model.cfg.vocab_size
         self.cache = self.new_cache()
 
     def new_cache(self):
-        return self.model.new_cache(self.batch, self.window)
+        return self.model.new_cache(self.batch, self.window, self.sinks)
 
     @property
     def positions(self) -> np.ndarray:

@@ -4,7 +4,8 @@ The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values; ea
 past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
 TensorScatter updates it in place and no step copies it. S grows with the sequence in
 steps of GROW slots up to the window W and then stays there (a rolling buffer of W
-slots): attention reads all S slots, so a short sequence does not pay for W. The cache
+slots; W - sinks with attention sinks, whose own S-slot buffers are allocated once):
+attention reads all S slots, so a short sequence does not pay for W. The cache
 has the type the graph declares for it (float32, or float16 for an fp16 export). Decode
 steps reuse preallocated input and logits buffers, so a step allocates nothing on the
 Python side either.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..contract import GraphInfo
+from ..contract import GraphInfo, cache_names, sink_names
 from ..errors import EdgeError, first_line
 
 
@@ -122,10 +123,11 @@ class DecoderSession:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = info = GraphInfo.from_metadata(meta, str(model_path))
         self.n_layers, self.window, self.vocab_size = info.n_layers, info.window, info.vocab_size
+        self.sinks, self.ring = info.sinks, info.ring
         n_kv, head_dim, export_chunk = info.n_kv_heads, info.head_dim, info.chunk
         self.chunk = config.chunk or export_chunk
-        if not 0 < self.chunk <= self.window:
-            raise EdgeError(f"chunk size must be between 1 and the window W={self.window}, got {self.chunk}")
+        if not 0 < self.chunk <= self.ring:
+            raise EdgeError(f"chunk size must be between 1 and {self._span}, got {self.chunk}")
         self.batch = batch
         self._cache_shape = (batch, n_kv, head_dim)
         declared = {i.name: i.type for i in self.session.get_inputs()}.get("past_key.0")
@@ -136,11 +138,18 @@ class DecoderSession:
         self._buffers: dict[tuple[int, int], _StepBuffers] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
         self.cache: dict[str, ort.OrtValue] = {}
+        for name in (sink_names(self.n_layers) if self.sinks else ()):  # the sinks: S slots, once
+            self._arrays[name] = np.zeros((batch, n_kv, self.sinks, head_dim), self.cache_dtype)
+            self.cache[name] = ort.OrtValue.ortvalue_from_numpy(self._arrays[name])
         self._allocate(0)
 
     @property
+    def _span(self) -> str:
+        return f"the window W={self.window}" + (f" minus its {self.sinks} sinks, {self.ring}" if self.sinks else "")
+
+    @property
     def slots(self) -> int:
-        """Cache slots S currently allocated (<= W)."""
+        """Ring slots S currently allocated (<= W - sinks)."""
         return self._arrays["key.0"].shape[2]
 
     @property
@@ -154,7 +163,7 @@ class DecoderSession:
         docs/graph-contract.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
         weighted sum), and replaced a layer at a time, so growing holds at most one extra buffer."""
         b, h, d = self._cache_shape
-        for name in (f"{kind}.{i}" for i in range(self.n_layers) for kind in ("key", "value")):
+        for name in cache_names(self.n_layers):
             a = np.zeros((b, h, slots, d), self.cache_dtype)
             if keep:
                 a[:, :, :keep] = self._arrays[name][:, :, :keep]
@@ -164,13 +173,15 @@ class DecoderSession:
             self._bind_cache(buffers.binding)
 
     def _reserve(self, tokens: int) -> None:
-        """Make room for sequences of `tokens` tokens: S >= min(W, tokens), so no write wraps early."""
-        need = min(self.window, tokens)
+        """Make room for sequences of `tokens` tokens: S >= min(ring, tokens), so no write wraps early."""
+        need = min(self.ring, tokens)
         if need > self.slots:
-            self._allocate(min(self.window, -(-need // GROW) * GROW), keep=self.slots)
+            self._allocate(min(self.ring, -(-need // GROW) * GROW), keep=self.slots)
 
     def reset(self) -> None:
         self.positions[:] = 0
+        for name in (sink_names(self.n_layers) if self.sinks else ()):
+            self._arrays[name][...] = 0
         self._allocate(0)
 
     def _bind_cache(self, binding) -> None:
@@ -194,14 +205,14 @@ class DecoderSession:
         return self._buffers[key]
 
     def step(self, tokens: np.ndarray, valid_lens: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
-        """Feed a [B, C] chunk (C <= W); returns logits [B, C, V] or, by default, [B, 1, V] of each
+        """Feed a [B, C] chunk (C <= W - sinks); returns logits [B, C, V] or, by default, [B, 1, V] of each
         sequence's last valid token. Sequences advance by their valid length. The returned array is
         a reused buffer: copy it to keep it past the next step."""
         batch, chunk = tokens.shape
         if batch != self.batch:
             raise EdgeError(f"session was created for batch {self.batch}, got {batch}")
-        if not 0 < chunk <= self.window:
-            raise EdgeError(f"chunk of {chunk} tokens: must be between 1 and the window W={self.window}")
+        if not 0 < chunk <= self.ring:
+            raise EdgeError(f"chunk of {chunk} tokens: must be between 1 and {self._span}")
         valid = np.full(batch, chunk, np.int64) if valid_lens is None else np.asarray(valid_lens, np.int64)
         self._reserve(int(self.positions.max()) + chunk)
         io = self._buffers_for(chunk, chunk if all_logits else 1)

@@ -8,7 +8,8 @@ chain over fixed 64-token blocks, so whether a new request extends it can be che
 full token list, and the chain can be extended after a resume.
 
 File layout: MAGIC, an 8-byte little-endian header length, the JSON header, the token tail
-(int64), the cache arrays (key.0, value.0, key.1, ... each [Hkv, slots, D]), then the sha256 of
+(int64), the cache arrays (key.0, value.0, key.1, ... each [Hkv, slots, D]; with attention sinks
+each layer's sink_key.i, sink_value.i [Hkv, sinks, D] follow its ring), then the sha256 of
 everything before it. The header names the bundle (its manifest's sha256); a file from another
 bundle, or one whose checksum fails, is refused with one line.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import cache_names
 from ..errors import EdgeError
 from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.sampling import Sampler, SamplingParams
@@ -127,14 +129,14 @@ class SessionState:
         h = self.history
         if n == h.count:
             return self
-        if h.count > window or not h.complete or not 0 < n < h.count:
-            return None
-        return SessionState({k: a[:, :n] for k, a in self.cache.items()},
+        if h.count > window or self.cache["key.0"].shape[1] != h.count or not h.complete or not 0 < n < h.count:
+            return None  # the ring (W - sinks slots) no longer holds every token
+        return SessionState({k: a if k.startswith("sink_") else a[:, :n] for k, a in self.cache.items()},
                             TokenHistory.of(list(h.tail[:n]), h.keep), None)
 
 
 def _names(session) -> list[str]:
-    return [f"{kind}.{i}" for i in range(session.n_layers) for kind in ("key", "value")]
+    return cache_names(session.n_layers, session.sinks)
 
 
 def _tensors(session) -> list[tuple[str, object]]:
@@ -148,17 +150,19 @@ def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = 
     if int(session.positions[row]) != history.count:
         raise EdgeError(f"session row {row} is at position {int(session.positions[row])}, "
                         f"history has {history.count} tokens")
-    n = min(history.count, session.window)
-    if hasattr(session, "_arrays"):
-        cache = {name: session._arrays[name][row, :, :n].copy() for name in _names(session)}
-    else:
+    if not hasattr(session, "_arrays"):  # a TorchSession: its cache keeps the sinks in its first slots
+        n = min(history.count, session.window)
         cache = {name: t[row, :, :n].cpu().numpy().copy() for name, t in _tensors(session)}
+    else:
+        n = min(history.count, session.ring)
+        cache = {name: session._arrays[name][row, :, :session.sinks if name.startswith("sink_") else n].copy()
+                 for name in _names(session)}
     return SessionState(cache, history, sampler_state(sampler) if sampler else None)
 
 
 def restore(session, row: int, state: SessionState) -> None:
     """Put a state into row `row` of a session; other rows keep theirs."""
-    n = next(iter(state.cache.values())).shape[1]
+    n = state.cache["key.0"].shape[1]
     if not hasattr(session, "_arrays"):
         import torch
 
@@ -170,23 +174,23 @@ def restore(session, row: int, state: SessionState) -> None:
     if session.slots < n:
         session._allocate(n, keep=session.slots)
     for name in _names(session):
-        a = session._arrays[name]
-        a[row, :, :n] = state.cache[name]
-        a[row, :, n:] = 0
+        a, saved = session._arrays[name], state.cache[name]
+        a[row, :, :saved.shape[1]] = saved
+        a[row, :, saved.shape[1]:] = 0
     session.positions[row] = state.history.count
 
 
 def _layout(session) -> dict:
     a = session._arrays["key.0"]
     return {"layers": session.n_layers, "kv_heads": a.shape[1], "head_dim": a.shape[3],
-            "window": session.window, "dtype": np.dtype(session.cache_dtype).name}
+            "window": session.window, "sinks": session.sinks, "dtype": np.dtype(session.cache_dtype).name}
 
 
 def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     """Write `state` atomically (a temporary file beside `path`, then a rename); returns its bytes."""
     path = Path(path)
     h = state.history
-    slots = next(iter(state.cache.values())).shape[1]
+    slots = state.cache["key.0"].shape[1]
     header = {"format": FORMAT, "bundle": identity, **_layout(session), "count": h.count, "slots": slots,
               "anchor": h.anchor.hex(), "keep": h.keep, "tail": len(h.tail), "sampler": state.sampler}
     blob = json.dumps(header).encode()
@@ -237,12 +241,13 @@ def load(path: str | Path, session, identity: str) -> SessionState:
                 raise EdgeError(f"{path}: snapshot cache layout does not match this bundle's graph")
             count, slots, keep, n_tail = header["count"], header["slots"], header["keep"], header["tail"]
             window = layout["window"]
-            if not (slots == min(count, window) and BLOCK <= keep <= max(window, BLOCK)
+            if not (slots == min(count, window - layout["sinks"]) and BLOCK <= keep <= max(window, BLOCK)
                     and n_tail == min(count, keep)):
                 raise EdgeError(f"{path}: damaged snapshot (inconsistent counts)")
             item = np.dtype(layout["dtype"]).itemsize
             per = layout["kv_heads"] * slots * layout["head_dim"]
-            body = 8 * n_tail + 2 * layout["layers"] * per * item
+            per_sink = layout["kv_heads"] * layout["sinks"] * layout["head_dim"]
+            body = 8 * n_tail + 2 * layout["layers"] * (per + per_sink) * item
             if size != len(head) + n_header + body + 32:
                 raise EdgeError(f"{path}: damaged snapshot (size {size} bytes, header implies "
                                 f"{len(head) + n_header + body + 32})")
@@ -257,14 +262,19 @@ def load(path: str | Path, session, identity: str) -> SessionState:
         raise EdgeError(f"{path}: damaged snapshot (token ids outside the vocabulary)")
     tail = tuple(int(i) for i in tail)
     arrays = np.frombuffer(data, np.dtype(layout["dtype"]).newbyteorder("<"), offset=8 * n_tail)
-    shape = (layout["kv_heads"], slots, layout["head_dim"])
-    cache = {name: arrays[i * per:(i + 1) * per].reshape(shape).astype(session.cache_dtype)
-             for i, name in enumerate(_names(session))}
+    cache, start = {}, 0
+    for name in _names(session):
+        n_slots = layout["sinks"] if name.startswith("sink_") else slots
+        size = layout["kv_heads"] * n_slots * layout["head_dim"]
+        cache[name] = arrays[start:start + size].reshape(layout["kv_heads"], n_slots, layout["head_dim"]) \
+            .astype(session.cache_dtype)
+        start += size
     history = TokenHistory(count, bytes.fromhex(header["anchor"]), tail, keep)
     return SessionState(cache, history, header["sampler"])
 
 
 _HEADER_TYPES = {"format": int, "bundle": str, "layers": int, "kv_heads": int, "head_dim": int, "window": int,
+                 "sinks": int,
                  "dtype": str, "count": int, "slots": int, "anchor": str, "keep": int, "tail": int}
 
 

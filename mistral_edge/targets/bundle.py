@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..contract import GRAPH_CONTRACT_VERSION
 from ..errors import EdgeError, first_line
-from ..export.pipeline import export_onnx, resolve_window
+from ..export.pipeline import export_onnx, resolve_sinks, resolve_window
 from ..manifest import (FORMAT_VERSION, MANIFEST, TOOLKIT, BudgetRecord, FileEntry, GenerationDefaults, Manifest,
                         QuantInfo, RuntimeSettings, Source, TokenizerInfo, Toolkit)
 from ..model.checkpoint import Checkpoint
@@ -250,7 +250,8 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     """
     target = req.target
     mlc = target.name == "mlc"
-    window, chunk = resolve_window(ck, req.window, req.chunk)
+    sinks = 0 if mlc else resolve_sinks(ck, req.sinks)
+    window, chunk = resolve_window(ck, req.window, req.chunk, sinks)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
     budget, usable = check_budget(ck.config, plan, window, chunk, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
@@ -270,7 +271,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
         else:
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
-                                 activations=req.activation_dtype, progress=progress)
+                                 activations=req.activation_dtype, progress=progress, sinks=sinks)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors if tensor_log else ():
                 tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -289,7 +290,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             tokenizer=tokenizer, generation=GenerationDefaults(),
             memory_budget=BudgetRecord(**budget.to_dict(), device_usable_bytes=usable),
             files=tuple(FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p))
-                        for p in sorted(tmp.rglob("*")) if p.is_file()))
+                        for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 

@@ -20,13 +20,16 @@ MAX_WINDOW = 1 << 20
 attention scores of one chunk, would not fit any device this toolkit targets."""
 
 
-def check_window(window: int | None, chunk: int | None) -> None:
-    """--window and --chunk as given (None: the model's or the default), before any model is read."""
+def check_window(window: int | None, chunk: int | None, sinks: int | None = None) -> None:
+    """--window, --chunk and --sinks as given (None: the model's or the default), before any model is read."""
     for name, value in (("window", window), ("chunk size", chunk)):
         if value is not None and not (isinstance(value, int) and 0 < value <= MAX_WINDOW):
             raise EdgeError(f"{name} must be an integer between 1 and {MAX_WINDOW:,}, got {value}")
-    if window is not None and chunk is not None and chunk > window:
-        raise EdgeError(f"chunk size must be between 1 and the window W={window}, got {chunk}")
+    if sinks is not None and not (isinstance(sinks, int) and 0 <= sinks < (window or MAX_WINDOW)):
+        raise EdgeError(f"sinks must be an integer between 0 and {(window or MAX_WINDOW) - 1:,}, got {sinks}")
+    if window is not None and chunk is not None and chunk > window - (sinks or 0):
+        ring = f" minus its {sinks} sinks, {window - sinks}" if sinks else ""
+        raise EdgeError(f"chunk size must be between 1 and the window W={window}{ring}, got {chunk}")
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,13 @@ class BundleRequest:
     device_memory: str | None = None  # overrides the target's default budget
     fmt: str | None = None  # overrides the target's weight format: one of export.pipeline.FORMATS
     activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
+    sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
         from ..export.pipeline import FORMATS
 
-        check_window(self.window, self.chunk)
+        check_window(self.window, self.chunk, self.sinks)
         if self.device_memory is not None:
             parse_memory(self.device_memory)
         if self.activations is not None:
@@ -61,6 +65,8 @@ class BundleRequest:
         from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION
 
         mlc_like = {parse_quant(self.target.quant), parse_quant(f"int4-g{MLC_GROUP_SIZE}-sym-rtn")}
+        if self.sinks:
+            raise EdgeError("the mlc target has no attention sinks (MLC's own runtime): use --sinks 0 or another target")
         if self.quant not in mlc_like or self.fmt is not None or \
                 self.activation_dtype != self.target.activation_dtype:
             raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "

@@ -1,0 +1,199 @@
+"""Attention sinks: the reference cache against an independent dense computation of the same
+attention pattern, the exported graph against the reference, the cache updated in place and its
+memory fixed by W (docs/cache.md)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FP16_TOL, assert_close, checkpoint_of, tiny_hf_mistral
+
+from mistral_edge.contract import GraphInfo
+from mistral_edge.errors import EdgeError
+from mistral_edge.export.pipeline import DEFAULT_SINKS, export_onnx, resolve_sinks, resolve_window
+from mistral_edge.model.reference import ReferenceModel, apply_rope, rms_norm, rope_tables
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.session import DecoderSession, SessionConfig
+
+W, S = 16, 3
+
+
+def dense_logits(ck, tokens: list[int], window: int, sinks: int) -> torch.Tensor:
+    """[T, V] logits of one sequence with full-sequence attention under the mask built here from
+    positions alone (no cache, no slots): key k is seen by query q when k <= q and k is one of
+    the first `sinks` positions or one of the last window - sinks ones."""
+    c, w = ck.config, {k: v.float() for k, v in ck.weights.items()}
+    T = len(tokens)
+    q_pos, k_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    mask = (k_pos <= q_pos) & ((k_pos < sinks) | (q_pos - k_pos < window - sinks))
+    cos, sin = rope_tables(torch.arange(T)[None], c.head_dim, c.rope_theta)
+    h = F.embedding(torch.tensor([tokens]), w["tok_embeddings.weight"])
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        x = rms_norm(h, w[p + "attention_norm.weight"], c.norm_eps)
+        heads = [(x @ w[p + f"attention.{n}.weight"].T).view(1, T, -1, c.head_dim).transpose(1, 2)
+                 for n in ("wq", "wk", "wv")]
+        q, k = apply_rope(heads[0], cos, sin), apply_rope(heads[1], cos, sin)
+        k, v = k.repeat_interleave(c.gqa_ratio, 1), heads[2].repeat_interleave(c.gqa_ratio, 1)
+        scores = (q @ k.transpose(-1, -2) * c.head_dim ** -0.5).masked_fill(~mask, float("-inf"))
+        h = h + (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(1, T, -1) @ w[p + "attention.wo.weight"].T
+        x = rms_norm(h, w[p + "ffn_norm.weight"], c.norm_eps)
+        h = h + (F.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T)) \
+            @ w[p + "feed_forward.w2.weight"].T
+    return (rms_norm(h, w["norm.weight"], c.norm_eps) @ w["output.weight"].T)[0]
+
+
+@pytest.fixture(scope="module")
+def ck():
+    return checkpoint_of(tiny_hf_mistral(window=W))
+
+
+def sequences(n: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(0, 128, (length,), generator=g).tolist() for length in lengths]
+
+
+@pytest.mark.parametrize("sinks", [0, 1, S])
+@pytest.mark.parametrize("chunk", [1, 5, W - S])
+def test_reference_equals_the_dense_pattern_with_batch_and_padding(ck, sinks, chunk):
+    """Two rows of different lengths (the shorter one padded, then idle) fed in chunks."""
+    a, b = sequences(chunk, [4 * W + 3, 2 * W + 1])
+    ref = ReferenceModel(ck.config, ck.weights)
+    cache = ref.new_cache(batch=2, window=W, sinks=sinks)
+    got = [[], []]
+    for s in range(0, len(a), chunk):
+        pieces = [a[s:s + chunk], b[s:s + chunk]]
+        tokens = torch.zeros((2, chunk), dtype=torch.long)
+        for i, p in enumerate(pieces):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        valid = torch.tensor([len(p) for p in pieces])
+        logits = ref.forward(tokens, cache, valid)
+        for i, n in enumerate(valid.tolist()):
+            got[i].append(logits[i, :n])
+    for seq, rows in zip((a, b), got):
+        expected = dense_logits(ck, seq, W, sinks)
+        assert torch.abs(torch.cat(rows) - expected).max() < 1e-4
+    assert cache.pos.tolist() == [len(a), len(b)]
+
+
+def test_sinks_change_what_is_seen_past_the_window(ck):
+    """The oracle's oracle can fail: past W, the sink pattern differs from the plain window."""
+    seq = sequences(0, [2 * W])[0]
+    with_sinks, plain = dense_logits(ck, seq, W, S), dense_logits(ck, seq, W, 0)
+    assert torch.abs(with_sinks[:W] - plain[:W]).max() < 1e-5
+    assert torch.abs(with_sinks[W:] - plain[W:]).max() > 1e-2
+
+
+@pytest.mark.parametrize("activations", ["fp32", "fp16"])
+@pytest.mark.parametrize("chunk", [1, 5, W - S])
+def test_graph_with_sinks_matches_reference(ck, tmp_path, activations, chunk):
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=chunk, sinks=S,
+                activations=activations)
+    a, b = sequences(chunk + 1, [4 * W + 3, 3 * W - 2])
+    session = DecoderSession(tmp_path / "m.onnx", batch=2)
+    assert (session.sinks, session.ring) == (S, W - S)
+    ref = ReferenceModel(ck.config, ck.weights)
+    cache = ref.new_cache(batch=2, window=W, sinks=S)
+    for s in range(0, len(a), chunk):
+        pieces = [a[s:s + chunk], b[s:s + chunk]]
+        tokens = np.zeros((2, chunk), np.int64)
+        for i, p in enumerate(pieces):
+            tokens[i, :len(p)] = p
+        valid = np.array([len(p) for p in pieces])
+        got = session.step(tokens, valid, all_logits=True)
+        expected = ref.forward(torch.tensor(tokens), cache, torch.tensor(valid)).numpy()
+        for i, n in enumerate(valid):
+            if n:
+                assert_close(got[i, :n], expected[i, :n], activations)
+    assert session.positions.tolist() == [len(a), len(b)]
+
+
+@pytest.mark.parametrize("kernel", ["off", "auto"])  # the function body, and the native kernel where built
+def test_sink_cache_is_updated_in_place_and_memory_is_fixed_by_w(ck, tmp_path, capfd, kernel):
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
+    session = DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel=kernel))
+    tokens = sequences(3, [5 * W])[0]
+    session.step(np.array([tokens[:4]]))
+    sinks = session._arrays["sink_key.0"].copy()
+    assert abs(sinks).max() > 0  # the first chunk wrote the sinks
+    for s in range(4, W, 4):
+        session.step(np.array([tokens[s:s + 4]]))
+    before = {k: v.data_ptr() for k, v in session.cache.items()}
+    size = session.cache_bytes
+    cfg = ck.config
+    assert size == cfg.n_layers * 2 * cfg.n_kv_heads * W * cfg.head_dim * 4  # ring W - S plus S sinks
+    for s in range(W, len(tokens), 4):
+        session.step(np.array([tokens[s:s + 4]]))
+        assert session.cache_bytes == size
+    assert "in-place optimization not activated" not in capfd.readouterr().err
+    assert {k: v.data_ptr() for k, v in session.cache.items()} == before
+    np.testing.assert_array_equal(session._arrays["sink_key.0"], sinks)  # kept for ever
+    session.reset()
+    assert session.positions.tolist() == [0] and not session._arrays["sink_key.0"].any()
+
+
+def test_sinks_default_and_bounds(ck):
+    full = checkpoint_of(tiny_hf_mistral(window=W))
+    full.config = full.config.__class__(**{**full.config.__dict__, "sliding_window": None})
+    assert resolve_sinks(ck, None) == 0  # trained with a window: the ring is exact
+    assert resolve_sinks(full, None) == DEFAULT_SINKS
+    assert resolve_window(ck, W, None, S) == (W, W - S)
+    with pytest.raises(EdgeError, match="sinks must be between 0 and W - 1 = 15, got 16"):
+        resolve_window(ck, W, None, W)
+    with pytest.raises(EdgeError, match="chunk size must be between 1 and the window W=16 minus its 3 sinks, 13, got 14"):
+        resolve_window(ck, W, 14, S)
+
+
+def test_graph_metadata_sinks_and_trained_window(ck, tmp_path):
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
+    info = DecoderSession(tmp_path / "m.onnx").info
+    assert (info.sinks, info.trained_window, info.ring, info.exact) == (S, W, W - S, False)
+    meta = info.to_metadata()
+    assert GraphInfo.from_metadata({**meta, "mistral_edge.sinks": "0"}, "m").exact
+    for bad in ("16", "-1", "x"):
+        with pytest.raises(EdgeError, match="sinks"):
+            GraphInfo.from_metadata({**meta, "mistral_edge.sinks": bad}, "m")
+    with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 3; export the model again"):
+        GraphInfo.from_metadata({**meta, "mistral_edge.graph_contract": "2"}, "m")
+
+
+def test_snapshot_of_a_sink_cache_past_the_ring_resumes_exactly(ck, tmp_path):
+    """serve's capture / save / load / restore carry the sinks, which the ring no longer holds."""
+    from mistral_edge.serve.snapshot import TokenHistory, capture, load, restore, save
+
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
+    tokens = sequences(4, [3 * W + 2])[0]
+    first, second = DecoderSession(tmp_path / "m.onnx"), DecoderSession(tmp_path / "m.onnx", batch=2)
+    for s in range(0, 2 * W, 4):
+        first.step(np.array([tokens[s:s + 4]]))
+    state = capture(first, 0, TokenHistory.of(tokens[:2 * W], W))
+    assert state.cache["sink_key.0"].shape[1] == S and state.cache["key.0"].shape[1] == W - S
+    save(tmp_path / "s.snap", state, first, "bundle")
+    restore(second, 1, load(tmp_path / "s.snap", second, "bundle"))
+    rest = np.array([tokens[2 * W:2 * W + 4]])
+    want = first.step(rest, all_logits=True).copy()
+    got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_attention_note_says_whether_the_window_is_exact():
+    from mistral_edge.contract import attention_note
+
+    assert attention_note(4096, 4096) == ("sliding window of 4096", "W=4096: exact (the model's own window)")
+    assert attention_note(None, 1024, 4) == (
+        "full attention (no window)",
+        "W=1024: exact up to 1024 tokens, an approximation past them (4 sinks + the last 1020 tokens)")
+    assert attention_note(4096, 1024)[1] == "W=1024: exact up to 1024 tokens, an approximation past them (the last 1024 tokens)"
+    assert attention_note(None, None)[1] == "no window chosen: give --window"
+
+
+def test_inspect_shows_sinks_and_exactness(tmp_path, capsys):
+    from helpers import write_tiny_bundle
+
+    from mistral_edge.cli.bundle import inspect
+
+    write_tiny_bundle(tmp_path / "b")
+    inspect(tmp_path / "b")
+    out = capsys.readouterr().out
+    assert "sliding window of 16" in out and "W=16: exact (the model's own window)" in out
+    assert any(line.split()[:4] == ["│", "sinks", "│", "0"] for line in out.splitlines())
