@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -196,9 +197,14 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=2048, help="context the peer allocates for")
     ap.add_argument("--no-repack", action="store_true",
                     help="llama.cpp: no weight repacking (use_extra_bufts = False)")
+    ap.add_argument("--omp-wait", choices=("active", "passive"), default=None,
+                    help="OMP_WAIT_POLICY for an OpenMP build (llama.cpp's): passive threads sleep "
+                         "instead of spinning between ops, which wins on a busy machine")
     ap.add_argument("--memory", type=int, default=0, metavar="N",
                     help="generate N tokens after the prompt read from stdin, report peak RSS, exit")
     args = ap.parse_args()
+    if args.omp_wait:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait.upper()  # read when the system's libraries load, below
     extra = {"repack": not args.no_repack} if args.system == "llama.cpp" else {}
     runner = SYSTEMS[args.system](args.model, args.threads, args.chunk, args.n_ctx, **extra)
     if not args.memory:

@@ -1,16 +1,23 @@
 """Speed and memory of mistral-edge against llama.cpp, ONNX Runtime GenAI and Optimum, side by side.
 
 Same model (the demo SmolLM2-135M-Instruct), same threads, same prompt token ids for every
-system. Speed: prefill tokens/s for 128- and 1024-token prompts and greedy decode tokens/s
-over 256 tokens, medians of --runs rounds that alternate the systems. Memory: peak resident
-set of a fresh process that generates --memory-tokens tokens (our cache stays at W slots; the
-peers allocate or grow theirs to the whole context). Install the peers first with
+system. Speed: prefill tokens/s for 128- and 1024-token prompts, greedy decode tokens/s over
+256 tokens after the 128-token prompt, and decode tokens/s after 4096 and 8192 tokens of
+context (--long-contexts; ours with its W = 1024 rolling cache, the peers with a cache as big as
+the context), medians of --runs rounds that alternate the systems. Memory: peak resident set of
+a fresh process that generates --memory-tokens tokens (our cache stays at W slots; the peers
+allocate or grow theirs to the whole context). Install the peers first with
 benchmarks/setup_peers.sh; a missing peer stops the run with a non-zero exit.
 
-    python benchmarks/vs_peers.py            # about 20 minutes on 2 cores, most of it the memory runs
+llama.cpp runs in its fastest configuration that works here, found by short probes and printed:
+weight repacking on unless a probe with it crashes, and the faster OMP_WAIT_POLICY. A worker that
+dies is reported as crashed, with its signal, in every figure it did not give: never as slow or zero.
 
-The last line is `decode_ratio=X prefill_ratio=Y rss_ratio=Z`: our int4 bundle over the faster
-peer (speed; prefill is the worse of the two prompt lengths) and over the smaller peer (memory).
+    python benchmarks/vs_peers.py            # about 30 minutes on 2 quiet cores, most of it the memory runs
+
+The last line is `decode_ratio=X prefill_ratio=Y decode4096_ratio=.. decode8192_ratio=.. rss_ratio=Z`:
+our int4 bundle over the faster peer (speed; prefill is the worse of the two prompt lengths) and
+over the smaller peer (memory), leaving out (and naming) a peer that crashed.
 """
 
 from __future__ import annotations
@@ -248,30 +255,46 @@ class Worker:
         self.proc.wait()
 
 
-def llama_system(gguf: Path, mode: str, threads: int, prompt: dict[int, list[int]]) -> System:
-    """llama.cpp in its fastest configuration that runs: weight repacking on (its default), unless
-    `mode` is "off" or a probe worker with repacking on dies on the benchmark's own commands."""
-    on = System("llama.cpp", "llama.cpp", gguf)
-    off = System("llama.cpp", "llama.cpp", gguf, flags=("--no-repack",))
-    if mode != "auto":
-        return on if mode == "on" else off
-    print("llama.cpp: probing weight repacking (its default) on this model", file=sys.stderr)
-    try:
-        w = Worker(on, threads, n_ctx=max(prompt) + 64)
+def llama_system(gguf: Path, repack: str, wait: str, threads: int, prompt: dict[int, list[int]]) -> System:
+    """llama.cpp in its fastest configuration that runs. Weight repacking: on (its default) unless
+    `repack` is "off" or, for "auto", a probe worker with it dies on the benchmark's own commands.
+    OMP_WAIT_POLICY (its OpenMP threads spinning or sleeping between ops): for "auto", whichever
+    decodes faster in a short probe of each (on a shared machine spinning threads can lose 10x)."""
+    flags: tuple[str, ...] = () if repack == "on" else ("--no-repack",)
+    if repack == "auto":
+        print("llama.cpp: probing weight repacking (its default) on this model", file=sys.stderr)
         try:
-            w.ask({"decode": prompt[min(prompt)], "n": 8})
-            w.ask({"prefill": prompt[max(prompt)]})
-        finally:
-            w.close()
-    except WorkerDied as e:
-        print(f"llama.cpp with weight repacking {e}: measuring it with repacking off (use_extra_bufts=False)",
-              file=sys.stderr)
-        return off
-    return on
+            probe_decode(System("llama.cpp", "llama.cpp", gguf), threads, prompt)
+            flags = ()
+        except WorkerDied as e:
+            print(f"llama.cpp with weight repacking {e}: measuring it with repacking off (use_extra_bufts=False)",
+                  file=sys.stderr)
+    if wait != "auto":
+        return System("llama.cpp", "llama.cpp", gguf, flags=flags + ("--omp-wait", wait))
+    tps = {w: probe_decode(System("llama.cpp", "llama.cpp", gguf, flags=flags + ("--omp-wait", w)), threads, prompt)
+           for w in ("active", "passive")}
+    best = max(tps, key=tps.get)
+    print("llama.cpp OMP_WAIT_POLICY probe, decode tok/s: " + ", ".join(f"{w} {v:.1f}" for w, v in tps.items())
+          + f": {best}", file=sys.stderr)
+    return System("llama.cpp", "llama.cpp", gguf, flags=flags + ("--omp-wait", best))
 
 
-def repack_note(system: System) -> str:
-    return "repacking off (use_extra_bufts=False)" if "--no-repack" in system.flags else "repacking on"
+def probe_decode(system: System, threads: int, prompt: dict[int, list[int]], n: int = 16) -> float:
+    """Decode tokens/s of a fresh worker after its warm-up (the benchmark's first commands)."""
+    w = Worker(system, threads, n_ctx=max(prompt) + 64)
+    try:
+        w.ask({"decode": prompt[min(prompt)], "n": 8})
+        w.ask({"prefill": prompt[max(prompt)]})
+        return n / w.ask({"decode": prompt[min(prompt)], "n": n})["seconds"]
+    finally:
+        w.close()
+
+
+def llama_note(system: System) -> str:
+    f = system.flags
+    wait = f[f.index("--omp-wait") + 1] if "--omp-wait" in f else "default"
+    return (f"weight repacking {'off (use_extra_bufts=False)' if '--no-repack' in f else 'on'}, "
+            f"OMP_WAIT_POLICY={wait}")
 
 
 def measure_speed(systems: list[System], prompt: dict[int, list[int]], decode_n: int, runs: int,
@@ -448,6 +471,8 @@ def main() -> int:
     ap.add_argument("--memory-tokens", type=int, default=8192, help="tokens generated in the memory runs (0: skip)")
     ap.add_argument("--llama-repack", choices=("auto", "on", "off"), default="auto",
                     help="llama.cpp weight repacking; auto: on unless a probe run with it crashes")
+    ap.add_argument("--llama-omp-wait", choices=("auto", "active", "passive"), default="auto",
+                    help="llama.cpp's OMP_WAIT_POLICY; auto: the faster in a short decode probe")
     ap.add_argument("--chunk", type=int, default=None, help="our prefill chunk (default: the bundle's)")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=BUNDLE",
                     help="also measure this bundle directory (e.g. a candidate export), repeatable")
@@ -467,7 +492,7 @@ def main() -> int:
     ours += [System(name, "ours", Path(path), chunk=args.chunk) for name, path in (e.split("=", 1) for e in args.extra)]
     prompt = prompts(hf / "tokenizer.json", lay.lengths + lay.contexts)
     short = {n: prompt[n] for n in lay.lengths}
-    llama = llama_system(demo_gguf(), args.llama_repack, args.threads, short)
+    llama = llama_system(demo_gguf(), args.llama_repack, args.llama_omp_wait, args.threads, short)
     peers = [llama, System("ort-genai", "ort-genai", genai_model(args.work, hf))]
     print(uptime(), file=sys.stderr)
 
@@ -485,7 +510,7 @@ def main() -> int:
             print(f"memory: {s.name} generating {args.memory_tokens} tokens", file=sys.stderr)
             memory.append(measure_memory(s, prompt[min(lay.lengths)], args.memory_tokens, args.threads))
     print(table(speeds, memory, lay))
-    print(f"llama.cpp: llama-cpp-python {llama_version()}, {repack_note(llama)}; ours: W = 1024 (rolling cache); "
+    print(f"llama.cpp: llama-cpp-python {llama_version()}, {llama_note(llama)}; ours: W = 1024 (rolling cache); "
           f"decode @N: {lay.long_n} steps a round after N tokens of context, round r after N + r x {lay.long_n}")
     print(uptime())
     print(ratios(speeds, memory, "ours-int4", lay))
