@@ -264,7 +264,8 @@ def llama_system(gguf: Path, repack: str, wait: str, threads: int, prompt: dict[
     if repack == "auto":
         print("llama.cpp: probing weight repacking (its default) on this model", file=sys.stderr)
         try:
-            probe_decode(System("llama.cpp", "llama.cpp", gguf), threads, prompt)
+            probe_decode(System("llama.cpp", "llama.cpp", gguf, flags=("--omp-wait", "passive")), threads, prompt,
+                         prefill=True)
             flags = ()
         except WorkerDied as e:
             print(f"llama.cpp with weight repacking {e}: measuring it with repacking off (use_extra_bufts=False)",
@@ -279,12 +280,15 @@ def llama_system(gguf: Path, repack: str, wait: str, threads: int, prompt: dict[
     return System("llama.cpp", "llama.cpp", gguf, flags=flags + ("--omp-wait", best))
 
 
-def probe_decode(system: System, threads: int, prompt: dict[int, list[int]], n: int = 16) -> float:
-    """Decode tokens/s of a fresh worker after its warm-up (the benchmark's first commands)."""
+def probe_decode(system: System, threads: int, prompt: dict[int, list[int]], n: int = 16,
+                 prefill: bool = False) -> float:
+    """Decode tokens/s of a fresh worker after a warm-up (with `prefill`, the benchmark's first
+    commands: a decode after the short prompt and the long prefill)."""
     w = Worker(system, threads, n_ctx=max(prompt) + 64)
     try:
         w.ask({"decode": prompt[min(prompt)], "n": 8})
-        w.ask({"prefill": prompt[max(prompt)]})
+        if prefill:
+            w.ask({"prefill": prompt[max(prompt)]})
         return n / w.ask({"decode": prompt[min(prompt)], "n": n})["seconds"]
     finally:
         w.close()
