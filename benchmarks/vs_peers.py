@@ -503,6 +503,7 @@ def main() -> int:
     print(f"speed: {args.runs} rounds, {args.threads} threads, prompts {lay.lengths}, decode {lay.decode_n}",
           file=sys.stderr)
     speeds = measure_speed(ours + peers, short, lay.decode_n, args.runs, args.threads)
+    print(table(speeds, [], Layout(lay.lengths, lay.decode_n, (), lay.long_n, lay.mem_n)), file=sys.stderr)
     if lay.contexts:
         print(f"decode at long context: after {lay.contexts} tokens, {lay.long_n} steps a round", file=sys.stderr)
         measure_long(ours + peers, prompt[max(lay.contexts)], lay.contexts, lay.long_n, args.runs, args.threads,
