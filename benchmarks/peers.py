@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -46,10 +47,21 @@ def ours(model: str, threads: int, chunk: int | None, n_ctx: int) -> Runner:
     return Runner(lambda n: session.reset(), lambda ids: int(gen.prefill(ids).argmax()), step)
 
 
-def llama_cpp(model: str, threads: int, chunk: int | None, n_ctx: int) -> Runner:
-    """llama.cpp through llama-cpp-python, the GGUF as shipped; its KV cache holds n_ctx tokens."""
+def llama_cpp(model: str, threads: int, chunk: int | None, n_ctx: int, repack: bool = True) -> Runner:
+    """llama.cpp through llama-cpp-python, the GGUF as shipped; its KV cache holds n_ctx tokens.
+    `repack` False sets llama_model_params.use_extra_bufts = False (no weight repacking, no extra
+    CPU buffer types), which the Llama class does not expose: its default params are wrapped."""
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    defaults = lib.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = repack
+        return params
+
+    lib.llama_model_default_params = model_params
     llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                 n_batch=chunk or 512, verbose=False)
 
@@ -60,6 +72,11 @@ def llama_cpp(model: str, threads: int, chunk: int | None, n_ctx: int) -> Runner
         return int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)).argmax())
 
     return Runner(lambda n: llm.reset(), run, lambda tok: run([tok]))
+
+
+GENAI_APPEND = 1024
+"""ORT GenAI takes a long prompt in appends of at most this many tokens (its attention over one
+8192-token append would need [heads, 8192, 8192] scores); prompts up to 1024 go in one append."""
 
 
 def ort_genai(model: str, threads: int, chunk: int | None, n_ctx: int) -> Runner:
@@ -79,7 +96,8 @@ def ort_genai(model: str, threads: int, chunk: int | None, n_ctx: int) -> Runner
         state["gen"] = og.Generator(og_model, params)
 
     def prefill(ids: list[int]) -> int:
-        state["gen"].append_tokens(ids)
+        for s in range(0, len(ids), GENAI_APPEND):
+            state["gen"].append_tokens(ids[s:s + GENAI_APPEND])
         return step(-1)
 
     def step(tok: int) -> int:  # the generator already holds the token it picked last
@@ -144,12 +162,26 @@ def rss(field: str = "VmHWM") -> int:
 
 
 def serve(runner: Runner) -> None:
-    """Answer commands until stdin closes: {"prefill": ids} or {"decode": ids, "n": N}."""
+    """Answer commands until stdin closes: {"prefill": ids}, {"decode": ids, "n": N}, or for decode
+    at long context {"context": ids, "reserve": R} (a fresh state fed `ids`, room for R more tokens;
+    the seconds are the whole prefill's) then any number of {"steps": N} (N timed greedy steps from
+    where the previous command left the state)."""
     print(json.dumps({"ready": True}), flush=True)
+    last = None
     for line in sys.stdin:
         cmd = json.loads(line)
         if "prefill" in cmd:
             reply = {"seconds": prefill(runner, cmd["prefill"])}
+        elif "context" in cmd:
+            runner.reset(len(cmd["context"]) + cmd["reserve"])
+            t0 = time.perf_counter()
+            last = runner.prefill(cmd["context"])
+            reply = {"seconds": time.perf_counter() - t0}
+        elif "steps" in cmd:
+            t0 = time.perf_counter()
+            for _ in range(cmd["steps"]):
+                last = runner.step(last)
+            reply = {"seconds": time.perf_counter() - t0}
         else:
             seconds, tokens = decode(runner, cmd["decode"], cmd["n"])
             reply = {"seconds": seconds, "tokens": tokens}
@@ -163,10 +195,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (ours) or batch (llama.cpp)")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context the peer allocates for")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="llama.cpp: no weight repacking (use_extra_bufts = False)")
+    ap.add_argument("--omp-wait", choices=("active", "passive"), default=None,
+                    help="OMP_WAIT_POLICY for an OpenMP build (llama.cpp's): passive threads sleep "
+                         "instead of spinning between ops, which wins on a busy machine")
     ap.add_argument("--memory", type=int, default=0, metavar="N",
                     help="generate N tokens after the prompt read from stdin, report peak RSS, exit")
     args = ap.parse_args()
-    runner = SYSTEMS[args.system](args.model, args.threads, args.chunk, args.n_ctx)
+    if args.omp_wait:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait.upper()  # read when the system's libraries load, below
+    extra = {"repack": not args.no_repack} if args.system == "llama.cpp" else {}
+    runner = SYSTEMS[args.system](args.model, args.threads, args.chunk, args.n_ctx, **extra)
     if not args.memory:
         return serve(runner)
     prompt = json.loads(sys.stdin.readline())
