@@ -146,9 +146,10 @@ def test_int4_rtn_recovers_grid_values(zero_point):
     low = 1 if zero_point == "none" else 0  # the symmetric grid spans -7..7 around 8
     q = torch.randint(low, 16, (n, groups, g), generator=gen)
     q[..., 0], q[..., 1] = low, 15
+    s = (torch.rand(n, groups, 1, generator=gen) + 0.1).half().float()  # scales are stored as fp16
+    offset = (torch.randn(n, groups, 1, generator=gen) * 10 * s).half().float()  # so are float offsets s (8 - z)
     z = {"none": torch.full((n, groups, 1), 8.0), "int": torch.randint(0, 16, (n, groups, 1), generator=gen).float(),
-         "float": torch.randn(n, groups, 1, generator=gen) * 10}[zero_point]  # grids that need not hold 0
-    s = torch.rand(n, groups, 1, generator=gen) + 0.1
+         "float": 8 - offset / s}[zero_point]  # grids that need not hold 0
     w = ((q - z) * s).view(n, -1)
     for method in ("rtn", "search"):
         qw = quantize_int4(w, g, zero_point, method)
@@ -227,7 +228,7 @@ def test_int4_constant_and_zero_groups():
         for zero_point in ZERO_POINTS:
             qw = quantize_int4(w, 32, zero_point, method)
             assert bool(torch.isfinite(qw.scales).all() and torch.isfinite(qw.zero_points.float()).all())
-            torch.testing.assert_close(qw.dequantize(), w, rtol=0, atol=1e-6)
+            torch.testing.assert_close(qw.dequantize(), w, rtol=0, atol=1e-3)  # to the fp16 scale's precision
 
 
 def test_int4_split_offset():

@@ -10,7 +10,10 @@ shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Run
 int4 with float zero points, either format: the symmetric int4 matmul plus
 MatMul(MatMul(x, group-sum matrix), offsets), see quantize/int4.py.
 The embedding is a Gather on the same storage, so a tied head and embedding
-share one initializer. Scales have the graph's activation type (`Activations`).
+share one initializer; int4 rows are unpacked after the Gather with standard ops (BitwiseAnd,
+BitShift, Cast, Sub, Mul: any runtime). Scales and float offsets are stored as fp16 and cast to
+the graph's activation type (`Activations`) by a Cast on the initializer, which ONNX Runtime
+folds at load; an int8 head's per-block scales are its row scales, expanded in the graph.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ point z is one of (`zero_point_kind`; `zero_points` holds the values):
   the per-group offset o = s (8 - z) (`split_offset`): a symmetric int4 matmul
   plus the group sums of x times o.
 K is zero-padded to whole groups; padding never moves a group's fit (it carries
-zero weight in the error and is left out of a float range).
+zero weight in the error and is left out of a float range). Scales, and float zero points'
+offsets s (8 - z), are fp16 values: every layout stores them so, and the codes are the nearest
+ones for the stored values.
 
 Methods:
 - "rtn": the range (symmetric: absmax / 7), round to nearest.
@@ -61,7 +63,7 @@ class Int4Weight:
     q: torch.Tensor
     """uint8 [N, Kpad], values 0..15; padding columns hold the code nearest 0."""
     scales: torch.Tensor
-    """float32 [N, n_groups]."""
+    """float32 [N, n_groups], each an fp16 value."""
     zero_points: torch.Tensor
     """[N, n_groups]: uint8 0..15 (all 8 when symmetric), or float32 for float zero points."""
     group_size: int

@@ -65,7 +65,7 @@ def bits_per_weight(
     int8: one scale per row. int4: K padded to whole groups, one scale per group,
     plus the zero points: integer ones 4 bits, packed two per byte per row as
     MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
-    symmetric int4 stores none (8 is implied).
+    symmetric int4 stores none (8 is implied). Scales are stored as fp16 (export/linear.py).
     """
     if precision in ("fp32", "fp16"):
         return {"fp32": 32.0, "fp16": 16.0}[precision]
