@@ -136,7 +136,7 @@ def test_generate_and_chat_share_one_options_object():
     (["--target", "mlc", "--quant", "int8"], "q4f16_1"),
     (["--target", "mlc", "--head", "fp16"], "q4f16_1"),
     (["--target", "mlc", "--activations", "fp32"], "no --activations fp32"),
-    (["--embedding", "int4"], "unsupported embedding precision 'int4'; expected one of fp32, fp16, int8"),
+    (["--embedding", "int2"], "unsupported embedding precision 'int2'; expected one of fp32, fp16, int8, int4"),
     (["--window", "1099511627776"], f"window must be an integer between 1 and {MAX_WINDOW:,}"),
     (["--window", "0"], "window must be an integer between 1"),
     (["--chunk", "0"], "chunk size must be an integer between 1"),
@@ -170,7 +170,7 @@ def test_request_types():
     cpu, mlc = get_target("cpu"), get_target("mlc")
     BundleRequest(mlc, parse_quant("int4"))  # the mlc defaults
     BundleRequest(mlc, parse_quant("int4-g32-sym-rtn"))
-    assert parse_quant("int4", head="int4").embedding == "int8"  # the embedding cannot be int4
+    assert parse_quant("int4", head="int4").embedding is None  # the plan's choice (quantize/plan.py)
     assert BundleRequest(cpu, parse_quant("int8"), fmt="qdq").fmt == "qdq"
 
 

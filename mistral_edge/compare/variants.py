@@ -26,10 +26,10 @@ from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import export_onnx
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
-from ..quantize.plan import TensorQuant, head_shares_embedding, quant_plan
+from ..quantize.plan import TensorQuant, head_shares_embedding, quant_plan, tensor_shapes
 from ..quantize.spec import QuantSpec, parse_quant
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
-from ..targets.budget import estimate, tensor_bytes, tensor_shapes
+from ..targets.budget import estimate, stored_bytes
 from ..targets.bundle import atomic_dir, write_bundle
 from ..targets.request import BundleRequest
 from ..targets.profiles import get_target
@@ -73,8 +73,7 @@ def model_bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> flo
     shapes = tensor_shapes(cfg)
     if head_shares_embedding(cfg, plan):
         shapes.pop("output")
-    total = sum(tensor_bytes(n, k, plan[name]) for name, (n, k) in shapes.items())
-    return 8 * total / sum(n * k for n, k in shapes.values())
+    return 8 * stored_bytes(cfg, plan) / sum(n * k for n, k in shapes.values())
 
 
 @dataclass(frozen=True)

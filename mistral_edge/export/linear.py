@@ -10,7 +10,10 @@ shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Run
 int4 with float zero points, either format: the symmetric int4 matmul plus
 MatMul(MatMul(x, group-sum matrix), offsets), see quantize/int4.py.
 The embedding is a Gather on the same storage, so a tied head and embedding
-share one initializer. Scales have the graph's activation type (`Activations`).
+share one initializer; int4 rows are unpacked after the Gather with standard ops (BitwiseAnd,
+BitShift, Cast, Sub, Mul: any runtime). Scales and float offsets are stored as fp16 and cast to
+the graph's activation type (`Activations`) by a Cast on the initializer, which ONNX Runtime
+folds at load; an int8 head's per-block scales are its row scales, expanded in the graph.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class WeightEmitter:
     dequantized: dict = field(default_factory=dict)
     """name -> the weight the graph really computes with (quantized tensors only; keep_dequantized)."""
     _stored: dict[str, str] = field(default_factory=dict)
-    """Initializers made so far, by name (tied head and embedding share)."""
+    """Initializers (and values computed from them) made so far, by name (tied head and embedding share)."""
     _int8_last: tuple[str, Int8Weight] | None = None
     """The int8 quantization of the tensor being emitted, shared by its several initializers and
     dropped when its call returns, so no int8 tensor outlives its own emission."""
@@ -96,22 +99,24 @@ class WeightEmitter:
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             blocks = math.ceil(k / block)
-            scales = self._once(name + ".scales",
-                                lambda: self._act(self._int8(name, w).scale.repeat_interleave(blocks).numpy()))
+            scales = self._value(name + ".row_scale/blocks", lambda: b.op("Reshape", [b.op("Expand", [
+                b.op("Unsqueeze", [self._int8_row_scale(name, w), b.const([1])]), b.const([n, blocks])]),
+                b.const([-1])]))
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
         if tq.kind == "int8":  # the [N, K] table an embedding's Gather reads, so a tied head shares it
             table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_row_scale(name, w)], axis=0)
             return self._gemm_t(x, table, n, k, outs)
         if tq.kind == "int4":
-            q4 = _int4_rows(w, tq)
-            self._record(name, tq.kind, w, lambda r: _rows(q4, r).dequantize())
+            q4 = self._q4(name, w, tq)
+            if self.fmt == "qdq" and name + ".q4" in self._stored:  # a tied head on the embedding's rows
+                return self._gemm_t(x, self._int4_gather(name, q4, None), n, k, outs)
             if q4.zero_point_kind != "float":
                 return self._int4(x, name, q4, outs)
-            sym, offsets = q4.split_offset()
+            sym, _ = q4.split_offset()
             sums = b.op("MatMul", [x, self._once(f"group_sum.k{k}.g{tq.group_size}",
                                                  lambda: self._act(_group_sum_matrix(k, tq.group_size)))])
-            shift = b.op("MatMul", [sums, b.init(name + ".offsets", self._act(offsets.T.contiguous().numpy()))])
+            shift = b.op("MatMul", [sums, self._offsets(name, q4)])
             return b.op("Add", [self._int4(x, name, sym), shift], outputs=outs)
         raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
 
@@ -127,24 +132,72 @@ class WeightEmitter:
         """x @ W.T for int4 W with integer (or no) zero points."""
         b, k, n, g = self.builder, q4.k, q4.n, q4.group_size
         if self.fmt == "nbits":
-            packed, scales, zeros = pack_matmul_nbits(q4)
-            ins = [x, b.init(name + ".q4", packed), b.init(name + ".scales", self._act(scales))]
-            if zeros is not None:
-                ins.append(b.init(name + ".zero_points", zeros))
+            ins = [x, *self._nbits(name, q4)]
             return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
                         block_size=g, accuracy_level=self.accuracy_level)
         q, scale, zero = blocked_qdq(q4)
-        ins = [b.init(name + ".q4_t", q), b.init(name + ".scales", self._act(scale))]
+        ins = [b.init(name + ".q4_t", q), self._scales(name + ".scales", lambda: scale)]
         if zero is not None:
             ins.append(b.init(name + ".zero_points", zero))
         return b.op("MatMul", [x, b.op("DequantizeLinear", ins, axis=0, block_size=g)], outputs=outs)
+
+    def _q4(self, name: str, w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
+        q4 = _int4_rows(w, tq)
+        self._record(name, tq.kind, w, lambda r: _rows(q4, r).dequantize())
+        return q4
+
+    def _nbits(self, name: str, q4: Int4Weight) -> list[str]:
+        """MatMulNBits' B, scales and (integer zero points only) zero_points of q4's codes (float
+        zero points: of the symmetric part); the layout an int4 embedding's Gather reads too."""
+        packed, scales, zeros = pack_matmul_nbits(q4.split_offset()[0] if q4.zero_point_kind == "float" else q4)
+        ins = [self._once(name + ".q4", lambda: packed), self._scales(name + ".scales", lambda: scales)]
+        return ins + ([self._once(name + ".zero_points", lambda: zeros)] if zeros is not None else [])
+
+    def _offsets(self, name: str, q4: Int4Weight) -> str:
+        """Float zero points' offsets s (8 - z), [n_groups, N] (as the offset MatMul reads them)."""
+        return self._scales(name + ".offsets", lambda: q4.split_offset()[1].T.contiguous().numpy())
+
+    def _int4_gather(self, name: str, q4: Int4Weight, ids: str | None) -> str:
+        """Rows `ids` ([B, C]; None: the whole [N, K] table) of int4 W, dequantized from the
+        MatMulNBits layout with standard ops (Gather, BitwiseAnd, BitShift, Cast, Sub, Mul)."""
+        b, n, k, g, groups = self.builder, q4.n, q4.k, q4.group_size, q4.n_groups
+        inits = self._nbits(name, q4)
+        lead = [0, 0] if ids is not None else [n]
+
+        def rows(table: str, shape: list[int]) -> str:  # the table viewed as [N, *shape], rows selected
+            table = b.op("Reshape", [table, b.const([n, *shape])])
+            return b.op("Gather", [table, ids], axis=0) if ids is not None else table
+
+        def nibbles(packed: str) -> str:  # uint8 [..., m] -> the codes [..., m, 2], low nibble first
+            low = b.op("BitwiseAnd", [packed, b.const(15, np.uint8)])
+            high = b.op("BitShift", [packed, b.const(4, np.uint8)], direction="RIGHT")
+            return b.op("Concat", [b.op("Unsqueeze", [low, b.const([-1])]), b.op("Unsqueeze", [high, b.const([-1])])],
+                        axis=-1)
+
+        act = self.activations
+        codes = b.op("Reshape", [nibbles(rows(inits[0], [groups, g // 2])), b.const([*lead, groups, g])])
+        if len(inits) == 3:
+            zeros = b.op("Reshape", [nibbles(rows(inits[2], [math.ceil(groups / 2)])), b.const([*lead, -1])])
+            zeros = b.op("Slice", [zeros, b.const([0]), b.const([groups]), b.const([-1])])
+        else:
+            zeros = b.const(8, np.uint8)
+        centred = b.op("Sub", [b.op("Cast", [codes], to=act.onnx_type),
+                               b.op("Unsqueeze", [b.op("Cast", [zeros], to=act.onnx_type), b.const([-1])])])
+        vals = b.op("Mul", [centred, b.op("Unsqueeze", [rows(inits[1], [groups]), b.const([-1])])])
+        if q4.zero_point_kind == "float":
+            offsets = b.op("Transpose", [self._offsets(name, q4)], perm=[1, 0])  # [N, groups]
+            vals = b.op("Add", [vals, b.op("Unsqueeze", [rows(offsets, [groups]), b.const([-1])])])
+        vals = b.op("Reshape", [vals, b.const([*lead, groups * g])])
+        return vals if groups * g == k else b.op("Slice", [vals, b.const([0]), b.const([k]), b.const([-1])])
 
     def _embedding(self, ids: str, name: str, w: torch.Tensor) -> str:
         b, tq = self.builder, self._quant(name)
         if tq.kind in ("fp32", "fp16"):
             return b.op("Gather", [self._float(name, w, tq), ids], axis=0)
+        if tq.kind == "int4":
+            return self._int4_gather(name, self._q4(name, w, tq), ids)
         if tq.kind != "int8":
-            raise EdgeError(f"the embedding can be fp32, fp16 or int8, not {tq.kind}")
+            raise EdgeError(f"unsupported precision {tq.kind!r} for the embedding {name}")
         if self.fmt == "nbits":  # the same storage as an int8 MatMulNBits head, so a tied head shares it
             packed, _ = self._int8_nbits(name, w)
             rows = b.op("Gather", [packed, ids], axis=0)  # [B, C, blocks, block]
@@ -190,7 +243,22 @@ class WeightEmitter:
         return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
 
     def _int8_row_scale(self, name: str, w: torch.Tensor) -> str:
-        return self._once(name + ".row_scale", lambda: self._act(self._int8(name, w).scale.numpy()))
+        return self._scales(name + ".row_scale", lambda: self._int8(name, w).scale.numpy())
+
+    def _scales(self, init_name: str, make: Callable[[], np.ndarray]) -> str:
+        """Scales (or float zero points' offsets) stored as fp16, the precision they were fitted
+        at (quantize/), and cast to an fp32 graph's type by a Cast on the initializer, which ONNX
+        Runtime folds when the session starts: resident at the activation type."""
+        stored = self._once(init_name, lambda: make().astype(np.float16))
+        if self.activations.onnx_type != FLOAT:
+            return stored
+        return self._value(init_name + "/cast", lambda: self.builder.op("Cast", [stored], to=FLOAT))
+
+    def _value(self, key: str, make: Callable[[], str]) -> str:
+        """A value computed once from initializers (a tied head and embedding share it)."""
+        if key not in self._stored:
+            self._stored[key] = make()
+        return self._stored[key]
 
     def _once(self, init_name: str, make) -> str:
         """Add an initializer the first time it is asked for (tied head and embedding share)."""

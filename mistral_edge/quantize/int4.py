@@ -12,7 +12,9 @@ point z is one of (`zero_point_kind`; `zero_points` holds the values):
   the per-group offset o = s (8 - z) (`split_offset`): a symmetric int4 matmul
   plus the group sums of x times o.
 K is zero-padded to whole groups; padding never moves a group's fit (it carries
-zero weight in the error and is left out of a float range).
+zero weight in the error and is left out of a float range). Scales, and float zero points'
+offsets s (8 - z), are fp16 values: every layout stores them so, and the codes are the nearest
+ones for the stored values.
 
 Methods:
 - "rtn": the range (symmetric: absmax / 7), round to nearest.
@@ -50,6 +52,8 @@ TENSOR_ZERO_POINTS = ("none", "int", "float")
 
 CLIP_RATIOS = torch.linspace(1.0, 0.75, 12).tolist()  # 20 or 40 ratios measured no better
 REFINE_STEPS = 3
+FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
+"""The range of a stored (fp16) scale: its smallest subnormal and its largest finite value."""
 CHUNK_ELEMENTS = 1 << 18
 """Weights fitted at once (whole rows): bounds the search's temporaries to a few MiB for any matrix."""
 
@@ -59,7 +63,7 @@ class Int4Weight:
     q: torch.Tensor
     """uint8 [N, Kpad], values 0..15; padding columns hold the code nearest 0."""
     scales: torch.Tensor
-    """float32 [N, n_groups]."""
+    """float32 [N, n_groups], each an fp16 value."""
     zero_points: torch.Tensor
     """[N, n_groups]: uint8 0..15 (all 8 when symmetric), or float32 for float zero points."""
     group_size: int
@@ -168,8 +172,7 @@ class _GroupFit:
         self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
         lo, hi = self._bounds()
         if method == "rtn":
-            s, z = _grid(lo, hi, self.kind, 1.0)
-            return s, z, self._residual(s, z)[0]
+            return self._stored(*_grid(lo, hi, self.kind, 1.0))
         s, z = _grid(lo, hi, self.kind, CLIP_RATIOS[0])
         err = self._error(s, z)
         for ratio in CLIP_RATIOS[1:]:
@@ -177,7 +180,16 @@ class _GroupFit:
             err_r = self._error(s_r, z_r)
             better = err_r < err
             s, z, err = torch.where(better, s_r, s), torch.where(better, z_r, z), torch.minimum(err_r, err)
-        return self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)
+        return self._stored(*(self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)))
+
+    def _stored(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fit as the graph stores it: scales rounded to fp16 (every layout stores them so), a
+        float zero point moved so that the fp16 offset s (8 - z) it is stored as is exact, and the
+        nearest codes for those."""
+        s16 = s.clamp(FP16_TINY, FP16_MAX).half().float()
+        if self.kind == "float":
+            z = 8 - (s16 * (8 - z)).half().float() / s16
+        return s16, z, self._residual(s16, z)[0]
 
     def _residual(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes q (float, 0..15) for per-group s, z, and the rounding residual
@@ -209,7 +221,7 @@ class _GroupFit:
             return -absmax, absmax
         return (lo.clamp_(max=0), hi.clamp_(min=0)) if self.kind == "int" else (lo, hi)
 
-    def _refine(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _refine(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Alternating exact minimisation of the weighted squared error on an integer or symmetric
         grid (never increases it): codes, then the integer zero point, then the scale."""
         for _ in range(REFINE_STEPS):
@@ -221,11 +233,9 @@ class _GroupFit:
             den = self._sum(d.square_())
             best = num / den.clamp(min=1e-30)
             s = torch.where((den > 0) & (best > 0), best, s)
-        return s, z, self._residual(s, z)[0]
+        return s, z
 
-    def _refine_line(
-        self, s: torch.Tensor, z: torch.Tensor, err: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _refine_line(self, s: torch.Tensor, z: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float zero points: alternate the codes with the weighted least-squares line w ~= a q + c
         per group (s = a, z = -c / a). A group keeps its (s, z) where the fit is degenerate (fewer
         than two distinct codes, or a <= 0) or not better, so the error never increases."""
@@ -247,7 +257,7 @@ class _GroupFit:
             better = ok & (new_err < err)
             s, z, err = torch.where(better, new_s, s), torch.where(better, new_z, z), torch.where(better, new_err, err)
             q = torch.where(better[..., None], new_q, q, out=self.keep)
-        return s, z, q
+        return s, z
 
 
 def _grid(lo: torch.Tensor, hi: torch.Tensor, zero_point: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,13 @@ One home for the rule every stage follows (exporter, budget, bundle manifest, co
 a spec (what the user asked for) becomes a `TensorQuant` per planned tensor, the
 tied-head rule says when the head shares the embedding's storage, and `scheme_name`
 is the text a manifest shows for one tensor's scheme.
+
+A mixed int4 spec (the default, `mzp`) is planned by measured sensitivity within a bit budget:
+every int4 tensor gets float zero points; the embedding is int4 (a tied one follows the head,
+so one table serves both); then the layer linears are moved to int8 in UPGRADE_ORDER, the order
+of their measured next-token KL per added bit (docs/quantization.md), while the whole model stays
+within TARGET_BITS stored bits per weight. The plan reads no text and no weights: it is the
+same, and instant, for any model of a given shape.
 """
 
 from __future__ import annotations
@@ -13,10 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.config import ModelConfig
-from .spec import DEFAULT_GROUP_SIZE, ZERO_POINTS, QuantSpec
+from .spec import DEFAULT_GROUP_SIZE, ZERO_POINTS, QuantSpec, bits_per_weight
 
 LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 """The exported (fused) linears of each layer: QKV and gate/up are one matrix each."""
+TARGET_BITS = 6.0
+"""Stored bits per weight over the whole model that a mixed int4 plan spends (issue 12's budget)."""
+UPGRADE_ORDER = ("attention.wqkv", "feed_forward.w2")
+"""The layer linears a mixed plan moves to int8, most KL saved per added bit first (measured on
+the off-grid SmolLM2, docs/quantization.md: wqkv, which holds the value rows, then w2); within
+one, the last layer first (there, the first layers cost the least KL)."""
 
 
 @dataclass(frozen=True)
@@ -29,16 +42,52 @@ class TensorQuant:
     """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
 
 
+def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[N, K] of every planned tensor (fused QKV and gate/up, as exported)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"tok_embeddings": (cfg.vocab_size, cfg.dim), "output": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention.wqkv": (q + 2 * kv, cfg.dim), p + "attention.wo": (cfg.dim, q),
+                       p + "feed_forward.w13": (2 * cfg.hidden_dim, cfg.dim),
+                       p + "feed_forward.w2": (cfg.dim, cfg.hidden_dim)})
+    return shapes
+
+
 def quant_plan(cfg: ModelConfig, spec: QuantSpec) -> dict[str, TensorQuant]:
     """Precision per planned tensor: 'layers.{i}.{linear}' for LAYER_LINEARS, 'tok_embeddings', 'output'."""
     def tq(kind: str, name: str) -> TensorQuant:
+        if kind != "int4":
+            return TensorQuant(kind)
         return TensorQuant(kind, spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn")
 
     plan = {name: tq(spec.linear, name) for name in (f"layers.{i}.{n}" for i in range(cfg.n_layers)
-                                                       for n in LAYER_LINEARS)}
-    plan["tok_embeddings"] = tq(spec.embedding, "tok_embeddings")
+                                                     for n in LAYER_LINEARS)}
     plan["output"] = tq(spec.head, "output")
+    plan["tok_embeddings"] = tq(spec.embedding or (spec.head if cfg.tied_embeddings else spec.linear),
+                                "tok_embeddings")
+    return _upgrade(cfg, plan) if spec.bits == 4 and spec.zero_point == "mixed" else plan
+
+
+def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> dict[str, TensorQuant]:
+    """Move layer linears to int8 in UPGRADE_ORDER while the model stays within TARGET_BITS."""
+    shapes = tensor_shapes(cfg)
+    stored = {name: n * k * stored_bits(n, k, tq) for name, tq in plan.items() for n, k in [shapes[name]]}
+    if head_shares_embedding(cfg, plan):
+        stored.pop("output")
+    budget = TARGET_BITS * sum(n * k for name, (n, k) in shapes.items() if name in stored) - sum(stored.values())
+    int8 = TensorQuant("int8")
+    for name in (f"layers.{i}.{linear}" for linear in UPGRADE_ORDER for i in reversed(range(cfg.n_layers))):
+        n, k = shapes[name]
+        extra = n * k * stored_bits(n, k, int8) - stored[name]
+        if extra <= budget:
+            plan[name], budget = int8, budget - extra
     return plan
+
+
+def stored_bits(n: int, k: int, tq: TensorQuant) -> float:
+    """Stored bits per weight of one [N, K] tensor (fp16 scales; the MatMulNBits layout)."""
+    return bits_per_weight(tq.kind, n, k, tq.group_size, tq.zero_point)
 
 
 def head_shares_embedding(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> bool:

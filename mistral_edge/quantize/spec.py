@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from ..errors import EdgeError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-EMBEDDING_PRECISIONS = PRECISIONS[:3]
-"""The embedding is a Gather on its table: int4 has no such op (export/linear.py)."""
+EMBEDDING_PRECISIONS = PRECISIONS
+"""The embedding is a Gather on its table; int4 rows are unpacked after it (export/linear.py)."""
 GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "search")
 ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
 """int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, float, or
-mixed (float for FLOAT_ZP_LINEARS, integer elsewhere). Every tensor gets one of the first three."""
-FLOAT_ZP_LINEARS = ("attention.wqkv", "feed_forward.w2")
-"""The layer linears a mixed spec gives float zero points: the two whose int4 error cost the most
-per bit (docs/quantization.md); each costs a correction MatMul pair at run time (export/linear.py)."""
+mixed: the plan's choice per tensor (quantize/plan.py: float zero points, int8 for the tensors
+that cost the most KL per bit). Every tensor gets one of the first three, or int8."""
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_ZERO_POINT = "mixed"
 VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
@@ -30,14 +28,15 @@ class QuantSpec:
     `group_size`, `zero_point` (a ZERO_POINTS key) and `method` describe int4 linears
     (group_size and method are None otherwise; int8 is always symmetric per output channel).
     `embedding` / `head` are one of PRECISIONS; an int4 head or embedding uses
-    `group_size` (or 32 when the linears are not int4).
+    `group_size` (or 32 when the linears are not int4). `embedding` None: the plan's choice
+    (quantize/plan.py).
     """
 
     bits: int
     group_size: int | None = None
     zero_point: str = "none"
     method: str | None = None
-    embedding: str = "fp32"
+    embedding: str | None = "fp32"
     head: str = "fp32"
 
     @property
@@ -52,11 +51,9 @@ class QuantSpec:
         return {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}[self.bits]
 
     def zero_point_of(self, tensor: str) -> str:
-        """The int4 zero point ("none", "int" or "float") of one planned tensor, e.g.
-        'layers.3.attention.wqkv': a mixed spec picks float for FLOAT_ZP_LINEARS only."""
-        if self.zero_point != "mixed":
-            return self.zero_point
-        return "float" if tensor.startswith("layers.") and tensor.endswith(FLOAT_ZP_LINEARS) else "int"
+        """The int4 zero point ("none", "int" or "float") of a planned tensor: a mixed spec's int4
+        tensors all have float ones (which of them stay int4 is the plan's choice)."""
+        return "float" if self.zero_point == "mixed" else self.zero_point
 
 
 def bits_per_weight(
@@ -68,7 +65,7 @@ def bits_per_weight(
     int8: one scale per row. int4: K padded to whole groups, one scale per group,
     plus the zero points: integer ones 4 bits, packed two per byte per row as
     MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
-    symmetric int4 stores none (8 is implied).
+    symmetric int4 stores none (8 is implied). Scales are stored as fp16 (export/linear.py).
     """
     if precision in ("fp32", "fp16"):
         return {"fp32": 32.0, "fp16": 16.0}[precision]
@@ -85,7 +82,7 @@ def _default_head(bits: int) -> str:
     return {32: "fp32", 16: "fp16"}.get(bits, "int8")
 
 
-def _precision(role: str, value: str | None, default: str, allowed: tuple[str, ...]) -> str:
+def _precision(role: str, value: str | None, default: str | None, allowed: tuple[str, ...]) -> str | None:
     if value is None:
         return default
     if value not in allowed:
@@ -99,8 +96,8 @@ def parse_quant(
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
     Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8/int4
-    linears and the linears' own float type otherwise; embedding same as head (int8 for an int4 head).
-    """
+    linears and the linears' own float type otherwise; embedding same as head, except under int4
+    linears: the plan's choice (None)."""
     base, *suffixes = text.strip().lower().split("-")
     bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}.get(base)
     if bits is None or (bits != 4 and suffixes):
@@ -121,8 +118,7 @@ def parse_quant(
     if text_group is not None and group_size is not None and text_group != group_size:
         raise EdgeError(f"group size {group_size} contradicts {text!r}")
     head = _precision("head", head, _default_head(bits), PRECISIONS)
-    embedding = _precision("embedding", embedding, head if head in EMBEDDING_PRECISIONS else "int8",
-                           EMBEDDING_PRECISIONS)
+    embedding = _precision("embedding", embedding, None if bits == 4 else head, EMBEDDING_PRECISIONS)
     if bits != 4:
         return QuantSpec(bits=bits, embedding=embedding, head=head)
     g = next((size for size in (text_group, group_size) if size is not None), DEFAULT_GROUP_SIZE)

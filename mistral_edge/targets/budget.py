@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from ..export.linear import int8_block
 from ..export.onnx_builder import activation_type
 from ..model.config import ModelConfig
-from ..quantize.plan import TensorQuant, head_shares_embedding
+from ..quantize.plan import TensorQuant, head_shares_embedding, tensor_shapes
 from ..quantize.spec import bits_per_weight
 
 
@@ -31,53 +31,61 @@ class MemoryBudget:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """[N, K] of every planned tensor (fused QKV and gate/up, as exported)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"tok_embeddings": (cfg.vocab_size, cfg.dim), "output": (cfg.vocab_size, cfg.dim)}
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attention.wqkv": (q + 2 * kv, cfg.dim), p + "attention.wo": (cfg.dim, q),
-                       p + "feed_forward.w13": (2 * cfg.hidden_dim, cfg.dim),
-                       p + "feed_forward.w2": (cfg.dim, cfg.hidden_dim)})
-    return shapes
-
-
 def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_bytes: int = 4, fmt: str = "nbits",
                  gather: bool = False) -> int:
     """Stored (or with `resident`, loaded) bytes of an [N, K] tensor as export/linear.py lays it
-    out in `fmt` ("nbits" or "qdq"), in a graph whose activation type has `act_bytes` bytes:
-    scales have that type; a float table is stored at the narrower of its precision and that
-    type, and resident at that type. `gather`: the embedding's layout (an nbits int8 table keeps
-    one scale per row; a head's MatMulNBits repeats it per block)."""
-    bits = bits_per_weight(tq.kind, n, k, tq.group_size, tq.zero_point, 8 * act_bytes)
+    out in `fmt` ("nbits" or "qdq"), in a graph whose activation type has `act_bytes` bytes.
+    Scales and float zero points' offsets are stored as fp16 and resident at the activation
+    type (the graph casts them up; ONNX Runtime folds that at load); a float table is stored at
+    the narrower of its precision and that type, and resident at that type. `gather`: the
+    embedding's layout (int8 keeps one scale per row where a head's MatMulNBits expands it per
+    block; int4 is the MatMulNBits layout in either format)."""
+    scale = act_bytes if resident else 2
     if tq.kind in ("fp32", "fp16"):
-        bits = 8 * act_bytes if resident else min(bits, 8 * act_bytes)
-    elif tq.kind == "int8" and fmt == "nbits":  # 8-bit blocks, K padded with the zero point
-        blocks = math.ceil(k / int8_block(k))
-        return n * blocks * int8_block(k) + n * (1 if gather else blocks) * act_bytes
-    elif tq.kind == "int4" and fmt == "qdq":  # [K, N] codes at the real K, [groups, N] scales and zero points
-        groups = math.ceil(k / tq.group_size)
-        zeros = {"none": 0, "int": math.ceil(groups * n / 2), "float": groups * n * act_bytes}[tq.zero_point]
-        return math.ceil(k * n / 2) + groups * n * act_bytes + zeros
-    return int(n * k * bits / 8)
+        bits = 8 * act_bytes if resident else min(bits_per_weight(tq.kind, n, k), 8 * act_bytes)
+        return int(n * k * bits / 8)
+    if tq.kind == "int8":
+        if fmt == "qdq":
+            return n * k + n * scale
+        blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
+        return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else 1)
+    groups = math.ceil(k / tq.group_size)
+    if fmt == "qdq" and not gather:  # [K, N] codes at the real K, [groups, N] scales and zero points
+        zeros = {"none": 0, "int": math.ceil(groups * n / 2), "float": groups * n * scale}[tq.zero_point]
+        return math.ceil(k * n / 2) + groups * n * scale + zeros
+    zeros = {"none": 0, "int": n * math.ceil(groups / 2), "float": groups * n * scale}[tq.zero_point]
+    return n * groups * tq.group_size // 2 + groups * n * scale + zeros
+
+
+def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbits", activations: str = "fp32") -> int:
+    """The planned tensors' bytes as the bundle stores them (a tied head stored once)."""
+    act = activation_type(activations).itemsize
+    shapes = tensor_shapes(cfg)
+    if head_shares_embedding(cfg, plan):
+        shapes.pop("output")
+    return sum(tensor_bytes(n, k, plan[name], False, act, fmt, gather=name == "tok_embeddings")
+               for name, (n, k) in shapes.items())
 
 
 def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1,
-             activations: str = "fp32", fmt: str = "nbits") -> MemoryBudget:
+             activations: str = "fp32", fmt: str = "nbits", stored: bool = False) -> MemoryBudget:
+    """The budget; `stored`: weight bytes as the file stores them instead of as loaded."""
     act = activation_type(activations).itemsize
     shapes = tensor_shapes(cfg)
     shared = head_shares_embedding(cfg, plan)
     if shared:
         shapes.pop("output")
-    weights = sum(tensor_bytes(n, k, plan[name], True, act, fmt, gather=name == "tok_embeddings")
+    weights = sum(tensor_bytes(n, k, plan[name], not stored, act, fmt, gather=name == "tok_embeddings")
                   for name, (n, k) in shapes.items())
-    if shared and fmt == "nbits" and plan["output"].kind == "int8":  # the head's per-block scales
+    if shared and fmt == "nbits" and plan["output"].kind == "int8" and not stored:  # the head's per-block scales
         weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim)) * act
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
     kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * act
+    summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
+    if shared and fmt == "nbits":
+        summed.append("output")  # the tied head's MatMulNBits (qdq: it unpacks the embedding's rows)
     weights += sum(k * math.ceil(k / g) * act for k, g in {  # group-sum matrices, one per (K, G) (export/linear.py)
-        (k, plan[name].group_size) for name, (_, k) in shapes.items()
+        (shapes.get(name, shapes.get("tok_embeddings"))[1], plan[name].group_size) for name in summed
         if plan[name].kind == "int4" and plan[name].zero_point == "float"})
     c, q = batch * chunk, cfg.n_heads * cfg.head_dim
     floats = (4 * c * cfg.dim + c * (q + 2 * cfg.n_kv_heads * cfg.head_dim) + 2 * cfg.n_heads * c * (window + chunk)

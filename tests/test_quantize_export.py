@@ -1,0 +1,95 @@
+"""Exact formats and parity of the int4 embedding, the int4 head and the fp16-stored scales."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import W, checkpoint_of, tiny_hf_mistral
+from onnx import TensorProto
+from test_export import EXACT, run_chunks, tokens_for, unfuse
+
+from mistral_edge.export.decoder import build_decoder
+from mistral_edge.export.linear import WeightEmitter
+from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
+from mistral_edge.model.reference import ReferenceModel
+from mistral_edge.quantize.int4 import quantize_int4
+from mistral_edge.quantize.int8 import quantize_int8
+from mistral_edge.quantize.plan import head_shares_embedding, quant_plan
+from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.runtime.session import DecoderSession
+from mistral_edge.targets.budget import estimate
+
+
+def export(path, ck, spec, fmt):
+    emitter = WeightEmitter(Builder(), quant_plan(ck.config, spec), fmt, 0, ACTIVATIONS["fp32"], keep_dequantized=True)
+    path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
+    computed = unfuse(ck.config, emitter.dequantized)
+    if head_shares_embedding(ck.config, emitter.plan):
+        computed["output.weight"] = computed["tok_embeddings.weight"]
+    return {**ck.weights, **computed}, emitter.plan
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("quant, head", [("int4-g32-fzp", "int4"), ("int4-g32-izp", "int8"),
+                                          ("int4-g64-sym-rtn", "int4"), ("int8", "int8")])
+def test_int4_embedding_graph_matches_reference_on_its_weights(tmp_path, quant, head, fmt, tied):
+    """An int4 embedding (Gather of packed rows, unpacked with standard ops), alone or shared with a
+    tied int4 head, computes exactly with its dequantized rows; its stored bytes are the budget's."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    spec = parse_quant(quant, head=head, embedding="int4")
+    weights, plan = export(tmp_path / "m.onnx", ck, spec, fmt)
+    assert not torch.equal(weights["tok_embeddings.weight"], ck.weights["tok_embeddings.weight"])
+    ref = ReferenceModel(ck.config, weights)
+    tokens = tokens_for(ck, 3 * W)
+    expected = ref.prefill(tokens, ref.new_cache(), 5).numpy()
+    got = run_chunks(DecoderSession(tmp_path / "m.onnx", config=EXACT), tokens.numpy(), 5)
+    assert np.abs(got - expected).max() < 1e-4
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    stored = sum(len(t.raw_data) for t in model.graph.initializer)
+    assert stored == estimate(ck.config, plan, W, 5, fmt=fmt, stored=True).weight_bytes
+    if tied and head == "int4":  # one table for both
+        assert not any(t.name.startswith("output") for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("zero_point, extra", [("fzp", {".offsets": (TensorProto.FLOAT16, [2, 128])}),
+                                               ("izp", {".zero_points": (TensorProto.UINT8, [128])}),
+                                               ("sym", {})])
+def test_int4_embedding_initializers(tmp_path, zero_point, extra):
+    """The embedding is stored in the MatMulNBits layout: codes uint8 [V, groups, G/2], fp16 scales
+    [V * groups], integer zero points two per byte, float ones as fp16 offsets [groups, V]."""
+    ck = checkpoint_of(tiny_hf_mistral(window=W, dim=64))
+    spec = parse_quant(f"int4-g32-{zero_point}", embedding="int4")
+    export(tmp_path / "m.onnx", ck, spec, "nbits")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer if t.name.startswith("tok_embed")}
+    expected = {".q4": (TensorProto.UINT8, [128, 2, 16]), ".scales": (TensorProto.FLOAT16, [256]), **extra}
+    assert inits == {"tok_embeddings" + k: v for k, v in expected.items()}
+    ops = {n.op_type for n in model.graph.node}
+    assert {"BitwiseAnd", "BitShift", "Gather"} <= ops
+
+
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+def test_scales_are_stored_as_fp16_and_cast_up(tmp_path, fmt):
+    """In an fp32 graph every scale and offset initializer is fp16, read through one Cast each."""
+    ck = checkpoint_of(tiny_hf_mistral(window=W, dim=64))
+    export(tmp_path / "m.onnx", ck, parse_quant("int4"), fmt)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    scales = [t for t in model.graph.initializer if t.name.endswith((".scales", ".offsets", ".row_scale"))]
+    assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
+    casts = [n.input[0] for n in model.graph.node if n.op_type == "Cast"]
+    assert all(casts.count(t.name) == 1 for t in scales)
+
+
+@pytest.mark.parametrize("zero_point", ["none", "int", "float"])
+def test_fitted_scales_and_offsets_are_fp16_values(zero_point):
+    """The quantizers fit for the stored (fp16) scales: nothing moves when the graph stores them."""
+    w = torch.randn(64, 96) * torch.rand(64, 1) * 3
+    q4 = quantize_int4(w, 32, zero_point, "search")
+    assert torch.equal(q4.scales.half().float(), q4.scales)
+    if zero_point == "float":
+        _, offsets = q4.split_offset()
+        assert ((offsets.half().float() - offsets).abs() <= 1e-6 * q4.scales).all()  # float32 rounding only
+    q8 = quantize_int8(w)
+    assert torch.equal(q8.scale.half().float(), q8.scale)
+    assert (q8.q.abs() <= 127).all()
