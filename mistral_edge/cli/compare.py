@@ -33,8 +33,8 @@ def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:
 
 def compare(
     model: ModelArg = None,
-    quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq is calibrated "
-                                             "on --calib text (e.g. int4-g32-awq)")] = "fp32,fp16,int8,int4-g32,int4-g128",
+    quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq, -gptq or "
+                                             "-awq-gptq is calibrated on --calib text (e.g. int4-g32-gptq)")] = "fp32,fp16,int8,int4-g32,int4-g128",
     text: Annotated[Optional[Path], typer.Option(help="evaluation text, any UTF-8 file")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="evaluation text from the `datasets` library "
                                                         "(wikitext-2, test split; needs the network)")] = None,
@@ -42,7 +42,7 @@ def compare(
     windows: Annotated[Optional[str], typer.Option(help="sweep W, e.g. 256,1024,4096: each quant at each W")] = None,
     ctx: Annotated[int, typer.Option(help="tokens per perplexity window")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
-    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq quants "
+    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq/-gptq quants "
                                                        "(e.g. wiki.valid.tokens, never the evaluation text)")] = None,
     threads: ThreadsOpt = 0,
     runs: Annotated[int, typer.Option(help="speed runs per variant (the median is reported)")] = 5,

@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..model.checkpoint import Checkpoint
 from ..model.reference import ReferenceModel
-from .gptq import gptq_int4, hessian
+from .gptq import BLOCK, DAMP, gptq_int4, hessian
 from .int4 import Int4Weight, quantize_int4
 from .int8 import quantize_int8
 from .plan import TensorQuant, quant_plan
@@ -50,6 +50,8 @@ ALPHAS = tuple(i / 10 for i in range(11))
 SAMPLE_ROWS = 512  # calibration inputs kept per linear for the alpha search
 SENSITIVITY_TOKENS = 256
 INT8_SHARE = 0.15  # at most this share of the layer linears' parameters is kept int8
+GPTQ_SETTINGS = {"damp": DAMP, "block": BLOCK, "act_order": True, "static_groups": True}
+"""What decides GPTQ's codes besides the text (a calibrated variant's record)."""
 
 
 @dataclass
