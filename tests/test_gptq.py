@@ -173,3 +173,16 @@ def test_quants_take_the_calibration_suffixes():
         parse_quants("int8-gptq")
     with pytest.raises(EdgeError, match="unknown quantization"):
         parse_quants("int4-gptq-awq")
+
+
+def test_wide_matrices_run_in_segments_of_whole_groups(monkeypatch):
+    """K above MAX_COLUMNS: each segment is GPTQ on its own block of H (here K = 96 in 3 x 32)."""
+    w, x = layer_problem()
+    h = gptq.hessian(x)
+    monkeypatch.setattr(gptq, "MAX_COLUMNS", 40)
+    q4 = gptq.gptq_int4(w, h, 32, "int")
+    monkeypatch.setattr(gptq, "MAX_COLUMNS", 4096)
+    for cols in (slice(0, 32), slice(32, 64), slice(64, 96)):
+        alone = gptq.gptq_int4(w[:, cols], h[cols, cols], 32, "int")
+        assert torch.equal(q4.q[:, cols], alone.q)
+    assert output_error(x, w, q4) < 0.6 * output_error(x, w, quantize_int4(w, 32, "int", "rtn"))

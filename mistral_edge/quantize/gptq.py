@@ -17,8 +17,8 @@ no group index, so the groups are static: every group's scale and zero point are
 original order before the pass (quantize_int4 weighted by diag(H)), and a column rounds onto its
 own group's grid whatever its turn. The result is an ordinary Int4Weight.
 
-Memory: H and its factor, K x K float32 each (14336^2: 0.8 GiB for Mistral 7B's w2), plus W in
-float32; the Hessian is accumulated from row blocks of X.
+Memory: H (K x K float32: 0.8 GiB for Mistral 7B's w2, K = 14336) and the factor of one segment
+of at most MAX_COLUMNS columns, plus W in float32; the Hessian is accumulated from row blocks of X.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ DAMP = 0.01
 """Added to diag(H), as a share of its mean: keeps the factorisation defined when inputs are
 collinear (or a channel is always 0) and limits how far one column's error is pushed."""
 BLOCK = 128
+MAX_COLUMNS = 4096
+"""Error feedback runs within segments of at most this many input columns (whole groups): the
+factorisation costs K^3, so Mistral 7B's w2 (K = 14336) in one piece would cost 40x a 4096 one."""
 ROWS = 4096
 """Calibration rows added to a Hessian at once."""
 
@@ -64,19 +67,33 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point
               method: str = "search", act_order: bool = True, damp: float = DAMP) -> Int4Weight:
     """int4 codes of W [N, K] (y = x @ W.T) that minimise the output error on inputs with
     Hessian h [K, K] (see `hessian`), on static groups fitted by quantize_int4(method) with each
-    input channel's error weighted by diag(h)."""
+    input channel's error weighted by diag(h). K beyond MAX_COLUMNS is split into segments of
+    whole groups, each with its own diagonal block of h."""
     w = w.detach().float()
     n, k = w.shape
     h = h.clone()
     dead = h.diagonal() <= 0  # a channel never active: its weight does not matter
     h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
     grid = quantize_int4(w, group_size, zero_point, method, act_scale=h.diagonal().sqrt())
+    q = grid.q.clone()  # keeps the padding columns' codes
+    segments = -(-k // MAX_COLUMNS)
+    width = -(-k // (segments * group_size)) * group_size
+    for start in range(0, k, width):
+        cols = slice(start, min(start + width, k))
+        q[:, cols] = _gptq_columns(w[:, cols], h[cols, cols], grid, start, act_order, damp)
+    return Int4Weight(q, grid.scales, grid.zero_points, group_size, k, grid.zero_point_kind)
+
+
+def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int, act_order: bool,
+                  damp: float) -> torch.Tensor:
+    """uint8 codes of the columns first.. of `grid` whose weights are w [N, C], Hessian block h [C, C]."""
+    n, k = w.shape
     scales, zeros = grid.scales, grid.zero_points.float()
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w = w[:, order].clone()
-    w[:, dead[order]] = 0.0
     u = _inverse_factor(h[order][:, order], damp)
-    group = order // group_size
+    group = (first + order) // grid.group_size
     codes = torch.empty(n, k)
 
     def round_rows(rows: slice) -> None:  # rows are independent given U
@@ -88,9 +105,9 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point
 
     step = -(-n // torch.get_num_threads())
     _each_on_threads(round_rows, [slice(r, r + step) for r in range(0, n, step)])
-    q = grid.q.clone()  # keeps the padding columns' codes
-    q[:, order] = codes.to(torch.uint8)
-    return Int4Weight(q, scales, grid.zero_points, group_size, k, grid.zero_point_kind)
+    out = torch.empty(n, k, dtype=torch.uint8)
+    out[:, order] = codes.to(torch.uint8)
+    return out
 
 
 def _round_block(block: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
