@@ -42,8 +42,8 @@ def _sink_list(text: str | None) -> tuple[int, ...]:
 
 def compare(
     model: ModelArg = None,
-    quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq is calibrated "
-                                             "on --calib text (e.g. int4-g32-awq)")] = "fp32,fp16,int8,int4-g32,int4-g128",
+    quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq, -gptq or "
+                                             "-awq-gptq is calibrated on --calib text (e.g. int4-g32-gptq)")] = "fp32,fp16,int8,int4-g32,int4-g128",
     text: Annotated[Optional[Path], typer.Option(help="evaluation text, any UTF-8 file")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="evaluation text from the `datasets` library "
                                                         "(wikitext-2, test split; needs the network)")] = None,
@@ -54,7 +54,7 @@ def compare(
     ctx: Annotated[int, typer.Option(help="tokens per perplexity window; above W, PPL is also split into "
                                           "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
-    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq quants "
+    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq/-gptq quants "
                                                        "(e.g. wiki.valid.tokens, never the evaluation text)")] = None,
     threads: ThreadsOpt = 0,
     runs: Annotated[int, typer.Option(help="speed runs per variant (the median is reported)")] = 5,

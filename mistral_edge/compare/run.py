@@ -31,7 +31,7 @@ from .quality import ReferenceStore, evaluate
 from .report import Row
 from .speed import SpeedJob, SpeedResult, SpeedTimeout, measure, timeout_for
 from .text import EvalText, load_text, read_text, token_windows
-from .variants import QuantChoice, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
+from .variants import CALIBRATIONS, QuantChoice, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
 
 DEFAULT_QUANTS = "fp32,fp16,int8,int4-g32,int4-g128"
 CALIB_WINDOWS = 8
@@ -110,7 +110,7 @@ def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText:
     elif req.text is None:
         calib = load_text(None, req.dataset, split="validation")
     else:
-        raise EdgeError("calibrated quants (-awq) need --calib FILE: separate text such as WikiText-2's "
+        raise EdgeError("calibrated quants (-awq, -gptq) need --calib FILE: separate text such as WikiText-2's "
                         "wiki.valid.tokens, never the evaluation text")
     if calib.sha256 == evaluation.sha256:
         raise EdgeError(f"--calib {calib.name} is the evaluation text; calibrate on separate text "
@@ -178,19 +178,23 @@ class _Run:
         return {"source": {"path": self.ck.source, "sha256": self.source_sha}, "quant": choice.name,
                 "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
                 "code_sha256": export_code_sha256(),
-                "calibration": {"method": "awq+act-weighted-search+int8-sensitive", "text_sha256": self.calib_sha,
+                "calibration": {"method": choice.calibration, "text_sha256": self.calib_sha,
                                 "windows": CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
                                 "sample_rows": calibrate.SAMPLE_ROWS, "int8_share": calibrate.INT8_SHARE,
-                                "sensitivity_tokens": calibrate.SENSITIVITY_TOKENS}}
+                                "sensitivity_tokens": calibrate.SENSITIVITY_TOKENS, "gptq": calibrate.GPTQ_SETTINGS}}
 
     def calibrated(self, choice: QuantChoice) -> calibrate.Calibrated:
-        task = self.progress.add_task(f"calibrating {choice.name} (AWQ scales, sensitivity)", total=None)
+        task = self.progress.add_task(f"calibrating {choice.name}", total=None)
         try:
-            cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
+            if choice.calibration == "awq":
+                cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
+            else:
+                cal = calibrate.calibrate_gptq(self.ck, choice.spec, self.calib_ids, awq=choice.calibration == "awq-gptq")
         finally:
             self.progress.remove_task(task)
-        self.log(f"{choice.name}: AWQ alpha mean {np.mean(list(cal.alphas.values())):.2f}; {len(cal.int8)} "
-                 f"linears kept int8 (listed in variant.json)")
+        if cal.alphas:
+            self.log(f"{choice.name}: AWQ alpha mean {np.mean(list(cal.alphas.values())):.2f}; {len(cal.int8)} "
+                     f"linears kept int8 (listed in variant.json)")
         return cal
 
     def onnx_row(self, choice: QuantChoice, window: int, sinks: int, record: bool = False) -> Row:
@@ -202,7 +206,8 @@ class _Run:
             if choice.calibrated:
                 built = prepare_calibrated(self.ck, choice.spec, window, chunk, path,
                                            self.calibration_key(choice, window, chunk),
-                                           lambda: self.calibrated(choice), log=lambda line: None)
+                                           lambda: self.calibrated(choice), log=lambda line: None,
+                                           note=CALIBRATIONS[choice.calibration])
             else:
                 built = prepare_bundle(self.ck, choice.spec, window, chunk, path, self.source_sha,
                                        log=lambda line: None, sinks=sinks)

@@ -35,7 +35,11 @@ from ..targets.request import BundleRequest
 from ..targets.profiles import get_target
 from ..quantize.calibrate import Calibrated
 
-AWQ_SUFFIX = "-awq"
+CALIBRATIONS = {"awq-gptq": "AWQ scales + GPTQ codes (act-order, static groups)",
+                "gptq": "GPTQ codes (act-order, static groups)", "awq": ""}
+"""int4 calibration suffixes (longest first) and their rows' notes (quantize/calibrate.py): AWQ scales
++ GPTQ; GPTQ alone; AWQ scales + activation-weighted search + int8 for the most sensitive linears
+(its note counts them)."""
 TARGET = "cpu"
 VARIANT_RECORD = "variant.json"
 
@@ -43,24 +47,29 @@ VARIANT_RECORD = "variant.json"
 @dataclass(frozen=True)
 class QuantChoice:
     spec: QuantSpec
-    calibrated: bool = False
+    calibration: str | None = None
+    """A CALIBRATIONS key, or None."""
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
 
     @property
     def name(self) -> str:
-        return self.spec.name + (AWQ_SUFFIX if self.calibrated else "")
+        return self.spec.name + (f"-{self.calibration}" if self.calibrated else "")
 
 
 def parse_quants(text: str) -> list[QuantChoice]:
-    """'fp32,int8,int4-g32-awq' -> choices in order, duplicates (same canonical name) dropped."""
+    """'fp32,int8,int4-g32-awq,int4-gptq' -> choices in order, duplicates (same canonical name) dropped."""
     choices: dict[str, QuantChoice] = {}
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        calibrated = item.lower().endswith(AWQ_SUFFIX)
-        spec = parse_quant(item[: -len(AWQ_SUFFIX)] if calibrated else item)
-        if calibrated and spec.bits != 4:
-            raise EdgeError(f"{item}: calibration ({AWQ_SUFFIX}) applies to int4 only")
-        choice = QuantChoice(spec, calibrated)
+        calibration = next((c for c in CALIBRATIONS if item.lower().endswith("-" + c)), None)
+        spec = parse_quant(item[: -len(calibration) - 1] if calibration else item)
+        if calibration and spec.bits != 4:
+            raise EdgeError(f"{item}: calibration (-{calibration}) applies to int4 only")
+        choice = QuantChoice(spec, calibration)
         choices.setdefault(choice.name, choice)
     if not choices:
         raise EdgeError("--quants is empty; e.g. --quants fp32,fp16,int8,int4-g32,int4-g128")
@@ -140,7 +149,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
 
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
-                       calibrate: Callable[[], Calibrated], log=print) -> Built:
+                       calibrate: Callable[[], Calibrated], log=print, note: str = "") -> Built:
     """A calibrated int4 export at `path` (model.onnx + variant.json): not a target bundle, since its
     per-tensor plan (activation scales, int8 linears) is its own; reused while `key` matches."""
     record_path = path / VARIANT_RECORD
@@ -163,7 +172,7 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
                       "awq_alpha": cal.alphas}
             (tmp / VARIANT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         reused = False
-    note = f"AWQ scales + activation-weighted int4 search; {len(record['int8'])} most sensitive linears int8"
+    note = note or f"AWQ scales + activation-weighted int4 search; {len(record['int8'])} most sensitive linears int8"
     return Built(path / "model.onnx", _dir_bytes(path), record["memory_budget"]["weight_bytes"],
                  record["memory_budget"]["kv_cache_bytes"], record["bits_per_weight"], reused, note)
 

@@ -293,7 +293,9 @@ def int8_block(k: int) -> int:
 
 def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
     """quantize_int4 over row blocks (its fit is per row and group, so the result is the same),
-    each written into the whole tensor's arrays."""
+    each written into the whole tensor's arrays; codes a calibration chose are taken as they are."""
+    if tq.codes is not None:
+        return tq.codes
     out = None
     for r in row_blocks(*w.shape):
         part = quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale)

@@ -1,4 +1,5 @@
-"""Calibrated int4 (`int4-g32-awq`): three uses of calibration text, all in the fp32 reference model.
+"""Calibrated int4: `-awq` (three uses of calibration text below, all in the fp32 reference model)
+and `-gptq` / `-awq-gptq` (error-feedback rounding, quantize/gptq.py, after the AWQ scales or not).
 
 1. AWQ scales. A few input channels carry much larger activations than the rest,
    so rounding errors on their weights cost more. For each layer linear, with m
@@ -19,6 +20,13 @@
 
 Activations are recorded at the input of every matmul whose right operand is a
 known weight (a TorchFunctionMode: the reference model is not modified).
+
+GPTQ (`calibrate_gptq`) runs in one forward pass over all calibration windows at once: each
+planned int4 linear is quantized the moment its input arrives and the pass goes on with its
+dequantized weight, so every linear's Hessian comes from the inputs of the model with all the
+linears before it already quantized (int8 ones too), in execution order (QKV, output
+projection, gate/up, down; layer by layer; then the head). Memory: the batch's activations and
+one linear's Hessian.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from torch.overrides import TorchFunctionMode
 
 from ..model.checkpoint import Checkpoint
 from ..model.reference import ReferenceModel
-from .int4 import quantize_int4
+from .gptq import BLOCK, DAMP, gptq_int4, hessian
+from .int4 import Int4Weight, quantize_int4
+from .int8 import quantize_int8
 from .plan import TensorQuant, quant_plan
 from .spec import QuantSpec
 
@@ -40,6 +50,8 @@ ALPHAS = tuple(i / 10 for i in range(11))
 SAMPLE_ROWS = 512  # calibration inputs kept per linear for the alpha search
 SENSITIVITY_TOKENS = 256
 INT8_SHARE = 0.15  # at most this share of the layer linears' parameters is kept int8
+GPTQ_SETTINGS = {"damp": DAMP, "block": BLOCK, "act_order": True, "static_groups": True}
+"""What decides GPTQ's codes besides the text (a calibrated variant's record)."""
 
 
 @dataclass
@@ -218,3 +230,71 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
             plan[name] = (TensorQuant("int8") if linear in int8
                           else dataclasses.replace(plan[name], act_scale=act[linear]))
     return Calibrated(scaled, plan, alphas, tuple(int8))
+
+
+class _GptqPass(TorchFunctionMode):
+    """Replaces each planned int8/int4 weight in `x @ W.T` by its quantized value when its input
+    first arrives (int4: GPTQ codes on that input's Hessian); the int4 codes are kept in `codes`."""
+
+    def __init__(self, model: ReferenceModel, plan: dict[str, TensorQuant], act_order: bool):
+        super().__init__()
+        self.model, self.plan, self.act_order = model, plan, act_order
+        self.parts = {name: _matmul_weights(name, model.w) for name in plan}  # a plan entry: fused or one weight
+        self.parts = {name: parts for name, parts in self.parts.items() if parts}
+        self.names = {model.w[w].data_ptr(): (name, w) for name, ws in self.parts.items() for w in ws}
+        self.quantized: dict[str, torch.Tensor] = {}
+        self.codes: dict[str, Int4Weight] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__") and isinstance(args[1], torch.Tensor):
+            hit = self.names.get(args[1].data_ptr())
+            if hit is not None:
+                if hit[1] not in self.quantized:
+                    self._quantize(hit[0], args[0])
+                return func(args[0], self.quantized[hit[1]].T)
+        return func(*args, **(kwargs or {}))
+
+    def _quantize(self, name: str, x: torch.Tensor) -> None:
+        tq, parts = self.plan[name], self.parts[name]
+        w = torch.cat([self.model.w[part] for part in parts])
+        if tq.kind == "int4":
+            self.codes[name] = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order)
+            w = self.codes[name].dequantize()
+        elif tq.kind == "int8":
+            w = quantize_int8(w).dequantize()
+        rows = [self.model.w[part].shape[0] for part in parts]
+        self.quantized.update(zip(parts, w.split(rows)))
+
+
+def _matmul_weights(name: str, weights: dict) -> list[str]:
+    """The checkpoint weights of one plan entry that a matmul reads: a fused layer linear's parts,
+    a single weight, or none (the embedding; a tied head, which shares the embedding's table and
+    is left to the plan)."""
+    if name + ".weight" in weights and name != "tok_embeddings":
+        return [name + ".weight"]
+    return weights_of(name) if _linear_of(name) == name else []
+
+
+def gptq_codes(ck: Checkpoint, plan: dict[str, TensorQuant], windows: np.ndarray,
+               act_order: bool = True) -> dict[str, Int4Weight]:
+    """GPTQ codes for every int4 layer linear (and an untied int4 head) of `plan`, from one forward
+    pass over the calibration windows [B, T] batched, each from an empty cache (the cache spans T,
+    so every linear sees all B*T inputs in one call)."""
+    model = ReferenceModel(ck.config, ck.weights)
+    gptq = _GptqPass(model, plan, act_order)
+    tokens = torch.as_tensor(windows)
+    with torch.no_grad(), gptq:
+        model.prefill(tokens, model.new_cache(len(tokens), tokens.shape[1]), tokens.shape[1])
+    return gptq.codes
+
+
+def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,
+                   act_order: bool = True) -> Calibrated:
+    """The spec's plan with GPTQ codes for its int4 linears, on the AWQ-scaled model if `awq`."""
+    scaled, alphas = ck, {}
+    if awq:
+        scaled, _, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
+    plan = quant_plan(scaled.config, spec)
+    codes = gptq_codes(scaled, plan, windows, act_order)
+    plan = {name: dataclasses.replace(tq, codes=codes[name]) if name in codes else tq for name, tq in plan.items()}
+    return Calibrated(scaled, plan, alphas, ())

@@ -16,11 +16,15 @@ same, and instant, for any model of a given shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..model.config import ModelConfig
 from .spec import DEFAULT_GROUP_SIZE, ZERO_POINTS, QuantSpec, bits_per_weight
+
+if TYPE_CHECKING:
+    from .int4 import Int4Weight
 
 LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
 """The exported (fused) linears of each layer: QKV and gate/up are one matrix each."""
@@ -40,6 +44,8 @@ class TensorQuant:
     method: str = "rtn"
     act_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
     """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
+    codes: Int4Weight | None = field(default=None, compare=False, repr=False)
+    """int4: an Int4Weight already chosen by calibration (GPTQ, quantize/gptq.py): exported as it is."""
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,126 @@
+"""Error-feedback int4 (GPTQ-style): round one input column at a time and push its error onto the
+columns not yet rounded, weighted by the inverse Hessian of the layer's calibration inputs.
+
+For y = x W^T with inputs X, the output error of W + dW is tr(dW H dW^T) with H = X^T X. Rounding
+column j leaves an error e_j on it; the columns after it (in the processing order) absorb
+-e_j H^-1[j, later] / H^-1[j, j], the least-squares correction given H (Optimal Brain
+Surgeon). With U the upper Cholesky factor of H^-1, row j of U holds exactly those weights for
+the columns still open, so one factorisation serves the whole matrix, and the rows of W are
+independent given it: blocks of rows run on torch.get_num_threads() threads, each with
+single-threaded ops (as quantize_int4 does: the steps are small). Columns are processed in
+blocks of BLOCK: inside a block the updates are rank-1, the rest of the matrix gets the block's
+errors in one matmul (lazy batch updates).
+
+act-order: columns with the largest diag(H) (the largest inputs) are rounded first, while the
+most columns are left to absorb their error. MatMulNBits' groups are contiguous in K and it takes
+no group index, so the groups are static: every group's scale and zero point are fitted in the
+original order before the pass (quantize_int4 weighted by diag(H)), and a column rounds onto its
+own group's grid whatever its turn. The result is an ordinary Int4Weight.
+
+Memory: H (K x K float32: 0.8 GiB for Mistral 7B's w2, K = 14336) and the factor of one segment
+of at most MAX_COLUMNS columns, plus W in float32; the Hessian is accumulated from row blocks of X.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .int4 import Int4Weight, _each_on_threads, quantize_int4
+
+DAMP = 0.01
+"""Added to diag(H), as a share of its mean: keeps the factorisation defined when inputs are
+collinear (or a channel is always 0) and limits how far one column's error is pushed."""
+BLOCK = 128
+MAX_COLUMNS = 4096
+"""Error feedback runs within segments of at most this many input columns (whole groups): the
+factorisation costs K^3, so Mistral 7B's w2 (K = 14336) in one piece would cost 40x a 4096 one."""
+ROWS = 4096
+"""Calibration rows added to a Hessian at once."""
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """X^T X / rows, float32 [K, K], for inputs x [..., K] (accumulated over row blocks)."""
+    x = x.reshape(-1, x.shape[-1])
+    h = torch.zeros(x.shape[1], x.shape[1])
+    for start in range(0, len(x), ROWS):
+        part = x[start:start + ROWS].float()
+        h.addmm_(part.T, part)
+    return h.div_(max(len(x), 1))
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp mean(diag H) I)^-1, with more dampening if H is not
+    positive definite in float32."""
+    eye = torch.eye(len(h))
+    mean = float(h.diagonal().mean()) or 1.0
+    for factor in (damp, 10 * damp, 100 * damp, 1.0):
+        chol, info = torch.linalg.cholesky_ex(h + factor * mean * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper
+    raise ValueError("the calibration Hessian is not positive definite even when fully dampened")
+
+
+def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point: str = "int",
+              method: str = "search", act_order: bool = True, damp: float = DAMP) -> Int4Weight:
+    """int4 codes of W [N, K] (y = x @ W.T) that minimise the output error on inputs with
+    Hessian h [K, K] (see `hessian`), on static groups fitted by quantize_int4(method) with each
+    input channel's error weighted by diag(h). K beyond MAX_COLUMNS is split into segments of
+    whole groups, each with its own diagonal block of h."""
+    w = w.detach().float()
+    n, k = w.shape
+    h = h.clone()
+    dead = h.diagonal() <= 0  # a channel never active: its weight does not matter
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    grid = quantize_int4(w, group_size, zero_point, method, act_scale=h.diagonal().sqrt())
+    q = grid.q.clone()  # keeps the padding columns' codes
+    segments = -(-k // MAX_COLUMNS)
+    width = -(-k // (segments * group_size)) * group_size
+    for start in range(0, k, width):
+        cols = slice(start, min(start + width, k))
+        q[:, cols] = _gptq_columns(w[:, cols], h[cols, cols], grid, start, act_order, damp)
+    return Int4Weight(q, grid.scales, grid.zero_points, group_size, k, grid.zero_point_kind)
+
+
+def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int, act_order: bool,
+                  damp: float) -> torch.Tensor:
+    """uint8 codes of the columns first.. of `grid` whose weights are w [N, C], Hessian block h [C, C]."""
+    n, k = w.shape
+    scales, zeros = grid.scales, grid.zero_points.float()
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
+    w = w[:, order].clone()
+    u = _inverse_factor(h[order][:, order], damp)
+    group = (first + order) // grid.group_size
+    codes = torch.empty(n, k)
+
+    def round_rows(rows: slice) -> None:  # rows are independent given U
+        for start in range(0, k, BLOCK):
+            cols = slice(start, min(start + BLOCK, k))
+            errors = _round_block(w[rows, cols], codes[rows, cols], scales[rows][:, group[cols]],
+                                  zeros[rows][:, group[cols]], u[cols, cols])
+            w[rows, cols.stop:] -= errors @ u[cols, cols.stop:]
+
+    step = -(-n // torch.get_num_threads())
+    _each_on_threads(round_rows, [slice(r, r + step) for r in range(0, n, step)])
+    out = torch.empty(n, k, dtype=torch.uint8)
+    out[:, order] = codes.to(torch.uint8)
+    return out
+
+
+def _round_block(block: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+    """Round the columns of `block` [rows, B] in turn onto their grids s, z [rows, B] (codes written
+    to `codes`), each column's error pushed onto the block's later columns (in place); returns the
+    scaled errors [rows, B] for the rest of the matrix."""
+    errors = torch.empty_like(block)
+    for i in range(block.shape[1]):
+        col = block[:, i]
+        q = torch.clamp(torch.round(col / s[:, i] + z[:, i]), 0, 15)
+        codes[:, i] = q
+        err = errors[:, i]
+        torch.sub(col, (q - z[:, i]) * s[:, i], out=err).div_(u[i, i])
+        block[:, i:].sub_(err[:, None] * u[i, i:][None])
+    return errors
