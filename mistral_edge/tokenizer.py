@@ -73,6 +73,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def decode_continuation(self, ids: Iterable[int]) -> str:
+        """`ids` decoded as text that continues other text: a leading space is kept (a grammar's match
+        may begin with one). A tokenizer.json's decode already keeps it."""
+        return self.decode(ids)
+
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
@@ -101,6 +106,11 @@ class _SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def decode_continuation(self, ids: Iterable[int]) -> str:
+        # SentencePiece drops the leading space of the first piece it decodes: decode after a prefix.
+        prefix = self.sp.encode("a")
+        return self.sp.decode(prefix + [int(i) for i in ids])[len(self.sp.decode(prefix)):]
 
     def token_to_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)
@@ -150,16 +160,18 @@ class StreamDecoder:
     (U+FFFD). The window stays a few tokens long, so a step costs O(1) in the text length.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, continuation: bool = False):
+        """`continuation`: keep a reply's leading space (`Tokenizer.decode_continuation`), as a grammar
+        that matched it needs."""
+        self.decode = tokenizer.decode_continuation if continuation else tokenizer.decode
         self.ids: list[int] = []
         self.start = 0  # window start: a token boundary where decoding is known to be clean
         self.done = 0  # ids before this have been emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        before = self.tokenizer.decode(self.ids[self.start:self.done])
-        text = self.tokenizer.decode(self.ids[self.start:])
+        before = self.decode(self.ids[self.start:self.done])
+        text = self.decode(self.ids[self.start:])
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self.start, self.done = self.done, len(self.ids)
@@ -167,7 +179,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character decodes as U+FFFD), at the end of a stream."""
-        before = self.tokenizer.decode(self.ids[self.start:self.done])
-        text = self.tokenizer.decode(self.ids[self.start:])
+        before = self.decode(self.ids[self.start:self.done])
+        text = self.decode(self.ids[self.start:])
         self.start = self.done = len(self.ids)
         return text[len(before):]

@@ -121,12 +121,18 @@ def test_regex_replies_match_whole(generator, pattern, seed):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(options=st.lists(st.text(alphabet="abc xyz", min_size=1, max_size=8).filter(lambda o: not o[0].isspace()),
-                        min_size=1, max_size=5),
+@given(options=st.lists(st.text(alphabet="abc xyz", min_size=1, max_size=8), min_size=1, max_size=5),
        seed=st.integers(0, 2**16))
 def test_choice_replies_are_one_of_the_options(generator, options, seed):
-    """Options start with a non-space: SentencePiece decoding drops a reply's leading space (docs/guardrails.md)."""
+    """Options may begin with a space: a SentencePiece reply under a grammar keeps its leading one."""
     assert constrained(generator, Constraint.choice(options), seed, budget=60) in options
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_leading_space_of_the_match_is_kept(generator, seed):
+    """SentencePiece decoding drops the first piece's leading space; a grammar's reply keeps it."""
+    assert constrained(generator, Constraint.choice([" yes", " no"]), seed, budget=60) in (" yes", " no")
+    assert re.fullmatch(r" [0-9]{2}", constrained(generator, Constraint.regex(r" [0-9]{2}"), seed, budget=60))
 
 
 def test_the_hook_masks_every_step_and_ends_generation(generator):

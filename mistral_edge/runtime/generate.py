@@ -83,7 +83,7 @@ class Generator:
         `on_token(id)` sees every id that entered the cache."""
         from ..tokenizer import StreamDecoder
 
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, continuation=processor is not None)
         hold = max((len(s) for s in cfg.stop_strings), default=1) - 1
         text, emitted = "", 0
         for tok in self.stream_ids(prompt_ids, cfg, history, processor):

@@ -64,8 +64,8 @@ class Job:
 class _Text:
     """A reply's text in final pieces: a piece is held back while it could still begin a stop string."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer, stops: tuple[str, ...], continuation: bool = False):
+        self.decoder = StreamDecoder(tokenizer, continuation)
         self.stops = stops
         self.hold = max(map(len, stops), default=1) - 1
         self.text, self.sent = "", 0
@@ -94,7 +94,7 @@ class _Run:
         self.todo = job.ids[len(fed):]  # prompt tokens still to prefill
         self.cached = len(fed)
         self.generated: list[int] = []
-        self.text = _Text(tokenizer, job.stop)
+        self.text = _Text(tokenizer, job.stop, continuation=job.processor is not None)
         self.row = -1  # its row in the batch session, or -1: in the batch-1 session
         self.next = -1  # the sampled token to feed next
 
