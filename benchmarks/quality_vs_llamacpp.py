@@ -215,6 +215,7 @@ class LlamaWindows:
         self.params.n_threads = self.params.n_threads_batch = threads
         self.batch = _internals.LlamaBatch(n_tokens=ctx, embd=0, n_seq_max=1, verbose=False)
         self.vocab = self.model.n_vocab()
+        self.window = ctx  # full attention over the window: every prediction is "within W"
         self.context = None
         self.n_past = 0
 
