@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -53,6 +54,13 @@ def checkpoint_of(model: MistralForCausalLM) -> Checkpoint:
     cfg = config_from_hf({**model.config.to_dict(), "architectures": ["MistralForCausalLM"]})
     return Checkpoint(cfg, Weights.of(model.state_dict()).renamed(canonical_name), source="fixture", source_format="hf")
 
+
+
+def write_tiny_hf_dir(path: Path, window: int) -> Path:
+    """A tiny Mistral Hugging Face directory with a SentencePiece tokenizer (for --model paths)."""
+    tiny_hf_mistral(window=window, vocab=32000, dim=64).save_pretrained(path)
+    shutil.copy(SPM_V1, path / "tokenizer.model")
+    return path
 
 
 def write_tiny_bundle(out: Path) -> Checkpoint:

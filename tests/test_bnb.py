@@ -2,7 +2,6 @@
 error when bitsandbytes cannot run. Tests that run bitsandbytes skip only when it is not importable."""
 
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -12,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SPM_V1, W, checkpoint_of, chunked_logits, tiny_hf_mistral
+from helpers import W, checkpoint_of, chunked_logits, tiny_hf_mistral, write_tiny_hf_dir
 from mistral_edge.cli.main import app
 from mistral_edge.compare.run import CompareRequest, run_compare
 from mistral_edge.errors import EdgeError
@@ -98,10 +97,7 @@ def test_bnb_session_decode_matches_prefill(ck):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_hf_mistral(window=W, vocab=32000, dim=64).save_pretrained(path)
-    shutil.copy(SPM_V1, path / "tokenizer.model")
-    return path
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("tiny"), W)
 
 
 @needs_bnb

@@ -1,7 +1,6 @@
 """The torch backend's device/dtype plumbing, captured steps over the static rolling cache, and the
 weight-only int8/int4 linears. Everything runs on a CPU; the CUDA tests skip without a GPU."""
 
-import shutil
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import SPM_V1, checkpoint_of, tiny_hf_mistral
+from helpers import checkpoint_of, tiny_hf_mistral, write_tiny_hf_dir
 from mistral_edge.cli.main import app
 from mistral_edge.errors import EdgeError
 from mistral_edge.model.cache import RollingKVCache
@@ -35,10 +34,7 @@ def ck():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_hf_mistral(window=W, vocab=32000, dim=64).save_pretrained(path)
-    shutil.copy(SPM_V1, path / "tokenizer.model")
-    return path
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("tiny"), W)
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:

@@ -213,16 +213,20 @@ def test_models_and_health(live):
     assert live.health()["status"] == "ok"
 
 
+def ask_at_once(server, prompts: list[str], max_tokens: int = 12) -> list[str]:
+    """Each prompt's completion text, every prompt from a client thread of its own, all at once."""
+    def ask(p):
+        return server.client.completions.create(model="tiny", prompt=p, max_tokens=max_tokens).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts, timeout=TIMEOUT))
+
+
 def test_concurrent_clients_get_what_each_would_alone(bundle, live):
     """Six clients on a batch-2 engine: batched decode gives each the tokens it gets alone."""
     prompts = [f"Question number {i}: " + "why " * i for i in range(6)]
-
-    def ask(p):
-        return live.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
-
     before = live.health()["batched_steps"]
-    with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(ask, prompts, timeout=TIMEOUT))
+    got = ask_at_once(live, prompts)
     assert got == [direct(bundle, bundle.tokenizer().encode(p), 12)[1] for p in prompts]
     assert live.health()["batched_steps"] > before  # some steps decoded two requests at once
 
@@ -580,13 +584,8 @@ def test_served_checkpoint_batches_and_reuses_on_the_torch_backend(reference):
     """Rows move between the torch sessions (batched decode, cached conversations) without changing a token."""
     server, gen, fmt = reference
     prompts = [f"Question {i}: " + "why " * i for i in range(4)]
-
-    def ask(p):
-        return server.client.completions.create(model="tiny", prompt=p, max_tokens=12).choices[0].text
-
     before = server.health()["batched_steps"]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(ask, prompts, timeout=TIMEOUT))
+    got = ask_at_once(server, prompts)
     assert got == [_torch_direct(gen, gen.tokenizer.encode(p), 12)[1] for p in prompts]
     assert server.health()["batched_steps"] > before
     turn = [{"role": "user", "content": "Hi"}]
