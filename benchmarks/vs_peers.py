@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,6 +234,17 @@ class Worker:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if not memory:
             self._reply()  # {"ready": true} once loaded
+            self.pause()
+
+    def pause(self) -> None:
+        """Stop the process between its turns: an idle llama.cpp with OMP_WAIT_POLICY=active keeps
+        its threads spinning, which would slow every other system it shares the cores with."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def ask(self, cmd) -> dict:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -248,6 +259,7 @@ class Worker:
         return json.loads(line)
 
     def close(self) -> None:
+        self.resume()
         try:
             self.proc.stdin.close()
         except BrokenPipeError:  # it died first
@@ -285,6 +297,7 @@ def probe_decode(system: System, threads: int, prompt: dict[int, list[int]], n: 
     """Decode tokens/s of a fresh worker after a warm-up (with `prefill`, the benchmark's first
     commands: a decode after the short prompt and the long prefill)."""
     w = Worker(system, threads, n_ctx=max(prompt) + 64)
+    w.resume()
     try:
         w.ask({"decode": prompt[min(prompt)], "n": 8})
         if prefill:
@@ -341,13 +354,14 @@ def start(systems: list[System], threads: int, n_ctx: int, results: dict[str, Sp
 
 
 def each(workers: list[Worker], ask, results: dict[str, Speed]) -> list[Worker]:
-    """ask(w) for every worker in turn, after a pause that lets the previous system's spinning
-    threads go idle; returns the workers still alive (a dead one's system is marked crashed)."""
+    """ask(w) for every worker in turn, the others stopped (Worker.pause); returns the workers
+    still alive (a dead one's system is marked crashed)."""
     alive = []
     for w in workers:
-        time.sleep(0.2)
+        w.resume()
         try:
             ask(w)
+            w.pause()
             alive.append(w)
         except WorkerDied as e:
             print(f"  {w.system.name} {e}", file=sys.stderr)
