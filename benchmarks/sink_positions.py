@@ -7,6 +7,11 @@ it; the ring's keys keep their distances either way. Prints the perplexity of th
 from positions >= W (docs/cache.md has the figures):
 
     python benchmarks/sink_positions.py WIKI_TEST_FILE --ctx 2048 --n-windows 2 --window 256 --sinks 4
+
+`--recompute STRIDE` adds the bound no W-slot cache can beat: every STRIDE-th of those predictions
+made afresh from exactly its last W tokens (the model restarted on them, positions from 0: the
+"sliding window with re-computation" of the StreamingLLM paper), with every row re-scored on the
+same sample of predictions.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def main() -> None:
     ap.add_argument("--n-windows", type=int, default=2)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--recompute", type=int, default=0, metavar="STRIDE",
+                    help="also the re-computation bound on every STRIDE-th prediction (0: off)")
     args = ap.parse_args()
     ck = load_checkpoint(None)
     w = {k: v.float() for k, v in ck.weights.items()}
@@ -70,13 +77,25 @@ def main() -> None:
     ids = np.asarray(tok.encode(read_text(args.text).text, add_bos=False))
     windows = token_windows(ids, args.ctx, args.n_windows)
     W, S = args.window, args.sinks
+    sample = range(W, args.ctx - 1, args.recompute) if args.recompute else []
+    sampled = {}
     for name, (window, sinks, rebase) in {"full attention": (args.ctx, 0, False), f"W={W}": (W, 0, False),
                                           f"W={W} S={S} absolute": (W, S, False),
                                           f"W={W} S={S} re-based": (W, S, True)}.items():
         start = time.perf_counter()
-        nll = torch.cat([token_nll(ck, w, t, window, sinks, rebase)[W:] for t in windows])
+        per_window = [token_nll(ck, w, t, window, sinks, rebase) for t in windows]
+        nll = torch.cat([n[W:] for n in per_window])
+        sampled[name] = torch.cat([n[list(sample)] for n in per_window]) if sample else None
         print(f"{name:24s} PPL of predictions from positions >= {W}: {math.exp(nll.mean()):.3f} "
               f"({len(nll)} tokens, {time.perf_counter() - start:.0f} s)", flush=True)
+    if sample:
+        start = time.perf_counter()
+        sampled[f"W={W} re-computed"] = torch.stack([token_nll(ck, w, t[p - W + 1:p + 2], W, 0, False)[-1]
+                                                     for t in windows for p in sample])
+        print(f"every {args.recompute}th prediction from positions >= {W} ({len(sample) * len(windows)} tokens; "
+              f"re-computation {time.perf_counter() - start:.0f} s):")
+        for name, nll in sampled.items():
+            print(f"  {name:24s} PPL {math.exp(nll.mean()):.3f}")
 
 
 if __name__ == "__main__":
