@@ -615,14 +615,14 @@ def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference, quant)
     assert f"(torch{' ' + quant if quant else ''} backend, batch 1," in banner
 
 
-def _spy(engine) -> list[tuple[str, int, list[int]]]:
-    """Record the steps of an engine's sessions: (which session, chunk width, each row's valid length)."""
+def _spy(engine) -> list[tuple[str, list[list[int]]]]:
+    """Record the steps of an engine's sessions: (which session, the tokens each row fed: [] for none)."""
     calls = []
     for name in ("single", "multi"):
         session = getattr(engine, name)
 
         def step(tokens, valid_lens=None, all_logits=False, real=session.step, name=name):
-            calls.append((name, tokens.shape[1], [int(v) for v in valid_lens]))
+            calls.append((name, [[int(t) for t in row[:n]] for row, n in zip(tokens, valid_lens)]))
             return real(tokens, valid_lens, all_logits)
 
         session.step = step
@@ -634,7 +634,7 @@ def test_requests_arriving_together_prefill_together(bundle):
     to the longer), and the first decode step serves both rows."""
     engine = Engine(bundle, EngineConfig(batch=2, queue=4, max_tokens=8))
     calls = _spy(engine)
-    prompts = [bundle.tokenizer().encode(p) for p in ("first prompt", "a second")]
+    prompts = [bundle.tokenizer().encode(p) for p in ("first prompt", "a second one")]
     assert len(prompts[0]) != len(prompts[1]) and max(map(len, prompts)) <= engine.single.chunk
     try:
         done = [threading.Event(), threading.Event()]
@@ -644,8 +644,8 @@ def test_requests_arriving_together_prefill_together(bundle):
         assert all(d.wait(TIMEOUT) for d in done)
     finally:
         engine.close()
-    assert calls[0] == ("multi", max(map(len, prompts)), [len(p) for p in prompts]), calls
-    assert next(c for c in calls if c[1] == 1) == ("multi", 1, [1, 1]), calls
+    assert calls[0] == ("multi", prompts), calls
+    assert [len(row) for row in calls[1][1]] == [1, 1] and calls[1][0] == "multi", calls
     assert engine.batched_prefills == 1
 
 
@@ -681,9 +681,10 @@ def _greedy(session, ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, reference, backend):
-    """A and B (prompts of 3 and 12 tokens) arrive together; C and D arrive while they decode (so
-    one batch step prefills C and D while A and B take a token each in it); E waits for a free row
-    and prefills alone while A, B and D decode. Every request's greedy tokens equal its own run alone."""
+    """A and B (prompts of 3 and 12 tokens) arrive together and prefill in one step; C and D arrive
+    while they decode, and one batch step prefills C and D while A and B take a token each in it; E
+    waits for a free row and prefills alone while the others decode. Every request's greedy tokens
+    equal its tokens alone."""
     from mistral_edge.cli.serve import Reference
 
     source = bundle if backend == "onnx" else Reference(reference[1].session, reference[1].tokenizer)
@@ -691,7 +692,7 @@ def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, ref
     engine.stops = set()  # every request runs to its max_tokens
     calls = _spy(engine)
     lengths, budgets = {"A": 3, "B": 12, "C": 7, "D": 1, "E": 9}, {"A": 24, "B": 20, "C": 4, "D": 8, "E": 6}
-    prompts = {k: [200 + 17 * i + 5 * n % 97 for i in range(n)] for k, n in lengths.items()}
+    prompts = {k: [200 + 17 * i + 5 * n for i in range(n)] for k, n in lengths.items()}
     record = {k: _Recorder(hold=3 if k == "A" else 0) for k in prompts}
     done = {k: threading.Event() for k in prompts}
 
@@ -712,11 +713,11 @@ def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, ref
     finally:
         record["A"].go.set()
         engine.close()
-    batch = [valid for name, _, valid in calls if name == "multi"]
-    assert any(sorted(v)[-2] > 1 for v in batch), "A and B were not prefilled in one step"
-    assert any(v.count(1) >= 2 and sum(n > 1 for n in v) >= 1 for v in batch), "C and D did not prefill beside decoding"
-    e_first = prompts["E"][:engine.single.chunk]
-    assert any(name == "single" and width == len(e_first) > 1 for name, width, _ in calls), "E did not prefill alone"
+    first = {k: p[:engine.single.chunk] for k, p in prompts.items()}
+    assert any(name == "multi" and first["A"] in rows and first["B"] in rows for name, rows in calls), calls
+    together = [rows for name, rows in calls if name == "multi" and first["C"] in rows and first["D"] in rows]
+    assert together and sorted(map(len, together[0])) == [1, 1, 1, len(first["C"])], calls  # D, A, B and C
+    assert ("single", [first["E"]]) in calls, calls
 
 
 def test_stream_interval_joins_pieces_and_loses_nothing(bundle):

@@ -284,9 +284,10 @@ class Engine:
         return (self.multi, run.row) if run.batched else (self.single, 0)
 
     def _arrange(self, lead: _Run | None, rest: list[_Run]) -> None:
-        """Give `lead` the batch-1 session and each of `rest` a row of the batch session. A session
-        that no run holds is reset first, so that its cache is read at the length its runs need."""
-        if rest and not any(r.batched for r in self._runs):
+        """Give `lead` the batch-1 session and each of `rest` a row of the batch session. A bundle's
+        session that no run holds is reset first, so that its cache is read (all S slots it has grown
+        to, runtime/session.py) at the length its new runs need, not at that of the longest before."""
+        if rest and not any(r.batched for r in self._runs) and getattr(self.multi, "slots", 0):
             self.multi.reset()
         for run in rest:  # first, so that the batch-1 session is free before `lead` enters it
             if not run.batched:
@@ -304,8 +305,8 @@ class Engine:
             state, run.start = run.start, None
         else:
             state = capture(*self._where(run), TokenHistory.of(run.fed, self.window))
-        if row < 0:
-            self.single.reset()
+        if row < 0 and getattr(self.single, "slots", 0):
+            self.single.reset()  # it holds no other run
         restore(self.single if row < 0 else self.multi, max(row, 0), state)
         run.row = row
 
