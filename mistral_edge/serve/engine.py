@@ -210,21 +210,26 @@ class Engine:
         self._runs.append(_Run(job, self.tokenizer, fed, Sampler(job.sampling), state or self._empty))
 
     def _step(self) -> None:
-        """One turn's steps. Two or more prompts to prefill: everything in one batch-session step
-        (a prefill step of B rows costs the same whichever rows are padding, so the decoding rows
-        take their token in it too). One prompt: its chunk in the batch-1 session, then a decode
-        step for the others in the batch session. A request alone: the batch-1 session."""
+        """One turn's steps. Prompts still prefilling in more than half the rows: everything in one
+        batch-session step, each prompt its next chunk and each decoding row its next token. Fewer:
+        the oldest prompt's chunk in the batch-1 session, then a step of the batch session in which
+        the decoding rows take a token and the other prompts wait. A request alone: the batch-1
+        session. Why half: a batch step computes all B rows at the longest row's width, padding
+        included, and on the CPU it costs about as much as B / 2 one-prompt steps (docs/serve.md)."""
         prompts = [r for r in self._runs if r.todo]
         if self.multi is None or len(self._runs) == 1:
             lead = self._runs[0]
+        elif 2 * len(prompts) > self.multi.batch:
+            lead = None
         else:
-            lead = prompts[0] if len(prompts) == 1 else None
+            lead = prompts[0] if prompts else None
         rest = [r for r in self._runs if r is not lead]
         self._arrange(lead, rest)
         if lead is not None:
             self._feed(self.single, [lead])
-        if rest:
-            self._feed(self.multi, rest)
+        batched = rest if lead is None else [r for r in rest if not r.todo]
+        if batched:
+            self._feed(self.multi, batched)
 
     def _feed(self, session, runs: list[_Run]) -> None:
         """One step of `session` in which each of `runs` (its rows) feeds its next piece; the other
