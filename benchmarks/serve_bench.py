@@ -227,6 +227,8 @@ def main() -> None:
             report[f"{name}_concurrency_speedup"] = round(many / one, 2)
             report[f"{name}_concurrency_speedup_paired"] = round(_median(
                 [m / o for m, o in zip(runs[f"{name}_{args.clients}_clients"], runs[f"{name}_1_client"])]), 2)
+            health = httpx.get(urls[name] + "/health", timeout=30).json()  # how the engine served them
+            report[f"{name}_engine"] = {k: health.get(k) for k in ("batched_steps", "batched_prefills")}
         if args.no_turns:
             report["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             return print(json.dumps(report, indent=1))
