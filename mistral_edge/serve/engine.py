@@ -1,15 +1,16 @@
 """The server's generation engine: one worker thread, a bounded queue, batched decode and prefill, cached conversations.
 
 Two sessions share the work: a batch-1 session and a batch-B one. Each loop turn takes every
-waiting request there is a row for and then steps: prompts that are still prefilling go through
-one batch-B step together, padded to the longest chunk (the graph's per-row valid lengths), and
-rows that are decoding feed their next token in the same step as one valid token of it; a lone
-prompt prefills in the batch-1 session, one chunk a turn, while the others decode beside it in
-the batch-B session; a request running alone decodes in the batch-1 session, which costs less
-per token. A request moves between the sessions as a SessionState (snapshot.py), which is also
-what a finished chat leaves in the conversation cache: a later request whose tokens extend a
-cached conversation restores it and prefills only the new tokens. Requests beyond B running and
-`queue` waiting are refused (Busy), never parked.
+waiting request there is a row for and then steps (_step): when prompts still prefilling hold more
+than half the rows, they go through one batch-B step together, padded to the longest chunk (the
+graph's per-row valid lengths), and rows that are decoding feed their next token in the same step
+as one valid token of it; otherwise the oldest prompt prefills in the batch-1 session, one chunk a
+turn, while the decoding rows take a token each in a batch-B step beside it; a request running
+alone decodes in the batch-1 session, which costs less per token. A request moves between the
+sessions as a SessionState (snapshot.py), which is also what a finished chat leaves in the
+conversation cache: a later request whose tokens extend a cached conversation restores it and
+prefills only the new tokens. Requests beyond B running and `queue` waiting are refused (Busy),
+never parked.
 """
 
 from __future__ import annotations
