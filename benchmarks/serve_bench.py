@@ -1,5 +1,5 @@
 """Serving against direct generation on one bundle: decode tok/s for one client, aggregate tok/s for
-several concurrent clients, raw batched-step cost, and time to first token on a late conversation turn
+several concurrent clients, raw batched decode and prefill step costs, and time to first token on a late conversation turn
 with and without the conversation cache.
 
     PYTHONPATH=$PWD python3 benchmarks/serve_bench.py --bundle /tmp/demo-cpu --threads 2
@@ -77,6 +77,24 @@ def batched_steps(bundle: Bundle, threads: int, batch: int, steps: int = 32, rep
             wall, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
             old = best.get(b, (wall, cpu))
             best[b] = (min(old[0], wall), min(old[1], cpu))
+    return best
+
+
+def prefill_steps(bundle: Bundle, threads: int, batch: int, lengths=(40, 128), repeats: int = 3) -> dict:
+    """Wall seconds of one prefill step of P tokens from position 0, best of `repeats` interleaved: one
+    prompt in a batch-1 session ("1xP"), `batch` prompts in one batch step ("BxP"), and one prompt beside
+    batch - 1 rows that feed one token each ("BxP mixed": what a decoding row costs in a prefill step)."""
+    sessions = {b: bundle.session(threads=threads, batch=b) for b in (1, batch)}
+    shapes = [(f"{b}x{p}{' mixed' if mixed else ''}", b, p, [p] + [1 if mixed else p] * (b - 1))
+              for p in lengths for b, mixed in ((1, False), (batch, False), (batch, True))]
+    best: dict = {}
+    for _ in range(repeats):
+        for name, b, p, valid in shapes:
+            s = sessions[b]
+            s.reset()
+            t0 = time.perf_counter()
+            s.step(np.ones((b, p), np.int64), np.asarray(valid))
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
     return best
 
 
@@ -174,6 +192,10 @@ def main() -> None:
     report["step_wall_cpu_s"] = {str(b): [round(t, 5) for t in s] for b, s in steps.items()}
     report["batch_step_speedup_wall"] = round(args.clients * steps[1][0] / steps[args.clients][0], 2)
     report["batch_step_speedup_cpu"] = round(args.clients * steps[1][1] / steps[args.clients][1], 2)
+    prefill = prefill_steps(bundle, args.threads, args.clients)
+    report["prefill_step_s"] = {k: round(t, 4) for k, t in prefill.items()}
+    report["batched_prefill_speedup"] = {p: round(args.clients * prefill[f"1x{p}"] / prefill[f"{args.clients}x{p}"], 2)
+                                         for p in (40, 128)}
     if args.steps_only:
         return print(json.dumps(report, indent=1))
 
@@ -183,13 +205,16 @@ def main() -> None:
             urls["before"] = stack.enter_context(server(args.bundle, args.threads, "--batch", str(args.clients),
                                                         source=args.before))
         runs: dict[str, list[float]] = {}
+        loads = []
         for r in range(args.repeats):  # alternating rounds, so load changes hit every side alike
+            loads.append(round(os.getloadavg()[0], 2))
             runs.setdefault("direct", []).append(direct_decode(bundle, args.threads, args.tokens, 1))
             for name, url in urls.items():
                 runs.setdefault(name, []).append(served_decode(url, args.tokens))
                 runs.setdefault(f"{name}_1_client", []).append(concurrent(url, 1, args.tokens, r))
                 runs.setdefault(f"{name}_{args.clients}_clients", []).append(concurrent(url, args.clients, args.tokens, r))
         report["rounds"] = {k: [round(x, 2) for x in v] for k, v in runs.items()}
+        report["load_1min_at_each_round"] = loads
         direct = _median(runs["direct"])
         report["direct_decode_tok_s"] = round(direct, 2)
         for name in urls:
@@ -202,6 +227,8 @@ def main() -> None:
             report[f"{name}_concurrency_speedup"] = round(many / one, 2)
             report[f"{name}_concurrency_speedup_paired"] = round(_median(
                 [m / o for m, o in zip(runs[f"{name}_{args.clients}_clients"], runs[f"{name}_1_client"])]), 2)
+            health = httpx.get(urls[name] + "/health", timeout=30).json()  # how the engine served them
+            report[f"{name}_engine"] = {k: health.get(k) for k in ("batched_steps", "batched_prefills")}
         if args.no_turns:
             report["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             return print(json.dumps(report, indent=1))

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -79,7 +80,7 @@ class Live:
 
 @contextlib.contextmanager
 def _cli_server(*args):
-    """`mistral-edge serve ARGS` on a free loopback port; an openai client on it."""
+    """`mistral-edge serve ARGS` on a free loopback port: (an openai client on it, the line it starts with)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,7 +96,8 @@ def _cli_server(*args):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        banner = next(line for line in proc.stderr if line.startswith("serving "))  # written before it listens
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT), banner
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -417,7 +419,7 @@ def test_cli_serve_starts_and_refuses_bad_arguments(bundle):
                            capture_output=True, text=True, timeout=TIMEOUT)
         taken = f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"
         assert r.returncode == 1 and r.stderr.strip() == taken
-    with _cli_server("--bundle", str(bundle.path), "--batch", "1") as client:
+    with _cli_server("--bundle", str(bundle.path), "--batch", "1") as (client, _):
         r = client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert r.object == "text_completion" and r.usage.completion_tokens >= 1
 
@@ -527,6 +529,7 @@ def test_moderation_judges_the_last_user_turn(bundle, guarded, monkeypatch):
     (["--refusal", "No."], "--refusal applies with --moderate"),
     (["--model", "x"], "--model cannot be used with --backend onnx: a bundle brings its own model and window"),
     (["--chunk", "4"], "--chunk applies to --model; a bundle serves with its export's chunk"),
+    (["--quant", "int8"], "--quant applies to --backend torch; a bundle's quantization is chosen at export"),
 ])
 def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
     r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", "1", *args],
@@ -535,7 +538,7 @@ def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
 
 
 def test_cli_serve_moderates_with_the_configured_refusal(bundle):
-    with _cli_server("--bundle", str(bundle.path), "--moderate", "input", "--refusal", "Nope.") as client:
+    with _cli_server("--bundle", str(bundle.path), "--moderate", "input", "--refusal", "Nope.") as (client, _):
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Nope.", "content_filter")
 
@@ -597,39 +600,124 @@ def test_served_checkpoint_batches_and_reuses_on_the_torch_backend(reference):
     assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(second, gen.tokenizer), 6)[1]
 
 
-def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference):
-    _, gen, fmt = reference
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference, quant):
+    """`serve --model` answers as direct torch generation does; with `--quant` (generate's option),
+    as direct generation on the model quantized the same way."""
+    from mistral_edge.cli.generate import RunOptions, open_checkpoint
+
+    gen, fmt = reference[1:] if quant is None else open_checkpoint(RunOptions(model=str(checkpoint), quant=quant))[:2]
     messages = [{"role": "user", "content": "hi"}]
-    with _cli_server("--model", str(checkpoint), "--batch", "1") as client:
+    with _cli_server("--model", str(checkpoint), "--batch", "1", *(["--quant", quant] if quant else [])) as (client, banner):
         assert [m.id for m in client.models.list()] == ["tiny-hf"]
         r = client.chat.completions.create(model="tiny-hf", messages=messages, max_tokens=6)
     assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(messages, gen.tokenizer), 6)[1]
+    assert f"(torch{' ' + quant if quant else ''} backend, batch 1," in banner
 
 
-def test_requests_arriving_together_fill_the_batch_before_it_decodes(bundle):
-    """Two requests queued at once on a batch-2 engine: both prompts are prefilled before the first
-    decode step, which then serves both rows (no step with one busy row of two)."""
-    engine = Engine(bundle, EngineConfig(batch=2, queue=4, max_tokens=8))
+def _spy(engine) -> list[tuple[str, list[list[int]]]]:
+    """Record the steps of an engine's sessions: (which session, the tokens each row fed: [] for none)."""
     calls = []
     for name in ("single", "multi"):
         session = getattr(engine, name)
 
         def step(tokens, valid_lens=None, all_logits=False, real=session.step, name=name):
-            calls.append((name, tokens.shape[1], None if valid_lens is None else int(sum(valid_lens))))
+            calls.append((name, [[int(t) for t in row[:n]] for row, n in zip(tokens, valid_lens)]))
             return real(tokens, valid_lens, all_logits)
 
         session.step = step
+    return calls
+
+
+def test_requests_arriving_together_prefill_together(bundle):
+    """Two requests queued at once on a batch-2 engine: one batch step prefills both prompts (padded
+    to the longer), and the first decode step serves both rows."""
+    engine = Engine(bundle, EngineConfig(batch=2, queue=4, max_tokens=8))
+    calls = _spy(engine)
+    prompts = [bundle.tokenizer().encode(p) for p in ("first prompt", "a second one")]
+    assert len(prompts[0]) != len(prompts[1]) and max(map(len, prompts)) <= engine.single.chunk
     try:
         done = [threading.Event(), threading.Event()]
         with engine._lock:  # the worker sees both at once
-            for i, prompt in enumerate(["first prompt", "second prompt"]):
-                engine.submit(Job(bundle.tokenizer().encode(prompt), 4, SamplingParams(),
-                                  lambda kind, *rest, i=i: kind != "text" and done[i].set()))
+            for i, ids in enumerate(prompts):
+                engine.submit(Job(ids, 4, SamplingParams(), lambda kind, *rest, i=i: kind != "text" and done[i].set()))
         assert all(d.wait(TIMEOUT) for d in done)
     finally:
         engine.close()
-    decodes = [c for c in calls if c[1] == 1]
-    assert decodes[0] == ("multi", 1, 2), calls
+    assert calls[0] == ("multi", prompts), calls
+    assert [len(row) for row in calls[1][1]] == [1, 1] and calls[1][0] == "multi", calls
+    assert engine.batched_prefills == 1
+
+
+class _Recorder:
+    """A logits processor that changes nothing: it records the tokens its request samples and, at
+    its `hold`-th token, holds the engine's worker (which calls it) until `go` is set."""
+
+    def __init__(self, hold: int = 0):
+        self.ids, self.hold = [], hold
+        self.held, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, logits):
+        return logits
+
+    def accept(self, token: int) -> bool:
+        self.ids.append(token)
+        if len(self.ids) == self.hold:
+            self.held.set()
+            self.go.wait(TIMEOUT)
+        return True
+
+
+def _greedy(session, ids: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `ids` on a fresh batch-1 session, EOS or not: what the request gets alone."""
+    session.reset()
+    gen = Generator(session, None)
+    logits, out = gen.prefill(ids), []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = session.step(np.asarray([[out[-1]]], np.int64))[0, -1]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, reference, backend):
+    """On a batch-4 engine A (3 tokens) runs alone; B, C and D (12, 7 and 1 tokens) arrive while it
+    decodes, and one batch step prefills them while A takes a token in it; E waits for a free row and
+    prefills alone, in the batch-1 session, while the others decode (so do B's and C's later chunks,
+    once fewer than half the rows prefill). Every request's greedy tokens equal its tokens alone."""
+    from mistral_edge.cli.serve import Reference
+
+    source = bundle if backend == "onnx" else Reference(reference[1].session, reference[1].tokenizer)
+    engine = Engine(source, EngineConfig(batch=4, queue=4, max_tokens=64))
+    engine.stops = set()  # every request runs to its max_tokens
+    calls = _spy(engine)
+    lengths, budgets = {"A": 3, "B": 12, "C": 7, "D": 1, "E": 9}, {"A": 24, "B": 20, "C": 4, "D": 8, "E": 6}
+    prompts = {k: [200 + 17 * i + 5 * n for i in range(n)] for k, n in lengths.items()}
+    record = {k: _Recorder(hold=3 if k == "A" else 0) for k in prompts}
+    done = {k: threading.Event() for k in prompts}
+
+    def submit(*names):
+        with engine._lock:  # the worker takes them in one turn
+            for k in names:
+                engine.submit(Job(prompts[k], budgets[k], SamplingParams(),
+                                  lambda kind, *rest, k=k: kind != "text" and done[k].set(), processor=record[k]))
+
+    try:
+        submit("A")
+        assert record["A"].held.wait(TIMEOUT)  # the worker is held inside A's third token
+        submit("B", "C", "D", "E")
+        record["A"].go.set()
+        assert all(d.wait(TIMEOUT) for d in done.values())
+        alone = source.session()
+        assert {k: r.ids for k, r in record.items()} == {k: _greedy(alone, prompts[k], budgets[k]) for k in prompts}
+    finally:
+        record["A"].go.set()
+        engine.close()
+    first = {k: p[:engine.single.chunk] for k, p in prompts.items()}
+    together = [rows for name, rows in calls if name == "multi" and first["B"] in rows]
+    assert together and sorted(together[0]) == sorted([first["B"], first["C"], first["D"], [record["A"].ids[2]]])
+    assert ("single", [first["E"]]) in calls, calls
+    assert engine.batched_prefills >= 1
 
 
 def test_stream_interval_joins_pieces_and_loses_nothing(bundle):

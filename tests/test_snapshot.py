@@ -1,4 +1,5 @@
-"""Session snapshots: resume continues exactly, the size stops at W, and foreign or damaged files are refused."""
+"""Session snapshots: resume continues exactly, the size stops at W, and foreign or damaged files are refused
+(for bundles, and for checkpoints on the torch backend)."""
 
 import subprocess
 import sys
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 
 from mistral_edge.chat_format import PLAIN_TEMPLATE, ChatFormat
+from mistral_edge.cli.generate import RunOptions, open_checkpoint
 from mistral_edge.errors import EdgeError
+from mistral_edge.model.torch_session import TorchSession, model_identity
 from mistral_edge.runtime.chat import ChatEngine
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.generate import GenerationConfig, Generator
@@ -16,9 +19,10 @@ from mistral_edge.serve import snapshot
 from mistral_edge.serve.snapshot import (BLOCK, TokenHistory, bundle_identity, capture, load, restore,
                                          restore_sampler, resume_chat, resume_session, sampler_state, save, save_chat,
                                          save_session)
-from helpers import W, write_tiny_bundle
+from helpers import SPM_V1, W, tiny_hf_mistral, write_tiny_bundle, write_tiny_hf_dir
 
 CFG = GenerationConfig(max_new_tokens=12)
+CLI = [sys.executable, "-c", "from mistral_edge.cli.main import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,28 @@ def bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "b"
     write_tiny_bundle(out)
     return Bundle.open(out)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("hf") / "tiny-hf", window=W)
+
+
+def _torch(checkpoint, **options) -> Generator:
+    """A batch-1 Generator on the checkpoint's torch backend, as `chat --model` opens it."""
+    return open_checkpoint(RunOptions(model=str(checkpoint), **options))[0]
+
+
+@pytest.fixture(params=["bundle", "model", "model-bf16"])
+def source(request):
+    """What a snapshot belongs to: (its identity, a maker of fresh batch-1 sessions, the tokenizer), for the
+    bundle, or the checkpoint on the torch backend (fp32, or bf16: its cache travels as bit patterns)."""
+    if request.param == "bundle":
+        b = request.getfixturevalue("bundle")
+        return bundle_identity(b), b.session, b.tokenizer()
+    gen = _torch(request.getfixturevalue("checkpoint"), dtype="bf16" if request.param.endswith("bf16") else None)
+    s = gen.session
+    return model_identity(s.model), lambda: TorchSession(s.model, s.window, s.chunk), gen.tokenizer
 
 
 def _turn(gen: Generator, ids: list[int], fed: list[int]) -> list[int]:
@@ -36,17 +62,17 @@ def _turn(gen: Generator, ids: list[int], fed: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("first_turn", [7, 23])  # the history stays inside W, or passes it
-def test_resumed_session_continues_like_an_uninterrupted_one(bundle, tmp_path, first_turn):
-    tok = bundle.tokenizer()
-    gen, fed = Generator(bundle.session(), tok), []
+def test_resumed_session_continues_like_an_uninterrupted_one(source, tmp_path, first_turn):
+    identity, session, tok = source
+    gen, fed = Generator(session(), tok), []
     _turn(gen, list(range(100, 100 + first_turn)), fed)
     path = tmp_path / "chat.snap"
-    save_session(path, bundle, gen.session, fed)
+    save_session(path, identity, gen.session, fed)
     second = list(range(300, 309))
     expected = _turn(gen, second, list(fed))
 
-    resumed = Generator(bundle.session(), tok)
-    state = resume_session(path, bundle, resumed.session)
+    resumed = Generator(session(), tok)
+    state = resume_session(path, identity, resumed.session)
     assert state.history.count == len(fed) == resumed.session.positions[0]
     assert state.history.tail == tuple(fed[-state.history.keep:])
     assert _turn(resumed, second, list(fed)) == expected and expected
@@ -60,7 +86,7 @@ def test_snapshot_size_stops_growing_at_the_window(bundle, tmp_path):
         ids = [5 + i % 50 for i in range(n)]
         for i in ids:
             session.step(np.asarray([[i]]))
-        sizes[n] = save_session(tmp_path / f"{n}.snap", bundle, session, ids)
+        sizes[n] = save_session(tmp_path / f"{n}.snap", bundle_identity(bundle), session, ids)
     assert sizes[5 * W] == sizes[6 * W + 7] == sizes[40 * W] > sizes[W // 2]
 
 
@@ -94,7 +120,7 @@ def saved(bundle, tmp_path):
     for s in range(0, len(ids), 5):
         session.step(np.asarray([ids[s:s + 5]]))
     path = tmp_path / "s.snap"
-    save_session(path, bundle, session, ids)
+    save_session(path, bundle_identity(bundle), session, ids)
     return path
 
 
@@ -108,7 +134,7 @@ def test_tampered_snapshot_refused(bundle, saved):
     size = saved.stat().st_size
     _damage(saved, size - 100)  # one cache byte
     with pytest.raises(EdgeError, match=r"damaged snapshot \(checksum mismatch\)$"):
-        resume_session(saved, bundle, bundle.session())
+        resume_session(saved, bundle_identity(bundle), bundle.session())
 
 
 @pytest.mark.parametrize("how, message", [
@@ -131,7 +157,7 @@ def test_damaged_snapshot_refused_in_one_line(bundle, saved, how, message):
     else:
         saved.write_bytes(b"")
     with pytest.raises(EdgeError, match=message) as e:
-        resume_session(saved, bundle, bundle.session())
+        resume_session(saved, bundle_identity(bundle), bundle.session())
     assert "\n" not in str(e.value)
 
 
@@ -144,7 +170,7 @@ def test_forged_snapshot_with_a_valid_checksum_is_checked_too(bundle, saved):
     data[tail_at:tail_at + 8] = (10**9).to_bytes(8, "little")
     saved.write_bytes(bytes(data) + hashlib.sha256(data).digest())
     with pytest.raises(EdgeError, match="token ids outside the vocabulary"):
-        resume_session(saved, bundle, bundle.session())
+        resume_session(saved, bundle_identity(bundle), bundle.session())
 
 
 def test_snapshot_of_another_bundle_refused(bundle, saved, tmp_path):
@@ -152,6 +178,28 @@ def test_snapshot_of_another_bundle_refused(bundle, saved, tmp_path):
         load(saved, bundle.session(), "0" * 64)
     with pytest.raises(EdgeError, match="cannot read snapshot"):
         load(tmp_path / "absent.snap", bundle.session(), "0" * 64)
+
+
+def test_torch_snapshot_of_another_model_or_tampered_is_refused(checkpoint, tmp_path):
+    """The identity tells the checkpoint as loaded: the same one again matches; another checkpoint, or the
+    same one quantized (its cache is another model's), is refused in one line; so is a damaged file."""
+    session = _torch(checkpoint).session
+    session.step(np.asarray([[5, 6, 7, 8]]))
+    path = tmp_path / "t.snap"
+    save_session(path, model_identity(session.model), session, [5, 6, 7, 8])
+    again = _torch(checkpoint).session
+    resume_session(path, model_identity(again.model), again)
+    assert int(again.positions[0]) == 4
+    other_dir = tmp_path / "other"
+    tiny_hf_mistral(window=W, vocab=32000, dim=64, seed=1).save_pretrained(other_dir)
+    (other_dir / "tokenizer.model").write_bytes(SPM_V1.read_bytes())
+    for other in (_torch(other_dir).session, _torch(checkpoint, quant="int8-wo").session):
+        with pytest.raises(EdgeError, match=r"t.snap: snapshot belongs to another model \(identity ") as e:
+            resume_session(path, model_identity(other.model), other)
+        assert "\n" not in str(e.value)
+    _damage(path, path.stat().st_size - 100)
+    with pytest.raises(EdgeError, match=r"damaged snapshot \(checksum mismatch\)$"):
+        resume_session(path, model_identity(again.model), again)
 
 
 def test_save_is_atomic(bundle, saved):
@@ -216,35 +264,46 @@ def test_chat_resumed_from_a_file_answers_like_the_uninterrupted_chat(bundle, tm
     for text in ("Hello, who are you?", "What do you like?"):
         "".join(chat.reply(text, cfg))
     assert chat.generator.session.positions[0] == len(chat.fed) > W  # no turn was re-prefilled from scratch
-    save_chat(tmp_path / "c.snap", bundle, chat)
+    save_chat(tmp_path / "c.snap", bundle_identity(bundle), chat)
     expected = "".join(chat.reply("Tell me a story", cfg))
 
     resumed = ChatEngine(Generator(bundle.session(), tok), lambda m: fmt.encode(m, tok))
-    history = resume_chat(tmp_path / "c.snap", bundle, resumed, fmt)
+    history = resume_chat(tmp_path / "c.snap", bundle_identity(bundle), resumed, fmt)
     assert "".join(resumed.reply("Tell me a story", cfg)) == expected
-    assert save_chat(tmp_path / "d.snap", bundle, resumed, history) > 0  # saving again after a resume
+    assert save_chat(tmp_path / "d.snap", bundle_identity(bundle), resumed, history) > 0  # saving again after a resume
     again = Generator(bundle.session(), tok)
-    state = resume_session(tmp_path / "d.snap", bundle, again.session)
+    state = resume_session(tmp_path / "d.snap", bundle_identity(bundle), again.session)
     assert state.history.count == chat.generator.session.positions[0]
 
 
-def test_chat_command_saves_and_resumes(bundle, tmp_path):
-    """`chat --save` then `chat --resume`: the resumed chat's turn is the uninterrupted chat's turn."""
-    def chat(stdin: str, *args) -> list[str]:
-        code = "from mistral_edge.cli.main import main; main()"
-        r = subprocess.run([sys.executable, "-c", code, "chat", "--bundle", str(bundle.path), "--max-new-tokens", "6",
-                            *map(str, args)], input=stdin, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        return [line for line in r.stdout.split("you> ") if line.startswith("assistant> ")]
+def _chat(source: list[str], stdin: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "chat", *source, "--max-new-tokens", "6", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=120)
 
-    whole = chat("Hello, who are you?\nTell me a story\n")
-    assert chat("Hello, who are you?\n", "--save", tmp_path / "c.snap") == whole[:1]
-    assert chat("Tell me a story\n", "--resume", tmp_path / "c.snap") == whole[1:]
-    r = subprocess.run([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "chat", "--model",
-                        "x", "--save", str(tmp_path / "d.snap")], input="", capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and r.stderr.startswith("error: --save/--resume take a --bundle conversation")
-    r = subprocess.run([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "chat", "--bundle",
-                        str(bundle.path), "--save", str(tmp_path / "no" / "dir" / "c.snap")], input="hi\n",
-                       capture_output=True, text=True, timeout=60)
+
+def _replies(r: subprocess.CompletedProcess) -> list[str]:
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.split("you> ") if line.startswith("assistant> ")]
+
+
+@pytest.mark.parametrize("backend", ["bundle", "model"])
+def test_chat_command_saves_and_resumes(bundle, checkpoint, tmp_path, backend):
+    """`chat --save` then `chat --resume`, on a bundle or with --model (the torch backend): the resumed
+    chat's turn is the uninterrupted chat's turn."""
+    source = ["--bundle", str(bundle.path)] if backend == "bundle" else ["--model", str(checkpoint)]
+    whole = _replies(_chat(source, "Hello, who are you?\nTell me a story\n"))
+    assert _replies(_chat(source, "Hello, who are you?\n", "--save", tmp_path / "c.snap")) == whole[:1]
+    assert _replies(_chat(source, "Tell me a story\n", "--resume", tmp_path / "c.snap")) == whole[1:]
+    if backend == "model":  # the same checkpoint quantized is another model
+        r = _chat(source, "Tell me a story\n", "--quant", "int8-wo", "--resume", tmp_path / "c.snap")
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+        assert "snapshot belongs to another model" in r.stderr and "assistant>" not in r.stdout
+
+
+def test_chat_command_refuses_a_save_it_cannot_make(bundle, tmp_path):
+    source = ["--bundle", str(bundle.path)]
+    r = _chat(source, "", "--moderate", "input", "--save", tmp_path / "d.snap")
+    assert r.returncode == 1 and r.stderr.startswith("error: --save/--resume take a conversation without --moderate")
+    r = _chat(source, "hi\n", "--save", tmp_path / "no" / "dir" / "c.snap")
     assert r.returncode == 1 and r.stderr.startswith("error: --save") and "not a writable directory" in r.stderr
     assert "you>" not in r.stdout  # refused before the conversation, not after it

@@ -23,7 +23,7 @@ from ..runtime.chat import ChatEngine
 from ..runtime.generate import GenerationConfig, Generator
 from ..runtime.moderate import DEFAULT_REFUSAL, MODES, Guard, Moderator
 from ..runtime.sampling import SamplingParams
-from .options import ChunkOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
+from .options import ChunkOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 BACKENDS = ("onnx", "torch")
 REFUSED = 3
@@ -38,9 +38,7 @@ class RunOptions:
     model: ModelOpt = None
     backend: Annotated[Optional[str], typer.Option(
         help="onnx (runs --bundle) or torch (the PyTorch reference on --model); default: onnx with --bundle, else torch")] = None
-    quant: Annotated[Optional[str], typer.Option(
-        "--quant", help="torch backend only: none (default), the layer linears in bitsandbytes int8 (LLM.int8) or "
-                        "nf4, or weight-only int8-wo / int4-wo on PyTorch's own kernels")] = None
+    quant: QuantOpt = None
     device: DeviceOpt = None
     dtype: DtypeOpt = None
     compile: CompileOpt = False
@@ -270,15 +268,15 @@ def generate(
 def chat(
     opts: RunOptions,
     save: Annotated[Optional[Path], typer.Option(
-        help="on exit, save the conversation (cache, positions, history) to this file; a bundle's only")] = None,
+        help="on exit, save the conversation (cache, positions, history) to this file")] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="continue a conversation saved with --save (same bundle)")] = None,
+        help="continue a conversation saved with --save (same bundle, or same --model and --quant)")] = None,
 ) -> None:
     """Interactive multi-turn chat; an empty line or end of input quits."""
     if sys.stdin is None:
         raise EdgeError("standard input is closed")
-    if (save or resume) and (opts.backend != "onnx" or opts.moderate is not None):
-        raise EdgeError("--save/--resume take a --bundle conversation without --moderate "
+    if (save or resume) and opts.moderate is not None:
+        raise EdgeError("--save/--resume take a conversation without --moderate "
                         "(moderation re-feeds every turn, so its cache is no conversation to save)")
     if save is not None and not (save.parent.is_dir() and os.access(save.parent, os.W_OK)):
         raise EdgeError(f"--save {save}: {save.parent} is not a writable directory")  # before the conversation
@@ -287,18 +285,29 @@ def chat(
     cfg = opts.config(defaults)
     guard = _guard(opts, gen, fmt)
     engine = ChatEngine(gen, lambda messages: fmt.encode(messages, gen.tokenizer, guardrail=opts.guardrail))
-    bundle = resumed = None
+    identity = resumed = None
     if save or resume:
-        from ..runtime.bundle import Bundle
         from ..serve.snapshot import resume_chat
 
-        bundle = Bundle.open(opts.bundle, check=False)  # checked (or not) by open_run already
-        resumed = resume_chat(resume, bundle, engine, fmt) if resume else None
+        identity = _snapshot_identity(opts, gen)
+        resumed = resume_chat(resume, identity, engine, fmt) if resume else None
     _chat_loop(out, engine, guard, cfg)
     if save:  # only after a clean end of input: an interrupted turn leaves the cache ahead of the history
         from ..serve.snapshot import save_chat
 
-        save_chat(save, bundle, engine, resumed)
+        save_chat(save, identity, engine, resumed)
+
+
+def _snapshot_identity(opts: RunOptions, gen: Generator) -> str:
+    """What a chat snapshot belongs to: the bundle (its manifest), or the torch backend's model as loaded."""
+    if opts.backend == "torch":
+        from ..model.torch_session import model_identity
+
+        return model_identity(gen.session.model)
+    from ..runtime.bundle import Bundle
+    from ..serve.snapshot import bundle_identity
+
+    return bundle_identity(Bundle.open(opts.bundle, check=False))  # checked (or not) by open_run already
 
 
 def _chat_loop(out, engine: ChatEngine, guard, cfg: GenerationConfig) -> None:

@@ -18,3 +18,6 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="torch backend compute dty
                                                       "cuda, fp32 on cpu)")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the decode and prefill steps "
                                                             "before they are captured (minutes for a 7B)")]
+QuantOpt = Annotated[Optional[str], typer.Option(
+    "--quant", help="torch backend only: none (default), the layer linears in bitsandbytes int8 (LLM.int8) or "
+                    "nf4, or weight-only int8-wo / int4-wo on PyTorch's own kernels")]

@@ -7,6 +7,10 @@ line), the compute dtype, and the quantization of the layer linears.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 import torch
 
@@ -16,6 +20,11 @@ from .reference import ReferenceModel
 DEVICES = ("cpu", "cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 UNQUANTIZED = "none"
+HOST_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+"""The numpy type of a cache row's host copy (session snapshots) per compute dtype: numpy has no bfloat16,
+so a bf16 cache travels as its bit patterns."""
+IDENTITY_BYTES = 64
+"""Leading bytes of each tensor that model_identity hashes, beside every name, shape and dtype."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +78,22 @@ def quantize(model: ReferenceModel, quant: str) -> int:
     return model_bytes(model)
 
 
+def model_identity(model: ReferenceModel) -> str:
+    """A model's identity for session snapshots (a cache is only valid for the model that computed it):
+    the sha256 of its config, compute dtype, and every tensor's name, shape, dtype and first bytes,
+    the quantized linears' tensors included. Hashing only leading bytes keeps it cheap for a 7B;
+    two checkpoints that differ in none of them are taken for one."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
+    h.update(str(model.dtype).encode())
+    tensors = [*model.w.items(), *((f"{name}:{type(m).__name__}.{key}", t) for name, m in model.linears.items()
+                                    for key, t in m.state_dict().items())]
+    for name, t in sorted(tensors, key=lambda item: item[0]):
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        lead = t.detach().reshape(-1)[:max(1, IDENTITY_BYTES // t.element_size())]
+        h.update(lead.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class TorchSession:
     """A runtime.session.Session (as DecoderSession is) computed by the PyTorch reference, eagerly."""
 
@@ -102,3 +127,33 @@ class TorchSession:
         B, C = tokens.shape
         last = (valid - 1).clamp(min=0) if valid is not None else torch.full((B,), C - 1, device=dev)
         return logits[torch.arange(B, device=dev), last][:, None].cpu().numpy()
+
+    # --- a row's cache as host arrays (serve/snapshot.py: moving, caching and saving conversations) ---
+
+    @property
+    def cache_dtype(self) -> np.dtype:
+        return np.dtype(HOST_TYPES[self.model.dtype])
+
+    def cache_names(self) -> list[str]:
+        """The cache tensors' names: key.i, value.i per layer (the sinks, if any, are the first W slots' first ones)."""
+        return [f"{kind}.{i}" for i in range(len(self.cache.k)) for kind in ("key", "value")]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.cache.k, self.cache.v) for t in pair]
+
+    def read_row(self, row: int, slots: int) -> dict[str, np.ndarray]:
+        """Host copies of row `row`'s first `slots` cache slots by name, [Hkv, slots, D] each, in cache_dtype."""
+        bits = self.model.dtype == torch.bfloat16
+        return {name: (t[row, :, :slots].view(torch.int16) if bits else t[row, :, :slots]).cpu().numpy().copy()
+                for name, t in zip(self.cache_names(), self._tensors())}
+
+    def write_row(self, row: int, arrays: dict[str, np.ndarray], position: int) -> None:
+        """Make row `row` hold `arrays` (read_row's) in its first slots, nothing after them, at `position`;
+        the other rows keep theirs."""
+        for name, t in zip(self.cache_names(), self._tensors()):
+            saved = torch.from_numpy(np.ascontiguousarray(arrays[name]))
+            if t.dtype == torch.bfloat16:
+                saved = saved.view(torch.bfloat16)
+            t[row] = 0
+            t[row, :, :saved.shape[1]] = saved.to(t)
+        self.cache.pos[row] = position

@@ -1,11 +1,16 @@
-"""The server's generation engine: one worker thread, a bounded queue, batched decode, cached conversations.
+"""The server's generation engine: one worker thread, a bounded queue, batched decode and prefill, cached conversations.
 
-Two sessions share the work. A batch-1 session prefills each new request (one chunk per loop
-turn, so running requests keep decoding meanwhile) and decodes alone when only one request runs;
-a batch-B session decodes several requests a token each per step. A request moves between them
-as a SessionState (snapshot.py), which is also what a finished chat leaves in the conversation
-cache: a later request whose tokens extend a cached conversation restores it and prefills only
-the new tokens. Requests beyond B running and `queue` waiting are refused (Busy), never parked.
+Two sessions share the work: a batch-1 session and a batch-B one. Each loop turn takes every
+waiting request there is a row for and then steps (_step): when prompts still prefilling hold more
+than half the rows, they go through one batch-B step together, padded to the longest chunk (the
+graph's per-row valid lengths), and rows that are decoding feed their next token in the same step
+as one valid token of it; otherwise the oldest prompt prefills in the batch-1 session, one chunk a
+turn, while the decoding rows take a token each in a batch-B step beside it; a request running
+alone decodes in the batch-1 session, which costs less per token. A request moves between the
+sessions as a SessionState (snapshot.py), which is also what a finished chat leaves in the
+conversation cache: a later request whose tokens extend a cached conversation restores it and
+prefills only the new tokens. Requests beyond B running and `queue` waiting are refused (Busy),
+never parked.
 """
 
 from __future__ import annotations
@@ -88,15 +93,24 @@ class _Text:
 class _Run:
     """A request being served: where its state lives, what it has fed and generated."""
 
-    def __init__(self, job: Job, tokenizer, fed: list[int], sampler: Sampler):
+    def __init__(self, job: Job, tokenizer, fed: list[int], sampler: Sampler, start: SessionState):
         self.job, self.sampler = job, sampler
         self.fed = fed  # tokens in its cache
         self.todo = job.ids[len(fed):]  # prompt tokens still to prefill
         self.cached = len(fed)
         self.generated: list[int] = []
         self.text = _Text(tokenizer, job.stop, continuation=job.processor is not None)
-        self.row = -1  # its row in the batch session, or -1: in the batch-1 session
+        self.start: SessionState | None = start  # the state it begins from, until it is given a place
+        self.row: int | None = None  # its row in the batch session, -1: the batch-1 session, None: no place yet
         self.next = -1  # the sampled token to feed next
+
+    @property
+    def batched(self) -> bool:
+        return self.row is not None and self.row >= 0
+
+    def piece(self, chunk: int) -> list[int]:
+        """What it feeds in the next step: its next prompt chunk, or once prefilled its next token."""
+        return self.todo[:chunk] if self.todo else [self.next]
 
     def usage(self) -> dict:
         n, g = len(self.job.ids), len(self.generated)
@@ -115,15 +129,16 @@ class Engine:
         self.multi = source.session(threads=config.threads, batch=config.batch) if config.batch > 1 else None
         self.window = self.single.window
         self.stops = set(self.tokenizer.eos_ids)
+        self._empty = capture(self.single, 0, TokenHistory.of([], self.window))  # a new conversation's state
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._runs: list[_Run] = []
-        self._prefill: _Run | None = None  # in the batch-1 session, taking its prompt chunk by chunk
+        self._runs: list[_Run] = []  # every request started, prefilling or decoding, oldest first
         self._conversations: OrderedDict[int, SessionState] = OrderedDict()
         self._keys = itertools.count()
         self._closed = False
         self.generated = 0  # tokens generated since start, all requests together
-        self.batched_steps = 0  # decode steps that served several requests at once
+        self.batched_steps = 0  # steps that served several requests at once
+        self.batched_prefills = 0  # steps that prefilled several prompts at once
         self._thread = threading.Thread(target=self._loop, name="mistral-edge-engine", daemon=True)
         self._thread.start()
 
@@ -139,13 +154,13 @@ class Engine:
             self._lock.notify()
 
     def _busy(self) -> bool:
-        return len(self._runs) + (self._prefill is not None) >= self.config.batch
+        return len(self._runs) >= self.config.batch
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": len(self._runs) + (self._prefill is not None), "queued": len(self._waiting),
+            return {"running": len(self._runs), "queued": len(self._waiting),
                     "cached_conversations": len(self._conversations), "generated_tokens": self.generated,
-                    "batched_steps": self.batched_steps}
+                    "batched_steps": self.batched_steps, "batched_prefills": self.batched_prefills}
 
     def close(self) -> None:
         with self._lock:
@@ -158,93 +173,85 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._closed or self._waiting or self._runs or self._prefill):
+                while not (self._closed or self._waiting or self._runs):
                     self._lock.wait()
                 if self._closed:
                     break
-                job = self._waiting.popleft() if self._waiting and self._prefill is None and not self._busy() else None
+                jobs = []  # every waiting request there is a row for: requests arriving together start together
+                while self._waiting and len(self._runs) + len(jobs) < self.config.batch:
+                    jobs.append(self._waiting.popleft())
             try:
-                self._turn(job)
+                self._turn(jobs)
             except Exception as e:  # a failing step must not take the server down with it
-                self._drop_all(first_line(e), [job] if job else [])
+                self._drop_all(first_line(e), jobs)
         self._drop_all("server shutting down", list(self._waiting))
 
     def _drop_all(self, message: str, jobs: list[Job]) -> None:
         """Fail every run (and `jobs`) with `message` and start afresh."""
-        runs = [*self._runs, *([self._prefill] if self._prefill else [])]
-        for job in [r.job for r in runs if r.job not in jobs] + jobs:
+        for job in [r.job for r in self._runs if r.job not in jobs] + jobs:
             job.on_event("error", message)
-        self._runs, self._prefill = [], None
+        self._runs = []
         self.single.reset()
         if self.multi:
             self.multi.reset()
 
-    def _turn(self, job: Job | None) -> None:
+    def _turn(self, jobs: list[Job]) -> None:
         for run in [r for r in self._runs if r.job.cancelled.is_set()]:
             self._finish(run, None)
-        if self._prefill and self._prefill.job.cancelled.is_set():
-            self._prefill = None
-        if job is not None and not job.cancelled.is_set():
-            self._start(job)
-        prefilled = self._prefill is not None and self._prefill_chunk()
-        if self._runs and not (prefilled and self._row_for_next()):
-            self._decode()
-
-    def _row_for_next(self) -> bool:
-        """Whether a waiting request can start now: then a prompt just prefilled waits for it, and
-        the batch fills before it decodes (a step with one busy row of B costs most of a full one)."""
-        with self._lock:
-            return bool(self._waiting) and not self._busy()
+        for job in jobs:
+            if not job.cancelled.is_set():
+                self._start(job)
+        if self._runs:
+            self._step()
 
     def _start(self, job: Job) -> None:
-        """Move a lone decoding run out of the batch-1 session, then restore or reset it for `job`."""
-        for run in self._runs:
-            if run.row < 0:
-                self._move(run, self._free_row())
+        """A run for `job`, from the cached conversation it extends or from nothing (placed by _step)."""
         state = self._lookup(job.ids) if job.reuse else None
-        if state is None:
-            self.single.reset()
-            fed = []
+        fed = list(job.ids[:state.history.count]) if state else []
+        self._runs.append(_Run(job, self.tokenizer, fed, Sampler(job.sampling), state or self._empty))
+
+    def _step(self) -> None:
+        """One turn's steps. Prompts still prefilling in more than half the rows: everything in one
+        batch-session step, each prompt its next chunk and each decoding row its next token. Fewer:
+        the oldest prompt's chunk in the batch-1 session, then a step of the batch session in which
+        the decoding rows take a token and the other prompts wait. A request alone: the batch-1
+        session. Why half: a batch step computes all B rows at the longest row's width, padding
+        included, and on the CPU it costs about as much as B / 2 one-prompt steps (docs/serve.md)."""
+        prompts = [r for r in self._runs if r.todo]
+        if self.multi is None or len(self._runs) == 1:
+            lead = self._runs[0]
+        elif 2 * len(prompts) > self.multi.batch:
+            lead = None
         else:
-            restore(self.single, 0, state)
-            fed = list(job.ids[:state.history.count])
-        self._prefill = _Run(job, self.tokenizer, fed, Sampler(job.sampling))
+            lead = prompts[0] if prompts else None
+        rest = [r for r in self._runs if r is not lead]
+        self._arrange(lead, rest)
+        if lead is not None:
+            self._feed(self.single, [lead])
+        batched = rest if lead is None else [r for r in rest if not r.todo]
+        if batched:
+            self._feed(self.multi, batched)
 
-    def _prefill_chunk(self) -> bool:
-        """Feed the next chunk of the prompt being prefilled; True once it is all in."""
-        run = self._prefill
-        piece, run.todo = run.todo[:self.single.chunk], run.todo[self.single.chunk:]
-        logits = self.single.step(np.asarray([piece], np.int64))[0, -1]
-        run.fed += piece
-        if run.todo:
-            return False
-        self._prefill = None
-        self._runs.append(run)
-        if self.multi is not None and len(self._runs) > 1:
-            self._move(run, self._free_row())
-        self._advance(run, logits)
-        return True
-
-    def _decode(self) -> None:
-        alone = len(self._runs) == 1 and self._runs[0].row < 0
-        if not alone and len(self._runs) == 1 and self._prefill is None:
-            self._move(self._runs[0], -1)  # back to the cheaper batch-1 session
-            alone = True
-        if alone:
-            run = self._runs[0]
-            logits = self.single.step(np.asarray([[run.next]], np.int64))
-            run.fed.append(run.next)
-            self._advance(run, logits[0, -1])
-            return
-        tokens = np.zeros((self.multi.batch, 1), np.int64)
-        valid = np.zeros(self.multi.batch, np.int64)
-        for run in self._runs:
-            tokens[run.row, 0], valid[run.row] = run.next, 1
-            run.fed.append(run.next)
-        logits = self.multi.step(tokens, valid)
-        self.batched_steps += 1
-        for run in list(self._runs):
-            self._advance(run, logits[run.row, -1])
+    def _feed(self, session, runs: list[_Run]) -> None:
+        """One step of `session` in which each of `runs` (its rows) feeds its next piece; the other
+        rows feed nothing (valid length 0: their caches and positions stay as they are)."""
+        pieces = [r.piece(session.chunk) for r in runs]
+        prompts = sum(bool(r.todo) for r in runs)
+        tokens = np.zeros((session.batch, max(map(len, pieces))), np.int64)
+        valid = np.zeros(session.batch, np.int64)
+        for run, piece in zip(runs, pieces):
+            row = max(run.row, 0)
+            tokens[row, :len(piece)], valid[row] = piece, len(piece)
+        logits = session.step(tokens, valid)
+        self.batched_steps += int(len(runs) > 1)
+        self.batched_prefills += int(prompts > 1)
+        for run, piece in zip(runs, pieces):
+            run.fed += piece
+            if run.todo:
+                run.todo = run.todo[len(piece):]
+                if run.todo:
+                    continue
+            self._advance(run, logits[max(run.row, 0), -1])
 
     def _advance(self, run: _Run, logits: np.ndarray) -> None:
         """Sample the next token from `logits` and pass on its text; finish on EOS, a stop string
@@ -274,20 +281,38 @@ class Engine:
         if piece:
             run.job.on_event("text", piece)
         if run.job.reuse and self.config.cache_bytes:
-            session, row = (self.single, 0) if run.row < 0 else (self.multi, run.row)
-            self._keep(capture(session, row, TokenHistory.of(run.fed, self.window)))
+            self._keep(capture(*self._where(run), TokenHistory.of(run.fed, self.window)))
         run.job.on_event("done", reason if not stopped else "stop", run.usage())
 
     # --- moving states between sessions and the conversation cache ---------------------------
 
+    def _where(self, run: _Run) -> tuple:
+        return (self.multi, run.row) if run.batched else (self.single, 0)
+
+    def _arrange(self, lead: _Run | None, rest: list[_Run]) -> None:
+        """Give `lead` the batch-1 session and each of `rest` a row of the batch session. A bundle's
+        session that no run holds is reset first, so that its cache is read (all S slots it has grown
+        to, runtime/session.py) at the length its new runs need, not at that of the longest before."""
+        if rest and not any(r.batched for r in self._runs) and getattr(self.multi, "slots", 0):
+            self.multi.reset()
+        for run in rest:  # first, so that the batch-1 session is free before `lead` enters it
+            if not run.batched:
+                self._move(run, self._free_row())
+        if lead is not None and lead.row != -1:
+            self._move(lead, -1)
+
     def _free_row(self) -> int:
-        taken = {r.row for r in self._runs}
+        taken = {r.row for r in self._runs if r.batched}
         return next(i for i in range(self.multi.batch) if i not in taken)
 
     def _move(self, run: _Run, row: int) -> None:
-        """Carry a run's cache to batch-session row `row`, or to the batch-1 session (row -1)."""
-        src, src_row = (self.single, 0) if run.row < 0 else (self.multi, run.row)
-        state = capture(src, src_row, TokenHistory.of(run.fed, self.window))
+        """Put a run's state in batch-session row `row`, or in the batch-1 session (row -1)."""
+        if run.row is None:
+            state, run.start = run.start, None
+        else:
+            state = capture(*self._where(run), TokenHistory.of(run.fed, self.window))
+        if row < 0 and getattr(self.single, "slots", 0):
+            self.single.reset()  # it holds no other run
         restore(self.single if row < 0 else self.multi, max(row, 0), state)
         run.row = row
 

@@ -10,13 +10,14 @@ full token list, and the chain can be extended after a resume.
 File layout: MAGIC, an 8-byte little-endian header length, the JSON header, the token tail
 (int64), the cache arrays (key.0, value.0, key.1, ... each [Hkv, slots, D]; with attention sinks
 each layer's sink_key.i, sink_value.i [Hkv, sinks, D] follow its ring), then the sha256 of
-everything before it. The header names the bundle (its manifest's sha256); a file from another
-bundle, or one whose checksum fails, is refused with one line.
+everything before it. The header names what computed the cache (its "bundle" field): a bundle's
+manifest sha256, or for the torch backend (`--model`) model_identity's hash of the checkpoint's
+config and tensors; a file from another bundle or model, or one whose checksum fails, is refused
+with one line.
 
 This module reads these DecoderSession internals (to become a public method): `_arrays`
 (the cache buffers by name), `_allocate(slots, keep)`, `positions`, `slots`, `window`, `n_layers`,
-`cache_dtype`; and, to move rows of a TorchSession (`serve --model`), its `cache` (the reference's
-RollingKVCache: `k`, `v`, `pos`). Files are for bundles only.
+`cache_dtype`; a TorchSession's rows go through its `read_row` / `write_row`.
 """
 
 from __future__ import annotations
@@ -139,10 +140,15 @@ def _names(session) -> list[str]:
     return cache_names(session.n_layers, session.sinks)
 
 
-def _tensors(session) -> list[tuple[str, object]]:
-    """A TorchSession's RollingKVCache tensors ([B, Hkv, W, D]; slot p mod W, as the graph's) by name."""
-    cache = session.cache
-    return [(f"{kind}.{i}", t) for i in range(len(cache.k)) for kind, t in (("key", cache.k[i]), ("value", cache.v[i]))]
+def _form(session) -> tuple[list[str], dict]:
+    """A session's cache tensors in file order and the header fields a snapshot must match. A
+    TorchSession keeps its sinks, if any, in the first of its W slots: it has no sink tensors."""
+    if hasattr(session, "_arrays"):
+        return _names(session), _layout(session)
+    c = session.model.cfg
+    return session.cache_names(), {"layers": c.n_layers, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
+                                    "window": session.window, "sinks": session.sinks,
+                                    "dtype": np.dtype(session.cache_dtype).name}
 
 
 def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = None) -> SessionState:
@@ -151,8 +157,7 @@ def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = 
         raise EdgeError(f"session row {row} is at position {int(session.positions[row])}, "
                         f"history has {history.count} tokens")
     if not hasattr(session, "_arrays"):  # a TorchSession: its cache keeps the sinks in its first slots
-        n = min(history.count, session.window)
-        cache = {name: t[row, :, :n].cpu().numpy().copy() for name, t in _tensors(session)}
+        cache = session.read_row(row, min(history.count, session.window))
     else:
         n = min(history.count, session.ring)
         cache = {name: session._arrays[name][row, :, :session.sinks if name.startswith("sink_") else n].copy()
@@ -164,13 +169,7 @@ def restore(session, row: int, state: SessionState) -> None:
     """Put a state into row `row` of a session; other rows keep theirs."""
     n = state.cache["key.0"].shape[1]
     if not hasattr(session, "_arrays"):
-        import torch
-
-        for name, t in _tensors(session):
-            t[row] = 0
-            t[row, :, :n] = torch.from_numpy(state.cache[name]).to(t)
-        session.cache.pos[row] = state.history.count
-        return
+        return session.write_row(row, state.cache, state.history.count)
     if session.slots < n:
         session._allocate(n, keep=session.slots)
     for name in _names(session):
@@ -191,7 +190,8 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     path = Path(path)
     h = state.history
     slots = state.cache["key.0"].shape[1]
-    header = {"format": FORMAT, "bundle": identity, **_layout(session), "count": h.count, "slots": slots,
+    names, layout = _form(session)
+    header = {"format": FORMAT, "bundle": identity, **layout, "count": h.count, "slots": slots,
               "anchor": h.anchor.hex(), "keep": h.keep, "tail": len(h.tail), "sampler": state.sampler}
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % HEADER_PAD)
@@ -203,7 +203,7 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             for part in (MAGIC, struct.pack("<Q", len(blob)), blob, np.asarray(h.tail, "<i8").tobytes(),
-                         *(np.ascontiguousarray(state.cache[n]).tobytes() for n in _names(session))):
+                         *(np.ascontiguousarray(state.cache[n]).tobytes() for n in names)):
                 digest.update(part)
                 f.write(part)
             f.write(digest.digest())
@@ -220,8 +220,11 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
 
 
 def load(path: str | Path, session, identity: str) -> SessionState:
-    """Read a snapshot for `session`'s bundle; a foreign, damaged or malformed file is one EdgeError."""
+    """Read a snapshot for `session`'s bundle or model (`identity`: bundle_identity or
+    model.torch_session.model_identity); a foreign, damaged or malformed file is one EdgeError."""
     path = Path(path)
+    names, layout = _form(session)
+    source = "bundle" if hasattr(session, "_arrays") else "model"
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -233,21 +236,20 @@ def load(path: str | Path, session, identity: str) -> SessionState:
                 raise EdgeError(f"{path}: damaged snapshot (header of {n_header} bytes)")
             blob = f.read(n_header)
             header = _parse_header(path, blob)
-            layout = _layout(session)
             if header["bundle"] != identity:
-                raise EdgeError(f"{path}: snapshot belongs to another bundle (manifest sha256 "
-                                f"{str(header['bundle'])[:12]}..., this bundle's is {identity[:12]}...)")
+                raise EdgeError(f"{path}: snapshot belongs to another {source} (identity "
+                                f"{str(header['bundle'])[:12]}..., this {source}'s is {identity[:12]}...)")
             if {k: header.get(k) for k in layout} != layout:
-                raise EdgeError(f"{path}: snapshot cache layout does not match this bundle's graph")
+                raise EdgeError(f"{path}: snapshot cache layout does not match this {source}'s cache")
             count, slots, keep, n_tail = header["count"], header["slots"], header["keep"], header["tail"]
             window = layout["window"]
-            if not (slots == min(count, window - layout["sinks"]) and BLOCK <= keep <= max(window, BLOCK)
+            ring = window - (layout["sinks"] if any(n.startswith("sink_") for n in names) else 0)
+            if not (slots == min(count, ring) and BLOCK <= keep <= max(window, BLOCK)
                     and n_tail == min(count, keep)):
                 raise EdgeError(f"{path}: damaged snapshot (inconsistent counts)")
-            item = np.dtype(layout["dtype"]).itemsize
-            per = layout["kv_heads"] * slots * layout["head_dim"]
-            per_sink = layout["kv_heads"] * layout["sinks"] * layout["head_dim"]
-            body = 8 * n_tail + 2 * layout["layers"] * (per + per_sink) * item
+            shapes = {n: (layout["kv_heads"], layout["sinks"] if n.startswith("sink_") else slots, layout["head_dim"])
+                      for n in names}
+            body = 8 * n_tail + sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(layout["dtype"]).itemsize
             if size != len(head) + n_header + body + 32:
                 raise EdgeError(f"{path}: damaged snapshot (size {size} bytes, header implies "
                                 f"{len(head) + n_header + body + 32})")
@@ -263,11 +265,9 @@ def load(path: str | Path, session, identity: str) -> SessionState:
     tail = tuple(int(i) for i in tail)
     arrays = np.frombuffer(data, np.dtype(layout["dtype"]).newbyteorder("<"), offset=8 * n_tail)
     cache, start = {}, 0
-    for name in _names(session):
-        n_slots = layout["sinks"] if name.startswith("sink_") else slots
-        size = layout["kv_heads"] * n_slots * layout["head_dim"]
-        cache[name] = arrays[start:start + size].reshape(layout["kv_heads"], n_slots, layout["head_dim"]) \
-            .astype(session.cache_dtype)
+    for name in names:
+        size = int(np.prod(shapes[name]))
+        cache[name] = arrays[start:start + size].reshape(shapes[name]).astype(session.cache_dtype)
         start += size
     history = TokenHistory(count, bytes.fromhex(header["anchor"]), tail, keep)
     return SessionState(cache, history, header["sampler"])
@@ -300,15 +300,15 @@ def _parse_header(path: Path, blob: bytes) -> dict:
     return header
 
 
-def save_session(path: str | Path, bundle, session, fed: list[int], sampler: Sampler | None = None) -> int:
+def save_session(path: str | Path, identity: str, session, fed: list[int], sampler: Sampler | None = None) -> int:
     """`chat --save`: a batch-1 session that has taken the tokens `fed`."""
     state = capture(session, 0, TokenHistory.of(fed, session.window), sampler)
-    return save(path, state, session, bundle_identity(bundle))
+    return save(path, state, session, identity)
 
 
-def resume_session(path: str | Path, bundle, session) -> SessionState:
+def resume_session(path: str | Path, identity: str, session) -> SessionState:
     """`chat --resume`: load a snapshot into a batch-1 session; returns it (history, sampler)."""
-    state = load(path, session, bundle_identity(bundle))
+    state = load(path, session, identity)
     restore(session, 0, state)
     return state
 
@@ -328,11 +328,11 @@ def continuation(fmt, tokenizer, messages: list[dict]) -> list[int]:
     return a[len(a) - n:]
 
 
-def resume_chat(path: str | Path, bundle, engine, fmt) -> TokenHistory:
+def resume_chat(path: str | Path, identity: str, engine, fmt) -> TokenHistory:
     """`chat --resume`: load a snapshot into a ChatEngine's session and make its next turns feed only
     their own tokens (the saved messages are not kept: the cache is the conversation). Sets the
     engine's `messages`, `fed` and `encode_messages`; returns the resumed history for save_chat."""
-    state = resume_session(path, bundle, engine.generator.session)
+    state = resume_session(path, identity, engine.generator.session)
     prefix = list(state.history.tail)
     tokenizer = engine.generator.tokenizer
     engine.messages, engine.fed = [], prefix
@@ -340,11 +340,11 @@ def resume_chat(path: str | Path, bundle, engine, fmt) -> TokenHistory:
     return state.history
 
 
-def save_chat(path: str | Path, bundle, engine, resumed: TokenHistory | None = None) -> int:
+def save_chat(path: str | Path, identity: str, engine, resumed: TokenHistory | None = None) -> int:
     """`chat --save`: a ChatEngine's conversation; `resumed` is what resume_chat returned, if it ran."""
     session = engine.generator.session
     if resumed is None:
         history = TokenHistory.of(engine.fed, session.window)
     else:
         history = resumed.extend(engine.fed[len(resumed.tail):])
-    return save(path, capture(session, 0, history), session, bundle_identity(bundle))
+    return save(path, capture(session, 0, history), session, identity)
