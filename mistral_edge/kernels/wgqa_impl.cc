@@ -119,6 +119,13 @@ template <int L>
 template <int L>
 [[gnu::always_inline]] inline void store(float* p, typename Vec<L>::f v) { std::memcpy(p, &v, sizeof v); }
 
+// n float16 values as float, NATIVE lanes at a time (GCC leaves the plain loop scalar).
+void widen(const half* x, int64_t n, float* y) {
+  int64_t i = 0;
+  for (; i + NATIVE <= n; i += NATIVE) store<NATIVE>(y + i, load<NATIVE>(x + i));
+  for (; i < n; ++i) y[i] = f(x[i]);
+}
+
 // The sum of the lanes by halving (log2 L dependent adds, not L).
 template <int L>
 [[gnu::always_inline]] inline float hsum(typename Vec<L>::f v) {
@@ -312,9 +319,13 @@ void unit(const Problem& p, int64_t u) {
   // int8: the row scales of (ring, overwritten entries, sinks) as float, in score order
   std::vector<float> ks(QUANT<K> ? L : 0), vs(QUANT<K> ? L : 0);
   if constexpr (QUANT<K>) {
-    for (int64_t s = 0; s < S; ++s) ks[s] = f(key.scale[s]), vs[s] = f(value.scale[s]);
-    for (int64_t j = 0; j < C; ++j) ks[S + j] = f(old_k.scale[j]), vs[S + j] = f(old_v.scale[j]);
-    for (int64_t s = 0; s < Ss; ++s) ks[S + C + s] = f(sink_key.scale[s]), vs[S + C + s] = f(sink_value.scale[s]);
+    auto widen_all = [&](const Rows<K>& ring, const Saved<K>& old, const Rows<K>& sinks, float* to) {
+      widen(ring.scale, S, to);
+      widen(old.scale.data(), C, to + S);
+      widen(sinks.scale, Ss, to + S + C);
+    };
+    widen_all(key, old_k, sink_key, ks.data());
+    widen_all(value, old_v, sink_value, vs.data());
   }
   const float* kscale = QUANT<K> ? ks.data() : nullptr;
   // (3) queries of this kv head, rows g-major (r = g C + i), scaled by the tables
