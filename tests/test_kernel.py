@@ -63,20 +63,23 @@ def reference(ck, w, tokens_of, steps, sinks=0, kv_cache=None):
             for i, (c, v) in enumerate(steps)]
 
 
-def assert_same_store(name: str, got: np.ndarray, want: np.ndarray) -> None:
+def assert_same_store(name: str, got: np.ndarray, want: np.ndarray, act: str) -> None:
     """A whole model's cache tensor, kernel against function body. Layer 0 sees the same qkv on both
-    paths, so its int8 codes and scales (and fp16 rows) are equal bit for bit. Deeper layers see qkv
-    that differ in the last bits (the paths sum attention in different orders), so a value whose
-    x / s sits within float rounding of a .5 tie may round to the neighbouring code, and a row
-    maximum at an fp16 rounding boundary to the neighbouring scale: at most one code or one fp16
-    step apart there, and rarely (the op-level test below is exact for every layer's inputs)."""
+    paths, so it is equal bit for bit: fp32 and fp16 rows, int8 codes and scales (the op-level test
+    below is exact for every input). Deeper layers see qkv that differ slightly (the paths sum
+    attention in different orders): in the last float bits under fp32 activations, so a code moves
+    only where x / s sits within float rounding of a .5 tie (rare); by whole fp16 steps under fp16
+    activations, where the attention output's rounding to fp16 goes the other way, so there codes
+    move more often. Either way at most one code apart, and scales one fp16 step."""
     if name.endswith(".0"):
         np.testing.assert_array_equal(got, want, err_msg=name)
     elif want.dtype == np.int8:
-        diff = abs(got.astype(np.int32) - want)
-        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, name
+        moved = abs(got.astype(np.int32) - want)
+        assert moved.max() <= 1 and (moved > 0).mean() < (1e-3 if act == "fp32" else 0.05), name
+    elif name.split(".")[0].endswith("_scale"):
+        np.testing.assert_allclose(got, want, rtol=2 ** -9, atol=0, err_msg=name)
     else:
-        np.testing.assert_allclose(got, want, rtol=2e-3 if want.dtype == np.float16 else 1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got, want, atol=1e-5 if want.dtype == np.float32 else 2e-3, err_msg=name)
 
 
 @pytest.mark.parametrize("w", [16, 80])  # 80 > GROW: the cache has S = 64 < W slots for a while
@@ -109,7 +112,7 @@ def test_kernel_equals_function_body_and_reference(library, tmp_path, w, act, kv
     assert len(want_cache) == 2 * ck.config.n_layers * (2 if sinks else 1) * (2 if kv_cache == "int8" else 1)
     for name, cache in want_cache.items():  # the kernel wrote the bound buffers in place
         assert abs(cache.astype(np.float32)).max() > 0
-        assert_same_store(name, got_cache[name], cache)
+        assert_same_store(name, got_cache[name], cache, act)
     for (chunk, valid), g, f, r in zip(steps, got, want, expected):
         for row, n in enumerate(valid):  # padding positions have no defined logits
             tol = (1e-5 if kv_cache != "int8" else 1e-4) if act == "fp32" else FP16_TOL * abs(f).max()
