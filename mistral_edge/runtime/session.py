@@ -75,11 +75,29 @@ def _register_kernel(so: ort.SessionOptions, mode: str | None, providers: tuple 
     return f"{FUNCTION_BODY} ({reason})"
 
 
-def _kernel_covers(path: str, info: GraphInfo, mode: str | None) -> str:
+def _options(config: SessionConfig) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = config.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in config.entries:
+        so.add_session_config_entry(key, value)
+    return so
+
+
+def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=list(providers))
+    except Exception as e:  # onnxruntime raises several types for unreadable models
+        raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
+
+
+def _kernel_covers(path: str, info: GraphInfo, mode: str | None, loaded: bool = True) -> str:
     """The attention path `_register_kernel` chose, unless the library has no kernel for this graph's
-    (activation, cache) types: then the function body runs, and "on" (which requires the kernel) refuses."""
+    (activation, cache) types (NATIVE_CACHES; `loaded` False: the graph only loaded without the
+    library): then the function body runs, and "on" (which requires the kernel) refuses."""
     pair = (info.activation_dtype, info.kv_cache)
-    if not path.startswith("native kernel") or pair in NATIVE_CACHES:
+    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES):
         return path
     why = f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache"
     if _kernel_mode(mode) == "on":
@@ -130,20 +148,21 @@ ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "
 
 class DecoderSession:
     def __init__(self, model_path: str | Path, batch: int = 1, config: SessionConfig = SessionConfig()):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = config.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key, value in config.entries:
-            so.add_session_config_entry(key, value)
+        so = _options(config)
         path = _register_kernel(so, config.kernel, config.providers)
         try:
-            self.session = ort.InferenceSession(str(model_path), so, providers=list(config.providers))
-        except Exception as e:  # onnxruntime raises several types for unreadable models
-            raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
+            self.session = _open(model_path, so, config.providers)
+            fits = True
+        except EdgeError:
+            if not path.startswith("native kernel"):
+                raise
+            # the library registers the op name for other types (an fp16 cache beside fp32 activations
+            # before its variant existed): ONNX Runtime refuses the node instead of inlining the function
+            self.session = _open(model_path, _options(config), config.providers)
+            fits = False
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = info = GraphInfo.from_metadata(meta, str(model_path))
-        self.attention_path = _kernel_covers(path, info, config.kernel)
+        self.attention_path = _kernel_covers(path, info, config.kernel, fits)
         self.n_layers, self.window, self.vocab_size = info.n_layers, info.window, info.vocab_size
         self.sinks, self.ring = info.sinks, info.ring
         self.chunk = config.chunk or info.chunk
