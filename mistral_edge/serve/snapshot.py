@@ -8,15 +8,17 @@ chain over fixed 64-token blocks, so whether a new request extends it can be che
 full token list, and the chain can be extended after a resume.
 
 File layout: MAGIC, an 8-byte little-endian header length, the JSON header, the token tail
-(int64), the cache arrays (key.0, value.0, key.1, ... each [Hkv, slots, D]; with attention sinks
-each layer's sink_key.i, sink_value.i [Hkv, sinks, D] follow its ring), then the sha256 of
+(int64), the cache arrays in contract.cache_names order, each in its own dtype (key.0, value.0,
+key.1, ... each [Hkv, slots, D]; an int8 cache's key_scale.i, value_scale.i [Hkv, slots, 1]
+float16 after each layer's codes; with attention sinks each layer's sink_ tensors [Hkv, sinks, .]
+follow its ring), then the sha256 of
 everything before it. The header names the bundle (its manifest's sha256); a file from another
 bundle, or one whose checksum fails, is refused with one line.
 
 This module reads these DecoderSession internals (to become a public method): `_arrays`
 (the cache buffers by name), `_allocate(slots, keep)`, `positions`, `slots`, `window`, `n_layers`,
-`cache_dtype`; and, to move rows of a TorchSession (`serve --model`), its `cache` (the reference's
-RollingKVCache: `k`, `v`, `pos`). Files are for bundles only.
+`cache_dtype`, `kv_cache`; and, to move rows of a TorchSession (`serve --model`), its `cache`
+(the reference's RollingKVCache: `k`, `v`, `pos`). Files are for bundles only.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class SessionState:
 
 
 def _names(session) -> list[str]:
-    return cache_names(session.n_layers, session.sinks)
+    return cache_names(session.n_layers, session.sinks, session.kv_cache)
 
 
 def _tensors(session) -> list[tuple[str, object]]:
@@ -244,10 +246,10 @@ def load(path: str | Path, session, identity: str) -> SessionState:
             if not (slots == min(count, window - layout["sinks"]) and BLOCK <= keep <= max(window, BLOCK)
                     and n_tail == min(count, keep)):
                 raise EdgeError(f"{path}: damaged snapshot (inconsistent counts)")
-            item = np.dtype(layout["dtype"]).itemsize
-            per = layout["kv_heads"] * slots * layout["head_dim"]
-            per_sink = layout["kv_heads"] * layout["sinks"] * layout["head_dim"]
-            body = 8 * n_tail + 2 * layout["layers"] * (per + per_sink) * item
+            shapes = {name: (layout["kv_heads"], layout["sinks"] if name.startswith("sink_") else slots,
+                             session._arrays[name].shape[3]) for name in _names(session)}
+            body = 8 * n_tail + sum(int(np.prod(shape)) * session._arrays[name].itemsize
+                                    for name, shape in shapes.items())
             if size != len(head) + n_header + body + 32:
                 raise EdgeError(f"{path}: damaged snapshot (size {size} bytes, header implies "
                                 f"{len(head) + n_header + body + 32})")
@@ -261,14 +263,11 @@ def load(path: str | Path, session, identity: str) -> SessionState:
     if n_tail and not (0 <= tail.min() and tail.max() < session.vocab_size):
         raise EdgeError(f"{path}: damaged snapshot (token ids outside the vocabulary)")
     tail = tuple(int(i) for i in tail)
-    arrays = np.frombuffer(data, np.dtype(layout["dtype"]).newbyteorder("<"), offset=8 * n_tail)
-    cache, start = {}, 0
-    for name in _names(session):
-        n_slots = layout["sinks"] if name.startswith("sink_") else slots
-        size = layout["kv_heads"] * n_slots * layout["head_dim"]
-        cache[name] = arrays[start:start + size].reshape(layout["kv_heads"], n_slots, layout["head_dim"]) \
-            .astype(session.cache_dtype)
-        start += size
+    cache, start = {}, 8 * n_tail
+    for name, shape in shapes.items():  # each tensor in its own dtype (an int8 cache's scales: float16)
+        dtype, n = session._arrays[name].dtype, int(np.prod(shape))
+        cache[name] = np.frombuffer(data, dtype.newbyteorder("<"), n, start).reshape(shape).astype(dtype)
+        start += n * dtype.itemsize
     history = TokenHistory(count, bytes.fromhex(header["anchor"]), tail, keep)
     return SessionState(cache, history, header["sampler"])
 
