@@ -22,6 +22,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from mistral_edge.contract import is_scale
 from mistral_edge.kernels.layer_graph import Layer, bind
 from mistral_edge.model.config import ModelConfig
 from mistral_edge.runtime.bundle import Bundle
@@ -36,7 +37,7 @@ def filled_caches(layer: Layer, slots: int, nodes: int, rng) -> dict[str, np.nda
         for name, a in layer.new_cache(1, slots, f".{i}").items():
             if a.dtype == np.int8:
                 a[...] = rng.integers(-127, 128, a.shape)
-            elif name.split(".")[0].endswith("_scale"):
+            elif is_scale(name):
                 a[...] = rng.uniform(0.01, 0.03, a.shape)
             else:
                 a[...] = rng.standard_normal(a.shape)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mistral_edge import kernels
+from mistral_edge.contract import is_scale
 from mistral_edge.errors import EdgeError
 from mistral_edge.export.onnx_builder import ACTIVATIONS
 from mistral_edge.export.pipeline import export_onnx
@@ -76,7 +77,7 @@ def assert_same_store(name: str, got: np.ndarray, want: np.ndarray, act: str) ->
     elif want.dtype == np.int8:
         moved = abs(got.astype(np.int32) - want)
         assert moved.max() <= 1 and (moved > 0).mean() < (1e-3 if act == "fp32" else 0.05), name
-    elif name.split(".")[0].endswith("_scale"):
+    elif is_scale(name):
         np.testing.assert_allclose(got, want, rtol=2 ** -9, atol=0, err_msg=name)
     else:
         np.testing.assert_allclose(got, want, atol=1e-5 if want.dtype == np.float32 else 2e-3, err_msg=name)

@@ -12,13 +12,10 @@ import numpy as np
 import onnxruntime as ort
 from onnx import FunctionProto, TensorProto, helper
 
-from ..export.attention import DOMAIN, OP, PLAN_INPUTS, SINK_OP, SINK_PLAN_INPUTS, attention_function, attention_plan
+from ..contract import cache_dtype, is_scale, layer_cache_names
+from ..export.attention import DOMAIN, PLAN_INPUTS, SINK_PLAN_INPUTS, attention_function, attention_plan, op_name
 from ..export.onnx_builder import ACTIVATIONS, Builder
 from ..model.config import ModelConfig
-
-CACHE_TYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
-SCALE_TYPE = np.float16  # an int8 cache's per-slot, per-kv-head scale
-INT8_SUFFIX = "Int8Cache"
 
 
 @dataclass(frozen=True)
@@ -33,28 +30,26 @@ class Layer:
 
     @property
     def op(self) -> str:
-        return (SINK_OP if self.sinks else OP) + (INT8_SUFFIX if self.kv_cache == "int8" else "")
+        return op_name(self.sinks, self.kv_cache)
 
     @property
     def caches(self) -> list[str]:
         """Cache tensor names in the op's input order (past_X, present_X)."""
-        kinds = [""] + (["sink_"] if self.sinks else [])
-        scales = ["_scale"] if self.kv_cache == "int8" else []
-        return [f"{k}{x}{s}" for k in kinds for s in ["", *scales] for x in ("key", "value")]
+        return [name.split(".")[0] for name in layer_cache_names(0, self.sinks, self.kv_cache)]
 
     @property
     def plan_inputs(self) -> tuple[str, ...]:
         return PLAN_INPUTS + (SINK_PLAN_INPUTS if self.sinks else ())
 
-    def cache_dtype(self, name: str) -> type:
-        return SCALE_TYPE if name.endswith("_scale") else CACHE_TYPES[self.kv_cache]
+    def cache_dtype(self, name: str) -> np.dtype:
+        return np.dtype(cache_dtype(name, self.kv_cache))
 
     def new_cache(self, batch: int, slots: int, suffix: str = "") -> dict[str, np.ndarray]:
         """Zeroed buffers, as the runtime allocates them; `slots` ring slots, the sinks' own Ss."""
         out = {}
         for name in self.caches:
             n = self.sinks if name.startswith("sink_") else slots
-            d = 1 if name.endswith("_scale") else self.cfg.head_dim
+            d = 1 if is_scale(name) else self.cfg.head_dim
             out[name + suffix] = np.zeros((batch, self.cfg.n_kv_heads, n, d), self.cache_dtype(name))
         return out
 
@@ -71,7 +66,7 @@ class Layer:
         ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "c"] if n == "input_ids" else ["b"])
                for n in ("input_ids", "positions", "valid_lens")]
         ins.append(helper.make_tensor_value_info(
-            "past_key", helper.np_dtype_to_tensor_dtype(np.dtype(self.cache_dtype("key"))),
+            "past_key", helper.np_dtype_to_tensor_dtype(self.cache_dtype("key")),
             ["b", self.cfg.n_kv_heads, "s", self.cfg.head_dim]))
         plan = attention_plan(b, self.cfg, self.window, "past_key", ACTIVATIONS[self.act], self.sinks)
         outs = [helper.make_tensor_value_info(n, self._tensor_type(k), None)
@@ -103,11 +98,11 @@ class Layer:
         outs, graph_nodes = [], []
         for i in range(nodes):
             for name in self.caches:
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.cache_dtype(name)))
+                elem = helper.np_dtype_to_tensor_dtype(self.cache_dtype(name))
                 ins.append(helper.make_tensor_value_info(f"past_{name}.{i}", elem, None))
             outs.append(helper.make_tensor_value_info(f"output.{i}", act, None))
             outs += [helper.make_tensor_value_info(f"present_{n}.{i}", helper.np_dtype_to_tensor_dtype(
-                np.dtype(self.cache_dtype(n))), None) for n in self.caches]
+                self.cache_dtype(n)), None) for n in self.caches]
             graph_nodes.append(helper.make_node(
                 self.op, ["qkv", *(f"past_{n}.{i}" for n in self.caches), *self.plan_inputs],
                 [f"output.{i}", *(f"present_{n}.{i}" for n in self.caches)], domain=DOMAIN))

@@ -8,8 +8,8 @@
 // WindowedGroupQueryAttention and SinkWindowedGroupQueryAttention (two more cache tensors), and
 // float32 or float16 activations over an int8 cache (codes plus one float16 scale per slot and kv
 // head, docs/kernel.md) for WindowedGroupQueryAttentionInt8Cache and
-// SinkWindowedGroupQueryAttentionInt8Cache. A node of any other type finds no kernel and ONNX
-// Runtime inlines the function body as it would without the library.
+// SinkWindowedGroupQueryAttentionInt8Cache. A node of any other pair finds no kernel, and ONNX
+// Runtime refuses it rather than inline the body: runtime/session.py NATIVE_CACHES lists these pairs.
 // Threads: one work unit per (batch row, kv head), run on the session's intra-op pool
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads holds.
 #define ORT_API_MANUAL_INIT

@@ -38,7 +38,7 @@ class SessionConfig:
 
 KERNEL_MODES = ("auto", "on", "off")
 FUNCTION_BODY = "function body"
-NATIVE_CACHES = (("fp32", "fp32"), ("fp16", "fp16"))
+NATIVE_CACHES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "fp16"), ("fp32", "int8"), ("fp16", "int8"))
 """(activation type, cache type) of the graphs the native library has a kernel for (kernels/wgqa.cc);
 a graph of another pair finds no kernel of its types or op name and runs its function body."""
 
