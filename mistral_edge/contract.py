@@ -12,29 +12,72 @@ from dataclasses import dataclass
 
 from .errors import EdgeError
 
-GRAPH_CONTRACT_VERSION = 3
+GRAPH_CONTRACT_VERSION = 4
 """The decoder-step interface version; a runtime refuses any other ("export again")."""
 META_PREFIX = "mistral_edge."
 """Every metadata key the exporter writes starts with this."""
 STEP_INPUTS = ("input_ids", "positions", "valid_lens", "logits_index")
-"""The per-step inputs, in graph order; then past_key.{i} / past_value.{i} per layer."""
+"""The per-step inputs, in graph order; then past_<name> for every `cache_names` name."""
 LOGITS = "logits"
+KV_CACHES = ("fp32", "fp16", "int8")
+"""Storage types of the KV cache (docs/cache.md): float32, float16, or int8 codes with one
+float16 scale per slot and kv head."""
+_FLOATS = {"fp32": "float32", "fp16": "float16"}
 
 
-def layer_cache_names(layer: int, sinks: int = 0) -> list[str]:
-    """'key.i', 'value.i' (and 'sink_key.i', 'sink_value.i' with sinks): the graph has past_<name>
-    inputs and present_<name> outputs."""
-    kinds = ("key", "value") + (("sink_key", "sink_value") if sinks else ())
+def check_kv_cache(kv_cache: str, activations: str) -> None:
+    """The cache types a graph of `activations` may store: its own, fp16, or int8. An fp32 cache
+    under fp16 activations would store values that were never more than fp16."""
+    if kv_cache not in KV_CACHES:
+        raise EdgeError(f"unknown KV cache type {kv_cache!r}; expected one of {', '.join(KV_CACHES)}")
+    if kv_cache == "fp32" and activations == "fp16":
+        raise EdgeError("an fp32 KV cache needs fp32 activations (fp16 ones would be stored widened): "
+                        "use --kv-cache fp16 or int8, or --activations fp32")
+
+
+def layer_cache_names(layer: int, sinks: int = 0, kv_cache: str = "fp32") -> list[str]:
+    """'key.i', 'value.i' (an int8 cache: then 'key_scale.i', 'value_scale.i'), and with sinks the
+    same again prefixed 'sink_': the graph has past_<name> inputs and present_<name> outputs, and
+    its attention node takes them in this order."""
+    kinds = ["key", "value"] + (["key_scale", "value_scale"] if kv_cache == "int8" else [])
+    kinds += [f"sink_{kind}" for kind in kinds] if sinks else []
     return [f"{kind}.{layer}" for kind in kinds]
 
 
-def cache_names(n_layers: int, sinks: int = 0) -> list[str]:
+def cache_names(n_layers: int, sinks: int = 0, kv_cache: str = "fp32") -> list[str]:
     """Every layer's `layer_cache_names`, in layer order."""
-    return [name for i in range(n_layers) for name in layer_cache_names(i, sinks)]
+    return [name for i in range(n_layers) for name in layer_cache_names(i, sinks, kv_cache)]
 
 
-def sink_names(n_layers: int) -> list[str]:
-    return [name for name in cache_names(n_layers, 1) if name.startswith("sink_")]
+def sink_names(n_layers: int, kv_cache: str = "fp32") -> list[str]:
+    return [name for name in cache_names(n_layers, 1, kv_cache) if name.startswith("sink_")]
+
+
+def is_scale(name: str) -> bool:
+    """A cache tensor of int8 scales ([B, Hkv, slots, 1] float16)."""
+    return name.split(".")[0].endswith("_scale")
+
+
+def cache_dtype(name: str, kv_cache: str) -> str:
+    """The numpy dtype name of cache tensor `name` in a `kv_cache` cache."""
+    if kv_cache == "int8":
+        return "float16" if is_scale(name) else "int8"
+    return _FLOATS[kv_cache]
+
+
+def slot_bytes(head_dim: int, kv_cache: str) -> int:
+    """Bytes of one slot of one kv head, for keys or for values: D values (and an int8 slot's scale)."""
+    return head_dim + 2 if kv_cache == "int8" else head_dim * {"fp32": 4, "fp16": 2}[kv_cache]
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One cache tensor as a runtime allocates it: [B, Hkv, slots, width] of `dtype`."""
+
+    name: str  # a cache_names name: past_<name> in, present_<name> out
+    dtype: str  # numpy dtype name: float32, float16 or int8
+    sink: bool  # slots: the S sinks (allocated once); otherwise the ring, grown up to W - S
+    width: int  # head_dim, or 1 for a scale
 
 
 @dataclass(frozen=True)
@@ -47,14 +90,25 @@ class GraphInfo:
     window: int
     chunk: int
     vocab_size: int
-    activation_dtype: str  # "fp32" | "fp16": hidden states and the KV cache
+    activation_dtype: str  # "fp32" | "fp16": hidden states
+    kv_cache: str  # one of KV_CACHES: how every cache tensor stores keys and values
     sinks: int = 0  # attention sinks: cache slots holding positions 0..sinks-1 for ever (< window)
     trained_window: int = 0  # the model's own sliding window; 0: trained with full attention
+
+    def __post_init__(self) -> None:
+        check_kv_cache(self.kv_cache, self.activation_dtype)
 
     @property
     def ring(self) -> int:
         """Slots of the rolling part of the cache (W - sinks): the most a prefill chunk may hold."""
         return self.window - self.sinks
+
+    @property
+    def cache_tensors(self) -> list[CacheTensor]:
+        """Every cache tensor, in `cache_names` order."""
+        return [CacheTensor(name, cache_dtype(name, self.kv_cache), name.startswith("sink_"),
+                            1 if is_scale(name) else self.head_dim)
+                for name in cache_names(self.n_layers, self.sinks, self.kv_cache)]
 
     @property
     def exact(self) -> bool:
@@ -87,6 +141,10 @@ class GraphInfo:
                 values[f.name] = raw
         if values["activation_dtype"] not in ("fp32", "fp16"):
             raise EdgeError(f"{source}: graph activation_dtype is {values['activation_dtype']!r}, expected fp32 or fp16")
+        try:
+            check_kv_cache(values["kv_cache"], values["activation_dtype"])
+        except EdgeError as e:
+            raise EdgeError(f"{source}: graph metadata kv_cache: {e}") from None
         if values["sinks"] >= values["window"] or values["chunk"] > values["window"] - values["sinks"]:
             raise EdgeError(f"{source}: graph metadata sinks {values['sinks']} and chunk {values['chunk']} do not "
                             f"fit the window {values['window']}")

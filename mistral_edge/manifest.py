@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Union
 
+from .contract import KV_CACHES
 from .errors import EdgeError
 from .model.config import ModelConfig
 
@@ -173,6 +174,9 @@ class Manifest:
     memory_budget: BudgetRecord
     files: tuple[FileEntry, ...]  # every file but manifest.json, in path order
     sinks: int = 0  # of the W slots, how many hold the first positions for ever (docs/cache.md)
+    kv_cache: str | None = None
+    """The KV cache's storage (contract.KV_CACHES: fp32, fp16 or int8); None, in a manifest written before
+    graph contract 4, reads as the activation type."""
     manifest_sha256: str | None = dataclasses.field(default=None, compare=False)
     """The digest as read from manifest.json; None for a manifest built in memory (to_json writes the true one)."""
     content_sha256: str | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
@@ -189,6 +193,10 @@ class Manifest:
             raise EdgeError(f"chunk {self.chunk} must be between 1 and the window {self.window} minus its sinks")
         if self.activation_dtype not in ACTIVATION_DTYPES:
             raise EdgeError(f"activation_dtype {self.activation_dtype!r}: expected one of {', '.join(ACTIVATION_DTYPES)}")
+        if self.kv_cache is None:
+            object.__setattr__(self, "kv_cache", self.activation_dtype)
+        if self.kv_cache not in KV_CACHES:  # which types go together is the graph's to say (verify compares)
+            raise EdgeError(f"kv_cache {self.kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths) or MANIFEST in paths:
             raise EdgeError("files lists a path twice, or manifest.json itself")

@@ -53,6 +53,17 @@ def sequences(n: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(0, 128, (length,), generator=g).tolist() for length in lengths]
 
 
+def batched(a: list[int], b: list[int], chunk: int):
+    """(tokens [2, chunk], valid lengths) feeding two rows of different lengths `chunk` at a time,
+    the shorter one padded, then idle (no valid token)."""
+    for s in range(0, len(a), chunk):
+        pieces = [a[s:s + chunk], b[s:s + chunk]]
+        tokens = np.zeros((2, chunk), np.int64)
+        for i, p in enumerate(pieces):
+            tokens[i, :len(p)] = p
+        yield tokens, np.array([len(p) for p in pieces])
+
+
 @pytest.mark.parametrize("sinks", [0, 1, S])
 @pytest.mark.parametrize("chunk", [1, 5, W - S])
 def test_reference_equals_the_dense_pattern_with_batch_and_padding(ck, sinks, chunk):
@@ -61,13 +72,8 @@ def test_reference_equals_the_dense_pattern_with_batch_and_padding(ck, sinks, ch
     ref = ReferenceModel(ck.config, ck.weights)
     cache = ref.new_cache(batch=2, window=W, sinks=sinks)
     got = [[], []]
-    for s in range(0, len(a), chunk):
-        pieces = [a[s:s + chunk], b[s:s + chunk]]
-        tokens = torch.zeros((2, chunk), dtype=torch.long)
-        for i, p in enumerate(pieces):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        valid = torch.tensor([len(p) for p in pieces])
-        logits = ref.forward(tokens, cache, valid)
+    for tokens, valid in batched(a, b, chunk):
+        logits = ref.forward(torch.from_numpy(tokens), cache, torch.from_numpy(valid))
         for i, n in enumerate(valid.tolist()):
             got[i].append(logits[i, :n])
     for seq, rows in zip((a, b), got):
@@ -94,12 +100,7 @@ def test_graph_with_sinks_matches_reference(ck, tmp_path, activations, chunk):
     assert (session.sinks, session.ring) == (S, W - S)
     ref = ReferenceModel(ck.config, ck.weights)
     cache = ref.new_cache(batch=2, window=W, sinks=S)
-    for s in range(0, len(a), chunk):
-        pieces = [a[s:s + chunk], b[s:s + chunk]]
-        tokens = np.zeros((2, chunk), np.int64)
-        for i, p in enumerate(pieces):
-            tokens[i, :len(p)] = p
-        valid = np.array([len(p) for p in pieces])
+    for tokens, valid in batched(a, b, chunk):
         got = session.step(tokens, valid, all_logits=True)
         expected = ref.forward(torch.tensor(tokens), cache, torch.tensor(valid)).numpy()
         for i, n in enumerate(valid):
@@ -153,7 +154,7 @@ def test_graph_metadata_sinks_and_trained_window(ck, tmp_path):
     for bad in ("16", "-1", "x"):
         with pytest.raises(EdgeError, match="sinks"):
             GraphInfo.from_metadata({**meta, "mistral_edge.sinks": bad}, "m")
-    with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 3; export the model again"):
+    with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 4; export the model again"):
         GraphInfo.from_metadata({**meta, "mistral_edge.graph_contract": "2"}, "m")
 
 

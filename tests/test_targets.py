@@ -216,7 +216,7 @@ def test_manifest_round_trip(ck, bundles):
     assert read_manifest(path) == written
     m = json.loads((path / "manifest.json").read_text())  # the JSON format of docs/bundle-format.md
     assert m == written.to_json() and m["manifest_sha256"] == written.digest()
-    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 3 and m["sinks"] == 0
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 4 and m["sinks"] == 0
     assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config
@@ -511,7 +511,8 @@ def test_fifos_are_refused_without_opening(copy_of, cli):
     assert result.returncode == 1 and "manifest.json: not a regular file" in result.stderr
 
 
-NEWER_METADATA = {1: ("activation_dtype", "sinks", "trained_window"), 2: ("sinks", "trained_window")}
+NEWER_METADATA = {1: ("activation_dtype", "sinks", "trained_window", "kv_cache"),
+                  2: ("sinks", "trained_window", "kv_cache"), 3: ("kv_cache",)}
 
 
 def old_contract_bundle(path, version: int = 1):
@@ -529,16 +530,17 @@ def old_contract_bundle(path, version: int = 1):
     def edit(m):
         m["graph_contract"] = version
         m.pop("sinks", None)
+        m.pop("kv_cache", None)
         entry = next(f for f in m["files"] if f["path"] == "model.onnx")
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     edit_manifest(path, edit)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_graph_contracts_say_export_again(copy_of, cli, version):
     path = copy_of("cpu")
     old_contract_bundle(path, version)
-    message = f"model.onnx: graph contract {version}, this runtime runs version 3; export the model again"
+    message = f"model.onnx: graph contract {version}, this runtime runs version 4; export the model again"
     assert verify(path) == [message]
     assert_cli_rejects(cli, path, message)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from ..contract import KV_CACHES
 from ..quantize.spec import EMBEDDING_PRECISIONS, GROUP_SIZES, PRECISIONS, VALID_FORMS, parse_quant
 from ..targets.profiles import TARGETS, get_target
 from ..targets.request import BundleRequest
@@ -25,11 +26,13 @@ def export(
     head: Annotated[Optional[str], typer.Option(help=f"output head precision ({', '.join(PRECISIONS)})")] = None,
     embedding: Annotated[Optional[str], typer.Option(help=f"embedding precision ({', '.join(EMBEDDING_PRECISIONS)})")] = None,
     weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast) or qdq (DequantizeLinear, portable)")] = None,
-    activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states and KV cache (default: the target's: fp16 for gpu and jetson)")] = None,
+    activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states (default: the target's: fp16 for gpu and jetson)")] = None,
     window: WindowOpt = None,
     chunk: ChunkOpt = None,
     sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
                                                       "(default: 4 for a model trained without a window, else 0)")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help=f"KV cache storage: {', '.join(KV_CACHES)} (int8: a scale per "
+                                                         "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
@@ -38,7 +41,8 @@ def export(
     # the whole request is checked before the (slow) checkpoint load
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
-    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks,
+                        kv_cache=kv_cache)
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle
@@ -49,12 +53,13 @@ def export(
     say = lambda line: console.print(line, highlight=False)  # noqa: E731
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(f"exporting {spec.name}, {req.activation_dtype} activations, for {target}", total=None)
+        task = bar.add_task(f"exporting {spec.name}, {req.activation_dtype} activations, {req.kv_cache_type} KV cache, "
+                            f"for {target}", total=None)
         manifest = write_bundle(ck, req, out, log=say, tensor_log=say if verbose else None,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     b = manifest.memory_budget
     console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, sinks={manifest.sinks}, "
-                  f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, "
+                  f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, {manifest.kv_cache} KV cache, "
                   f"weights {b.weight_bytes / 2**20:.1f} MiB, KV cache {b.kv_cache_bytes / 2**20:.1f} MiB, "
                   f"total {b.total_bytes / 2**20:.1f} MiB")
 

@@ -7,7 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from ..contract import attention_note
+from ..contract import KV_CACHES, attention_note
 from ..targets.request import check_window
 from .options import ModelArg, TrustPickleOpt, WindowOpt
 
@@ -17,9 +17,10 @@ def _bytes(n: int) -> str:
 
 
 def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPickleOpt = False) -> None:
-    """Show a model's config, parameter count, weight bytes and KV-cache bytes."""
+    """Show a model's config, parameter count, weight bytes and KV-cache bytes (per cache type)."""
     check_window(window, None)
     from ..model.loaders import load_checkpoint  # torch: only for commands that load checkpoints
+    from ..targets.budget import kv_cache_bytes
 
     ck = load_checkpoint(model, trust_pickle=trust_pickle)
     trained_window = ck.config.sliding_window
@@ -40,10 +41,11 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
     trained, cache = attention_note(trained_window, W)
     table.add_row("trained with", trained)
     table.add_row("attention", cache + ("" if trained_window else "; export adds attention sinks (--sinks)"))
-    for label, size in (("fp32", 4), ("fp16", 2)):
-        table.add_row(f"KV per token {label}", _bytes(cfg.kv_bytes_per_token(size)))
-        table.add_row(f"KV for W={W} {label}" if W else f"KV for window {label}",
-                      _bytes(cfg.kv_bytes_per_token(size) * W) if W else "no window: give --window")
+    for kv_cache in KV_CACHES:  # export --kv-cache: the bytes of one slot of each layer's K and V
+        per_token = kv_cache_bytes(cfg, 1, kv_cache)
+        table.add_row(f"KV per token {kv_cache}", _bytes(per_token))
+        table.add_row(f"KV for W={W} {kv_cache}" if W else f"KV for window {kv_cache}",
+                      _bytes(per_token * W) if W else "no window: give --window")
     console = Console()
     console.print(f"{ck.source} ({ck.source_format})", highlight=False, soft_wrap=True)
     console.print(table)

@@ -1,8 +1,8 @@
 """What `--quants` names, and the cpu-target bundles behind the ONNX rows.
 
 A bundle in --out/bundles/<quant>-w<W> is reused when its manifest matches what
-an export would write now (same source sha256, quant spec, window, chunk, graph
-contract, toolkit version and weight bytes, i.e. the same per-tensor plan), its
+an export would write now (same source sha256, quant spec, window, sinks, KV cache type, chunk,
+graph contract, toolkit version and weight bytes, i.e. the same per-tensor plan), its
 files verify, and the sidecar <quant>-w<W>.code holds the sha256 of the code
 that decides the weights' bytes (export/, quantize/): in a
 development checkout that code changes without a version bump. A calibrated
@@ -40,6 +40,8 @@ CALIBRATIONS = {"awq-gptq": "AWQ scales + GPTQ codes (act-order, static groups)"
 """int4 calibration suffixes (longest first) and their rows' notes (quantize/calibrate.py): AWQ scales
 + GPTQ; GPTQ alone; AWQ scales + activation-weighted search + int8 for the most sensitive linears
 (its note counts them)."""
+KV_SUFFIXES = {"kv8": "int8", "kv16": "fp16"}
+"""A quant's `+kvN` suffix: the variant exports with that KV cache type (export --kv-cache)."""
 TARGET = "cpu"
 VARIANT_RECORD = "variant.json"
 
@@ -49,6 +51,8 @@ class QuantChoice:
     spec: QuantSpec
     calibration: str | None = None
     """A CALIBRATIONS key, or None."""
+    kv_cache: str | None = None
+    """A KV_SUFFIXES value, or None: the target's activation type."""
 
     @property
     def calibrated(self) -> bool:
@@ -56,20 +60,26 @@ class QuantChoice:
 
     @property
     def name(self) -> str:
-        return self.spec.name + (f"-{self.calibration}" if self.calibrated else "")
+        kv = next((f"+{suffix}" for suffix, kv in KV_SUFFIXES.items() if kv == self.kv_cache), "")
+        return self.spec.name + (f"-{self.calibration}" if self.calibrated else "") + kv
 
 
 def parse_quants(text: str) -> list[QuantChoice]:
-    """'fp32,int8,int4-g32-awq,int4-gptq' -> choices in order, duplicates (same canonical name) dropped."""
+    """'fp32,int8,int4-g32-awq,int4-gptq,int4+kv8' -> choices in order, duplicates (same canonical
+    name) dropped."""
     choices: dict[str, QuantChoice] = {}
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        calibration = next((c for c in CALIBRATIONS if item.lower().endswith("-" + c)), None)
-        spec = parse_quant(item[: -len(calibration) - 1] if calibration else item)
+        quant, _, suffix = item.partition("+")
+        if suffix and suffix.lower() not in KV_SUFFIXES:
+            raise EdgeError(f"{item}: unknown suffix +{suffix}; expected "
+                            f"{' or '.join('+' + s for s in KV_SUFFIXES)} (an int8 or fp16 KV cache)")
+        calibration = next((c for c in CALIBRATIONS if quant.lower().endswith("-" + c)), None)
+        spec = parse_quant(quant[: -len(calibration) - 1] if calibration else quant)
         if calibration and spec.bits != 4:
             raise EdgeError(f"{item}: calibration (-{calibration}) applies to int4 only")
-        choice = QuantChoice(spec, calibration)
+        choice = QuantChoice(spec, calibration, KV_SUFFIXES.get(suffix.lower()))
         choices.setdefault(choice.name, choice)
     if not choices:
         raise EdgeError("--quants is empty; e.g. --quants fp32,fp16,int8,int4-g32,int4-g128")
@@ -107,18 +117,19 @@ def export_code_sha256() -> str:
     return h.hexdigest()
 
 
-def expected_manifest(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, source_sha256: str | None,
+def expected_manifest(ck: Checkpoint, req: BundleRequest, window: int, chunk: int, source_sha256: str | None,
                       sinks: int = 0) -> dict:
     """The manifest entries that decide whether an existing bundle is this variant."""
-    return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": spec.name,
-            "window": window, "sinks": sinks, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
-            "weight_bytes": estimate(ck.config, quant_plan(ck.config, spec), window, chunk).weight_bytes}
+    return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
+            "window": window, "sinks": sinks, "kv_cache": req.kv_cache_type, "chunk": chunk,
+            "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), window, chunk).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
     return {"target": m.get("target"), "source": {k: m.get("source", {}).get(k) for k in ("path", "sha256")},
             "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "sinks": m.get("sinks"),
-            "chunk": m.get("chunk"),
+            "kv_cache": m.get("kv_cache"), "chunk": m.get("chunk"),
             "graph_contract": m.get("graph_contract"), "toolkit": m.get("toolkit", {}).get("version"),
             "weight_bytes": m.get("memory_budget", {}).get("weight_bytes")}
 
@@ -128,9 +139,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path,
-                   source_sha256: str | None, log=print, sinks: int = 0) -> Built:
+                   source_sha256: str | None, log=print, sinks: int = 0, kv_cache: str | None = None) -> Built:
     """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
-    expected = expected_manifest(ck, spec, window, chunk, source_sha256, sinks)
+    req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache)
+    expected = expected_manifest(ck, req, window, chunk, source_sha256, sinks)
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
         bundle, reused = Bundle.open(path), True
@@ -140,7 +152,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         stamp.unlink(missing_ok=True)
         if path.exists() and not (path / MANIFEST).is_file():
             shutil.rmtree(path)  # ours (bundles/ belongs to compare), but not a bundle: write_bundle would refuse it
-        write_bundle(ck, BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks), path, log=log)
+        write_bundle(ck, req, path, log=log)
         stamp.write_text(code)
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest.memory_budget
@@ -149,9 +161,11 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
 
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
-                       calibrate: Callable[[], Calibrated], log=print, note: str = "") -> Built:
+                       calibrate: Callable[[], Calibrated], log=print, note: str = "",
+                       kv_cache: str | None = None) -> Built:
     """A calibrated int4 export at `path` (model.onnx + variant.json): not a target bundle, since its
-    per-tensor plan (activation scales, int8 linears) is its own; reused while `key` matches."""
+    per-tensor plan (activation scales, int8 linears) is its own; reused while `key` (which names
+    the KV cache type too) matches."""
     record_path = path / VARIANT_RECORD
     try:
         record = json.loads(record_path.read_text())
@@ -165,8 +179,8 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
             shutil.rmtree(path)
         with atomic_dir(path) as tmp:
             export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=target.fmt,
-                        accuracy_level=target.accuracy_level, plan=cal.plan)
-            budget = estimate(ck.config, cal.plan, window, chunk)
+                        accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache)
+            budget = estimate(ck.config, cal.plan, window, chunk, kv_cache=kv_cache)
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
                       "bits_per_weight": model_bits_per_weight(ck.config, cal.plan), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}

@@ -17,6 +17,12 @@ Every read of the old cache happens before the write by data dependency, never b
 With attention sinks (S > 0, docs/cache.md) the op is `SinkWindowedGroupQueryAttention`: two more
 cache tensors of S slots hold positions 0..S-1 for ever (written by a Where while p < S), the ring
 keeps the last W - S positions, and one softmax runs over (ring, overwritten entries, sinks).
+
+The cache may store keys and values in another type than the activations (docs/cache.md): fp16
+under fp32 activations (same op names), or int8 codes with an fp16 scale per slot and kv head
+(`...Int8Cache` ops, a scale tensor beside each cache tensor, written at the same slot by the same
+ops). What the chunk attends to is always read back from what was stored, its own tokens too, so
+every runtime agrees on the cache's content.
 """
 
 from __future__ import annotations
@@ -27,18 +33,23 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
+from ..contract import layer_cache_names
 from ..model.config import ModelConfig
-from .onnx_builder import FLOAT, Activations, Builder
+from .onnx_builder import ACTIVATIONS, FLOAT, FLOAT16, Activations, Builder
 
 DOMAIN = "mistral_edge"
 OP = "WindowedGroupQueryAttention"
 SINK_OP = "SinkWindowedGroupQueryAttention"
+INT8_SUFFIX = "Int8Cache"
+"""The ops of an int8 cache (four more inputs and outputs: the scales) are OP / SINK_OP + this."""
 PLAN_INPUTS = ("cos_q", "sin_q", "cos_k", "sin_k", "write_at", "gather_idx", "keep", "bias", "score_split")
 SINK_PLAN_INPUTS = ("sink_src", "sink_new")
 
 
-def op_name(sinks: int) -> str:
-    return SINK_OP if sinks else OP
+def op_name(sinks: int, kv_cache: str = "fp32") -> str:
+    """The attention op's name: with sinks or not, and an int8 cache or a float one (fp32 or fp16
+    caches share a name: the function's types follow its inputs)."""
+    return (SINK_OP if sinks else OP) + (INT8_SUFFIX if kv_cache == "int8" else "")
 
 
 @dataclass(frozen=True)
@@ -130,12 +141,59 @@ def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: A
     return AttentionPlan(cos_q, sin_q, cos_k, sin_k, write_at, idx, keep, bias, split, sink_src, sink_new)
 
 
-def attention_function(cfg: ModelConfig, sinks: int = 0) -> FunctionProto:
-    """Inputs: qkv [B, C, (Hq + 2 Hkv) D] (the fused projection, before RoPE), past_key,
-    past_value [B, Hkv, S, D] (with sinks, then past_sink_key, past_sink_value [B, Hkv, Ss, D]),
-    then the plan tensors. Outputs: output [B, C, Hq D], present_key, present_value (and
-    present_sink_key, present_sink_value)."""
+class CacheStorage:
+    """How the function body stores keys/values in the cache and reads them back (docs/cache.md):
+    in the activation type as they are, cast to fp16, or as int8 codes with one fp16 scale per
+    slot and kv head (s = fp16(max|x| / 127), 1 for an all-zero row; q = round-half-even(x / s)
+    clipped to +-127; read back as q * s), quantized in float32."""
+
+    def __init__(self, b: Builder, kv_cache: str, act: Activations):
+        self.b, self.kv_cache, self.act = b, kv_cache, act
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Suffixes of the cache tensors one kind (key, value) is stored in."""
+        return ("", "_scale") if self.kv_cache == "int8" else ("",)
+
+    def store(self, x: str) -> list[str]:
+        """What the cache holds for the activation-type rows x [B, Hkv, C, D], one tensor per part."""
+        b = self.b
+        if self.kv_cache != "int8":
+            return [x if self.kv_cache == self.act.name else b.op("Cast", [x], to=FLOAT16)]
+        x32 = x if self.act.onnx_type == FLOAT else b.op("Cast", [x], to=FLOAT)
+        amax = b.op("ReduceMax", [b.op("Abs", [x32]), b.const([-1])], keepdims=1)  # [B, Hkv, C, 1]
+        # the Where in float32, then one Cast: ONNX Runtime's CPU provider has no float16 Where, and
+        # around the casts it would insert it drops the fp16 rounding (Cast pairs fp32->fp16->fp32)
+        scale = b.op("Cast", [b.op("Where", [b.op("Greater", [amax, b.const(0.0, np.float32)]),
+                                             b.op("Div", [amax, b.const(127.0, np.float32)]),
+                                             b.const(1.0, np.float32)])], to=FLOAT16)
+        codes = b.op("Clip", [b.op("Round", [b.op("Div", [x32, b.op("Cast", [scale], to=FLOAT)])]),
+                              b.const(-127.0, np.float32), b.const(127.0, np.float32)])
+        return [b.op("Cast", [codes], to=TensorProto.INT8), scale]
+
+    def load(self, stored: list[str]) -> str:
+        """The activation-type values of what `store` wrote (an int8 product is exact in float32, and
+        rounded once to fp16 either way)."""
+        b = self.b
+        if self.kv_cache == "int8":
+            codes, scale = stored
+            if self.act.onnx_type == FLOAT:
+                scale = b.op("Cast", [scale], to=FLOAT)
+            return b.op("Mul", [b.op("Cast", [codes], to=self.act.onnx_type), scale])
+        return stored[0] if self.kv_cache == self.act.name else b.op("Cast", [stored[0]], to=self.act.onnx_type)
+
+
+def attention_function(cfg: ModelConfig, sinks: int = 0, kv_cache: str | None = None,
+                       act: Activations = ACTIVATIONS["fp32"]) -> FunctionProto:
+    """Inputs: qkv [B, C, (Hq + 2 Hkv) D] (the fused projection, before RoPE), the layer's cache
+    tensors past_<kind> in contract.layer_cache_names order (past_key, past_value [B, Hkv, S, D];
+    an int8 cache then past_key_scale, past_value_scale [B, Hkv, S, 1]; with sinks the same over
+    Ss slots, prefixed sink_), then the plan tensors. Outputs: output [B, C, Hq D], then
+    present_<kind> for each cache tensor, in the same order. `kv_cache` (default: the activation
+    type `act`) is how the cache stores keys and values."""
     b = Builder("wgqa_")
+    kv_cache = kv_cache or act.name
+    store = CacheStorage(b, kv_cache, act)
     hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
     p = AttentionPlan(*PLAN_INPUTS, *(SINK_PLAN_INPUTS if sinks else (None, None)))
@@ -144,34 +202,50 @@ def attention_function(cfg: ModelConfig, sinks: int = 0) -> FunctionProto:
     q, k, v = b.op("Split", [heads, i64(hq, hkv, hkv)], n_out=3, axis=1)  # [B, H, C, D]
     q = b.op("RotaryEmbedding", [q, p.cos_q, p.sin_q])
     k = b.op("RotaryEmbedding", [k, p.cos_k, p.sin_k])
+    scale_idx = {p.gather_idx: None, p.sink_src: None}
 
-    def update(past: str, new: str, present: str) -> str:
-        old = b.op("GatherElements", [past, p.gather_idx], axis=2)
-        b.op("TensorScatter", [past, b.op("Where", [p.keep, new, old]), p.write_at], outputs=[present],
-             mode="circular", axis=2)
-        return old
-    old_k = update("past_key", k, "present_key")
-    old_v = update("past_value", v, "present_value")
+    def index(idx: str, part: str) -> str:
+        """An index over D for the codes, its first column for a scale ([..., 1])."""
+        if part != "_scale":
+            return idx
+        if scale_idx[idx] is None:
+            scale_idx[idx] = b.op("Slice", [idx, i64(0), i64(1), i64(3)])
+        return scale_idx[idx]
+
+    def update(kind: str, new: list[str]) -> str:
+        """Gather the entries the chunk overwrites (returned, read back), then write the chunk."""
+        old = []
+        for part, x in zip(store.parts, new):
+            past = f"past_{kind}{part}"
+            old.append(b.op("GatherElements", [past, index(p.gather_idx, part)], axis=2))
+            b.op("TensorScatter", [past, b.op("Where", [p.keep, x, old[-1]]), p.write_at],
+                 outputs=[f"present_{kind}{part}"], mode="circular", axis=2)
+        return store.load(old)
+    new_k, new_v = store.store(k), store.store(v)
+    old_k = update("key", new_k)
+    old_v = update("value", new_v)
+    present = lambda kind: store.load([f"present_{kind}{part}" for part in store.parts])  # noqa: E731
 
     # queries grouped by kv head: [B, Hkv, G*C, D] (rows g-major), so each kv head is one GEMM
     qg = b.op("Reshape", [q, i64(0, hkv, -1, d)])
-    s_cache = b.op("MatMul", [qg, b.op("Transpose", ["present_key"], perm=[0, 1, 3, 2])])
+    s_cache = b.op("MatMul", [qg, b.op("Transpose", [present("key")], perm=[0, 1, 3, 2])])
     s_old = b.op("MatMul", [qg, b.op("Transpose", [old_k], perm=[0, 1, 3, 2])])
-    keys, values = [s_cache, s_old], ["present_value", old_v]
+    keys, values = [s_cache, s_old], [present("value"), old_v]
     if sinks:  # a sink slot takes the chunk token of its position, once
-        for kind, new in (("key", k), ("value", v)):
-            b.op("Where", [p.sink_new, b.op("GatherElements", [new, p.sink_src], axis=2), f"past_sink_{kind}"],
-                 outputs=[f"present_sink_{kind}"])
-        keys.append(b.op("MatMul", [qg, b.op("Transpose", ["present_sink_key"], perm=[0, 1, 3, 2])]))
-        values.append("present_sink_value")
+        for kind, new in (("key", new_k), ("value", new_v)):
+            for part, x in zip(store.parts, new):
+                b.op("Where", [p.sink_new, b.op("GatherElements", [x, index(p.sink_src, part)], axis=2),
+                               f"past_sink_{kind}{part}"], outputs=[f"present_sink_{kind}{part}"])
+        keys.append(b.op("MatMul", [qg, b.op("Transpose", [present("sink_key")], perm=[0, 1, 3, 2])]))
+        values.append(present("sink_value"))
     scores = b.op("Add", [b.op("Concat", keys, axis=-1), p.bias])
     probs = b.op("Split", [b.op("Softmax", [scores], axis=-1), p.score_split], n_out=len(keys), axis=-1)
     out = functools.reduce(lambda x, y: b.op("Add", [x, y]), [b.op("MatMul", [pr, val]) for pr, val in zip(probs, values)])
     out = b.op("Transpose", [b.op("Reshape", [out, i64(0, hq, -1, d)])], perm=[0, 2, 1, 3])  # [B, C, Hq, D]
     b.op("Reshape", [out, i64(0, 0, -1)], outputs=["output"])
 
-    caches = ["key", "value"] + (["sink_key", "sink_value"] if sinks else [])
+    caches = [name.split(".")[0] for name in layer_cache_names(0, sinks, kv_cache)]
     return helper.make_function(
-        DOMAIN, op_name(sinks), ["qkv", *(f"past_{c}" for c in caches), *p.inputs],
+        DOMAIN, op_name(sinks, kv_cache), ["qkv", *(f"past_{c}" for c in caches), *p.inputs],
         ["output", *(f"present_{c}" for c in caches)], b.nodes, opset_imports=[helper.make_opsetid("", 24)],
     )

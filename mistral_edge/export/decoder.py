@@ -6,18 +6,20 @@ rolling cache) -> output projection -> RMSNorm -> fused gate/up -> SwiGLU -> dow
 then the final norm and the LM head on the rows picked by `logits_index` only, so
 decoding pays for one row of the vocabulary projection, evaluation for all.
 Everything computes in the emitter's activation type (fp32 or fp16); logits are float32
-either way, so sampling does not depend on it.
+either way, so sampling does not depend on it. The cache tensors have the cache type's dtypes
+(contract.GraphInfo.cache_tensors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import onnx
 import torch
 from onnx import helper
 
-from ..contract import GraphInfo, cache_names, layer_cache_names
+from ..contract import GraphInfo, layer_cache_names
 from ..model.config import ModelConfig
 from ..model.weights import output_weight
 from ..quantize.plan import head_shares_embedding
@@ -46,15 +48,18 @@ Progress = Callable[[int, int], None]
 
 
 def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window: int, chunk: int,
-                  emitter: WeightEmitter, progress: Progress | None = None, sinks: int = 0) -> onnx.ModelProto:
+                  emitter: WeightEmitter, progress: Progress | None = None, sinks: int = 0,
+                  kv_cache: str | None = None) -> onnx.ModelProto:
     """The graph, reading each weight from `weights` once, when its initializers are made (with a
     streaming builder nothing of a layer stays in memory after it); `sinks` of the W cache slots
-    hold the first positions for ever (docs/cache.md)."""
+    hold the first positions for ever, `kv_cache` (default: the activation type) is how the cache
+    stores keys and values (docs/cache.md)."""
     b, act = emitter.builder, emitter.activations
     steps = cfg.n_layers + 2
     progress = progress or (lambda done, total: None)
     c = cfg
-    kv_shape = ["batch", c.n_kv_heads, "slots", c.head_dim]  # slots <= W - sinks
+    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name,
+                     kv_cache or act.name, sinks, c.sliding_window or 0)  # checks the cache type
     inputs = [
         helper.make_tensor_value_info("input_ids", INT64, ["batch", "chunk"]),
         helper.make_tensor_value_info("positions", INT64, ["batch"]),
@@ -62,10 +67,11 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
         helper.make_tensor_value_info("logits_index", INT64, ["batch", "n_logits"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "n_logits", c.vocab_size])]
-    for name in cache_names(c.n_layers, sinks):
-        shape = [*kv_shape[:2], sinks, kv_shape[3]] if name.startswith("sink_") else kv_shape
-        inputs.append(helper.make_tensor_value_info(f"past_{name}", act.onnx_type, shape))
-        outputs.append(helper.make_tensor_value_info(f"present_{name}", act.onnx_type, shape))
+    for t in info.cache_tensors:
+        shape = ["batch", c.n_kv_heads, sinks if t.sink else "slots", t.width]  # slots <= W - sinks
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+        inputs.append(helper.make_tensor_value_info(f"past_{t.name}", elem, shape))
+        outputs.append(helper.make_tensor_value_info(f"present_{t.name}", elem, shape))
 
     plan = attention_plan(b, c, window, "past_key.0", act, sinks)  # per-step tensors shared by all layers
 
@@ -94,8 +100,8 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
                           [c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
         qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
         del wqkv
-        caches = layer_cache_names(i, sinks)
-        attn = b.op(op_name(sinks), [qkv, *(f"past_{n}" for n in caches), *plan.inputs], domain=DOMAIN,
+        caches = layer_cache_names(i, sinks, info.kv_cache)
+        attn = b.op(op_name(sinks, info.kv_cache), [qkv, *(f"past_{n}" for n in caches), *plan.inputs], domain=DOMAIN,
                     outputs=[b.fresh("attn"), *(f"present_{n}" for n in caches)], name=f"{p}attention")[0]
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
                         p + "ffn_norm.weight")
@@ -121,12 +127,10 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
-        graph, functions=[attention_function(c, sinks)], producer_name="mistral-edge",
+        graph, functions=[attention_function(c, sinks, info.kv_cache, act)], producer_name="mistral-edge",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)],
     )
     model.ir_version = 10
-    info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name, sinks,
-                     c.sliding_window or 0)
     helper.set_model_props(model, info.to_metadata())
     return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract import graph_ops
+from ..contract import check_kv_cache, graph_ops
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..quantize.plan import TensorQuant, quant_plan
@@ -59,20 +59,24 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks:
 def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int | None = None,
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
                 plan: dict[str, TensorQuant] | None = None, activations: str = "fp32",
-                progress: Progress | None = None, sinks: int | None = None) -> ExportResult:
+                progress: Progress | None = None, sinks: int | None = None,
+                kv_cache: str | None = None) -> ExportResult:
     """Write the decoder-step graph to out_path, its weights to out_path + '.data' (folded into
     the .onnx when under INLINE_BELOW bytes); `activations` ("fp32" or "fp16") is the type it
-    computes in and caches keys and values in; `sinks` None takes `resolve_sinks`' default."""
+    computes in, `kv_cache` (fp32, fp16 or int8; None: the activation type) the one its cache
+    stores keys and values in; `sinks` None takes `resolve_sinks`' default."""
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
+    kv_cache = kv_cache or act.name
+    check_kv_cache(kv_cache, act.name)
     s = resolve_sinks(ck, sinks)
     w, c = resolve_window(ck, window, chunk, s)
     plan = plan or quant_plan(ck.config, spec)
     data = ExternalData(out_path.with_name(out_path.name + ".data"))
     try:
         emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act)
-        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s)
+        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s, kv_cache)
     finally:
         data.close()
     save_model(model, out_path, data, INLINE_BELOW)

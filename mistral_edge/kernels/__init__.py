@@ -1,4 +1,5 @@
-"""The native ONNX Runtime kernel for `mistral_edge::WindowedGroupQueryAttention` (docs/kernel.md).
+"""The native ONNX Runtime kernel for `mistral_edge::WindowedGroupQueryAttention` and its sink and
+int8-cache variants, over fp32, fp16 and int8 caches (docs/kernel.md).
 
 A custom-op library; a session that registers it runs the attention nodes natively, while the
 graph keeps the portable function body for every other runtime. Built by `make install`

@@ -1,10 +1,15 @@
-// ONNX Runtime custom-op library: a native kernel for the model-local function
-// mistral_edge::WindowedGroupQueryAttention (export/attention.py, docs/graph-contract.md).
-// ONNX Runtime consults custom-op registries before inlining a function, so a session that loads
-// this library runs these nodes natively on the very same graph; other runtimes run the body.
-// Registered for float32 and float16 (one op per type), without and with attention sinks
-// (SinkWindowedGroupQueryAttention: two more cache tensors); a node of any other type finds no kernel
-// and ONNX Runtime inlines the function body as it would without the library.
+// ONNX Runtime custom-op library: a native kernel for the model-local functions
+// mistral_edge::WindowedGroupQueryAttention and its variants (export/attention.py,
+// docs/graph-contract.md). ONNX Runtime consults custom-op registries before inlining a function,
+// so a session that loads this library runs these nodes natively on the very same graph; other
+// runtimes run the body.
+// Registered exactly for the pairs of activation type (qkv, tables, bias, output) and cache type it
+// computes: float32/float32, float16/float16 and float32 with a float16 cache for
+// WindowedGroupQueryAttention and SinkWindowedGroupQueryAttention (two more cache tensors), and
+// float32 or float16 activations over an int8 cache (codes plus one float16 scale per slot and kv
+// head, docs/kernel.md) for WindowedGroupQueryAttentionInt8Cache and
+// SinkWindowedGroupQueryAttentionInt8Cache. A node of any other pair finds no kernel, and ONNX
+// Runtime refuses it rather than inline the body: runtime/session.py NATIVE_CACHES lists these pairs.
 // Threads: one work unit per (batch row, kv head), run on the session's intra-op pool
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads holds.
 #define ORT_API_MANUAL_INIT
@@ -14,9 +19,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "wgqa.h"
@@ -24,6 +29,7 @@
 namespace {
 
 using Ort::Custom::Tensor;
+using F16 = Ort::Float16_t;
 const char* const OP = "WindowedGroupQueryAttention";
 
 // The best variant the CPU has, chosen once when the library loads; MISTRAL_EDGE_KERNEL_ISA=avx2 or
@@ -54,22 +60,15 @@ bool shaped(const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
 
 std::atomic<uint64_t> calls{0};  // nodes computed, so tests can tell this kernel ran
 
-struct Job {
-  wgqa::Problem p;
-};
+void run_unit(void* job, size_t unit) {
+  const auto& p = *static_cast<const wgqa::Problem*>(job);
+  UNIT(p, static_cast<int64_t>(unit));
+}
 
-void run_unit(void* job, size_t unit) { UNIT(static_cast<Job*>(job)->p, static_cast<int64_t>(unit)); }
-
-// The sink half of a SinkWindowedGroupQueryAttention node's inputs and outputs.
-template <typename T>
-struct Sinks {
-  const Tensor<T>& past_key;
-  const Tensor<T>& past_value;
-  const Tensor<int64_t>& src;
-  const Tensor<bool>& fresh;
-  Tensor<T>& present_key;
-  Tensor<T>& present_value;
-};
+template <typename K>
+constexpr wgqa::Cache cache_type() {
+  return std::is_same<K, float>::value ? wgqa::Cache::F32 : std::is_same<K, F16>::value ? wgqa::Cache::F16 : wgqa::Cache::I8;
+}
 
 // present bound to past's buffer (the runtime's in-place binding) needs no copy
 template <typename T>
@@ -79,92 +78,166 @@ T* keep_in_place(const Tensor<T>& past, Tensor<T>& present) {
   return out;
 }
 
-template <typename T>
-Ort::Status compute(OrtKernelContext* ctx, const Tensor<T>& qkv, const Tensor<T>& past_key,
-                    const Tensor<T>& past_value, const Tensor<T>& cos_q, const Tensor<T>& sin_q,
-                    const Tensor<T>& cos_k, const Tensor<T>& sin_k, const Tensor<int64_t>& write_at,
-                    const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<T>& bias,
-                    const Tensor<int64_t>& score_split, Tensor<T>& output, Tensor<T>& present_key,
-                    Tensor<T>& present_value, const Sinks<T>* sinks = nullptr) {
+// One cache tensor of a node: past (input) and present (output), with their float16 scales for an
+// int8 cache (null otherwise).
+template <typename K>
+struct Store {
+  const Tensor<K>& past;
+  Tensor<K>& present;
+  const Tensor<F16>* past_scale = nullptr;
+  Tensor<F16>* present_scale = nullptr;
+
+  // [B, Hkv, slots, D] codes, and [B, Hkv, slots, 1] scales where there are any
+  bool shaped_as(const std::vector<int64_t>& codes) const {
+    if (!shaped(past.Shape(), codes)) return false;
+    return !past_scale || shaped(past_scale->Shape(), {codes[0], codes[1], codes[2], 1});
+  }
+  void* codes() const { return keep_in_place(past, present); }
+  void* scales() const { return past_scale ? keep_in_place(*past_scale, *present_scale) : nullptr; }
+};
+
+template <typename A>
+struct Plan {  // attention.PLAN_INPUTS
+  const Tensor<A>& cos_q;
+  const Tensor<A>& sin_q;
+  const Tensor<A>& cos_k;
+  const Tensor<A>& sin_k;
+  const Tensor<int64_t>& write_at;
+  const Tensor<int64_t>& gather_idx;
+  const Tensor<bool>& keep;
+  const Tensor<A>& bias;
+  const Tensor<int64_t>& score_split;
+};
+
+// The sink half of a SinkWindowedGroupQueryAttention* node's inputs and outputs.
+template <typename K>
+struct Sinks {
+  Store<K> key, value;
+  const Tensor<int64_t>& src;
+  const Tensor<bool>& fresh;
+};
+
+template <typename A, typename K>
+Ort::Status compute(OrtKernelContext* ctx, const Tensor<A>& qkv, const Plan<A>& plan, Tensor<A>& output,
+                    const Store<K>& key, const Store<K>& value, const Sinks<K>* sinks = nullptr) {
   const auto& xs = qkv.Shape();
-  const auto& cs = past_key.Shape();
+  const auto& cs = key.past.Shape();
   if (xs.size() != 3 || cs.size() != 4) return fail("qkv must be [B, C, (Hq+2Hkv) D] and past_key [B, Hkv, S, D]");
   const int64_t B = xs[0], C = xs[1], Hkv = cs[1], S = cs[2], D = cs[3];
   if (cs[0] != B || D <= 0 || D % 2 || Hkv <= 0 || C <= 0 || xs[2] % D || xs[2] / D <= 2 * Hkv)
     return fail("qkv and past_key shapes disagree");
   const int64_t Hq = xs[2] / D - 2 * Hkv, G = Hq / Hkv;
   if (Hq % Hkv) return fail("query heads are not a multiple of kv heads");
-  if (!shaped(past_value.Shape(), cs)) return fail("past_value's shape differs from past_key's");
-  for (const Tensor<T>* t : {&cos_q, &sin_q, &cos_k, &sin_k})
+  if (!key.shaped_as(cs) || !value.shaped_as(cs))
+    return fail("past_value's shape differs from past_key's, or a scale tensor is not [B, Hkv, S, 1]");
+  for (const Tensor<A>* t : {&plan.cos_q, &plan.sin_q, &plan.cos_k, &plan.sin_k})
     if (!shaped(t->Shape(), {B, C, D / 2})) return fail("RoPE tables must be [B, C, D/2]");
-  const int64_t Ss = sinks ? sinks->past_key.Shape().size() == 4 ? sinks->past_key.Shape()[2] : -1 : 0;
-  if (sinks && (Ss <= 0 || !shaped(sinks->past_key.Shape(), {B, Hkv, Ss, D}) ||
-                !shaped(sinks->past_value.Shape(), {B, Hkv, Ss, D}) || !shaped(sinks->src.Shape(), {B, Hkv, Ss, D}) ||
-                !shaped(sinks->fresh.Shape(), {B, 1, Ss, 1})))
-    return fail("sink cache and sink plan tensors must be [B, Hkv, Ss, D] (Ss > 0) and [B, 1, Ss, 1]");
-  if (!shaped(write_at.Shape(), {B}) || !shaped(gather_idx.Shape(), {B, Hkv, C, D}) ||
-      !shaped(keep.Shape(), {B, 1, C, 1}) || !shaped(bias.Shape(), {B, 1, G * C, S + C + Ss}) ||
-      !shaped(score_split.Shape(), {sinks ? 3 : 2}))
+  const int64_t Ss = sinks ? sinks->key.past.Shape().size() == 4 ? sinks->key.past.Shape()[2] : -1 : 0;
+  if (sinks && (Ss <= 0 || !sinks->key.shaped_as({B, Hkv, Ss, D}) || !sinks->value.shaped_as({B, Hkv, Ss, D}) ||
+                !shaped(sinks->src.Shape(), {B, Hkv, Ss, D}) || !shaped(sinks->fresh.Shape(), {B, 1, Ss, 1})))
+    return fail("sink cache and sink plan tensors must be [B, Hkv, Ss, D] (Ss > 0, scales [B, Hkv, Ss, 1]) "
+                "and [B, 1, Ss, 1]");
+  if (!shaped(plan.write_at.Shape(), {B}) || !shaped(plan.gather_idx.Shape(), {B, Hkv, C, D}) ||
+      !shaped(plan.keep.Shape(), {B, 1, C, 1}) || !shaped(plan.bias.Shape(), {B, 1, G * C, S + C + Ss}) ||
+      !shaped(plan.score_split.Shape(), {sinks ? 3 : 2}))
     return fail("plan tensors do not match qkv and the cache");
-  const int64_t* split = score_split.Data();
+  const int64_t* split = plan.score_split.Data();
   if (split[0] != S || split[1] != C || (sinks && split[2] != Ss)) return fail("score_split must be (S, C[, Ss])");
-  const int64_t* at = write_at.Data();
-  const int64_t* idx = gather_idx.Data();
+  const int64_t* at = plan.write_at.Data();
+  const int64_t* idx = plan.gather_idx.Data();
   for (int64_t b = 0; b < B; ++b)
-    if (S > 0 ? (at[b] < 0 || at[b] >= S) : keep.Data()[b * C]) return fail("write slot outside the cache");
-  for (int64_t i = 0, n = gather_idx.NumberOfElement(); i < n; i += D)
+    if (S > 0 ? (at[b] < 0 || at[b] >= S) : plan.keep.Data()[b * C]) return fail("write slot outside the cache");
+  for (int64_t i = 0, n = plan.gather_idx.NumberOfElement(); i < n; i += D)
     if (idx[i] < 0 || idx[i] >= S) return fail("gather index outside the cache");
   if (sinks)
     for (int64_t i = 0, n = sinks->src.NumberOfElement(); i < n; i += D)
       if (sinks->src.Data()[i] < 0 || sinks->src.Data()[i] >= C) return fail("sink source outside the chunk");
 
   calls.fetch_add(1, std::memory_order_relaxed);
-  T* out = output.Allocate({B, C, Hq * D});
-  T* key = keep_in_place(past_key, present_key);
-  T* value = keep_in_place(past_value, present_value);
-  T* sink_key = sinks ? keep_in_place(sinks->past_key, sinks->present_key) : nullptr;
-  T* sink_value = sinks ? keep_in_place(sinks->past_value, sinks->present_value) : nullptr;
-
-  Job job{{B, C, Hq, Hkv, D, S, !std::is_same<T, float>::value, qkv.Data(), key, value, cos_q.Data(),
-           sin_q.Data(), cos_k.Data(), sin_k.Data(), at, idx, keep.Data(), bias.Data(), out, Ss, sink_key,
-           sink_value, sinks ? sinks->src.Data() : nullptr, sinks ? sinks->fresh.Data() : nullptr}};
+  wgqa::Problem p{};
+  p.B = B, p.C = C, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.S = S;
+  p.half = std::is_same<A, F16>::value;
+  p.cache = cache_type<K>();
+  p.qkv = qkv.Data();
+  p.out = output.Allocate({B, C, Hq * D});
+  p.key = key.codes(), p.key_scale = key.scales();
+  p.value = value.codes(), p.value_scale = value.scales();
+  p.cos_q = plan.cos_q.Data(), p.sin_q = plan.sin_q.Data(), p.cos_k = plan.cos_k.Data(), p.sin_k = plan.sin_k.Data();
+  p.write_at = at, p.gather_idx = idx, p.keep = plan.keep.Data(), p.bias = plan.bias.Data();
+  if (sinks) {
+    p.Ss = Ss;
+    p.sink_key = sinks->key.codes(), p.sink_key_scale = sinks->key.scales();
+    p.sink_value = sinks->value.codes(), p.sink_value_scale = sinks->value.scales();
+    p.sink_src = sinks->src.Data(), p.sink_new = sinks->fresh.Data();
+  }
   const size_t units = static_cast<size_t>(B * Hkv);
   if (units == 1 || S == 0) {
-    for (size_t u = 0; u < units && S > 0; ++u) run_unit(&job, u);
+    for (size_t u = 0; u < units && S > 0; ++u) run_unit(&p, u);
     return Ort::Status{nullptr};
   }
-  return Ort::Status{Ort::GetApi().KernelContext_ParallelFor(ctx, run_unit, units, 0, &job)};
+  return Ort::Status{Ort::GetApi().KernelContext_ParallelFor(ctx, run_unit, units, 0, &p)};
 }
 
-Ort::Status compute_f32(OrtKernelContext* ctx, const Tensor<float>& a, const Tensor<float>& b,
-                        const Tensor<float>& c, const Tensor<float>& d, const Tensor<float>& e,
-                        const Tensor<float>& f, const Tensor<float>& g, const Tensor<int64_t>& h,
-                        const Tensor<int64_t>& i, const Tensor<bool>& j, const Tensor<float>& k,
-                        const Tensor<int64_t>& l, Tensor<float>& o1, Tensor<float>& o2, Tensor<float>& o3) {
-  return compute<float>(ctx, a, b, c, d, e, f, g, h, i, j, k, l, o1, o2, o3);
+// The four op signatures (inputs in the function's order), each for the type pairs registered below.
+template <typename A, typename K>
+Ort::Status plain(OrtKernelContext* ctx, const Tensor<A>& qkv, const Tensor<K>& past_key, const Tensor<K>& past_value,
+                  const Tensor<A>& cos_q, const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k,
+                  const Tensor<int64_t>& write_at, const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep,
+                  const Tensor<A>& bias, const Tensor<int64_t>& score_split, Tensor<A>& output, Tensor<K>& present_key,
+                  Tensor<K>& present_value) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  return compute<A, K>(ctx, qkv, plan, output, {past_key, present_key}, {past_value, present_value});
 }
 
-using F16 = Ort::Float16_t;
-Ort::Status compute_f16(OrtKernelContext* ctx, const Tensor<F16>& a, const Tensor<F16>& b, const Tensor<F16>& c,
-                        const Tensor<F16>& d, const Tensor<F16>& e, const Tensor<F16>& f, const Tensor<F16>& g,
-                        const Tensor<int64_t>& h, const Tensor<int64_t>& i, const Tensor<bool>& j,
-                        const Tensor<F16>& k, const Tensor<int64_t>& l, Tensor<F16>& o1, Tensor<F16>& o2,
-                        Tensor<F16>& o3) {
-  return compute<F16>(ctx, a, b, c, d, e, f, g, h, i, j, k, l, o1, o2, o3);
+template <typename A, typename K>
+Ort::Status with_sinks(OrtKernelContext* ctx, const Tensor<A>& qkv, const Tensor<K>& past_key,
+                       const Tensor<K>& past_value, const Tensor<K>& past_sink_key, const Tensor<K>& past_sink_value,
+                       const Tensor<A>& cos_q, const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k,
+                       const Tensor<int64_t>& write_at, const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep,
+                       const Tensor<A>& bias, const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src,
+                       const Tensor<bool>& sink_new, Tensor<A>& output, Tensor<K>& present_key,
+                       Tensor<K>& present_value, Tensor<K>& present_sink_key, Tensor<K>& present_sink_value) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  const Sinks<K> sinks{{past_sink_key, present_sink_key}, {past_sink_value, present_sink_value}, sink_src, sink_new};
+  return compute<A, K>(ctx, qkv, plan, output, {past_key, present_key}, {past_value, present_value}, &sinks);
 }
 
-template <typename T>
-Ort::Status compute_sinks(OrtKernelContext* ctx, const Tensor<T>& qkv, const Tensor<T>& past_key,
-                          const Tensor<T>& past_value, const Tensor<T>& past_sink_key,
-                          const Tensor<T>& past_sink_value, const Tensor<T>& cos_q, const Tensor<T>& sin_q,
-                          const Tensor<T>& cos_k, const Tensor<T>& sin_k, const Tensor<int64_t>& write_at,
-                          const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<T>& bias,
-                          const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src,
-                          const Tensor<bool>& sink_new, Tensor<T>& output, Tensor<T>& present_key,
-                          Tensor<T>& present_value, Tensor<T>& present_sink_key, Tensor<T>& present_sink_value) {
-  const Sinks<T> sinks{past_sink_key, past_sink_value, sink_src, sink_new, present_sink_key, present_sink_value};
-  return compute<T>(ctx, qkv, past_key, past_value, cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias,
-                    score_split, output, present_key, present_value, &sinks);
+using I8 = Tensor<int8_t>;
+using Scale = Tensor<F16>;
+
+template <typename A>
+Ort::Status int8(OrtKernelContext* ctx, const Tensor<A>& qkv, const I8& past_key, const I8& past_value,
+                 const Scale& past_key_scale, const Scale& past_value_scale, const Tensor<A>& cos_q,
+                 const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k,
+                 const Tensor<int64_t>& write_at, const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep,
+                 const Tensor<A>& bias, const Tensor<int64_t>& score_split, Tensor<A>& output, I8& present_key,
+                 I8& present_value, Scale& present_key_scale, Scale& present_value_scale) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  return compute<A, int8_t>(ctx, qkv, plan, output, {past_key, present_key, &past_key_scale, &present_key_scale},
+                            {past_value, present_value, &past_value_scale, &present_value_scale});
+}
+
+template <typename A>
+Ort::Status int8_with_sinks(
+    OrtKernelContext* ctx, const Tensor<A>& qkv, const I8& past_key, const I8& past_value, const Scale& past_key_scale,
+    const Scale& past_value_scale, const I8& past_sink_key, const I8& past_sink_value,
+    const Scale& past_sink_key_scale, const Scale& past_sink_value_scale, const Tensor<A>& cos_q,
+    const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k, const Tensor<int64_t>& write_at,
+    const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<A>& bias,
+    const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src, const Tensor<bool>& sink_new,
+    Tensor<A>& output, I8& present_key, I8& present_value, Scale& present_key_scale, Scale& present_value_scale,
+    I8& present_sink_key, I8& present_sink_value, Scale& present_sink_key_scale, Scale& present_sink_value_scale) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  const Sinks<int8_t> sinks{{past_sink_key, present_sink_key, &past_sink_key_scale, &present_sink_key_scale},
+                            {past_sink_value, present_sink_value, &past_sink_value_scale, &present_sink_value_scale},
+                            sink_src, sink_new};
+  return compute<A, int8_t>(ctx, qkv, plan, output, {past_key, present_key, &past_key_scale, &present_key_scale},
+                            {past_value, present_value, &past_value_scale, &present_value_scale}, &sinks);
+}
+
+template <typename Fn>
+Ort::Custom::OrtLiteCustomOp* op(const char* name, Fn fn) {
+  return Ort::Custom::CreateLiteCustomOp(name, "CPUExecutionProvider", fn);
 }
 
 }  // namespace
@@ -182,21 +255,23 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (!api) return nullptr;  // an older runtime: register nothing, the function body runs
   Ort::InitApi(api);
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f32{
-      Ort::Custom::CreateLiteCustomOp("WindowedGroupQueryAttention", "CPUExecutionProvider", compute_f32)};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f16{
-      Ort::Custom::CreateLiteCustomOp("WindowedGroupQueryAttention", "CPUExecutionProvider", compute_f16)};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sinks_f32{Ort::Custom::CreateLiteCustomOp(
-      "SinkWindowedGroupQueryAttention", "CPUExecutionProvider", compute_sinks<float>)};
-  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> sinks_f16{Ort::Custom::CreateLiteCustomOp(
-      "SinkWindowedGroupQueryAttention", "CPUExecutionProvider", compute_sinks<F16>)};
   try {
+    static std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
     static Ort::CustomOpDomain domain = [] {
+      const char *ring = OP, *sink = "SinkWindowedGroupQueryAttention";
+      const char *ring8 = "WindowedGroupQueryAttentionInt8Cache", *sink8 = "SinkWindowedGroupQueryAttentionInt8Cache";
+      ops.emplace_back(op(ring, plain<float, float>));
+      ops.emplace_back(op(ring, plain<F16, F16>));
+      ops.emplace_back(op(ring, plain<float, F16>));
+      ops.emplace_back(op(sink, with_sinks<float, float>));
+      ops.emplace_back(op(sink, with_sinks<F16, F16>));
+      ops.emplace_back(op(sink, with_sinks<float, F16>));
+      ops.emplace_back(op(ring8, int8<float>));
+      ops.emplace_back(op(ring8, int8<F16>));
+      ops.emplace_back(op(sink8, int8_with_sinks<float>));
+      ops.emplace_back(op(sink8, int8_with_sinks<F16>));
       Ort::CustomOpDomain d{"mistral_edge"};
-      d.Add(f32.get());
-      d.Add(f16.get());
-      d.Add(sinks_f32.get());
-      d.Add(sinks_f16.get());
+      for (const auto& o : ops) d.Add(o.get());
       return d;
     }();
     Ort::UnownedSessionOptions(options).Add(domain);

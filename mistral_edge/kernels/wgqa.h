@@ -5,12 +5,19 @@
 
 namespace wgqa {
 
+// Storage type of the cache tensors (docs/kernel.md): the activation type, float16 under float32
+// activations, or int8 codes with one float16 scale per slot and kv head.
+enum class Cache { F32, F16, I8 };
+
 struct Problem {
   int64_t B, C, Hq, Hkv, D, S;  // batch, chunk, query heads, kv heads, head dim, cache slots
-  bool half;                     // storage type: float16 when true, float32 otherwise
+  bool half;                     // activation type (qkv, tables, bias, output): float16 when true, float32 otherwise
+  Cache cache;                   // storage type of key, value, sink_key, sink_value
   const void* qkv;               // [B, C, (Hq + 2 Hkv) D], before RoPE
   void* key;                     // present_key [B, Hkv, S, D], holding past_key on entry
   void* value;                   // present_value, likewise
+  void* key_scale;               // int8 cache: present_key_scale [B, Hkv, S, 1] float16 (null otherwise)
+  void* value_scale;
   const void *cos_q, *sin_q, *cos_k, *sin_k;  // [B, C, D/2]
   const int64_t* write_at;       // [B]
   const int64_t* gather_idx;     // [B, Hkv, C, D]
@@ -21,6 +28,8 @@ struct Problem {
   int64_t Ss;                    // sink slots
   void* sink_key;                // present_sink_key [B, Hkv, Ss, D], holding past_sink_key on entry
   void* sink_value;
+  void* sink_key_scale;          // int8 cache: [B, Hkv, Ss, 1]
+  void* sink_value_scale;
   const int64_t* sink_src;       // [B, Hkv, Ss, D] chunk index each sink slot takes
   const bool* sink_new;          // [B, 1, Ss, 1] sink slots this chunk writes
 };

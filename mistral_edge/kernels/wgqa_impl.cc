@@ -1,13 +1,15 @@
 // One (batch row, kv head) unit of WindowedGroupQueryAttention, in the order the ONNX function
 // fixes (export/attention.py): gather the entries the chunk overwrites, write the rotated chunk
 // (and the sink slots it reaches), then attend over the S updated slots, the gathered entries and
-// the Ss sinks. Compiled once per instruction
-// set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions over the head
-// dimension, whose width follows the variant's flags.
+// the Ss sinks. The cache is stored as float32, float16 or int8 with a float16 scale per row
+// (docs/kernel.md); int8 rows are read as codes, the scale applied once per key row. Compiled once
+// per instruction set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions
+// over the head dimension, whose width follows the variant's flags.
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "wgqa.h"
@@ -25,14 +27,44 @@ constexpr int64_t ROWS = 4;  // query rows per register block (block() handles 1
 template <typename T>
 inline float f(T x) { return static_cast<float>(x); }
 
-// Half rotation (RotaryEmbedding, interleaved=0) of one head vector into float.
+// int8 cache rows carry a scale; float rows do not.
+template <typename K>
+constexpr bool QUANT = std::is_same<K, int8_t>::value;
+
+// Half rotation (RotaryEmbedding, interleaved=0) of one head vector into float, with the rounding
+// of ONNX Runtime's own kernel (MLAS: fused a c - (b s) and a s + (b c) where the CPU has FMA, plain
+// products otherwise), so a rotated key quantizes to the function body's int8 codes.
 template <typename T>
 void rope(const T* x, const T* cos, const T* sin, int64_t D, float* y) {
   const int64_t h = D / 2;
   for (int64_t d = 0; d < h; ++d) {
     const float a = f(x[d]), b = f(x[d + h]), c = f(cos[d]), s = f(sin[d]);
+#if defined(__FMA__)
+    y[d] = __builtin_fmaf(a, c, -(b * s));
+    y[d + h] = __builtin_fmaf(a, s, b * c);
+#else
     y[d] = a * c - b * s;
-    y[d + h] = b * c + a * s;
+    y[d + h] = a * s + b * c;
+#endif
+  }
+}
+
+// One row x (D floats, already rounded to the activation type) in the cache's type. int8: the
+// spec's row scale s = fp16(max|x| / 127) (1 for a zero row) and codes clip(nearbyint(x / s),
+// -127, 127), the function body's float32 operations in its order (nearbyint rounds half to even
+// under the default rounding mode; fmax maps a NaN to -127 rather than to undefined behaviour).
+template <typename K>
+void put(const float* x, int64_t D, K* dst, half* scale) {
+  if constexpr (QUANT<K>) {
+    float a = 0.0f;
+    for (int64_t d = 0; d < D; ++d) a = std::fabs(x[d]) > a ? std::fabs(x[d]) : a;
+    const half s = static_cast<half>(a > 0.0f ? a / 127.0f : 1.0f);
+    const float sf = f(s);
+    for (int64_t d = 0; d < D; ++d)
+      dst[d] = static_cast<int8_t>(std::fmin(std::fmax(std::nearbyint(x[d] / sf), -127.0f), 127.0f));
+    *scale = s;
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<K>(x[d]);
   }
 }
 
@@ -41,6 +73,7 @@ template <int L>
 struct Vec {
   typedef float f __attribute__((vector_size(4 * L)));
   typedef _Float16 h __attribute__((vector_size(2 * L)));
+  typedef int8_t b __attribute__((vector_size(L)));
   typedef int32_t i __attribute__((vector_size(4 * L)));
 };
 #if defined(__AVX__)  // AVX2 and AVX-512 (256-bit AVX-512VL: 512-bit lanes measured slower, docs/kernel.md)
@@ -67,8 +100,31 @@ template <int L>
   std::memcpy(&v, p, sizeof v);
   return __builtin_convertvector(v, typename Vec<L>::f);
 }
+// int8 codes to float: sign extension and vcvtdq2ps where the variant has SSE4.1/AVX2.
+template <int L>
+[[gnu::always_inline]] inline typename Vec<L>::f load(const int8_t* p) {
+#if defined(__AVX2__)
+  if constexpr (L == 8)
+    return (typename Vec<L>::f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  if constexpr (L == 4) {
+    int32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return (typename Vec<L>::f)_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(w)));
+  }
+#endif
+  typename Vec<L>::b v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, typename Vec<L>::f);
+}
 template <int L>
 [[gnu::always_inline]] inline void store(float* p, typename Vec<L>::f v) { std::memcpy(p, &v, sizeof v); }
+
+// n float16 values as float, NATIVE lanes at a time (GCC leaves the plain loop scalar).
+void widen(const half* x, int64_t n, float* y) {
+  int64_t i = 0;
+  for (; i + NATIVE <= n; i += NATIVE) store<NATIVE>(y + i, load<NATIVE>(x + i));
+  for (; i < n; ++i) y[i] = f(x[i]);
+}
 
 // The sum of the lanes by halving (log2 L dependent adds, not L).
 template <int L>
@@ -83,24 +139,30 @@ template <int L>
   }
 }
 
-// scores[r * ld + s] = q[r] . keys[s] for NR rows of q (float, [NR, D]) and n keys of type T, in
+// scores[r * ld + s] = q[r] . keys[s] for NR rows of q (float, [NR, D]) and n keys of type K, in
 // L-lane vectors (L divides D); NR is a template argument so the accumulators stay in registers.
-template <int L, int NR, typename T>
-void scores_n(const float* q, const T* keys, int64_t n, int64_t D, float* out, int64_t ld) {
+// int8 keys: q . codes, times the row's scale (kscale, float) once.
+template <int L, int NR, typename K>
+void scores_n(const float* q, const K* keys, const float* kscale, int64_t n, int64_t D, float* out, int64_t ld) {
   for (int64_t s = 0; s < n; ++s) {
-    const T* k = keys + s * D;
+    const K* k = keys + s * D;
     typename Vec<L>::f a[NR] = {};
     for (int64_t c = 0; c < D; c += L) {
       const auto kv = load<L>(k + c);
       for (int r = 0; r < NR; ++r) a[r] += load<L>(q + r * D + c) * kv;
     }
-    for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]);
+    if constexpr (QUANT<K>) {
+      for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]) * kscale[s];
+    } else {
+      for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]);
+    }
   }
 }
 
-// acc[r] += sum_s p[r * ld + s] * vals[s] for NR rows ([NR, D] float accumulators).
-template <int L, int NR, typename T>
-void weighted_n(const float* p, int64_t ld, const T* vals, int64_t n, int64_t D, float* acc) {
+// acc[r] += sum_s p[r * ld + s] * vals[s] for NR rows ([NR, D] float accumulators). int8 values
+// come with their scales already folded into p (unit() does that once per block).
+template <int L, int NR, typename K>
+void weighted_n(const float* p, int64_t ld, const K* vals, int64_t n, int64_t D, float* acc) {
   for (int64_t c = 0; c < D; c += L) {
     typename Vec<L>::f o[NR] = {};
     for (int64_t s = 0; s < n; ++s) {
@@ -113,18 +175,18 @@ void weighted_n(const float* p, int64_t ld, const T* vals, int64_t n, int64_t D,
 
 // Both products for a block of nr rows, with the widest lane count (up to the variant's native
 // one) that divides D.
-template <int L, typename T>
-void block(const float* q, int64_t nr, const T* keys, const T* vals, int64_t n, int64_t D, float* sc,
-           int64_t ld, float* acc, bool weigh) {
+template <int L, typename K>
+void block(const float* q, int64_t nr, const K* keys, const float* kscale, const K* vals, int64_t n, int64_t D,
+           float* sc, int64_t ld, float* acc, bool weigh) {
   if constexpr (L > 1) {
-    if (D % L) return block<L / 2>(q, nr, keys, vals, n, D, sc, ld, acc, weigh);
+    if (D % L) return block<L / 2>(q, nr, keys, kscale, vals, n, D, sc, ld, acc, weigh);
   }
-#define WGQA_ROWS(NR)                                  \
-  case NR:                                             \
-    if (weigh)                                         \
-      weighted_n<L, NR>(sc, ld, vals, n, D, acc);      \
-    else                                               \
-      scores_n<L, NR>(q, keys, n, D, sc, ld);          \
+#define WGQA_ROWS(NR)                                     \
+  case NR:                                                \
+    if (weigh)                                            \
+      weighted_n<L, NR>(sc, ld, vals, n, D, acc);         \
+    else                                                  \
+      scores_n<L, NR>(q, keys, kscale, n, D, sc, ld);     \
     return;
   switch (nr) {
     WGQA_ROWS(1)
@@ -192,68 +254,107 @@ void softmax(float* x, const T* bias, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-template <typename T>
+// One kv head's rows of a key or value cache tensor: n rows of D codes and, for int8, n scales.
+template <typename K>
+struct Rows {
+  K* code;
+  half* scale;  // null unless int8
+
+  static Rows of(void* codes, void* scales, int64_t head, int64_t n, int64_t D) {
+    return {static_cast<K*>(codes) + head * n * D, QUANT<K> ? static_cast<half*>(scales) + head * n : nullptr};
+  }
+  K* row(int64_t i, int64_t D) const { return code + i * D; }
+  half* scale_at(int64_t i) const { return QUANT<K> ? scale + i : nullptr; }
+};
+
+// Entries copied out of the cache before the chunk overwrites them (codes and scales).
+template <typename K>
+struct Saved {
+  std::vector<K> code;
+  std::vector<half> scale;
+  Saved(int64_t n, int64_t D) : code(n * D), scale(QUANT<K> ? n : 0) {}
+  void take(const Rows<K>& from, int64_t slot, int64_t j, int64_t D) {
+    std::memcpy(&code[j * D], from.row(slot, D), D * sizeof(K));
+    if constexpr (QUANT<K>) scale[j] = from.scale[slot];
+  }
+};
+
+template <typename A, typename K>
 void unit(const Problem& p, int64_t u) {
-  const int64_t b = u / p.Hkv, h = u % p.Hkv, C = p.C, D = p.D, S = p.S, G = p.Hq / p.Hkv;
+  const int64_t b = u / p.Hkv, h = u % p.Hkv, C = p.C, D = p.D, S = p.S, G = p.Hq / p.Hkv, head = u;
   const int64_t Ss = p.Ss, R = G * C, L = S + C + Ss, width = (p.Hq + 2 * p.Hkv) * D, half_d = D / 2;
-  const T* qkv = static_cast<const T*>(p.qkv) + b * C * width;
-  T* key = static_cast<T*>(p.key) + (b * p.Hkv + h) * S * D;
-  T* value = static_cast<T*>(p.value) + (b * p.Hkv + h) * S * D;
+  const A* qkv = static_cast<const A*>(p.qkv) + b * C * width;
+  const Rows<K> key = Rows<K>::of(p.key, p.key_scale, head, S, D);
+  const Rows<K> value = Rows<K>::of(p.value, p.value_scale, head, S, D);
   const int64_t table = b * C * half_d;
-  const T *cos_q = static_cast<const T*>(p.cos_q) + table, *sin_q = static_cast<const T*>(p.sin_q) + table;
-  const T *cos_k = static_cast<const T*>(p.cos_k) + table, *sin_k = static_cast<const T*>(p.sin_k) + table;
-  const int64_t* gather = p.gather_idx + (b * p.Hkv + h) * C * D;
+  const A *cos_q = static_cast<const A*>(p.cos_q) + table, *sin_q = static_cast<const A*>(p.sin_q) + table;
+  const A *cos_k = static_cast<const A*>(p.cos_k) + table, *sin_k = static_cast<const A*>(p.sin_k) + table;
+  const int64_t* gather = p.gather_idx + head * C * D;
   const bool* keep = p.keep + b * C;
-  const T* bias = static_cast<const T*>(p.bias) + b * R * L;
+  const A* bias = static_cast<const A*>(p.bias) + b * R * L;
 
   // (1) the entries the chunk overwrites, read before any write
-  std::vector<T> old_k(C * D), old_v(C * D);
+  Saved<K> old_k(C, D), old_v(C, D);
   for (int64_t j = 0; j < C; ++j) {
-    const int64_t slot = gather[j * D];
-    std::memcpy(&old_k[j * D], key + slot * D, D * sizeof(T));
-    std::memcpy(&old_v[j * D], value + slot * D, D * sizeof(T));
+    old_k.take(key, gather[j * D], j, D);
+    old_v.take(value, gather[j * D], j, D);
   }
-  // (2) the chunk's rotated keys and values at slot (write_at + j) mod S; padding keeps the old entry
+  // (2) the chunk's rotated keys and values (rounded to the activation type, as the function holds
+  // them) at slot (write_at + j) mod S; padding keeps the old entry
   std::vector<float> row(D);
-  for (int64_t j = 0; j < C; ++j) {
-    if (!keep[j]) continue;
-    const int64_t slot = (p.write_at[b] + j) % S;
-    const T* src = qkv + j * width + (p.Hq + h) * D;
+  auto write = [&](int64_t j, const Rows<K>& k, const Rows<K>& v, int64_t slot) {
+    const A* src = qkv + j * width + (p.Hq + h) * D;
     rope(src, cos_k + j * half_d, sin_k + j * half_d, D, row.data());
-    for (int64_t d = 0; d < D; ++d) key[slot * D + d] = static_cast<T>(row[d]);
-    std::memcpy(value + slot * D, src + p.Hkv * D, D * sizeof(T));
+    for (int64_t d = 0; d < D; ++d) row[d] = f(static_cast<A>(row[d]));
+    put(row.data(), D, k.row(slot, D), k.scale_at(slot));
+    for (int64_t d = 0; d < D; ++d) row[d] = f(src[p.Hkv * D + d]);
+    put(row.data(), D, v.row(slot, D), v.scale_at(slot));
+  };
+  for (int64_t j = 0; j < C; ++j)
+    if (keep[j]) write(j, key, value, (p.write_at[b] + j) % S);
+  const Rows<K> sink_key = Ss ? Rows<K>::of(p.sink_key, p.sink_key_scale, head, Ss, D) : Rows<K>{};
+  const Rows<K> sink_value = Ss ? Rows<K>::of(p.sink_value, p.sink_value_scale, head, Ss, D) : Rows<K>{};
+  for (int64_t s = 0; s < Ss; ++s)
+    if (p.sink_new[b * Ss + s]) write(p.sink_src[(head * Ss + s) * D], sink_key, sink_value, s);
+  // int8: the row scales of (ring, overwritten entries, sinks) as float, in score order
+  std::vector<float> ks(QUANT<K> ? L : 0), vs(QUANT<K> ? L : 0);
+  if constexpr (QUANT<K>) {
+    auto widen_all = [&](const Rows<K>& ring, const Saved<K>& old, const Rows<K>& sinks, float* to) {
+      widen(ring.scale, S, to);
+      widen(old.scale.data(), C, to + S);
+      widen(sinks.scale, Ss, to + S + C);
+    };
+    widen_all(key, old_k, sink_key, ks.data());
+    widen_all(value, old_v, sink_value, vs.data());
   }
-  T* sink_key = Ss ? static_cast<T*>(p.sink_key) + (b * p.Hkv + h) * Ss * D : nullptr;
-  T* sink_value = Ss ? static_cast<T*>(p.sink_value) + (b * p.Hkv + h) * Ss * D : nullptr;
-  for (int64_t s = 0; s < Ss; ++s) {
-    if (!p.sink_new[b * Ss + s]) continue;
-    const int64_t j = p.sink_src[((b * p.Hkv + h) * Ss + s) * D];
-    const T* src = qkv + j * width + (p.Hq + h) * D;
-    rope(src, cos_k + j * half_d, sin_k + j * half_d, D, row.data());
-    for (int64_t d = 0; d < D; ++d) sink_key[s * D + d] = static_cast<T>(row[d]);
-    std::memcpy(sink_value + s * D, src + p.Hkv * D, D * sizeof(T));
-  }
+  const float* kscale = QUANT<K> ? ks.data() : nullptr;
   // (3) queries of this kv head, rows g-major (r = g C + i), scaled by the tables
   std::vector<float> q(R * D), sc(ROWS * L), acc(ROWS * D);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < C; ++i)
       rope(qkv + i * width + (h * G + g) * D, cos_q + i * half_d, sin_q + i * half_d, D, &q[(g * C + i) * D]);
-  T* out = static_cast<T*>(p.out) + b * C * p.Hq * D;
+  A* out = static_cast<A*>(p.out) + b * C * p.Hq * D;
+  const K *old_keys = old_k.code.data(), *old_vals = old_v.code.data();
   for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
     const int64_t nr = R - r0 < ROWS ? R - r0 : ROWS;
     const float* qb = &q[r0 * D];
-    block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, nullptr, false);
-    block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, nullptr, false);
-    if (Ss) block<NATIVE>(qb, nr, sink_key, sink_value, Ss, D, sc.data() + S + C, L, nullptr, false);
+    block<NATIVE>(qb, nr, key.code, kscale, value.code, S, D, sc.data(), L, nullptr, false);
+    block<NATIVE>(qb, nr, old_keys, kscale ? kscale + S : nullptr, old_vals, C, D, sc.data() + S, L, nullptr, false);
+    if (Ss)
+      block<NATIVE>(qb, nr, sink_key.code, kscale ? kscale + S + C : nullptr, sink_value.code, Ss, D,
+                    sc.data() + S + C, L, nullptr, false);
     for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bias + (r0 + r) * L, L);
+    if constexpr (QUANT<K>)  // p v' = (p s) codes: the value scales folded into the probabilities
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t i = 0; i < L; ++i) sc[r * L + i] *= vs[i];
     std::fill(acc.begin(), acc.end(), 0.0f);
-    block<NATIVE>(qb, nr, key, value, S, D, sc.data(), L, acc.data(), true);
-    block<NATIVE>(qb, nr, old_k.data(), old_v.data(), C, D, sc.data() + S, L, acc.data(), true);
-    if (Ss) block<NATIVE>(qb, nr, sink_key, sink_value, Ss, D, sc.data() + S + C, L, acc.data(), true);
+    block<NATIVE>(qb, nr, key.code, kscale, value.code, S, D, sc.data(), L, acc.data(), true);
+    block<NATIVE>(qb, nr, old_keys, kscale, old_vals, C, D, sc.data() + S, L, acc.data(), true);
+    if (Ss) block<NATIVE>(qb, nr, sink_key.code, kscale, sink_value.code, Ss, D, sc.data() + S + C, L, acc.data(), true);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
-      T* o = out + i * p.Hq * D + (h * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d]);
+      A* o = out + i * p.Hq * D + (h * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<A>(acc[r * D + d]);
     }
   }
 }
@@ -261,10 +362,14 @@ void unit(const Problem& p, int64_t u) {
 }  // namespace
 
 void WGQA_UNIT(const Problem& p, int64_t u) {
-  if (p.half)
-    unit<half>(p, u);
-  else
-    unit<float>(p, u);
+  switch (p.cache) {
+    case Cache::F32:  // only under float32 activations (the glue registers no other pairing)
+      return unit<float, float>(p, u);
+    case Cache::F16:
+      return p.half ? unit<half, half>(p, u) : unit<float, half>(p, u);
+    case Cache::I8:
+      return p.half ? unit<half, int8_t>(p, u) : unit<float, int8_t>(p, u);
+  }
 }
 
 }  // namespace wgqa

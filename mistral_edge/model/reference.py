@@ -4,7 +4,8 @@ RMSNorm, rotate-half RoPE, grouped-query attention with a sliding window, SwiGLU
 and chunked prefill over a rolling buffer cache with optional attention sinks (see cache.py:
 the attention pattern is `cache.visible`; keys keep their absolute RoPE positions,
 docs/cache.md says why). Each chunk's
-queries attend to the cache as it was before the chunk plus the chunk itself;
+queries attend to the cache as it was before the chunk plus the chunk itself (as the cache
+will store it: an fp16 or int8 cache rounds the chunk's keys too);
 the chunk is written to the cache afterwards, so a chunk of C <= W tokens never
 overwrites a key one of its own queries still needs.
 """
@@ -75,10 +76,12 @@ class ReferenceModel:
     def window(self) -> int:
         return self.cfg.sliding_window or self.cfg.max_position
 
-    def new_cache(self, batch: int = 1, window: int | None = None, sinks: int = 0) -> RollingKVCache:
+    def new_cache(self, batch: int = 1, window: int | None = None, sinks: int = 0,
+                  kv_cache: str | None = None) -> RollingKVCache:
+        """`kv_cache` (fp32, fp16 or int8; None: the compute dtype) emulates an export's cache storage."""
         c = self.cfg
         return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype,
-                              sinks, self.device)
+                              sinks, self.device, kv_cache)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W.T for the layer weight `name`, or its replacement module when there is one."""
@@ -111,7 +114,8 @@ class ReferenceModel:
             k = self.linear(x, p + "attention.wk.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             v = self.linear(x, p + "attention.wv.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            attn = attend(q, k, v, cache.k[i].to(self.dtype), cache.v[i].to(self.dtype), bias)
+            attn = attend(q, cache.stored(k), cache.stored(v), cache.keys(i, self.dtype), cache.values(i, self.dtype),
+                          bias)
             cache.write(i, k, v, n_valid)
             h = h + self.linear(attn.transpose(1, 2).reshape(B, C, -1), p + "attention.wo.weight")
             x = rms_norm(h, self.w[p + "ffn_norm.weight"], c.norm_eps).to(self.dtype)

@@ -1,12 +1,14 @@
 """Run the decoder-step graph with a rolling cache bound in place.
 
-The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values; each
+The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values (an int8 cache:
+int8 codes, plus one [B, Hkv, S, 1] float16 buffer of scales beside each); each
 past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
 TensorScatter updates it in place and no step copies it. S grows with the sequence in
 steps of GROW slots up to the window W and then stays there (a rolling buffer of W
 slots; W - sinks with attention sinks, whose own S-slot buffers are allocated once):
-attention reads all S slots, so a short sequence does not pay for W. The cache
-has the type the graph declares for it (float32, or float16 for an fp16 export). Decode
+attention reads all S slots, so a short sequence does not pay for W. Every cache tensor
+has the dtype the graph's contract gives it (contract.GraphInfo.cache_tensors), checked
+against the graph's declared inputs. Decode
 steps reuse preallocated input and logits buffers, so a step allocates nothing on the
 Python side either.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..contract import GraphInfo, cache_names, sink_names
+from ..contract import GraphInfo
 from ..errors import EdgeError, first_line
 
 
@@ -36,6 +38,13 @@ class SessionConfig:
 
 KERNEL_MODES = ("auto", "on", "off")
 FUNCTION_BODY = "function body"
+NATIVE_CACHES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "fp16"), ("fp32", "int8"), ("fp16", "int8"))
+"""(activation type, cache type) of the graphs the native library has a kernel for (kernels/wgqa.cc);
+a graph of another pair finds no kernel of its types or op name and runs its function body."""
+
+
+def _kernel_mode(mode: str | None) -> str:
+    return (mode or os.environ.get("MISTRAL_EDGE_KERNEL") or "auto").lower()
 
 
 def _register_kernel(so: ort.SessionOptions, mode: str | None, providers: tuple = ("CPUExecutionProvider",)) -> str:
@@ -43,7 +52,7 @@ def _register_kernel(so: ort.SessionOptions, mode: str | None, providers: tuple 
     attention path the session will run ("native kernel (isa)" or "function body (why)"). The
     kernel is a CPU one: with another provider first, registering it would pull attention off
     that device, so "auto" leaves the function body there."""
-    mode = (mode or os.environ.get("MISTRAL_EDGE_KERNEL") or "auto").lower()
+    mode = _kernel_mode(mode)
     if mode not in KERNEL_MODES:
         raise EdgeError(f"MISTRAL_EDGE_KERNEL / kernel must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
     if mode == "off":
@@ -64,6 +73,36 @@ def _register_kernel(so: ort.SessionOptions, mode: str | None, providers: tuple 
     if mode == "on":
         raise EdgeError(reason)
     return f"{FUNCTION_BODY} ({reason})"
+
+
+def _options(config: SessionConfig) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = config.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in config.entries:
+        so.add_session_config_entry(key, value)
+    return so
+
+
+def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=list(providers))
+    except Exception as e:  # onnxruntime raises several types for unreadable models
+        raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
+
+
+def _kernel_covers(path: str, info: GraphInfo, mode: str | None, loaded: bool = True) -> str:
+    """The attention path `_register_kernel` chose, unless the library has no kernel for this graph's
+    (activation, cache) types (NATIVE_CACHES; `loaded` False: the graph only loaded without the
+    library): then the function body runs, and "on" (which requires the kernel) refuses."""
+    pair = (info.activation_dtype, info.kv_cache)
+    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES):
+        return path
+    why = f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache"
+    if _kernel_mode(mode) == "on":
+        raise EdgeError(why)
+    return f"{FUNCTION_BODY} ({why})"
 
 
 @runtime_checkable
@@ -104,43 +143,48 @@ class _StepBuffers:
 GROW = 64
 """Cache slots are added in steps of this many: attention reads at most GROW - 1 empty slots, and
 growing copies the cache about W / GROW times in all."""
-CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
 
 class DecoderSession:
     def __init__(self, model_path: str | Path, batch: int = 1, config: SessionConfig = SessionConfig()):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = config.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key, value in config.entries:
-            so.add_session_config_entry(key, value)
-        self.attention_path = _register_kernel(so, config.kernel, config.providers)
+        so = _options(config)
+        path = _register_kernel(so, config.kernel, config.providers)
         try:
-            self.session = ort.InferenceSession(str(model_path), so, providers=list(config.providers))
-        except Exception as e:  # onnxruntime raises several types for unreadable models
-            raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
+            self.session = _open(model_path, so, config.providers)
+            fits = True
+        except EdgeError:
+            if not path.startswith("native kernel"):
+                raise
+            # the library registers the op name for other types (an fp16 cache beside fp32 activations
+            # before its variant existed): ONNX Runtime refuses the node instead of inlining the function
+            self.session = _open(model_path, _options(config), config.providers)
+            fits = False
         meta = self.session.get_modelmeta().custom_metadata_map
         self.info = info = GraphInfo.from_metadata(meta, str(model_path))
+        self.attention_path = _kernel_covers(path, info, config.kernel, fits)
         self.n_layers, self.window, self.vocab_size = info.n_layers, info.window, info.vocab_size
         self.sinks, self.ring = info.sinks, info.ring
-        n_kv, head_dim, export_chunk = info.n_kv_heads, info.head_dim, info.chunk
-        self.chunk = config.chunk or export_chunk
+        self.chunk = config.chunk or info.chunk
         if not 0 < self.chunk <= self.ring:
             raise EdgeError(f"chunk size must be between 1 and {self._span}, got {self.chunk}")
         self.batch = batch
-        self._cache_shape = (batch, n_kv, head_dim)
-        declared = {i.name: i.type for i in self.session.get_inputs()}.get("past_key.0")
-        if declared not in CACHE_TYPES:
-            raise EdgeError(f"{model_path}: cache input past_key.0 is {declared}, expected float or float16")
-        self.cache_dtype = np.dtype(CACHE_TYPES[declared])
+        self.kv_cache = info.kv_cache
+        declared = {i.name: i.type for i in self.session.get_inputs()}
+        for t in info.cache_tensors:
+            if declared.get("past_" + t.name) != ORT_TYPES[t.dtype]:
+                raise EdgeError(f"{model_path}: cache input past_{t.name} is {declared.get('past_' + t.name)}, "
+                                f"a {info.kv_cache} cache needs {ORT_TYPES[t.dtype]}")
+        self._tensors = {t.name: t for t in info.cache_tensors}
+        self.cache_dtype = np.dtype(self._tensors["key.0"].dtype)  # of keys and values (int8: codes)
         self.positions = np.zeros(batch, np.int64)
         self._buffers: dict[tuple[int, int], _StepBuffers] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
         self.cache: dict[str, ort.OrtValue] = {}
-        for name in (sink_names(self.n_layers) if self.sinks else ()):  # the sinks: S slots, once
-            self._arrays[name] = np.zeros((batch, n_kv, self.sinks, head_dim), self.cache_dtype)
-            self.cache[name] = ort.OrtValue.ortvalue_from_numpy(self._arrays[name])
+        for t in self._tensors.values():  # the sinks: S slots, once
+            if t.sink:
+                self._arrays[t.name] = np.zeros((batch, info.n_kv_heads, self.sinks, t.width), t.dtype)
+                self.cache[t.name] = ort.OrtValue.ortvalue_from_numpy(self._arrays[t.name])
         self._allocate(0)
 
     @property
@@ -162,13 +206,14 @@ class DecoderSession:
         Buffers are numpy arrays, freed when dropped (onnxruntime-allocated ones bought no speed,
         docs/graph-contract.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
         weighted sum), and replaced a layer at a time, so growing holds at most one extra buffer."""
-        b, h, d = self._cache_shape
-        for name in cache_names(self.n_layers):
-            a = np.zeros((b, h, slots, d), self.cache_dtype)
+        for t in self._tensors.values():
+            if t.sink:
+                continue
+            a = np.zeros((self.batch, self.info.n_kv_heads, slots, t.width), t.dtype)
             if keep:
-                a[:, :, :keep] = self._arrays[name][:, :, :keep]
-            self._arrays[name] = a  # drops this layer's old buffer
-            self.cache[name] = ort.OrtValue.ortvalue_from_numpy(a)
+                a[:, :, :keep] = self._arrays[t.name][:, :, :keep]
+            self._arrays[t.name] = a  # drops this layer's old buffer
+            self.cache[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
         for buffers in self._buffers.values():
             self._bind_cache(buffers.binding)
 
@@ -180,8 +225,9 @@ class DecoderSession:
 
     def reset(self) -> None:
         self.positions[:] = 0
-        for name in (sink_names(self.n_layers) if self.sinks else ()):
-            self._arrays[name][...] = 0
+        for t in self._tensors.values():
+            if t.sink:
+                self._arrays[t.name][...] = 0
         self._allocate(0)
 
     def _bind_cache(self, binding) -> None:

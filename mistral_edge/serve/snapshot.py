@@ -8,16 +8,17 @@ chain over fixed 64-token blocks, so whether a new request extends it can be che
 full token list, and the chain can be extended after a resume.
 
 File layout: MAGIC, an 8-byte little-endian header length, the JSON header, the token tail
-(int64), the cache arrays (key.0, value.0, key.1, ... each [Hkv, slots, D]; with attention sinks
-each layer's sink_key.i, sink_value.i [Hkv, sinks, D] follow its ring), then the sha256 of
-everything before it. The header names what computed the cache (its "bundle" field): a bundle's
-manifest sha256, or for the torch backend (`--model`) model_identity's hash of the checkpoint's
-config and tensors; a file from another bundle or model, or one whose checksum fails, is refused
-with one line.
+(int64), the cache arrays in contract.cache_names order, each in its own dtype (key.0, value.0,
+key.1, ... each [Hkv, slots, D]; an int8 cache's key_scale.i, value_scale.i [Hkv, slots, 1]
+float16 after each layer's codes; with attention sinks each layer's sink_ tensors [Hkv, sinks, .]
+follow its ring), then the sha256 of everything before it. The header names what computed the
+cache (its "bundle" field): a bundle's manifest sha256, or for the torch backend (`--model`)
+model_identity's hash of the checkpoint's config and tensors; a file from another bundle or model,
+or one whose checksum fails, is refused with one line.
 
 This module reads these DecoderSession internals (to become a public method): `_arrays`
 (the cache buffers by name), `_allocate(slots, keep)`, `positions`, `slots`, `window`, `n_layers`,
-`cache_dtype`; a TorchSession's rows go through its `read_row` / `write_row`.
+`cache_dtype`, `kv_cache`; a TorchSession's rows go through its `read_row` / `write_row`.
 """
 
 from __future__ import annotations
@@ -137,18 +138,20 @@ class SessionState:
 
 
 def _names(session) -> list[str]:
-    return cache_names(session.n_layers, session.sinks)
+    return cache_names(session.n_layers, session.sinks, session.kv_cache)
 
 
-def _form(session) -> tuple[list[str], dict]:
-    """A session's cache tensors in file order and the header fields a snapshot must match. A
-    TorchSession keeps its sinks, if any, in the first of its W slots: it has no sink tensors."""
+def _form(session) -> tuple[dict[str, tuple[int, np.dtype]], dict]:
+    """A session's cache tensors in file order, each with its last dimension and dtype (an int8
+    cache's scales: 1, float16), and the header fields a snapshot must match. A TorchSession keeps
+    its sinks, if any, in the first of its W slots: it has no sink tensors."""
     if hasattr(session, "_arrays"):
-        return _names(session), _layout(session)
+        return {n: (session._arrays[n].shape[3], session._arrays[n].dtype) for n in _names(session)}, _layout(session)
     c = session.model.cfg
-    return session.cache_names(), {"layers": c.n_layers, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
-                                    "window": session.window, "sinks": session.sinks,
-                                    "dtype": np.dtype(session.cache_dtype).name}
+    dtype = np.dtype(session.cache_dtype)
+    return {n: (c.head_dim, dtype) for n in session.cache_names()}, {
+        "layers": c.n_layers, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "window": session.window,
+        "sinks": session.sinks, "dtype": dtype.name}
 
 
 def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = None) -> SessionState:
@@ -190,7 +193,7 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     path = Path(path)
     h = state.history
     slots = state.cache["key.0"].shape[1]
-    names, layout = _form(session)
+    tensors, layout = _form(session)
     header = {"format": FORMAT, "bundle": identity, **layout, "count": h.count, "slots": slots,
               "anchor": h.anchor.hex(), "keep": h.keep, "tail": len(h.tail), "sampler": state.sampler}
     blob = json.dumps(header).encode()
@@ -203,7 +206,7 @@ def save(path: str | Path, state: SessionState, session, identity: str) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             for part in (MAGIC, struct.pack("<Q", len(blob)), blob, np.asarray(h.tail, "<i8").tobytes(),
-                         *(np.ascontiguousarray(state.cache[n]).tobytes() for n in names)):
+                         *(np.ascontiguousarray(state.cache[n]).tobytes() for n in tensors)):
                 digest.update(part)
                 f.write(part)
             f.write(digest.digest())
@@ -223,7 +226,7 @@ def load(path: str | Path, session, identity: str) -> SessionState:
     """Read a snapshot for `session`'s bundle or model (`identity`: bundle_identity or
     model.torch_session.model_identity); a foreign, damaged or malformed file is one EdgeError."""
     path = Path(path)
-    names, layout = _form(session)
+    tensors, layout = _form(session)
     source = "bundle" if hasattr(session, "_arrays") else "model"
     try:
         size = path.stat().st_size
@@ -243,13 +246,13 @@ def load(path: str | Path, session, identity: str) -> SessionState:
                 raise EdgeError(f"{path}: snapshot cache layout does not match this {source}'s cache")
             count, slots, keep, n_tail = header["count"], header["slots"], header["keep"], header["tail"]
             window = layout["window"]
-            ring = window - (layout["sinks"] if any(n.startswith("sink_") for n in names) else 0)
+            ring = window - (layout["sinks"] if any(n.startswith("sink_") for n in tensors) else 0)
             if not (slots == min(count, ring) and BLOCK <= keep <= max(window, BLOCK)
                     and n_tail == min(count, keep)):
                 raise EdgeError(f"{path}: damaged snapshot (inconsistent counts)")
-            shapes = {n: (layout["kv_heads"], layout["sinks"] if n.startswith("sink_") else slots, layout["head_dim"])
-                      for n in names}
-            body = 8 * n_tail + sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(layout["dtype"]).itemsize
+            shapes = {n: (layout["kv_heads"], layout["sinks"] if n.startswith("sink_") else slots, last)
+                      for n, (last, _) in tensors.items()}
+            body = 8 * n_tail + sum(int(np.prod(s)) * tensors[n][1].itemsize for n, s in shapes.items())
             if size != len(head) + n_header + body + 32:
                 raise EdgeError(f"{path}: damaged snapshot (size {size} bytes, header implies "
                                 f"{len(head) + n_header + body + 32})")
@@ -263,12 +266,11 @@ def load(path: str | Path, session, identity: str) -> SessionState:
     if n_tail and not (0 <= tail.min() and tail.max() < session.vocab_size):
         raise EdgeError(f"{path}: damaged snapshot (token ids outside the vocabulary)")
     tail = tuple(int(i) for i in tail)
-    arrays = np.frombuffer(data, np.dtype(layout["dtype"]).newbyteorder("<"), offset=8 * n_tail)
-    cache, start = {}, 0
-    for name in names:
-        size = int(np.prod(shapes[name]))
-        cache[name] = arrays[start:start + size].reshape(shapes[name]).astype(session.cache_dtype)
-        start += size
+    cache, start = {}, 8 * n_tail
+    for name, shape in shapes.items():
+        dtype, n = tensors[name][1], int(np.prod(shape))
+        cache[name] = np.frombuffer(data, dtype.newbyteorder("<"), n, start).reshape(shape).astype(dtype)
+        start += n * dtype.itemsize
     history = TokenHistory(count, bytes.fromhex(header["anchor"]), tail, keep)
     return SessionState(cache, history, header["sampler"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..contract import slot_bytes
 from ..export.linear import int8_block
 from ..export.onnx_builder import activation_type
 from ..model.config import ModelConfig
@@ -18,8 +19,8 @@ class MemoryBudget:
     """Resident weights: float tables and int8/int4 scales at the activation type (an fp32
     graph's fp16 tables are cast up at load; an fp16 graph stores fp32 ones as fp16)."""
     kv_cache_bytes: int
-    """layers x 2 x batch x n_kv_heads x W x head_dim x (4 or 2, the activation type's bytes),
-    whatever the sequence length."""
+    """layers x 2 (K, V) x batch x n_kv_heads x W x the bytes of one slot: head_dim x 4 (fp32 cache),
+    x 2 (fp16), or head_dim + 2 (int8 codes and an fp16 scale), whatever the sequence length."""
     activation_bytes: int
     """Estimate of one prefill chunk's working set, doubled for allocator slack."""
 
@@ -67,9 +68,16 @@ def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbi
                for name, (n, k) in shapes.items())
 
 
+def kv_cache_bytes(cfg: ModelConfig, window: int, kv_cache: str, batch: int = 1) -> int:
+    """The cache of W slots (sinks included) per sequence, keys and values, in every layer."""
+    return cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * slot_bytes(cfg.head_dim, kv_cache)
+
+
 def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1,
-             activations: str = "fp32", fmt: str = "nbits", stored: bool = False) -> MemoryBudget:
-    """The budget; `stored`: weight bytes as the file stores them instead of as loaded."""
+             activations: str = "fp32", fmt: str = "nbits", stored: bool = False,
+             kv_cache: str | None = None) -> MemoryBudget:
+    """The budget; `stored`: weight bytes as the file stores them instead of as loaded; `kv_cache`:
+    the cache's storage (default: the activation type)."""
     act = activation_type(activations).itemsize
     shapes = tensor_shapes(cfg)
     shared = head_shares_embedding(cfg, plan)
@@ -80,7 +88,7 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     if shared and fmt == "nbits" and plan["output"].kind == "int8" and not stored:  # the head's per-block scales
         weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim)) * act
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
-    kv = cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * cfg.head_dim * act
+    kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch)
     summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
     if shared and fmt == "nbits":
         summed.append("output")  # the tied head's MatMulNBits (qdq: it unpacks the embedding's rows)

@@ -173,7 +173,8 @@ def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, ch
                  req: BundleRequest) -> tuple[MemoryBudget, int | None]:
     """The memory budget and the device's usable bytes (None: no device given); raises before
     writing when the bundle cannot fit, naming the changes to the request that would fit."""
-    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format)
+    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
+                      kv_cache=req.kv_cache_type)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
         return budget, None
@@ -204,7 +205,7 @@ def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chun
 
     def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
         return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype,
-                        fmt=req.weight_format).total_bytes <= usable
+                        fmt=req.weight_format, kv_cache=req.kv_cache_type).total_bytes <= usable
 
     if window > 1 and fits(1):
         lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W
@@ -271,7 +272,8 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
         else:
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
-                                 activations=req.activation_dtype, progress=progress, sinks=sinks)
+                                 activations=req.activation_dtype, progress=progress, sinks=sinks,
+                                 kv_cache=req.kv_cache_type)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors if tensor_log else ():
                 tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -290,7 +292,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             tokenizer=tokenizer, generation=GenerationDefaults(),
             memory_budget=BudgetRecord(**budget.to_dict(), device_usable_bytes=usable),
             files=tuple(FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p))
-                        for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks)
+                        for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks, kv_cache=req.kv_cache_type)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 
@@ -367,8 +369,9 @@ Files: `manifest.json` (config, window, quantization, memory budget, sha256 of e
 Run it with the Python runtime: `mistral-edge generate --bundle . "Hello"`.
 In an app: create an ONNX Runtime session with the providers and options listed under
 `runtime` in the manifest, allocate the cache tensors once (`past_key.i` / `past_value.i`,
-shape [1, n_kv_heads, W, head_dim], float16 when the manifest's `activation_dtype` is fp16,
-else float32) and bind each `present_*` output to the same buffer as its `past_*` input; feed
+shape [1, n_kv_heads, W, head_dim], of the manifest's `kv_cache` type: float32, float16, or
+int8 with `past_key_scale.i` / `past_value_scale.i` [1, n_kv_heads, W, 1] float16 beside them;
+the graph's inputs list them all) and bind each `present_*` output to the same buffer as its `past_*` input; feed
 the prompt in chunks of at most `chunk` tokens, then one token per step. Logits are float32
 either way. Chat template and generation defaults are in the manifest.
 """

@@ -1,5 +1,5 @@
 """The whole export request, typed and checked when it is made: a bad target, quant, format,
-activation type, window, chunk or device memory is refused before a checkpoint is loaded
+activation type, KV cache type, window, chunk or device memory is refused before a checkpoint is loaded
 (a 7B model takes minutes to load). Checks that need the model (its own window, the memory
 budget) stay with write_bundle.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..contract import check_kv_cache
 from ..errors import EdgeError
 from ..quantize.spec import QuantSpec, parse_quant
 from .profiles import TargetProfile, parse_memory
@@ -44,6 +45,7 @@ class BundleRequest:
     fmt: str | None = None  # overrides the target's weight format: one of export.pipeline.FORMATS
     activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
+    kv_cache: str | None = None  # "fp32" | "fp16" | "int8": the KV cache's storage; None: the activation type
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
@@ -54,6 +56,7 @@ class BundleRequest:
             parse_memory(self.device_memory)
         if self.activations is not None:
             activation_type(self.activations)
+        check_kv_cache(self.kv_cache_type, self.activation_dtype)
         if self.target.name == "mlc":
             self._check_mlc()
         elif self.fmt is not None and self.fmt not in FORMATS:
@@ -68,10 +71,10 @@ class BundleRequest:
         if self.sinks:
             raise EdgeError("the mlc target has no attention sinks (MLC's own runtime): use --sinks 0 or another target")
         if self.quant not in mlc_like or self.fmt is not None or \
-                self.activation_dtype != self.target.activation_dtype:
+                self.activation_dtype != self.target.activation_dtype or self.kv_cache_type != "fp16":
             raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
-                            f"symmetric, fp16 activations) only: use --quant int4 (the default), no --format "
-                            f"and no --activations fp32")
+                            f"symmetric, fp16 activations and KV cache) only: use --quant int4 (the default), no "
+                            f"--format, no --activations fp32 and no --kv-cache")
 
     @property
     def weight_format(self) -> str:
@@ -81,3 +84,8 @@ class BundleRequest:
     @property
     def activation_dtype(self) -> str:
         return self.activations or self.target.activation_dtype
+
+    @property
+    def kv_cache_type(self) -> str:
+        """The cache's storage: --kv-cache, else the activation type."""
+        return self.kv_cache or self.activation_dtype
