@@ -31,6 +31,8 @@ def export(
     sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
                                                       "(default: 4 for a model trained without a window, else 0)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="calibration text (UTF-8; its first 8 windows of 512 tokens): "
+                                                   "GPTQ codes for the int4 tensors; slow (docs/quantization.md)")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
 ) -> None:
@@ -38,7 +40,7 @@ def export(
     # the whole request is checked before the (slow) checkpoint load
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
-    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks)
+    req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks, calib=calib)
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle

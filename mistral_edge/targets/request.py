@@ -10,9 +10,10 @@ exporter's own lists of formats, activation types and MLC's scheme are read when
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import EdgeError
-from ..quantize.spec import QuantSpec, parse_quant
+from ..quantize.spec import QuantSpec, check_calibration, parse_quant
 from .profiles import TargetProfile, parse_memory
 
 MAX_WINDOW = 1 << 20
@@ -44,12 +45,15 @@ class BundleRequest:
     fmt: str | None = None  # overrides the target's weight format: one of export.pipeline.FORMATS
     activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
+    calib: Path | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
         from ..export.pipeline import FORMATS
 
         check_window(self.window, self.chunk, self.sinks)
+        if self.calib is not None:
+            check_calibration(self.calib, self.quant, self.target.name)
         if self.device_memory is not None:
             parse_memory(self.device_memory)
         if self.activations is not None:
