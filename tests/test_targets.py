@@ -159,7 +159,7 @@ def test_fp16_targets_halve_the_kv_cache(bundles):
         assert budget.kv_cache_bytes == cpu.kv_cache_bytes // 2
         assert budget.activation_bytes == cpu.activation_bytes // 2
         stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-        assert budget.weight_bytes == pytest.approx(stored, rel=0.01)
+        assert stored <= budget.weight_bytes <= 1.1 * stored  # 8-bit int4 scales are resident as fp16 (folded at load)
         assert budget.weight_bytes < cpu.weight_bytes  # fp16 scales and norms
 
 

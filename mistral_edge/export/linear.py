@@ -167,30 +167,37 @@ class WeightEmitter:
             return self._scales(name + ".scales", lambda: scales.numpy())
         b, grid = self.builder, self._scale_grid(name, q4)
         if transposed:
-            return self._value(name + ".scales/t", lambda: b.op("Transpose", [grid], perm=[1, 0]))
-        return self._value(name + ".scales/flat", lambda: b.op("Reshape", [grid, b.const([-1])]))
+            return self._value(name + ".scales/t", lambda: self._to_act(b.op("Transpose", [grid], perm=[1, 0])))
+        return self._value(name + ".scales/flat", lambda: self._to_act(b.op("Reshape", [grid, b.const([-1])])))
 
     def _scale_grid(self, name: str, q4: Int4Weight) -> str:
-        """8-bit scales [N, n_groups]: their uint8 codes times the fp16 row scales (Int4Weight.row_scales),
-        at the activation type, by ops on initializers that ONNX Runtime folds at load."""
+        """8-bit scales [N, n_groups] in float32: their uint8 codes times the fp16 row scales
+        (Int4Weight.row_scales), by ops on initializers that ONNX Runtime folds at load (in float32,
+        which its CPU provider has kernels for; an fp16 graph casts the result)."""
         b = self.builder
         return self._value(name + ".scales/grid", lambda: b.op("Mul", [
-            b.op("Cast", [self._once(name + ".scale_codes", lambda: q4.scale_codes().numpy())],
-                 to=self.activations.onnx_type),
-            b.op("Unsqueeze", [self._scales(name + ".row_scales", lambda: q4.row_scales.numpy()), b.const([1])])]))
+            b.op("Cast", [self._once(name + ".scale_codes", lambda: q4.scale_codes().numpy())], to=FLOAT),
+            b.op("Unsqueeze", [b.op("Cast", [self._once(name + ".row_scales",
+                                                         lambda: q4.row_scales.numpy().astype(np.float16))], to=FLOAT),
+                               b.const([1])])]))
+
+    def _to_act(self, value: str) -> str:
+        """A float32 value at the activation type."""
+        act = self.activations.onnx_type
+        return value if act == FLOAT else self.builder.op("Cast", [value], to=act)
 
     def _offsets(self, name: str, q4: Int4Weight) -> str:
         """Float zero points' offsets s (8 - z), [n_groups, N] (as the offset MatMul reads them):
-        fp16, or from the 8-bit scales and the zero points' sixteenths (uint8 codes)."""
+        fp16, or from the 8-bit scales and the zero points' sixteenths (uint8 codes), in float32."""
         if q4.row_scales is None:
             return self._scales(name + ".offsets", lambda: q4.split_offset()[1].T.contiguous().numpy())
-        b, act = self.builder, self.activations
+        b = self.builder
 
         def offsets() -> str:
             z = b.op("Mul", [b.op("Cast", [self._once(name + ".zero_codes", lambda: q4.zero_codes().numpy())],
-                                  to=act.onnx_type), b.const(1 / 16, act.np_type)])
-            shift = b.op("Sub", [b.const(8.0, act.np_type), z])
-            return b.op("Transpose", [b.op("Mul", [self._scale_grid(name, q4), shift])], perm=[1, 0])
+                                  to=FLOAT), b.const(1 / 16, np.float32)])
+            shift = b.op("Sub", [b.const(8.0, np.float32), z])
+            return self._to_act(b.op("Transpose", [b.op("Mul", [self._scale_grid(name, q4), shift])], perm=[1, 0]))
         return self._value(name + ".offsets/t", offsets)
 
     def _int4_gather(self, name: str, q4: Int4Weight, ids: str | None) -> str:
