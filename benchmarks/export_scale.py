@@ -128,8 +128,9 @@ def vm(field: str) -> int:
     return 0
 
 
-def export_child(model: Path, out: Path, target: str, quant: str) -> None:
-    """Runs in the child: export, then print one JSON line (wall, peak RSS, RSS after each step)."""
+def export_child(model: Path, out: Path, target: str, quant: str, calib: Path | None = None) -> None:
+    """Runs in the child: export (with --calib `calib`), then print one JSON line (wall, peak RSS, RSS after
+    each step)."""
     sys.path.insert(0, str(ROOT))
     from mistral_edge.model.loaders import load_checkpoint
     from mistral_edge.quantize.spec import parse_quant
@@ -146,7 +147,7 @@ def export_child(model: Path, out: Path, target: str, quant: str) -> None:
         print(f"  step {done}/{total} {steps[-1][1]:.0f}s rss {steps[-1][2] / 2**30:.2f} GiB",
               file=sys.stderr, flush=True)
 
-    req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB")
+    req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB", calib=calib)
     write_bundle(ck, req, out, log=lambda line: None, progress=progress)
     print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": vm("VmHWM"), "start_rss": start,
                       "steps": steps}), flush=True)
@@ -367,6 +368,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_export":
-        export_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5])
+        export_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5], *map(Path, sys.argv[6:7]))
     else:
         main()

@@ -58,6 +58,7 @@ class QuantInfo:
     spec: str  # the --quant spec, canonical form, or q4f16_1 (mlc)
     format: str  # nbits | qdq | q4f16_1
     tensors: dict[str, str]  # scheme per tensor group, layer indices folded into '*'
+    calibration: dict[str, str | int] | None = None  # export --calib: the text (name, sha256) and windows
 
 
 @dataclass(frozen=True)
@@ -264,10 +265,14 @@ def check_relpath(path: str) -> None:
         raise EdgeError(f"file {path[:40]!r}...: a name longer than 255 bytes")
 
 
+OMITTED_WHEN_NONE = ("converted_by", "calibration")
+"""Optional fields left out of the JSON when unset (a bundle written without them reads the same)."""
+
+
 def _to_json(value):
     if dataclasses.is_dataclass(value):
         return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not (f.name == "converted_by" and value.converted_by is None)}
+                if not (f.name in OMITTED_WHEN_NONE and getattr(value, f.name) is None)}
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     if isinstance(value, dict):

@@ -114,7 +114,7 @@ def test_fp16_graph_types(tmp_path):
     assert types["logits"] == F32
     floats = {t.name: t.data_type for t in model.graph.initializer if t.data_type in (F16, F32)}
     assert floats.pop("rope.inv_freq") == F32  # positions times frequencies in fp32, then cast
-    assert set(floats.values()) == {F16} and "layers.0.attention.wqkv.scales" in floats
+    assert set(floats.values()) == {F16} and {"layers.0.attention.wqkv.scales", "layers.0.attention.wqkv.row_scales"} & set(floats)
     assert {p.key: p.value for p in model.metadata_props}["mistral_edge.activation_dtype"] == "fp16"
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     hidden = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}

@@ -1,11 +1,21 @@
 """GPTQ (quantize/gptq.py) and its calibration pass (quantize/calibrate.py): the output error it
 buys, the group layout it keeps, and the export of its codes."""
 
+import gc
+import hashlib
+import subprocess
+import sys
+import weakref
+from collections.abc import Mapping
+
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+from torch.overrides import TorchFunctionMode
 
-from helpers import W, checkpoint_of, tiny_hf_mistral
+from helpers import W, checkpoint_of, tiny_hf_mistral, write_tiny_hf_dir
 from mistral_edge.compare.variants import parse_quants
 from mistral_edge.errors import EdgeError
 from mistral_edge.export.decoder import build_decoder
@@ -14,8 +24,16 @@ from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.model.reference import ReferenceModel, rms_norm
 from mistral_edge.quantize import calibrate, gptq
 from mistral_edge.quantize.int4 import pack_matmul_nbits, quantize_int4
+from mistral_edge.quantize.int8 import quantize_int8
+from mistral_edge.quantize.plan import quant_plan
 from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.model.loaders import load_checkpoint
+from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.session import DecoderSession
+from mistral_edge.targets.bundle import write_bundle
+from mistral_edge.targets.profiles import get_target
+from mistral_edge.targets.request import BundleRequest
+from mistral_edge.tokenizer import Tokenizer
 from test_export import EXACT, run_chunks, unfuse
 
 ZERO_POINTS = ["int", "float", "none"]
@@ -140,29 +158,146 @@ def test_gptq_pass_quantizes_every_int4_linear_on_its_own_input(tiny):
     direct = gptq.gptq_int4(wqkv, gptq.hessian(x), 32, tq.zero_point, tq.method)
     assert torch.equal(tq.codes.q, direct.q)
     # layer 1's w2 input comes from the quantized model: fp32 layers before it give other codes
-    fp32 = calibrate.gptq_codes(ck, {name: tq for name, tq in cal.plan.items()
-                                     if name == "layers.1.feed_forward.w2"}, windows)
+    only_w2 = {name: tq for name, tq in cal.plan.items() if name == "layers.1.feed_forward.w2"}
+    fp32 = calibrate.LayerwiseGptq(ck, only_w2, windows).all_codes()
     assert not torch.equal(fp32["layers.1.feed_forward.w2"].q, cal.plan["layers.1.feed_forward.w2"].codes.q)
 
 
-@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
-def test_gptq_export_runs_with_its_codes(tiny, tmp_path, fmt):
-    """The exported graph stores GPTQ's codes unchanged and computes what the reference model computes
-    on their dequantized weights (accuracy_level 0: fp32 compute)."""
+class _WholeModelPass(TorchFunctionMode):
+    """The oracle for the layer-by-layer pass: the reference model run whole over the windows, each
+    planned weight in `x @ W.T` replaced by its quantized value when its first input arrives (int4:
+    GPTQ codes on that input's Hessian)."""
+
+    def __init__(self, model: ReferenceModel, plan: dict):
+        super().__init__()
+        self.model, self.plan, self.quantized, self.codes = model, plan, {}, {}
+        parts = {name: ["output.weight"] if name == "output" else calibrate.weights_of(name)
+                 for name in plan if name != "tok_embeddings"}
+        self.names = {model.w[p].data_ptr(): (name, ps, p) for name, ps in parts.items() for p in ps}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__") and isinstance(args[1], torch.Tensor):
+            hit = self.names.get(args[1].data_ptr())
+            if hit is not None:
+                name, parts, part = hit
+                if part not in self.quantized:
+                    tq, w = self.plan[name], torch.cat([self.model.w[p] for p in parts])
+                    if tq.kind == "int4":
+                        self.codes[name] = gptq.gptq_int4(w, gptq.hessian(args[0]), tq.group_size, tq.zero_point,
+                                                          tq.method, scale_bits=tq.scale_bits)
+                        w = self.codes[name].dequantize()
+                    elif tq.kind == "int8":
+                        w = quantize_int8(w).dequantize()
+                    self.quantized.update(zip(parts, w.split([self.model.w[p].shape[0] for p in parts])))
+                return func(args[0], self.quantized[part].T)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("quant, head", [("int4-g32-fzp", "int4"), ("int4", "int8")])
+def test_layer_by_layer_pass_equals_the_whole_model_pass(tiny, quant, head):
+    """The layer-by-layer pass (one layer's weights and the hidden states at a time) gives the codes
+    the reference model run whole gives, with int8 linears (the mixed plan's) before them."""
     ck, windows = tiny
-    cal = calibrate.calibrate_gptq(ck, parse_quant("int4-g32"), windows, awq=True)
-    emitter = WeightEmitter(Builder(), cal.plan, fmt, 0, ACTIVATIONS["fp32"], keep_dequantized=True)
-    (tmp_path / "m.onnx").write_bytes(build_decoder(ck.config, cal.checkpoint.weights, W, 5, emitter)
-                                      .SerializeToString())
-    for name, tq in cal.plan.items():
-        if tq.codes is not None:
-            assert torch.equal(emitter.dequantized[name], tq.codes.dequantize())
-    weights = {**cal.checkpoint.weights, **unfuse(ck.config, emitter.dequantized)}
+    windows = windows[:, :W]  # the whole model over the windows in one chunk (its cache holds at most W)
+    plan = quant_plan(ck.config, parse_quant(quant, head=head, embedding="int8"))
+    layerwise = calibrate.LayerwiseGptq(ck, plan, windows).all_codes()
+    model = ReferenceModel(ck.config, ck.weights)
+    whole = _WholeModelPass(model, plan)
+    tokens = torch.as_tensor(windows)
+    with torch.no_grad(), whole:
+        model.prefill(tokens, model.new_cache(len(tokens), tokens.shape[1]), tokens.shape[1])
+    assert set(layerwise) == set(whole.codes) == {name for name, tq in plan.items() if tq.kind == "int4"}
+    if "layers.0.attention.wqkv" in layerwise:  # the same input in both: the same codes
+        assert torch.equal(layerwise["layers.0.attention.wqkv"].q, whole.codes["layers.0.attention.wqkv"].q)
+    for name, codes in layerwise.items():  # float summation order may move a rare tie
+        assert float((codes.q == whole.codes[name].q).float().mean()) > 0.99, name
+
+
+def test_layer_by_layer_codes_are_asked_for_in_execution_order(tiny):
+    ck, windows = tiny
+    plan = quant_plan(ck.config, parse_quant("int4-g32-fzp"))
+    pass_ = calibrate.LayerwiseGptq(ck, plan, windows)
+    assert pass_.codes("tok_embeddings") is None  # a Gather: no codes
+    assert pass_.codes("layers.0.feed_forward.w13") is not None
+    with pytest.raises(ValueError, match="went past it"):
+        pass_.codes("layers.0.attention.wqkv")
+
+
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_gptq_export_runs_with_its_codes(tiny, tmp_path, fmt, lazy):
+    """The exported graph stores GPTQ's codes unchanged and computes what the reference model computes
+    on their dequantized weights (accuracy_level 0: fp32 compute): codes in the plan (compare's
+    calibrated rows, here on the AWQ-scaled model) or asked for tensor by tensor as the export goes
+    (`export --calib`: WeightEmitter.codes, the layer-by-layer pass run alongside)."""
+    ck, windows = tiny
+    if lazy:
+        plan = quant_plan(ck.config, parse_quant("int4-g32"))
+        model, codes = ck, calibrate.LayerwiseGptq(ck, plan, windows).all_codes()
+        emitter = WeightEmitter(Builder(), plan, fmt, 0, ACTIVATIONS["fp32"], keep_dequantized=True,
+                                codes=calibrate.LayerwiseGptq(ck, plan, windows).codes)
+    else:
+        cal = calibrate.calibrate_gptq(ck, parse_quant("int4-g32"), windows, awq=True)
+        model, codes = cal.checkpoint, {name: tq.codes for name, tq in cal.plan.items() if tq.codes is not None}
+        emitter = WeightEmitter(Builder(), cal.plan, fmt, 0, ACTIVATIONS["fp32"], keep_dequantized=True)
+    (tmp_path / "m.onnx").write_bytes(build_decoder(ck.config, model.weights, W, 5, emitter).SerializeToString())
+    assert codes and all(torch.equal(emitter.dequantized[name], q4.dequantize()) for name, q4 in codes.items())
+    weights = {**model.weights, **unfuse(ck.config, emitter.dequantized)}
     ref = ReferenceModel(ck.config, weights)
     tokens = torch.as_tensor(windows[:1, :20])
     expected = ref.prefill(tokens, ref.new_cache(), 5).numpy()
     got = run_chunks(DecoderSession(tmp_path / "m.onnx", config=EXACT), tokens.numpy(), 5)
     assert np.abs(got - expected).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def calib_model(tmp_path_factory):
+    """A tiny Mistral directory with a SentencePiece tokenizer, and a text of more than 8 x 512 tokens."""
+    root = tmp_path_factory.mktemp("calib")
+    words = np.random.default_rng(0).choice("the river ran north past old stone mills and".split(), 6000)
+    (root / "calib.txt").write_text(" ".join(words) + "\n")
+    return load_checkpoint(str(write_tiny_hf_dir(root / "model", W))), root / "calib.txt"
+
+
+def test_export_calib_writes_the_gptq_codes_and_records_the_text(calib_model, tmp_path):
+    ck, text = calib_model
+    spec = parse_quant("int4-g32-fzp")  # every layer linear int4
+    manifest = write_bundle(ck, BundleRequest(get_target("cpu"), spec, calib=text), tmp_path / "b", log=print)
+    record = {"method": "gptq", "text": "calib.txt", "sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
+              "windows": 8, "tokens_per_window": 512}
+    assert manifest.quant.calibration == record
+    assert Bundle.open(tmp_path / "b").manifest.quant.calibration == record
+    tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+    windows, _ = calibrate.calibration_windows(text, tokenizer)
+    codes = calibrate.LayerwiseGptq(ck, quant_plan(ck.config, spec), windows).all_codes()
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer}
+    assert len(codes) == 4 * ck.config.n_layers
+    for name, q4 in codes.items():  # MatMulNBits holds the symmetric part of the float zero points' split
+        assert np.array_equal(stored[name + ".q4"], pack_matmul_nbits(q4.split_offset()[0])[0]), name
+    plain = write_bundle(ck, BundleRequest(get_target("cpu"), spec), tmp_path / "plain", log=print)
+    assert plain.quant.calibration is None
+    rtn = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "plain" / "model.onnx")).graph.initializer}
+    assert not np.array_equal(rtn["layers.1.feed_forward.w2.q4"], stored["layers.1.feed_forward.w2.q4"])
+
+
+@pytest.mark.parametrize("quant, text, message", [
+    ("int8", "calib.txt", "--calib calibrates int4 tensors (GPTQ); --quant int8 has none"),
+    ("int4", "missing.txt", "no such text file"),
+    ("int4", "short.txt", "tokens, fewer than the 4096 that calibration needs (8 windows of 512)"),
+    ("int4", "latin1.txt", "not UTF-8 text"),
+])
+def test_export_calib_refuses_in_one_line_and_writes_nothing(calib_model, tmp_path, quant, text, message):
+    _, good = calib_model
+    (tmp_path / "calib.txt").write_bytes(good.read_bytes())
+    (tmp_path / "short.txt").write_text("the river ran north\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 3000)
+    model = calib_model[0].source
+    r = subprocess.run([sys.executable, "-m", "mistral_edge.cli.main", "export", model, "--quant", quant,
+                        "--calib", str(tmp_path / text), "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_quants_take_the_calibration_suffixes():
@@ -187,3 +322,34 @@ def test_wide_matrices_run_in_segments_of_whole_groups(monkeypatch):
         alone = gptq.gptq_int4(w[:, cols], h[cols, cols], 32, "int")
         assert torch.equal(q4.q[:, cols], alone.q)
     assert output_error(x, w, q4) < 0.6 * output_error(x, w, quantize_int4(w, 32, "int", "rtn"))
+
+
+def test_layer_by_layer_pass_holds_no_weights_between_linears(tiny):
+    """Memory: each weight is read from the checkpoint when its linear is reached and dropped once
+    quantized, so at every step the pass holds at most the current linear's weights (a whole-model
+    pass would hold every one of them: 28 GiB in float32 for 7B)."""
+    ck, windows = tiny
+    alive = weakref.WeakValueDictionary()
+
+    class Reads(Mapping):
+        def __getitem__(self, name):
+            t = ck.weights[name].clone()
+            alive[f"{name}#{len(alive)}"] = t
+            return t
+
+        def __iter__(self):
+            return iter(ck.weights)
+
+        def __len__(self):
+            return len(ck.weights)
+
+    plan = quant_plan(ck.config, parse_quant("int4-g32-fzp"))
+    pass_ = calibrate.LayerwiseGptq(ck, plan, windows)
+    pass_.weights = Reads()  # read when the pass reaches them (a Checkpoint would wrap, and read, them all)
+    steps = 0
+    for name, codes in pass_._steps:
+        gc.collect()
+        held = {key.split("#")[0] for key in alive.keys()}
+        assert held <= set(calibrate.weights_of(name) if name != "output" else ["output.weight"]), (name, held)
+        steps += 1
+    assert steps == 4 * ck.config.n_layers

@@ -28,9 +28,9 @@ def test_mixed_plan_fills_the_bit_budget_in_sensitivity_order(tied):
     if any(name.endswith("w2") for name in int8):
         assert len(wqkv) == 30
     assert not any(name.endswith(("wo", "w13")) for name in int8)
-    assert {scheme_name(tq) for tq in plan.values()} <= {"int8", "int4-g32-fzp-search"}
+    assert {scheme_name(tq) for tq in plan.values()} <= {"int8", "int4-g32-fzp-search-s8"}
     # an untied embedding is int4 (cheap in KL); a tied one follows the head, stored once
-    assert scheme_name(plan["tok_embeddings"]) == ("int8" if tied else "int4-g32-fzp-search")
+    assert scheme_name(plan["tok_embeddings"]) == ("int8" if tied else "int4-g32-fzp-search-s8")
     assert head_shares_embedding(cfg, plan) == tied
 
 

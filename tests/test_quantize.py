@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mistral_edge.errors import EdgeError
 from mistral_edge.quantize.plan import LAYER_LINEARS, quant_plan
 from mistral_edge.quantize import int4, int8, stats
+from mistral_edge.quantize import spec as spec_module
 from mistral_edge.quantize.int4 import blocked_qdq, pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.spec import QuantSpec, bits_per_weight, parse_quant
@@ -91,7 +92,7 @@ def test_parse_quant_errors(text, kwargs, message):
         parse_quant(text, **kwargs)
 
 
-def test_bits_per_weight():
+def test_bits_per_weight(monkeypatch):
     # 576 = 18 groups of 32: 4 + 16/32 scale + 4/32 zero point (integer) or 16/32 offset (float).
     assert bits_per_weight("int4", 10, 576, 32) == 4.625
     assert bits_per_weight("int4", 10, 576, 32, zero_point="none") == 4.5
@@ -99,8 +100,11 @@ def test_bits_per_weight():
     assert bits_per_weight("int4", 10, 576, 32, zero_point="float", scale_bits=32) == 6.0  # as the ONNX export
     # 576 = 4.5 groups of 128 -> 5 groups, 640 padded codes, 3 zero-point bytes per row.
     assert bits_per_weight("int4", 10, 576, 128) == (640 * 4 + 5 * 16 + 3 * 8) / 576
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", None)
     assert bits_per_weight("int8", 10, 576) == 8 + 16 / 576
     assert bits_per_weight("int8", 10, 576, scale_bits=32) == 8 + 32 / 576
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", 128)  # 4.5 groups of 128: 5 scales per row
+    assert bits_per_weight("int8", 10, 576) == 8 + 5 * 16 / 576
     assert bits_per_weight("fp16", 10, 576) == 16
     assert bits_per_weight("int4", 3, 1536, 128, zero_point="none") == 4 + 16 / 128
     with pytest.raises(EdgeError):
@@ -110,25 +114,30 @@ def test_bits_per_weight():
 # ---- int8 ------------------------------------------------------------------------------
 
 
-def test_int8_per_channel():
+@pytest.mark.parametrize("group", [None, 16, 64])
+def test_int8_groups(monkeypatch, group):
+    """One fp16 scale per group of `group` columns (None: per row; the last group partial), the
+    group's absmax / 127; the codes are the nearest ones for the stored scale."""
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", group)
     w = randw(16, 40) * torch.logspace(-3, 1, 16)[:, None]
     w[3] = 0
     qw = quantize_int8(w)
-    assert qw.q.dtype == torch.int8 and qw.scale.shape == (16,) and qw.scale.dtype == torch.float32
-    assert int(qw.q.abs().max()) == 127
-    assert torch.equal(qw.q.abs().amax(1)[[0, 1, 2, 4]], torch.full((4,), 127, dtype=torch.int8))
-    err = (qw.dequantize() - w).abs()
-    assert bool((err <= qw.scale[:, None] / 2 + 1e-7).all())
-    assert bool((qw.dequantize()[3] == 0).all())
+    g = group or 40
+    assert qw.q.dtype == torch.int8 and qw.group_size == g and qw.scales.shape == (16, math.ceil(40 / g))
+    absmax = torch.nn.functional.pad(w.abs(), (0, -40 % g)).view(16, -1, g).amax(-1)
+    assert torch.equal(qw.scales, torch.where(absmax > 0, absmax / 127, 1.0).half().float())
+    assert int(qw.q.abs().max()) == 127 and bool((qw.dequantize()[3] == 0).all())
+    s = qw.scales.repeat_interleave(g, 1)[:, :40]
+    assert bool(((qw.dequantize() - w).abs() <= s / 2 * (1 + 1e-6)).all())
 
 
 def test_int8_in_row_blocks_equals_whole(monkeypatch):
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", 16)
     w = randw(45, 20, seed=13).bfloat16()
     whole = quantize_int8(w)
     monkeypatch.setattr(int8, "ROW_BLOCK_ELEMENTS", 4 * 20)  # 12 blocks, the last one short
     blocked = quantize_int8(w)
-    assert torch.equal(blocked.q, whole.q) and torch.equal(blocked.scale, whole.scale)
-    torch.testing.assert_close(whole.scale, w.float().abs().amax(1) / 127)
+    assert torch.equal(blocked.q, whole.q) and torch.equal(blocked.scales, whole.scales)
 
 
 # ---- int4 ------------------------------------------------------------------------------
@@ -247,6 +256,32 @@ def test_int4_rejects_unknown_method_or_zero_point():
         quantize_int4(randw(2, 32), 32, method="gptq")
     with pytest.raises(EdgeError, match="int4 zero point"):
         quantize_int4(randw(2, 32), 32, "half")
+
+
+@pytest.mark.parametrize("method", ["rtn", "search"])
+def test_int4_8_bit_scales(method):
+    """scale_bits 8: every scale an integer 1..255 times its row's fp16 scale and every float zero
+    point a sixteenth in [0, 255/16], exactly (what the graph computes from the uint8 codes); the
+    codes are the nearest for those; the error stays within 2% of fp16 scales'; a zero group stays
+    exact and a constant one within s / 32; other zero points are refused."""
+    w = randw(24, 96, seed=3) * torch.logspace(-2, 1, 24)[:, None]
+    w[2, 32:64] = 0.0
+    w[3, :32] = -0.75
+    q8, q16 = quantize_int4(w, 32, "float", method, scale_bits=8), quantize_int4(w, 32, "float", method)
+    assert q8.row_scales.shape == (24,) and torch.equal(q8.row_scales.half().float(), q8.row_scales)
+    codes = q8.scale_codes()
+    assert int(codes.min()) >= 1 and bool((codes.amax(1) == 255).all())
+    assert torch.equal(codes.float() * q8.row_scales[:, None], q8.scales)
+    assert torch.equal(q8.zero_codes().float() / 16, q8.zero_points)
+    sym, _ = q8.split_offset()
+    r = (w / q8.scales.repeat_interleave(32, 1) + q8.zero_points.repeat_interleave(32, 1))  # codes before rounding
+    assert bool((((q8.q.float() - r).abs() <= 0.5 + 1e-4) | (q8.q == 0) | (q8.q == 15)).all())
+    assert torch.equal(sym.row_scales, q8.row_scales)
+    assert float(group_err(w, q8).sum()) < 1.02 * float(group_err(w, q16).sum())
+    assert bool((q8.dequantize()[2, 32:64] == 0).all())  # a zero group: exact
+    assert float((q8.dequantize()[3, :32] + 0.75).abs().max()) <= 0.75 / 256 + 1e-6  # a constant one: to s / 32
+    with pytest.raises(EdgeError, match="8-bit with float zero points"):
+        quantize_int4(w, 32, "int", scale_bits=8)
 
 
 # ---- int4 search: today's errors, blocks and threads ----------------------------------------

@@ -13,6 +13,7 @@ from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.int4 import quantize_int4
+from mistral_edge.quantize import spec as spec_module
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.plan import head_shares_embedding, quant_plan
 from mistral_edge.quantize.spec import parse_quant
@@ -29,17 +30,10 @@ def export(path, ck, spec, fmt):
     return {**ck.weights, **computed}, emitter.plan
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
-@pytest.mark.parametrize("quant, head", [("int4-g32-fzp", "int4"), ("int4-g32-izp", "int8"),
-                                          ("int4-g64-sym-rtn", "int4"), ("int8", "int8")])
-def test_int4_embedding_graph_matches_reference_on_its_weights(tmp_path, quant, head, fmt, tied):
-    """An int4 embedding (Gather of packed rows, unpacked with standard ops), alone or shared with a
-    tied int4 head, computes exactly with its dequantized rows; its stored bytes are the budget's."""
-    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
-    spec = parse_quant(quant, head=head, embedding="int4")
+def assert_graph_matches_reference(tmp_path, ck, spec, fmt) -> dict:
+    """The exported graph computes what the reference model computes on the weights the graph holds,
+    and stores exactly the budget's bytes; returns those weights."""
     weights, plan = export(tmp_path / "m.onnx", ck, spec, fmt)
-    assert not torch.equal(weights["tok_embeddings.weight"], ck.weights["tok_embeddings.weight"])
     ref = ReferenceModel(ck.config, weights)
     tokens = tokens_for(ck, 3 * W)
     expected = ref.prefill(tokens, ref.new_cache(), 5).numpy()
@@ -48,8 +42,38 @@ def test_int4_embedding_graph_matches_reference_on_its_weights(tmp_path, quant, 
     model = onnx.load(str(tmp_path / "m.onnx"))
     stored = sum(len(t.raw_data) for t in model.graph.initializer)
     assert stored == estimate(ck.config, plan, W, 5, fmt=fmt, stored=True).weight_bytes
+    return weights
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("quant, head", [("int4-g32-fzp", "int4"), ("int4-g32-izp", "int8"), ("int4", "int4"),
+                                          ("int4-g64-sym-rtn", "int4"), ("int8", "int8")])
+def test_int4_embedding_graph_matches_reference_on_its_weights(tmp_path, quant, head, fmt, tied):
+    """An int4 embedding (Gather of packed rows, unpacked with standard ops), alone or shared with a
+    tied int4 head, computes exactly with its dequantized rows (8-bit scales too: `int4`, the plan's);
+    its stored bytes are the budget's."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    weights = assert_graph_matches_reference(tmp_path, ck, parse_quant(quant, head=head, embedding="int4"), fmt)
+    assert not torch.equal(weights["tok_embeddings.weight"], ck.weights["tok_embeddings.weight"])
     if tied and head == "int4":  # one table for both
+        model = onnx.load(str(tmp_path / "m.onnx"))
         assert not any(t.name.startswith("output") for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+def test_grouped_int8_graph_matches_reference_on_its_weights(tmp_path, monkeypatch, group, fmt, tied):
+    """int8 with a scale per group of columns (partial last groups: K 96 and 200; K padded to
+    MatMulNBits' blocks of 32) or per row, in every role: the layer linears, the embedding's Gather
+    and the head, tied (one table) or not."""
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", group)
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=96))
+    weights = assert_graph_matches_reference(tmp_path, ck, parse_quant("int8"), fmt)
+    w2 = weights["layers.0.feed_forward.w2.weight"]
+    q8 = quantize_int8(ck.weights["layers.0.feed_forward.w2.weight"])
+    assert q8.scales.shape == (96, 1 if group is None else 4) and torch.equal(w2, q8.dequantize())
 
 
 @pytest.mark.parametrize("zero_point, extra", [("fzp", {".offsets": (TensorProto.FLOAT16, [2, 128])}),
@@ -75,7 +99,7 @@ def test_scales_are_stored_as_fp16_and_cast_up(tmp_path, fmt):
     ck = checkpoint_of(tiny_hf_mistral(window=W, dim=64))
     export(tmp_path / "m.onnx", ck, parse_quant("int4"), fmt)
     model = onnx.load(str(tmp_path / "m.onnx"))
-    scales = [t for t in model.graph.initializer if t.name.endswith((".scales", ".offsets", ".row_scale"))]
+    scales = [t for t in model.graph.initializer if t.name.endswith((".scales", ".offsets", ".row_scales"))]
     assert scales and all(t.data_type == TensorProto.FLOAT16 for t in scales)
     casts = [n.input[0] for n in model.graph.node if n.op_type == "Cast"]
     assert all(casts.count(t.name) == 1 for t in scales)
@@ -91,5 +115,5 @@ def test_fitted_scales_and_offsets_are_fp16_values(zero_point):
         _, offsets = q4.split_offset()
         assert ((offsets.half().float() - offsets).abs() <= 1e-6 * q4.scales).all()  # float32 rounding only
     q8 = quantize_int8(w)
-    assert torch.equal(q8.scale.half().float(), q8.scale)
+    assert torch.equal(q8.scales.half().float(), q8.scales)
     assert (q8.q.abs() <= 127).all()

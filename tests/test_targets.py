@@ -159,7 +159,7 @@ def test_fp16_targets_halve_the_kv_cache(bundles):
         assert budget.kv_cache_bytes == cpu.kv_cache_bytes // 2
         assert budget.activation_bytes == cpu.activation_bytes // 2
         stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-        assert budget.weight_bytes == pytest.approx(stored, rel=0.01)
+        assert stored <= budget.weight_bytes <= 1.1 * stored  # 8-bit int4 scales are resident as fp16 (folded at load)
         assert budget.weight_bytes < cpu.weight_bytes  # fp16 scales and norms
 
 
@@ -222,9 +222,9 @@ def test_manifest_round_trip(ck, bundles):
     assert ModelConfig.from_dict(m["config"]) == ck.config
     assert (m["window"], m["chunk"], m["activation_dtype"]) == (W, W, "fp32")
     assert m["quant"] == {"spec": "int4-g32-mzp-search", "format": "nbits", "tensors": {
-        "layers.*.attention.wqkv": "int4-g32-fzp-search", "layers.*.attention.wo": "int4-g32-fzp-search",
-        "layers.*.feed_forward.w13": "int4-g32-fzp-search", "layers.*.feed_forward.w2": "int4-g32-fzp-search",
-        "tok_embeddings": "int4-g32-fzp-search", "output": "int8"}}
+        "layers.*.attention.wqkv": "int4-g32-fzp-search-s8", "layers.*.attention.wo": "int4-g32-fzp-search-s8",
+        "layers.*.feed_forward.w13": "int4-g32-fzp-search-s8", "layers.*.feed_forward.w2": "int4-g32-fzp-search-s8",
+        "tok_embeddings": "int4-g32-fzp-search-s8", "output": "int8"}}
     model = onnx.load(str(path / "model.onnx"))
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
     assert m["ops"] == sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in nodes})

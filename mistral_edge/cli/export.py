@@ -34,6 +34,8 @@ def export(
     kv_cache: Annotated[Optional[str], typer.Option(help=f"KV cache storage: {', '.join(KV_CACHES)} (int8: a scale per "
                                                          "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="calibration text (UTF-8; its first 8 windows of 512 tokens): "
+                                                   "GPTQ codes for the int4 tensors; slow (docs/quantization.md)")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
 ) -> None:
@@ -42,7 +44,7 @@ def export(
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
     req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks,
-                        kv_cache=kv_cache)
+                        kv_cache=kv_cache, calib=calib)
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle

@@ -3,9 +3,9 @@
 fp32 / fp16: Gemm on the [N, K] table (in an fp32 graph, fp16 weights are cast up once, at
 session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
-CPU path; int8 per output channel is stored as 8-bit blocks that share their
-row's scale, which is exactly per-channel quantization).
-int8, `qdq` format: DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
+CPU path; int8 is stored as 8-bit blocks of 16 that share their group's scale, one group
+being a whole number of blocks or the whole row).
+int8, `qdq` format: blocked DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
 shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Runnable anywhere.
 int4 with float zero points, either format: the symmetric int4 matmul plus
 MatMul(MatMul(x, group-sum matrix), offsets), see quantize/int4.py.
@@ -13,7 +13,8 @@ The embedding is a Gather on the same storage, so a tied head and embedding
 share one initializer; int4 rows are unpacked after the Gather with standard ops (BitwiseAnd,
 BitShift, Cast, Sub, Mul: any runtime). Scales and float offsets are stored as fp16 and cast to
 the graph's activation type (`Activations`) by a Cast on the initializer, which ONNX Runtime
-folds at load; an int8 head's per-block scales are its row scales, expanded in the graph.
+folds at load; an int8 head's per-block scales are its group scales, expanded in the graph
+(a Gather on initializers, folded too).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..errors import EdgeError
 from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
 from ..quantize.int8 import Int8Weight, quantize_int8
 from ..quantize.plan import TensorQuant
+from ..quantize.spec import int8_group_size
 from ..quantize.stats import error_stats_of
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
@@ -52,6 +54,9 @@ class WeightEmitter:
     fmt: str = "nbits"  # or "qdq"
     accuracy_level: int = 4
     activations: Activations = ACTIVATIONS["fp32"]
+    codes: Callable[[str], Int4Weight | None] | None = None
+    """Calibrated int4 codes by tensor name (GPTQ, `quantize.calibrate.LayerwiseGptq.codes`), asked for as each
+    int4 tensor is emitted; None from it, or no callable: the plan's own fit."""
     keep_dequantized: bool = False
     """Tests only: keep in `dequantized` a float32 copy of every quantized tensor (a whole model's worth)."""
     log: list = field(default_factory=list)
@@ -98,14 +103,14 @@ class WeightEmitter:
             return self._gemm_t(x, self._float(name, w, tq), n, k, outs)
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
-            blocks = math.ceil(k / block)
-            scales = self._value(name + ".row_scale/blocks", lambda: b.op("Reshape", [b.op("Expand", [
-                b.op("Unsqueeze", [self._int8_row_scale(name, w), b.const([1])]), b.const([n, blocks])]),
-                b.const([-1])]))
+            scales = self._value(name + ".scales/blocks", lambda: b.op("Reshape", [b.op("Gather", [
+                self._int8_scales(name, w), b.const(np.arange(0, k, block) // int8_group_size(k))],
+                axis=1), b.const([-1])]))  # each block takes its group's scale
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
         if tq.kind == "int8":  # the [N, K] table an embedding's Gather reads, so a tied head shares it
-            table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_row_scale(name, w)], axis=0)
+            table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_scales(name, w)], axis=1,
+                         block_size=int8_group_size(k))
             return self._gemm_t(x, table, n, k, outs)
         if tq.kind == "int4":
             q4 = self._q4(name, w, tq)
@@ -135,27 +140,65 @@ class WeightEmitter:
             ins = [x, *self._nbits(name, q4)]
             return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
                         block_size=g, accuracy_level=self.accuracy_level)
-        q, scale, zero = blocked_qdq(q4)
-        ins = [b.init(name + ".q4_t", q), self._scales(name + ".scales", lambda: scale)]
+        q, _, zero = blocked_qdq(q4)
+        ins = [b.init(name + ".q4_t", q), self._int4_scales(name, q4, transposed=True)]
         if zero is not None:
             ins.append(b.init(name + ".zero_points", zero))
         return b.op("MatMul", [x, b.op("DequantizeLinear", ins, axis=0, block_size=g)], outputs=outs)
 
     def _q4(self, name: str, w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
-        q4 = _int4_rows(w, tq)
-        self._record(name, tq.kind, w, lambda r: _rows(q4, r).dequantize())
+        q4 = self.codes(name) if self.codes is not None else None
+        q4 = q4 if q4 is not None else _int4_rows(w, tq)
+        self._record(name, tq.kind, w, lambda r: q4.rows(r).dequantize())
         return q4
 
     def _nbits(self, name: str, q4: Int4Weight) -> list[str]:
         """MatMulNBits' B, scales and (integer zero points only) zero_points of q4's codes (float
         zero points: of the symmetric part); the layout an int4 embedding's Gather reads too."""
-        packed, scales, zeros = pack_matmul_nbits(q4.split_offset()[0] if q4.zero_point_kind == "float" else q4)
-        ins = [self._once(name + ".q4", lambda: packed), self._scales(name + ".scales", lambda: scales)]
+        packed, _, zeros = pack_matmul_nbits(q4.split_offset()[0] if q4.zero_point_kind == "float" else q4)
+        ins = [self._once(name + ".q4", lambda: packed), self._int4_scales(name, q4)]
         return ins + ([self._once(name + ".zero_points", lambda: zeros)] if zeros is not None else [])
 
+    def _int4_scales(self, name: str, q4: Int4Weight, transposed: bool = False) -> str:
+        """q4's scales, [N * n_groups] as MatMulNBits reads them or [n_groups, N] (`transposed`, as
+        the qdq path's DequantizeLinear does): fp16 initializers, or `_scale_grid`."""
+        if q4.row_scales is None:
+            scales = q4.scales.T.contiguous() if transposed else q4.scales.reshape(-1)
+            return self._scales(name + ".scales", lambda: scales.numpy())
+        b, grid = self.builder, self._scale_grid(name, q4)
+        if transposed:
+            return self._value(name + ".scales/t", lambda: self._to_act(b.op("Transpose", [grid], perm=[1, 0])))
+        return self._value(name + ".scales/flat", lambda: self._to_act(b.op("Reshape", [grid, b.const([-1])])))
+
+    def _scale_grid(self, name: str, q4: Int4Weight) -> str:
+        """8-bit scales [N, n_groups] in float32: their uint8 codes times the fp16 row scales
+        (Int4Weight.row_scales), by ops on initializers that ONNX Runtime folds at load (in float32,
+        which its CPU provider has kernels for; an fp16 graph casts the result)."""
+        b = self.builder
+        return self._value(name + ".scales/grid", lambda: b.op("Mul", [
+            b.op("Cast", [self._once(name + ".scale_codes", lambda: q4.scale_codes().numpy())], to=FLOAT),
+            b.op("Unsqueeze", [b.op("Cast", [self._once(name + ".row_scales",
+                                                         lambda: q4.row_scales.numpy().astype(np.float16))], to=FLOAT),
+                               b.const([1])])]))
+
+    def _to_act(self, value: str) -> str:
+        """A float32 value at the activation type."""
+        act = self.activations.onnx_type
+        return value if act == FLOAT else self.builder.op("Cast", [value], to=act)
+
     def _offsets(self, name: str, q4: Int4Weight) -> str:
-        """Float zero points' offsets s (8 - z), [n_groups, N] (as the offset MatMul reads them)."""
-        return self._scales(name + ".offsets", lambda: q4.split_offset()[1].T.contiguous().numpy())
+        """Float zero points' offsets s (8 - z), [n_groups, N] (as the offset MatMul reads them):
+        fp16, or from the 8-bit scales and the zero points' sixteenths (uint8 codes), in float32."""
+        if q4.row_scales is None:
+            return self._scales(name + ".offsets", lambda: q4.split_offset()[1].T.contiguous().numpy())
+        b = self.builder
+
+        def offsets() -> str:
+            z = b.op("Mul", [b.op("Cast", [self._once(name + ".zero_codes", lambda: q4.zero_codes().numpy())],
+                                  to=FLOAT), b.const(1 / 16, np.float32)])
+            shift = b.op("Sub", [b.const(8.0, np.float32), z])
+            return self._to_act(b.op("Transpose", [b.op("Mul", [self._scale_grid(name, q4), shift])], perm=[1, 0]))
+        return self._value(name + ".offsets/t", offsets)
 
     def _int4_gather(self, name: str, q4: Int4Weight, ids: str | None) -> str:
         """Rows `ids` ([B, C]; None: the whole [N, K] table) of int4 W, dequantized from the
@@ -208,7 +251,8 @@ class WeightEmitter:
         else:
             rows = b.op("Cast", [b.op("Gather", [self._int8_table(name, w), ids], axis=0)],
                         to=self.activations.onnx_type)
-        scale = b.op("Unsqueeze", [b.op("Gather", [self._int8_row_scale(name, w), ids], axis=0), b.const([2])])
+        scale = b.op("Gather", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0),  # each column: its group's
+                                b.const(np.arange(w.shape[1]) // int8_group_size(w.shape[1]))], axis=2)
         return b.op("Mul", [rows, scale])
 
     def _act(self, scales: np.ndarray) -> np.ndarray:
@@ -230,11 +274,8 @@ class WeightEmitter:
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if self._int8_last is None or self._int8_last[0] != name:
             self._int8_last = None
-            q8 = Int8Weight(torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0]))
-            for r in row_blocks(*w.shape):
-                part = quantize_int8(w[r])
-                q8.q[r], q8.scale[r] = part.q, part.scale
-            self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scale[r]).dequantize())
+            q8 = quantize_int8(w)
+            self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scales[r], q8.group_size).dequantize())
             self._int8_last = (name, q8)
         return self._int8_last[1]
 
@@ -242,8 +283,9 @@ class WeightEmitter:
         """int8 [N, K] codes, as the qdq embedding's Gather and a qdq head's DequantizeLinear read them."""
         return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
 
-    def _int8_row_scale(self, name: str, w: torch.Tensor) -> str:
-        return self._scales(name + ".row_scale", lambda: self._int8(name, w).scale.numpy())
+    def _int8_scales(self, name: str, w: torch.Tensor) -> str:
+        """int8 scales [N, groups] (one group: per output channel)."""
+        return self._scales(name + ".scales", lambda: self._int8(name, w).scales.numpy())
 
     def _scales(self, init_name: str, make: Callable[[], np.ndarray]) -> str:
         """Scales (or float zero points' offsets) stored as fp16, the precision they were fitted
@@ -267,14 +309,18 @@ class WeightEmitter:
         return self._stored[init_name]
 
     def _int8_nbits(self, name: str, w: torch.Tensor) -> tuple[str, int]:
-        """int8 per channel as MatMulNBits 8-bit blocks [N, blocks, block] (K padded with the zero
-        point); the caller gives every block of a row the row's scale, which is exactly
-        per-channel quantization. Blocks of 32, because accuracy_level 4 quantizes activations
-        per weight block: on the demo model 32 halves the KL to fp32 against 128 (0.0064 vs 0.0134).
-        Returns (initializer name, block size)."""
+        """int8 as MatMulNBits 8-bit blocks [N, blocks, block] (K padded with the zero point); the
+        caller gives every block its group's scale (a group is a whole number of blocks, or the
+        whole row: per-channel quantization). Blocks of 16 whatever the group, because accuracy_level
+        4 quantizes activations per weight block: on the demo model 32 halved the KL to fp32 against
+        128 (0.0064 vs 0.0134), and 16 took the off-grid model's from 0.0054 to 0.0048 against 32
+        (docs/quantization.md). Returns (initializer name, block size)."""
         n, k = w.shape
         block = int8_block(k)
         blocks = math.ceil(k / block)
+        group = int8_group_size(k)
+        if group < k and group % block:
+            raise ValueError(f"int8 groups of {group} columns do not fill MatMulNBits blocks of {block}")
 
         def pack() -> np.ndarray:  # q + 128 as a byte is q's two's-complement byte with its top bit flipped
             shifted = self._int8(name, w).q.view(torch.uint8) ^ INT8_ZERO
@@ -287,8 +333,8 @@ class WeightEmitter:
 
 
 def int8_block(k: int) -> int:
-    """MatMulNBits block size of an int8 table with K columns (see _int8_nbits)."""
-    return 32 if k >= 32 else 16
+    """MatMulNBits block size of an int8 table with K columns (see _int8_nbits): 16, the smallest."""
+    return 16
 
 
 def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
@@ -298,17 +344,16 @@ def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:
         return tq.codes
     out = None
     for r in row_blocks(*w.shape):
-        part = quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale)
+        part = quantize_int4(w[r], tq.group_size, tq.zero_point, tq.method, tq.act_scale, tq.scale_bits)
         if out is None:
             n = w.shape[0]
             out = Int4Weight(part.q.new_empty((n, part.q.shape[1])), part.scales.new_empty((n, part.n_groups)),
-                             part.zero_points.new_empty((n, part.n_groups)), part.group_size, part.k, part.zero_point_kind)
+                             part.zero_points.new_empty((n, part.n_groups)), part.group_size, part.k, part.zero_point_kind,
+                             None if part.row_scales is None else part.row_scales.new_empty(n))
         out.q[r], out.scales[r], out.zero_points[r] = part.q, part.scales, part.zero_points
+        if out.row_scales is not None:
+            out.row_scales[r] = part.row_scales
     return out
-
-
-def _rows(q4: Int4Weight, r: slice) -> Int4Weight:
-    return Int4Weight(q4.q[r], q4.scales[r], q4.zero_points[r], q4.group_size, q4.k, q4.zero_point_kind)
 
 
 def _group_sum_matrix(k: int, group_size: int) -> np.ndarray:

@@ -6,12 +6,14 @@ external-data file in turn, so memory holds about one layer, whatever the model'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..contract import check_kv_cache, graph_ops
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
+from ..quantize.int4 import Int4Weight
 from ..quantize.plan import TensorQuant, quant_plan
 from ..quantize.spec import QuantSpec
 from .decoder import Progress, build_decoder
@@ -60,11 +62,13 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
                 plan: dict[str, TensorQuant] | None = None, activations: str = "fp32",
                 progress: Progress | None = None, sinks: int | None = None,
-                kv_cache: str | None = None) -> ExportResult:
+                kv_cache: str | None = None,
+                codes: Callable[[str], Int4Weight | None] | None = None) -> ExportResult:
     """Write the decoder-step graph to out_path, its weights to out_path + '.data' (folded into
     the .onnx when under INLINE_BELOW bytes); `activations` ("fp32" or "fp16") is the type it
     computes in, `kv_cache` (fp32, fp16 or int8; None: the activation type) the one its cache
-    stores keys and values in; `sinks` None takes `resolve_sinks`' default."""
+    stores keys and values in; `sinks` None takes `resolve_sinks`' default; `codes`: calibrated
+    int4 codes by tensor name (WeightEmitter.codes)."""
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
@@ -75,7 +79,7 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
     plan = plan or quant_plan(ck.config, spec)
     data = ExternalData(out_path.with_name(out_path.name + ".data"))
     try:
-        emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act)
+        emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act, codes=codes)
         model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s, kv_cache)
     finally:
         data.close()

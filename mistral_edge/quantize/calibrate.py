@@ -21,25 +21,31 @@ and `-gptq` / `-awq-gptq` (error-feedback rounding, quantize/gptq.py, after the 
 Activations are recorded at the input of every matmul whose right operand is a
 known weight (a TorchFunctionMode: the reference model is not modified).
 
-GPTQ (`calibrate_gptq`) runs in one forward pass over all calibration windows at once: each
-planned int4 linear is quantized the moment its input arrives and the pass goes on with its
-dequantized weight, so every linear's Hessian comes from the inputs of the model with all the
-linears before it already quantized (int8 ones too), in execution order (QKV, output
-projection, gate/up, down; layer by layer; then the head). Memory: the batch's activations and
-one linear's Hessian.
+GPTQ (`LayerwiseGptq`, behind `calibrate_gptq` and `export --calib`) runs layer by layer over all
+calibration windows at once: each planned int4 linear is quantized the moment its input arrives
+and the pass goes on with its dequantized weight, so every linear's Hessian comes from the inputs
+of the model with all the linears before it already quantized (int8 ones too), in execution
+order (QKV, output projection, gate/up, down; layer by layer; then the head). Memory: the batch's
+hidden states, one layer's float32 weights and one linear's Hessian.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
-from ..model.reference import ReferenceModel
+from ..model.cache import visible
+from ..model.reference import ReferenceModel, apply_rope, attend, rms_norm, rope_tables
+from ..tokenizer import Tokenizer
 from .gptq import BLOCK, DAMP, gptq_int4, hessian
 from .int4 import Int4Weight, quantize_int4
 from .int8 import quantize_int8
@@ -232,60 +238,88 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
     return Calibrated(scaled, plan, alphas, tuple(int8))
 
 
-class _GptqPass(TorchFunctionMode):
-    """Replaces each planned int8/int4 weight in `x @ W.T` by its quantized value when its input
-    first arrives (int4: GPTQ codes on that input's Hessian); the int4 codes are kept in `codes`."""
+class LayerwiseGptq:
+    """GPTQ codes for a plan's int4 layer linears (and an untied int4 head), one linear at a time in
+    execution order (QKV, output projection, gate/up, down; layer by layer; then the head), each on
+    the Hessian of its input in the model with every linear before it already quantized (int8 ones
+    too; the embedding stays float). All calibration windows [B, T] go through at once, each from
+    an empty cache with causal attention over its T tokens (within the model's sliding window).
 
-    def __init__(self, model: ReferenceModel, plan: dict[str, TensorQuant], act_order: bool):
-        super().__init__()
-        self.model, self.plan, self.act_order = model, plan, act_order
-        self.parts = {name: _matmul_weights(name, model.w) for name in plan}  # a plan entry: fused or one weight
-        self.parts = {name: parts for name, parts in self.parts.items() if parts}
-        self.names = {model.w[w].data_ptr(): (name, w) for name, ws in self.parts.items() for w in ws}
-        self.quantized: dict[str, torch.Tensor] = {}
-        self.codes: dict[str, Int4Weight] = {}
+    Memory: the batch's hidden states, one linear's float32 weights (read from the checkpoint when
+    the linear is reached) and its Hessian; never the model. `codes(name)` runs the pass up
+    to that linear, so an export that asks for its tensors in the same order holds one linear's
+    codes at a time."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("matmul", "__matmul__") and isinstance(args[1], torch.Tensor):
-            hit = self.names.get(args[1].data_ptr())
-            if hit is not None:
-                if hit[1] not in self.quantized:
-                    self._quantize(hit[0], args[0])
-                return func(args[0], self.quantized[hit[1]].T)
-        return func(*args, **(kwargs or {}))
+    def __init__(self, ck: Checkpoint, plan: dict[str, TensorQuant], windows: np.ndarray, act_order: bool = True):
+        self.cfg, self.weights, self.plan, self.act_order = ck.config, ck.weights, plan, act_order
+        self.tokens = torch.as_tensor(np.asarray(windows, np.int64))
+        self.names = {name for name, tq in plan.items() if tq.kind == "int4" and self._parts(name)}
+        """The plan entries the pass gives codes for."""
+        self._steps = self._run()
 
-    def _quantize(self, name: str, x: torch.Tensor) -> None:
-        tq, parts = self.plan[name], self.parts[name]
-        w = torch.cat([self.model.w[part] for part in parts])
-        if tq.kind == "int4":
-            self.codes[name] = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order)
-            w = self.codes[name].dequantize()
+    def _parts(self, name: str) -> list[str]:
+        """The checkpoint weights of a plan entry that a matmul reads: a fused layer linear's parts,
+        an untied head, or none (the embedding, a Gather; a tied head, which is the embedding)."""
+        if name == "output":
+            return ["output.weight"] if "output.weight" in self.weights else []
+        return weights_of(name) if _linear_of(name) == name else []
+
+    def codes(self, name: str) -> Int4Weight | None:
+        """The GPTQ codes of plan entry `name`, or None when the pass gives it none; a name the pass
+        has already gone past (asked out of execution order) is an error."""
+        if name not in self.names:
+            return None
+        for done, codes in self._steps:
+            if done == name:
+                return codes
+        raise ValueError(f"GPTQ codes for {name} asked for after the pass went past it")
+
+    def all_codes(self) -> dict[str, Int4Weight]:
+        """Every linear's codes (the whole model's worth: for small models and tests)."""
+        return {name: codes for name, codes in self._steps if codes is not None}
+
+    def _run(self):
+        """Yields (plan entry, Int4Weight or None) for each linear in execution order."""
+        c, tokens = self.cfg, self.tokens
+        B, T = tokens.shape
+        positions = torch.arange(T).expand(B, T)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
+        bias = torch.zeros(T, T).masked_fill(~seen, float("-inf"))
+        bias = bias.expand(B, 1, T, T)
+        empty = torch.zeros(B, c.n_kv_heads, 0, c.head_dim)
+        with torch.no_grad():
+            h = self.weights["tok_embeddings.weight"][tokens].float()
+            for i in range(c.n_layers):
+                p = f"layers.{i}."
+                x = rms_norm(h, self.weights[p + "attention_norm.weight"], c.norm_eps)
+                qkv = yield from self._linear(p + "attention.wqkv", x)
+                q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
+                q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
+                attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, empty, empty, bias)
+                h = h + (yield from self._linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
+                x = rms_norm(h, self.weights[p + "ffn_norm.weight"], c.norm_eps)
+                gate, up = (yield from self._linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
+                h = h + (yield from self._linear(p + "feed_forward.w2", F.silu(gate) * up))
+            if "output" in self.names:  # the logits themselves are not needed
+                yield from self._linear("output", rms_norm(h, self.weights["norm.weight"], c.norm_eps), False)
+
+    def _linear(self, name: str, x: torch.Tensor, output: bool = True):
+        """x @ W.T with the plan's quantized W (int4: GPTQ codes on x's Hessian), yielding the codes
+        (while the export stores them, the pass holds nothing else of this linear)."""
+        tq = self.plan.get(name, TensorQuant("fp32"))
+        w = torch.cat([self.weights[part] for part in self._parts(name)]).float()
+        codes = None
+        if name in self.names:
+            codes = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order,
+                              scale_bits=tq.scale_bits)
+            del w
         elif tq.kind == "int8":
             w = quantize_int8(w).dequantize()
-        rows = [self.model.w[part].shape[0] for part in parts]
-        self.quantized.update(zip(parts, w.split(rows)))
-
-
-def _matmul_weights(name: str, weights: dict) -> list[str]:
-    """The checkpoint weights of one plan entry that a matmul reads: a fused layer linear's parts,
-    a single weight, or none (the embedding; a tied head, which shares the embedding's table and
-    is left to the plan)."""
-    if name + ".weight" in weights and name != "tok_embeddings":
-        return [name + ".weight"]
-    return weights_of(name) if _linear_of(name) == name else []
-
-
-def gptq_codes(ck: Checkpoint, plan: dict[str, TensorQuant], windows: np.ndarray,
-               act_order: bool = True) -> dict[str, Int4Weight]:
-    """GPTQ codes for every int4 layer linear (and an untied int4 head) of `plan`, from one forward
-    pass over the calibration windows [B, T] batched, each from an empty cache (the cache spans T,
-    so every linear sees all B*T inputs in one call)."""
-    model = ReferenceModel(ck.config, ck.weights)
-    gptq = _GptqPass(model, plan, act_order)
-    tokens = torch.as_tensor(windows)
-    with torch.no_grad(), gptq:
-        model.prefill(tokens, model.new_cache(len(tokens), tokens.shape[1]), tokens.shape[1])
-    return gptq.codes
+        yield name, codes
+        if codes is not None:
+            w = codes.dequantize()
+        return x @ w.T if output else None
 
 
 def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,
@@ -295,6 +329,40 @@ def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bo
     if awq:
         scaled, _, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
     plan = quant_plan(scaled.config, spec)
-    codes = gptq_codes(scaled, plan, windows, act_order)
+    codes = LayerwiseGptq(scaled, plan, windows, act_order).all_codes()
     plan = {name: dataclasses.replace(tq, codes=codes[name]) if name in codes else tq for name, tq in plan.items()}
     return Calibrated(scaled, plan, alphas, ())
+
+
+CALIB_WINDOWS, CALIB_TOKENS = 8, 512
+"""What `export --calib` calibrates on: the first 8 windows of 512 tokens of the text (compare's too)."""
+CALIB_MAX_BYTES = 1 << 20
+"""Only the start of a calibration text is read: 4096 tokens of prose take about 20 KB."""
+
+
+def calibration_windows(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, dict]:
+    """The calibration windows [CALIB_WINDOWS, CALIB_TOKENS] from the start of a UTF-8 text file, and
+    the record a bundle's manifest keeps of them (file name, sha256 of the whole file, windows)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(CALIB_MAX_BYTES)
+            digest.update(head)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise EdgeError(f"--calib {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < CALIB_MAX_BYTES or e.start < len(head) - 3:  # not a character cut at the end
+            raise EdgeError(f"--calib {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = head[: e.start].decode("utf-8")
+    ids = tokenizer.encode(text, add_bos=False)
+    need = CALIB_WINDOWS * CALIB_TOKENS
+    if len(ids) < need:
+        raise EdgeError(f"--calib {path}: {len(ids)} tokens, fewer than the {need} that calibration needs "
+                        f"({CALIB_WINDOWS} windows of {CALIB_TOKENS})")
+    record = {"method": "gptq", "text": Path(path).name, "sha256": digest.hexdigest(), "windows": CALIB_WINDOWS,
+              "tokens_per_window": CALIB_TOKENS}
+    return np.asarray(ids[:need], np.int64).reshape(CALIB_WINDOWS, CALIB_TOKENS), record

@@ -23,6 +23,8 @@ of at most MAX_COLUMNS columns, plus W in float32; the Hessian is accumulated fr
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .int4 import Int4Weight, _each_on_threads, quantize_int4
@@ -64,7 +66,7 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point: str = "int",
-              method: str = "search", act_order: bool = True, damp: float = DAMP) -> Int4Weight:
+              method: str = "search", act_order: bool = True, damp: float = DAMP, scale_bits: int = 16) -> Int4Weight:
     """int4 codes of W [N, K] (y = x @ W.T) that minimise the output error on inputs with
     Hessian h [K, K] (see `hessian`), on static groups fitted by quantize_int4(method) with each
     input channel's error weighted by diag(h). K beyond MAX_COLUMNS is split into segments of
@@ -75,14 +77,14 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point
     dead = h.diagonal() <= 0  # a channel never active: its weight does not matter
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    grid = quantize_int4(w, group_size, zero_point, method, act_scale=h.diagonal().sqrt())
+    grid = quantize_int4(w, group_size, zero_point, method, act_scale=h.diagonal().sqrt(), scale_bits=scale_bits)
     q = grid.q.clone()  # keeps the padding columns' codes
     segments = -(-k // MAX_COLUMNS)
     width = -(-k // (segments * group_size)) * group_size
     for start in range(0, k, width):
         cols = slice(start, min(start + width, k))
         q[:, cols] = _gptq_columns(w[:, cols], h[cols, cols], grid, start, act_order, damp)
-    return Int4Weight(q, grid.scales, grid.zero_points, group_size, k, grid.zero_point_kind)
+    return dataclasses.replace(grid, q=q)
 
 
 def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int, act_order: bool,
@@ -94,7 +96,7 @@ def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int
     w = w[:, order].clone()
     u = _inverse_factor(h[order][:, order], damp)
     group = (first + order) // grid.group_size
-    codes = torch.empty(n, k)
+    codes = torch.empty(n, k, dtype=torch.uint8)
 
     def round_rows(rows: slice) -> None:  # rows are independent given U
         for start in range(0, k, BLOCK):
@@ -106,7 +108,7 @@ def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int
     step = -(-n // torch.get_num_threads())
     _each_on_threads(round_rows, [slice(r, r + step) for r in range(0, n, step)])
     out = torch.empty(n, k, dtype=torch.uint8)
-    out[:, order] = codes.to(torch.uint8)
+    out[:, order] = codes
     return out
 
 

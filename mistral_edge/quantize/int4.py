@@ -14,7 +14,9 @@ point z is one of (`zero_point_kind`; `zero_points` holds the values):
 K is zero-padded to whole groups; padding never moves a group's fit (it carries
 zero weight in the error and is left out of a float range). Scales, and float zero points'
 offsets s (8 - z), are fp16 values: every layout stores them so, and the codes are the nearest
-ones for the stored values.
+ones for the stored values. With 8-bit scales (`scale_bits`, float zero points only: the mixed
+plan's, quantize/plan.py) a row's scales are integer multiples 1..255 of one fp16 row scale and
+its zero points multiples of 1/16, stored as uint8 codes (4.5 bits per weight at g32, not 5).
 
 Methods:
 - "rtn": the range (symmetric: absmax / 7), round to nearest.
@@ -71,6 +73,10 @@ class Int4Weight:
     """The real K (q is padded to n_groups * group_size)."""
     zero_point_kind: str = "int"
     """"none", "int" or "float" (see the module docstring): what `zero_points` holds."""
+    row_scales: torch.Tensor | None = None
+    """8-bit scales (`scale_bits` 8): float32 [N], fp16 values, and every scale is an integer 1..255
+    times its row's (`scale_codes`); float zero points are then multiples of 1/16 in [0, 255/16].
+    None: fp16 scales and offsets."""
 
     @property
     def n(self) -> int:
@@ -91,8 +97,21 @@ class Int4Weight:
         """W = s (q - 8) + o: the symmetric int4 weight with the same codes and scales, and the
         per-group offset o = s (8 - z), float32 [N, n_groups] (see the module docstring)."""
         sym = Int4Weight(self.q, self.scales, torch.full_like(self.q[:, : self.n_groups], 8), self.group_size,
-                         self.k, "none")
+                         self.k, "none", self.row_scales)
         return sym, self.scales * (8 - self.zero_points.float())
+
+    def scale_codes(self) -> torch.Tensor:
+        """uint8 [N, n_groups]: the 8-bit scales' codes (scales = codes * row_scales, exactly)."""
+        return torch.round(self.scales / self.row_scales[:, None]).to(torch.uint8)
+
+    def zero_codes(self) -> torch.Tensor:
+        """uint8 [N, n_groups]: 8-bit scales' float zero points in sixteenths (z = codes / 16, exactly)."""
+        return torch.round(self.zero_points * 16).to(torch.uint8)
+
+    def rows(self, r: slice) -> Int4Weight:
+        """Rows `r` of this weight."""
+        return Int4Weight(self.q[r], self.scales[r], self.zero_points[r], self.group_size, self.k, self.zero_point_kind,
+                          None if self.row_scales is None else self.row_scales[r])
 
 
 def quantize_int4(
@@ -101,18 +120,24 @@ def quantize_int4(
     zero_point: str = "int",
     method: str = "search",
     act_scale: torch.Tensor | None = None,
+    scale_bits: int = 16,
 ) -> Int4Weight:
-    """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K.
+    """Quantize W [N, K] (y = x @ W.T) to int4 groups of `group_size` along K; `scale_bits` 8 (float
+    zero points only): scales stored as 8-bit codes times an fp16 scale per row, zero points in
+    sixteenths (Int4Weight.row_scales), 4.5 bits per weight at g32 instead of 5.
 
     Fits blocks of CHUNK_ELEMENTS in whole rows (converted to float32 one block at a time), all
-    their groups at once, on torch.get_num_threads() threads. Every group is fitted on its own,
-    so the result depends on neither the block size nor the thread count."""
+    their groups at once, on torch.get_num_threads() threads. Every group is fitted on its own
+    (8-bit scales: then rounded onto its row's grid), so the result depends on neither the block
+    size nor the thread count."""
     if method not in INT4_METHODS:
         raise EdgeError(f"unknown int4 method {method!r}; expected one of {', '.join(INT4_METHODS)}")
     if zero_point not in TENSOR_ZERO_POINTS:
         raise EdgeError(f"unknown int4 zero point {zero_point!r}; expected one of {', '.join(TENSOR_ZERO_POINTS)}")
     if group_size % 2:
         raise EdgeError(f"int4 group size must be even, got {group_size}")
+    if scale_bits not in (8, 16) or (scale_bits == 8 and zero_point != "float"):
+        raise EdgeError(f"int4 scales are 16-bit, or 8-bit with float zero points; got {scale_bits} with {zero_point}")
     w = w.detach()
     n, k = w.shape
     groups = math.ceil(k / group_size)
@@ -123,17 +148,21 @@ def quantize_int4(
         weight = F.pad(ones, (0, pad)).view(groups, group_size)
     q = torch.empty(n, groups * group_size, dtype=torch.uint8)
     scales, zeros = torch.empty(n, groups), torch.empty(n, groups)
+    row_scales = torch.empty(n) if scale_bits == 8 else None
     rows = min(n, max(1, CHUNK_ELEMENTS // (groups * group_size)))
     fits = threading.local()  # one set of buffers per thread
 
     def fit_block(block: slice) -> None:
         if not hasattr(fits, "fit"):
-            fits.fit = _GroupFit(rows, groups, group_size, weight, zero_point)
-        scales[block], zeros[block], codes = fits.fit(w[block], method)
+            fits.fit = _GroupFit(rows, groups, group_size, weight, zero_point, scale_bits)
+        scales[block], zeros[block], codes, row = fits.fit(w[block], method)
         q[block] = codes.view(len(codes), -1)
+        if row_scales is not None:
+            row_scales[block] = row
 
     _each_on_threads(fit_block, [slice(start, start + rows) for start in range(0, n, rows)])
-    return Int4Weight(q, scales, zeros if zero_point == "float" else zeros.to(torch.uint8), group_size, k, zero_point)
+    return Int4Weight(q, scales, zeros if zero_point == "float" else zeros.to(torch.uint8), group_size, k, zero_point,
+                      row_scales)
 
 
 def _each_on_threads(work: Callable[[slice], None], blocks: list[slice]) -> None:
@@ -157,20 +186,22 @@ class _GroupFit:
     """Fits the groups of a block of whole rows, [rows, groups, G] in float32, in reused buffers
     (fresh full-size temporaries page-fault at every step and cost more than the arithmetic)."""
 
-    def __init__(self, rows: int, groups: int, group_size: int, weight: torch.Tensor | None, zero_point: str):
+    def __init__(self, rows: int, groups: int, group_size: int, weight: torch.Tensor | None, zero_point: str,
+                 scale_bits: int = 16):
         shape = (rows, groups, group_size)
-        self.weight, self.kind = weight, zero_point
+        self.weight, self.kind, self.scale_bits = weight, zero_point, scale_bits
         self._buffers = [torch.zeros(shape)] + [torch.empty(shape) for _ in range(3 if weight is None else 4)]
         self.total = torch.tensor(float(group_size)) if weight is None else weight.sum(-1)
         """The weight per group."""
 
-    def __call__(self, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scale and zero point [rows, groups] for the rows w [rows, K], and the codes (float, a view
-        of a buffer that the next call overwrites)."""
+    def __call__(self, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale and zero point [rows, groups] for the rows w [rows, K], the codes (float, a view of a
+        buffer that the next call overwrites) and the 8-bit scales' row scales [rows] (or None)."""
         self.w, self.y, self.q, self.keep, *wa = (b[: len(w)] for b in self._buffers)
         self.w.view(len(w), -1)[:, : w.shape[1]].copy_(w)  # padding columns stay 0
         self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
         lo, hi = self._bounds()
+        self.lo, self.flat = lo, hi <= lo  # a flat group: any scale fits it
         if method == "rtn":
             return self._stored(*_grid(lo, hi, self.kind, 1.0))
         s, z = _grid(lo, hi, self.kind, CLIP_RATIOS[0])
@@ -182,14 +213,26 @@ class _GroupFit:
             s, z, err = torch.where(better, s_r, s), torch.where(better, z_r, z), torch.minimum(err_r, err)
         return self._stored(*(self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)))
 
-    def _stored(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stored(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fit as the graph stores it: scales rounded to fp16 (every layout stores them so), a
         float zero point moved so that the fp16 offset s (8 - z) it is stored as is exact, and the
-        nearest codes for those."""
-        s16 = s.clamp(FP16_TINY, FP16_MAX).half().float()
-        if self.kind == "float":
-            z = 8 - (s16 * (8 - z)).half().float() / s16
-        return s16, z, self._residual(s16, z)[0]
+        nearest codes for those. 8-bit scales: each row's scales rounded to integer multiples
+        (1..255) of an fp16 row scale (its largest scale / 255; all-zero groups left out), the zero
+        points to sixteenths in [0, 255/16]; a constant group c has s = |c| / 8 (to within s / 32)."""
+        row = None
+        if self.scale_bits == 8:
+            c = self.lo  # a flat group's value: codes 0 (c < 0) or 15 (c > 0) at z = 8 or 7, s = |c| / 8
+            s = torch.where(self.flat, c.abs() / 8, s)
+            live = torch.where(self.flat & (c == 0), 0.0, s).amax(-1)
+            row = torch.where(live > 0, live / 255, 1.0).clamp(FP16_TINY, FP16_MAX).half().float()
+            s16 = torch.round(s / row[:, None]).clamp_(1, 255) * row[:, None]
+            z = torch.where(self.flat, torch.where(c > 0, 15.0, 0.0) - c / s16, z)
+            z = torch.round(z * 16).clamp_(0, 255) / 16
+        else:
+            s16 = s.clamp(FP16_TINY, FP16_MAX).half().float()
+            if self.kind == "float":
+                z = 8 - (s16 * (8 - z)).half().float() / s16
+        return s16, z, self._residual(s16, z)[0], row
 
     def _residual(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes q (float, 0..15) for per-group s, z, and the rounding residual

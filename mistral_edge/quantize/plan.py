@@ -30,6 +30,9 @@ LAYER_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_for
 """The exported (fused) linears of each layer: QKV and gate/up are one matrix each."""
 TARGET_BITS = 6.0
 """Stored bits per weight over the whole model that a mixed int4 plan spends (issue 12's budget)."""
+INT4_SCALE_BITS = 8
+"""A mixed plan's int4 scales: 8-bit codes on a per-row fp16 scale, zero points in sixteenths (4.5
+bits per weight at g32 against 5.0 with fp16 ones; docs/quantization.md)."""
 UPGRADE_ORDER = ("attention.wqkv", "feed_forward.w2")
 """The layer linears a mixed plan moves to int8, most KL saved per added bit first (measured on
 the off-grid SmolLM2, docs/quantization.md: wqkv, which holds the value rows, then w2); within
@@ -42,6 +45,8 @@ class TensorQuant:
     group_size: int = DEFAULT_GROUP_SIZE
     zero_point: str = "int"  # int4: "none" (symmetric), "int" or "float"
     method: str = "rtn"
+    scale_bits: int = 16
+    """int4: 16 (fp16 scales and float offsets) or 8 (8-bit codes on an fp16 scale per row; quantize_int4)."""
     act_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
     """int4: typical |x| per input channel from calibration; weights the rounding error (quantize_int4)."""
     codes: Int4Weight | None = field(default=None, compare=False, repr=False)
@@ -65,7 +70,8 @@ def quant_plan(cfg: ModelConfig, spec: QuantSpec) -> dict[str, TensorQuant]:
     def tq(kind: str, name: str) -> TensorQuant:
         if kind != "int4":
             return TensorQuant(kind)
-        return TensorQuant(kind, spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn")
+        return TensorQuant(kind, spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
+                           INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
 
     plan = {name: tq(spec.linear, name) for name in (f"layers.{i}.{n}" for i in range(cfg.n_layers)
                                                      for n in LAYER_LINEARS)}
@@ -93,7 +99,7 @@ def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> dict[str, Tensor
 
 def stored_bits(n: int, k: int, tq: TensorQuant) -> float:
     """Stored bits per weight of one [N, K] tensor (fp16 scales; the MatMulNBits layout)."""
-    return bits_per_weight(tq.kind, n, k, tq.group_size, tq.zero_point)
+    return bits_per_weight(tq.kind, n, k, tq.group_size, tq.zero_point, tq.scale_bits if tq.kind == "int4" else 16)
 
 
 def head_shares_embedding(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> bool:
@@ -105,4 +111,4 @@ def scheme_name(tq: TensorQuant) -> str:
     """One tensor's scheme as the manifest shows it: 'int8', or e.g. 'int4-g32-fzp-search'."""
     if tq.kind != "int4":
         return tq.kind
-    return f"int4-g{tq.group_size}-{ZERO_POINTS[tq.zero_point]}-{tq.method}"
+    return f"int4-g{tq.group_size}-{ZERO_POINTS[tq.zero_point]}-{tq.method}" + ("-s8" if tq.scale_bits == 8 else "")

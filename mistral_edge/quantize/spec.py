@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import EdgeError
 
@@ -17,6 +18,9 @@ ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
 mixed: the plan's choice per tensor (quantize/plan.py: float zero points, int8 for the tensors
 that cost the most KL per bit). Every tensor gets one of the first three, or int8."""
 DEFAULT_GROUP_SIZE = 32
+INT8_GROUP_SIZE: int | None = 64
+"""int8 input columns per scale (quantize/int8.py); None: one scale per output channel (the whole row).
+Groups of 64 (8.25 bits per weight) measured best within 8.3 bits (docs/quantization.md)."""
 DEFAULT_ZERO_POINT = "mixed"
 VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
@@ -62,20 +66,32 @@ def bits_per_weight(
 ) -> float:
     """Storage bits per weight of an [n, k] matrix, counting scales and zero points.
 
-    int8: one scale per row. int4: K padded to whole groups, one scale per group,
-    plus the zero points: integer ones 4 bits, packed two per byte per row as
-    MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
-    symmetric int4 stores none (8 is implied). Scales are stored as fp16 (export/linear.py).
+    int8: one scale per INT8_GROUP_SIZE columns of a row (or per row). int4: K padded to whole
+    groups, one scale per group, plus the zero points: integer ones 4 bits, packed two per byte per
+    row as MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
+    symmetric int4 stores none (8 is implied). Scales are stored as fp16 (export/linear.py), or with
+    `scale_bits` 8 as 8-bit codes plus an fp16 scale per row (float zero points: 8-bit too).
     """
     if precision in ("fp32", "fp16"):
         return {"fp32": 32.0, "fp16": 16.0}[precision]
     if precision == "int8":
-        return (n * k * 8 + n * scale_bits) / (n * k)
+        return (n * k * 8 + n * int8_groups(k) * scale_bits) / (n * k)
     if precision == "int4":
         groups = math.ceil(k / group_size)
         zero_bits = {"none": 0, "int": n * math.ceil(groups / 2) * 8, "float": n * groups * scale_bits}[zero_point]
-        return (n * groups * group_size * 4 + n * groups * scale_bits + zero_bits) / (n * k)
+        rows = n * 16 if scale_bits == 8 else 0  # 8-bit scales: the fp16 scale of each row
+        return (n * groups * group_size * 4 + n * groups * scale_bits + zero_bits + rows) / (n * k)
     raise EdgeError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+
+
+def int8_group_size(k: int) -> int:
+    """Columns per scale of an int8 table with K columns: INT8_GROUP_SIZE, or the whole row."""
+    return INT8_GROUP_SIZE or k
+
+
+def int8_groups(k: int) -> int:
+    """Scales per row of an int8 [N, K] table (the last group may be partial)."""
+    return math.ceil(k / int8_group_size(k))
 
 
 def _default_head(bits: int) -> str:
@@ -125,3 +141,13 @@ def parse_quant(
     if g not in GROUP_SIZES:
         raise EdgeError(f"unsupported int4 group size {g}; expected one of {', '.join(map(str, GROUP_SIZES))}")
     return QuantSpec(4, g, zero_point or DEFAULT_ZERO_POINT, method or "search", embedding, head)
+
+
+def check_calibration(text: Path, spec: QuantSpec, target: str) -> None:
+    """--calib before any model is read: a text file, for int4 tensors (GPTQ) on an ONNX target."""
+    if spec.bits != 4:
+        raise EdgeError(f"--calib calibrates int4 tensors (GPTQ); --quant {spec.name} has none")
+    if target == "mlc":
+        raise EdgeError("the mlc target writes MLC's own q4f16_1 weights: --calib does not apply to it")
+    if not Path(text).is_file():
+        raise EdgeError(f"--calib {text}: no such text file")

@@ -10,7 +10,7 @@ from ..export.linear import int8_block
 from ..export.onnx_builder import activation_type
 from ..model.config import ModelConfig
 from ..quantize.plan import TensorQuant, head_shares_embedding, tensor_shapes
-from ..quantize.spec import bits_per_weight
+from ..quantize.spec import bits_per_weight, int8_groups
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,21 @@ def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_by
         bits = 8 * act_bytes if resident else min(bits_per_weight(tq.kind, n, k), 8 * act_bytes)
         return int(n * k * bits / 8)
     if tq.kind == "int8":
+        groups = int8_groups(k)
         if fmt == "qdq":
-            return n * k + n * scale
+            return n * k + n * groups * scale
         blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
-        return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else 1)
+        return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else groups)
     groups = math.ceil(k / tq.group_size)
+    if tq.scale_bits == 8:  # uint8 scale codes (and zero points), an fp16 scale per row; folded at load
+        scale, rows = (act_bytes, 0) if resident else (1, 2 * n)
+    else:
+        rows = 0
     if fmt == "qdq" and not gather:  # [K, N] codes at the real K, [groups, N] scales and zero points
         zeros = {"none": 0, "int": math.ceil(groups * n / 2), "float": groups * n * scale}[tq.zero_point]
-        return math.ceil(k * n / 2) + groups * n * scale + zeros
+        return math.ceil(k * n / 2) + groups * n * scale + zeros + rows
     zeros = {"none": 0, "int": n * math.ceil(groups / 2), "float": groups * n * scale}[tq.zero_point]
-    return n * groups * tq.group_size // 2 + groups * n * scale + zeros
+    return n * groups * tq.group_size // 2 + groups * n * scale + zeros + rows
 
 
 def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbits", activations: str = "fp32") -> int:

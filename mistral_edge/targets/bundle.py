@@ -263,6 +263,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     tokenizer = TokenizerInfo(tok_name, ck.config.bos_id, ck.config.eos_ids, ck.chat_template)
     tokenizer.check_ids(ck.config.vocab_size)
     fmt = req.weight_format
+    codes, calibration = _calibration(ck, req, plan)
     with atomic_dir(out, log) as tmp:
         if mlc:
             write_mlc(ck, tmp, tokenizer_files={tok_name: ck.tokenizer_files[tok_name]},
@@ -273,7 +274,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
                                  activations=req.activation_dtype, progress=progress, sinks=sinks,
-                                 kv_cache=req.kv_cache_type)
+                                 kv_cache=req.kv_cache_type, codes=codes)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors if tensor_log else ():
                 tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -285,7 +286,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             format_version=FORMAT_VERSION, toolkit=Toolkit(TOOLKIT, __version__), target=target.name,
             source=Source(ck.source, ck.source_format, source_hash(ck.source)), config=ck.config,
             window=window, chunk=chunk, graph_contract=GRAPH_CONTRACT_VERSION, model=model_file,
-            quant=QuantInfo(MLC_QUANTIZATION if mlc else req.quant.name, fmt, _plan_groups(plan)),
+            quant=QuantInfo(MLC_QUANTIZATION if mlc else req.quant.name, fmt, _plan_groups(plan), calibration),
             activation_dtype=req.activation_dtype, ops=tuple(result.ops) if result else (),
             runtime=RuntimeSettings(target.providers, target.provider_options, target.session_options,
                                     _converter(model_file)),
@@ -295,6 +296,20 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
                         for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks, kv_cache=req.kv_cache_type)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
+
+
+def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant]):
+    """With --calib: GPTQ codes by tensor name (computed layer by layer as the export asks for them)
+    and the manifest's record of the text; else (None, None). The text is read and checked here,
+    before anything is written."""
+    if req.calib is None:
+        return None, None
+    from ..quantize.calibrate import LayerwiseGptq, calibration_windows
+    from ..tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+    windows, record = calibration_windows(req.calib, tokenizer)
+    return LayerwiseGptq(ck, plan, windows).codes, record
 
 
 def _plan_groups(plan: dict) -> dict:

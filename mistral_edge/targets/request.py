@@ -10,10 +10,11 @@ exporter's own lists of formats, activation types and MLC's scheme are read when
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..contract import check_kv_cache
 from ..errors import EdgeError
-from ..quantize.spec import QuantSpec, parse_quant
+from ..quantize.spec import QuantSpec, check_calibration, parse_quant
 from .profiles import TargetProfile, parse_memory
 
 MAX_WINDOW = 1 << 20
@@ -46,12 +47,15 @@ class BundleRequest:
     activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
     kv_cache: str | None = None  # "fp32" | "fp16" | "int8": the KV cache's storage; None: the activation type
+    calib: Path | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
         from ..export.pipeline import FORMATS
 
         check_window(self.window, self.chunk, self.sinks)
+        if self.calib is not None:
+            check_calibration(self.calib, self.quant, self.target.name)
         if self.device_memory is not None:
             parse_memory(self.device_memory)
         if self.activations is not None:
