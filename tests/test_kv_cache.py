@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import FP16_TOL, assert_close, checkpoint_of, tiny_hf_mistral
+from helpers import assert_close, checkpoint_of, tiny_hf_mistral
 from onnx import TensorProto, helper
 from test_cache import batched, sequences
 from test_kernel import library  # noqa: F401  (the fixture: the native library, built where it can be)

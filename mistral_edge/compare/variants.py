@@ -117,13 +117,12 @@ def export_code_sha256() -> str:
     return h.hexdigest()
 
 
-def expected_manifest(ck: Checkpoint, req: BundleRequest, window: int, chunk: int, source_sha256: str | None,
-                      sinks: int = 0) -> dict:
-    """The manifest entries that decide whether an existing bundle is this variant."""
+def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | None) -> dict:
+    """The manifest entries that decide whether an existing bundle is `req` (window, chunk and sinks resolved)."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
-            "window": window, "sinks": sinks, "kv_cache": req.kv_cache_type, "chunk": chunk,
+            "window": req.window, "sinks": req.sinks, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
             "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
-            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), window, chunk).weight_bytes}
+            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
@@ -142,7 +141,7 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
                    source_sha256: str | None, log=print, sinks: int = 0, kv_cache: str | None = None) -> Built:
     """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
     req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache)
-    expected = expected_manifest(ck, req, window, chunk, source_sha256, sinks)
+    expected = expected_manifest(ck, req, source_sha256)
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
         bundle, reused = Bundle.open(path), True
