@@ -16,6 +16,7 @@ Python side either.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from pathlib import Path
@@ -41,6 +42,12 @@ FUNCTION_BODY = "function body"
 NATIVE_CACHES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "fp16"), ("fp32", "int8"), ("fp16", "int8"))
 """(activation type, cache type) of the graphs the native library has a kernel for (kernels/wgqa.cc);
 a graph of another pair finds no kernel of its types or op name and runs its function body."""
+LIBRARY_OPS = ("WindowedGroupQueryAttention", "SinkWindowedGroupQueryAttention",
+               "WindowedGroupQueryAttentionInt8Cache", "SinkWindowedGroupQueryAttentionInt8Cache")
+"""The op names the native library registers (kernels/wgqa.cc, domain mistral_edge)."""
+_LIBRARY_REFUSAL = re.compile(r"of operator \((\w+)\)|implementation for (\w+)\(")
+"""ONNX Runtime's words when the library is why a graph does not load: a node of one of its op names
+with types it has no kernel for (a type error, or no implementation); the op name is group 1 or 2."""
 
 
 def _kernel_mode(mode: str | None) -> str:
@@ -85,10 +92,21 @@ def _options(config: SessionConfig) -> ort.SessionOptions:
     return so
 
 
-def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple) -> ort.InferenceSession:
+class _LibraryRefused(Exception):
+    """ONNX Runtime refused a graph because of the native library registered beside it."""
+
+
+def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple,
+          library: bool = False) -> ort.InferenceSession:
+    """The loaded graph. With the native `library` registered on `so`, a refusal that is the
+    library's raises _LibraryRefused (the caller loads the graph again without it); any other
+    failure (a corrupt, hostile or foreign file) is one EdgeError line, never retried."""
     try:
         return ort.InferenceSession(str(model_path), so, providers=list(providers))
     except Exception as e:  # onnxruntime raises several types for unreadable models
+        refused = _LIBRARY_REFUSAL.search(str(e)) if library else None
+        if refused and (refused[1] or refused[2]) in LIBRARY_OPS:
+            raise _LibraryRefused from None
         raise EdgeError(f"cannot load {model_path}: {first_line(e)}") from None
 
 
@@ -150,14 +168,10 @@ class DecoderSession:
     def __init__(self, model_path: str | Path, batch: int = 1, config: SessionConfig = SessionConfig()):
         so = _options(config)
         path = _register_kernel(so, config.kernel, config.providers)
-        try:
-            self.session = _open(model_path, so, config.providers)
+        try:  # a library that failed to register is not registered: _register_kernel said why
+            self.session = _open(model_path, so, config.providers, library=path.startswith("native kernel"))
             fits = True
-        except EdgeError:
-            if not path.startswith("native kernel"):
-                raise
-            # the library registers the op name for other types (an fp16 cache beside fp32 activations
-            # before its variant existed): ONNX Runtime refuses the node instead of inlining the function
+        except _LibraryRefused:
             self.session = _open(model_path, _options(config), config.providers)
             fits = False
         meta = self.session.get_modelmeta().custom_metadata_map
