@@ -24,6 +24,7 @@ from mistral_edge.runtime.sampling import SamplingParams
 from mistral_edge.runtime.moderate import LABELS, Guard, Moderator, Verdict
 from mistral_edge.serve.engine import Engine, EngineConfig, Job
 from mistral_edge.serve.moderation import Moderation
+from mistral_edge.serve.source import bundle_source, reference_source
 from helpers import SPM_V1, W, tiny_hf_mistral, write_tiny_bundle
 
 MAX_PROMPT = 96
@@ -43,7 +44,7 @@ class Live:
 
     def __init__(self, source, config: EngineConfig, eos: bool = True, moderate: str | None = None, fmt=None,
                  stream_interval: float = 0.0):
-        """`source`: a Bundle, or a checkpoint's Reference (then give its chat format `fmt`)."""
+        """`source`: a Bundle, or a serve.source.OneModel (then give its chat format `fmt`)."""
         self.engine = Engine(source, config)
         if not eos:  # the tiny model's greedy text may hit EOS early; some tests need long replies
             self.engine.stops = set()
@@ -433,7 +434,8 @@ def guarded(bundle):
 
     def get(mode: str) -> Live:
         if mode not in servers:
-            servers[mode] = Live(bundle, EngineConfig(batch=2, queue=4, max_tokens=64), moderate=mode)
+            servers[mode] = Live(bundle_source(bundle), EngineConfig(batch=2, queue=4, max_tokens=64), moderate=mode,
+                                 fmt=ChatFormat.from_manifest(bundle.manifest))
         return servers[mode]
 
     yield get
@@ -543,6 +545,40 @@ def test_cli_serve_moderates_with_the_configured_refusal(bundle):
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Nope.", "content_filter")
 
 
+def test_serve_moderate_loads_the_bundle_once(bundle, monkeypatch):
+    """`serve --moderate` on a bundle: the engine's two sessions and the moderator's are one loaded
+    graph (one onnxruntime session: the weights once), each with a cache of its own, so a check that
+    runs while the engine decodes changes neither the verdict nor the reply."""
+    import onnxruntime as ort
+
+    from mistral_edge.cli import serve as serve_cli
+    from mistral_edge.cli.generate import RunOptions
+
+    loads, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **kw: loads.append(a[0]) or real(*a, **kw))
+    opts = RunOptions(bundle=bundle.path, moderate="input")
+    source, fmt, _, _ = serve_cli._open(opts)
+    config = EngineConfig(batch=2, queue=2, max_tokens=8)
+    engine = Engine(source, config)
+    moderation = serve_cli._moderation(opts, source, fmt, config)
+    try:
+        moderator = moderation.guard.moderator
+        sessions = [engine.single, engine.multi, moderator.generator.session]
+        assert len(loads) == 1 and len({id(s.session) for s in sessions}) == 1
+        assert [s.batch for s in sessions] == [1, 2, 1] and len({id(s.cache["key.0"]) for s in sessions}) == 3
+        text, ids = "How do I pick a lock?", chat_ids(bundle, [{"role": "user", "content": "Tell me about the sea"}])
+        fresh = Moderator(Generator(bundle.session(), bundle.tokenizer()), fmt).classify(text)
+        out, done = [], threading.Event()
+        engine.stops = set()  # a reply of max_tokens tokens: the engine decodes while the moderator judges
+        engine.submit(Job(ids, 8, SamplingParams(), lambda kind, *rest: out.append(rest[0]) if kind == "text"
+                          else done.set()))
+        assert moderator.classify(text) == fresh
+        assert done.wait(TIMEOUT) and "".join(out) == bundle.tokenizer().decode(_greedy(bundle.session(), ids, 8))
+    finally:
+        engine.close()
+        moderation.close()
+
+
 # --- serve --model (the PyTorch reference) ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -558,10 +594,8 @@ def checkpoint(tmp_path_factory):
 def reference(checkpoint):
     """(a batch-2 server on the checkpoint's torch backend, a batch-1 Generator on the same backend, its chat format)."""
     from mistral_edge.cli.generate import RunOptions, open_checkpoint
-    from mistral_edge.cli.serve import Reference
-
     gen, fmt, _ = open_checkpoint(RunOptions(model=str(checkpoint)))
-    server = Live(Reference(gen.session, gen.tokenizer), EngineConfig(batch=2, queue=8, max_tokens=64), fmt=fmt)
+    server = Live(reference_source(gen.session, gen.tokenizer), EngineConfig(batch=2, queue=8, max_tokens=64), fmt=fmt)
     yield server, gen, fmt
     server.close()
 
@@ -685,9 +719,7 @@ def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, ref
     decodes, and one batch step prefills them while A takes a token in it; E waits for a free row and
     prefills alone, in the batch-1 session, while the others decode (so do B's and C's later chunks,
     once fewer than half the rows prefill). Every request's greedy tokens equal its tokens alone."""
-    from mistral_edge.cli.serve import Reference
-
-    source = bundle if backend == "onnx" else Reference(reference[1].session, reference[1].tokenizer)
+    source = bundle_source(bundle) if backend == "onnx" else reference_source(reference[1].session, reference[1].tokenizer)
     engine = Engine(source, EngineConfig(batch=4, queue=4, max_tokens=64))
     engine.stops = set()  # every request runs to its max_tokens
     calls = _spy(engine)

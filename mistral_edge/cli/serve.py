@@ -75,41 +75,27 @@ def serve(
         sock.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """A checkpoint on the PyTorch reference as the engine's source: its sessions (the engine's and
-    the moderator's) share the one model, so its weights are in memory once."""
-
-    session_of: object  # the TorchSession open_checkpoint made
-    tok: object
-
-    def tokenizer(self):
-        return self.tok
-
-    def session(self, threads: int = 0, batch: int = 1):
-        from ..model.torch_session import TorchSession
-
-        s = self.session_of
-        return TorchSession(s.model, s.window, s.chunk, batch)
-
-
 def _open(opts: RunOptions):
-    """(engine source, chat format, generation defaults, the served model's name)."""
+    """(engine source, chat format, generation defaults, the served model's name). The source
+    loads its model once, for the engine's sessions and the moderator's alike (serve/source.py)."""
+    from ..serve.source import bundle_source, reference_source
+
     if opts.backend == "torch":
         gen, fmt, defaults = open_checkpoint(opts)
         name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct"
-        return Reference(gen.session, gen.tokenizer), fmt, defaults, name
+        return reference_source(gen.session, gen.tokenizer), fmt, defaults, name
     from ..chat_format import ChatFormat
     from ..runtime.bundle import Bundle
 
     if opts.chunk is not None:
         raise EdgeError("--chunk applies to --model; a bundle serves with its export's chunk")
     b = Bundle.open(opts.bundle, check=opts.verify is not False)
-    return b, ChatFormat.from_manifest(b.manifest), dataclasses.asdict(b.manifest.generation), b.path.resolve().name
+    return (bundle_source(b, opts.threads or 0), ChatFormat.from_manifest(b.manifest),
+            dataclasses.asdict(b.manifest.generation), b.path.resolve().name)
 
 
 def _moderation(opts: RunOptions, source, fmt, config):
-    """serve --moderate: a Guard on a batch-1 session of its own (its checks run beside the engine's)."""
+    """serve --moderate: a Guard on a batch-1 session of its own, on the engine's model (its checks run beside the engine's)."""
     if opts.moderate is None:
         return None
     from ..runtime.generate import Generator

@@ -15,6 +15,7 @@ Python side either.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass
@@ -182,7 +183,6 @@ class DecoderSession:
         self.chunk = config.chunk or info.chunk
         if not 0 < self.chunk <= self.ring:
             raise EdgeError(f"chunk size must be between 1 and {self._span}, got {self.chunk}")
-        self.batch = batch
         self.kv_cache = info.kv_cache
         declared = {i.name: i.type for i in self.session.get_inputs()}
         for t in info.cache_tensors:
@@ -191,13 +191,26 @@ class DecoderSession:
                                 f"a {info.kv_cache} cache needs {ORT_TYPES[t.dtype]}")
         self._tensors = {t.name: t for t in info.cache_tensors}
         self.cache_dtype = np.dtype(self._tensors["key.0"].dtype)  # of keys and values (int8: codes)
+        self._rows(batch)
+
+    def with_batch(self, batch: int) -> DecoderSession:
+        """A session of `batch` rows on this one's loaded graph and weights, with a cache, buffers and
+        positions of its own: no second copy of the model (ONNX Runtime runs one graph from several
+        threads at once, so the two may step in different threads). serve's sessions share one model so."""
+        twin = copy.copy(self)
+        twin._rows(batch)
+        return twin
+
+    def _rows(self, batch: int) -> None:
+        """Empty state for `batch` sequences: positions, step buffers, the cache (sinks: S slots, once)."""
+        self.batch = batch
         self.positions = np.zeros(batch, np.int64)
         self._buffers: dict[tuple[int, int], _StepBuffers] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
         self.cache: dict[str, ort.OrtValue] = {}
-        for t in self._tensors.values():  # the sinks: S slots, once
+        for t in self._tensors.values():
             if t.sink:
-                self._arrays[t.name] = np.zeros((batch, info.n_kv_heads, self.sinks, t.width), t.dtype)
+                self._arrays[t.name] = np.zeros((batch, self.info.n_kv_heads, self.sinks, t.width), t.dtype)
                 self.cache[t.name] = ort.OrtValue.ortvalue_from_numpy(self._arrays[t.name])
         self._allocate(0)
 

@@ -119,8 +119,8 @@ class _Run:
 
 
 class Engine:
-    """Serves `source`: a runtime Bundle, or anything with its `tokenizer()` and
-    `session(threads=, batch=)` (cli/serve.py's checkpoint on the PyTorch reference)."""
+    """Serves `source`: anything with a `tokenizer()` and `session(threads=, batch=)`: a runtime
+    Bundle (a model loaded per session), or serve/source.py's OneModel (one model for every session)."""
 
     def __init__(self, source, config: EngineConfig = EngineConfig()):
         self.config = config

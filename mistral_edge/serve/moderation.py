@@ -1,7 +1,7 @@
 """`serve --moderate`: runtime/moderate.py's Guard on a session of its own, off the event loop.
 
 The engine's worker thread owns the engine's sessions, so the moderator has its own batch-1
-session and its own thread: checks run one at a time, in the order they came, while the engine
+session (on the engine's model: serve/source.py) and its own thread: checks run one at a time, in the order they came, while the engine
 goes on decoding other requests. Checks beyond `limit` waiting are refused (Busy), never parked.
 """
 
