@@ -3,6 +3,8 @@ import json
 import math
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -386,6 +388,32 @@ def test_window_past_the_bound_fails_before_loading(tmp_path):
     (tmp_path / TEXT).write_text("Some evaluation text.\n")
     with pytest.raises(EdgeError, match="window must be an integer between 1 and"):
         run_compare(CompareRequest(model=str(tmp_path / "not-loaded"), text=tmp_path / TEXT, windows=(2**40,)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_removes_the_scratch_files_and_exits_in_one_line(model_dir, tmp_path, sig):
+    """`compare` signalled once its reference scratch directory exists (it is then exporting or
+    measuring): that directory and any half-written bundle go, and it exits 1 with one error line."""
+    (tmp_path / TEXT).write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", "from mistral_edge.cli.main import main; main()", "compare",
+                             str(model_dir), "--quants", "int8", "--text", str(tmp_path / TEXT), "--out", str(out),
+                             "--ctx", str(CTX), "--n-windows", "1", "--runs", "1", "--threads", "1", "--no-torch-rows"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and any(p.name.startswith(".reference-") for p in out.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no scratch"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    errors = [line for line in stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert proc.returncode == 1 and errors == [stderr.splitlines()[-1]], stderr
+    assert errors[0].startswith(f"error: compare stopped by {sig.name}: its scratch files are removed")
+    assert [p.name for p in out.iterdir()] in ([], ["bundles"])
+    assert not [p for p in out.rglob(".*")], list(out.rglob("*"))  # no scratch, no bundle temp dir
 
 
 def test_cli_window_options(model_dir, tmp_path):

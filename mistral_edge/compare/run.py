@@ -7,8 +7,11 @@ it is the reference every other row's KL and top-1 are computed against.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,7 +125,7 @@ class _Run:
     """State shared by the measurements of one comparison."""
 
     def __init__(self, req: CompareRequest, ck: Checkpoint, ids: np.ndarray, evaluation: EvalText,
-                 progress: Progress, log):
+                 progress: Progress, log, scratch: Path):
         self.req, self.ck, self.progress, self.log = req, ck, progress, log
         self.text = evaluation.name
         self.threads = resolve_threads(req.threads)
@@ -130,10 +133,7 @@ class _Run:
         speed_ids = np.resize(ids, req.prompt_tokens + req.decode_tokens).tolist()
         self.prompt, self.decode = speed_ids[: req.prompt_tokens], speed_ids[req.prompt_tokens:]
         self.source_sha = source_hash(ck.source)
-        req.out.mkdir(parents=True, exist_ok=True)  # the reference scratch file is large: keep it off /tmp (tmpfs)
-        self.scratch = tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out)
-        self.reference = ReferenceStore(Path(self.scratch.name) / "reference.u16", len(self.windows),
-                                        req.ctx - 1, ck.config.vocab_size)
+        self.reference = ReferenceStore(scratch / "reference.u16", len(self.windows), req.ctx - 1, ck.config.vocab_size)
         self.calib_ids: np.ndarray | None = None
         self.calib_sha: str | None = None
         self.chunk_step_s = 0.0  # seconds per chunk step of the latest quality pass (scales the speed timeout)
@@ -258,31 +258,69 @@ class _Run:
                         note=NOTES.get(bnb, ""))
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT, raised where the comparison is, so that every cleanup on the way out runs
+    (not an Exception: nothing on the way may take it for a failure to note and go on from)."""
+
+
+@contextmanager
+def _stopped_by_signals():
+    """While entered in the main thread (where Python runs handlers): the first SIGTERM or SIGINT
+    raises _Stopped; later ones are ignored, so that the cleanup it sets off runs to its end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def stop(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise _Stopped(signal.Signals(signum).name)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_compare(req: CompareRequest, progress: Progress | None = None, log=print) -> list[Row]:
-    """Measure every variant of `req` (see the package docstring for the protocol)."""
+    """Measure every variant of `req` (see the package docstring for the protocol). SIGTERM or
+    SIGINT stops it as one EdgeError, once its scratch files are gone (a speed worker is killed, a
+    bundle being written removed; bundles it finished stay in OUT/bundles for the next run)."""
     choices = check_request(req)
+    try:
+        with _stopped_by_signals():
+            return _compare(req, choices, progress or Progress(disable=True), log)
+    except _Stopped as e:
+        raise EdgeError(f"compare stopped by {e}: its scratch files are removed, the bundles it finished "
+                        f"are kept in {req.out / 'bundles'}") from None
+
+
+def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress, log) -> list[Row]:
     evaluation = load_text(req.text, req.dataset)
     calib = calibration_text(req, evaluation) if any(c.calibrated for c in choices) else None
-    progress = progress or Progress(disable=True)
     task = progress.add_task(f"loading {req.model or 'the embedded demo model'}", total=None)
     ck = load_checkpoint(req.model, trust_pickle=req.trust_pickle)
     tok = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
     progress.update(task, description=f"tokenizing {evaluation.name}")
     ids = np.asarray(tok.encode(evaluation.text, add_bos=False), np.int64)
-    run = _Run(req, ck, ids, evaluation, progress, log)
-    if calib is not None:
-        progress.update(task, description=f"tokenizing {calib.name}")
-        run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, CALIB_WINDOWS)
-        run.calib_sha = calib.sha256
-    progress.remove_task(task)
+    req.out.mkdir(parents=True, exist_ok=True)  # the reference scratch file is large: keep it off /tmp (tmpfs)
+    with tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out) as scratch:
+        run = _Run(req, ck, ids, evaluation, progress, log, Path(scratch))
+        if calib is not None:
+            progress.update(task, description=f"tokenizing {calib.name}")
+            run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, CALIB_WINDOWS)
+            run.calib_sha = calib.sha256
+        progress.remove_task(task)
 
-    windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
-    sinks = sorted(set(req.sinks) or {resolve_sinks(ck, None)})
-    if sinks[-1] >= windows[0]:
-        raise EdgeError(f"--sinks {sinks[-1]} must be below every window (W={windows[0]})")
-    reference = QuantChoice(parse_quant("fp32"))
-    try:  # the reference: fp32 at the largest W with the fewest sinks
-        rows = [run.onnx_row(reference, windows[-1], sinks[0], record=True)]
+        windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
+        sinks = sorted(set(req.sinks) or {resolve_sinks(ck, None)})
+        if sinks[-1] >= windows[0]:
+            raise EdgeError(f"--sinks {sinks[-1]} must be below every window (W={windows[0]})")
+        reference = QuantChoice(parse_quant("fp32"))
+        rows = [run.onnx_row(reference, windows[-1], sinks[0], record=True)]  # fp32 at the largest W, fewest sinks
         for window in windows:
             for s in sinks:
                 for choice in choices:
@@ -290,6 +328,4 @@ def run_compare(req: CompareRequest, progress: Progress | None = None, log=print
                         rows.append(run.onnx_row(choice, window, s))
         if req.torch_rows:
             rows += [run.torch_row(name, windows[-1], sinks[0]) for name in TORCH_ROWS]
-    finally:
-        run.scratch.cleanup()
-    return rows
+        return rows
