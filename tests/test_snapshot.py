@@ -276,9 +276,21 @@ def test_chat_resumed_from_a_file_answers_like_the_uninterrupted_chat(bundle, tm
     assert state.history.count == chat.generator.session.positions[0]
 
 
-def _chat(source: list[str], stdin: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "chat", *source, "--max-new-tokens", "6", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=120)
+def _chat(source: list[str], stdin: str, *args, in_process: bool = False) -> subprocess.CompletedProcess:
+    """`mistral-edge chat SOURCE ... ARGS` fed `stdin`: in a fresh interpreter, or `in_process`
+    through the CLI's own entry (cli.main.run: its exit status and one-line errors), which spares a
+    chat that runs several times an interpreter's start and imports (torch's, with --model) each time."""
+    argv = ["chat", *source, "--max-new-tokens", "6", *map(str, args)]
+    if not in_process:
+        return subprocess.run([*CLI, *argv], input=stdin, capture_output=True, text=True, timeout=120)
+    from typer.testing import CliRunner
+
+    from mistral_edge.cli.main import run
+
+    with CliRunner().isolation(input=stdin) as (out, err, _):
+        code = run(argv)
+        sys.stdout.flush(), sys.stderr.flush()
+        return subprocess.CompletedProcess(argv, code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def _replies(r: subprocess.CompletedProcess) -> list[str]:
@@ -291,11 +303,11 @@ def test_chat_command_saves_and_resumes(bundle, checkpoint, tmp_path, backend):
     """`chat --save` then `chat --resume`, on a bundle or with --model (the torch backend): the resumed
     chat's turn is the uninterrupted chat's turn."""
     source = ["--bundle", str(bundle.path)] if backend == "bundle" else ["--model", str(checkpoint)]
-    whole = _replies(_chat(source, "Hello, who are you?\nTell me a story\n"))
-    assert _replies(_chat(source, "Hello, who are you?\n", "--save", tmp_path / "c.snap")) == whole[:1]
-    assert _replies(_chat(source, "Tell me a story\n", "--resume", tmp_path / "c.snap")) == whole[1:]
+    whole = _replies(_chat(source, "Hello, who are you?\nTell me a story\n"))  # a process of its own
+    assert _replies(_chat(source, "Hello, who are you?\n", "--save", tmp_path / "c.snap", in_process=True)) == whole[:1]
+    assert _replies(_chat(source, "Tell me a story\n", "--resume", tmp_path / "c.snap", in_process=True)) == whole[1:]
     if backend == "model":  # the same checkpoint quantized is another model
-        r = _chat(source, "Tell me a story\n", "--quant", "int8-wo", "--resume", tmp_path / "c.snap")
+        r = _chat(source, "Tell me a story\n", "--quant", "int8-wo", "--resume", tmp_path / "c.snap", in_process=True)
         assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
         assert "snapshot belongs to another model" in r.stderr and "assistant>" not in r.stdout
 
