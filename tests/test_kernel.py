@@ -328,6 +328,40 @@ def test_cache_types_store_what_the_function_body_stores(library, act, kv_cache,
         assert_outputs_close(out["on"], out["off"], valid, act)
 
 
+@pytest.mark.parametrize("kv_cache", ["fp32", "int8"])
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_slots_every_row_masks_are_not_read(library, kv_cache, sinks):
+    """The kernel skips the slots that every query row of a block masks (docs/kernel.md): the empty
+    tail of a ring not yet full. What they hold cannot reach the output then, not even a NaN,
+    which a product with probability 0 would spread (0 * NaN); the rows they hide weigh exactly
+    nothing, so the output is the same bit for bit as over a zeroed tail."""
+    layer = Layer(op_config(16), 64, "fp32", kv_cache, sinks)
+    session = node_session(layer, "on")
+    rng = np.random.default_rng(5)
+    positions, slots = np.array([20, 9]), 48  # decode; slots 21.. (row 0) and 10.. (row 1) are empty
+    plan = layer.plan(positions, np.array([1, 1]), 1, slots)
+    qkv = rng.standard_normal((2, 1, (6 + 2 * 2) * 16)).astype(np.float32)
+    clean = layer.new_cache(2, slots, ".0")
+    for name, a in clean.items():
+        a[...] = rng.uniform(0.01, 0.03, a.shape) if is_scale(name) else rng.integers(-9, 10, a.shape)
+        if not name.startswith("sink_"):
+            for row, p in enumerate(positions):
+                a[row, :, p:] = 0
+    outputs = []
+    for poison in (False, True):
+        caches = {name: a.copy() for name, a in clean.items()}
+        if poison:
+            for name, a in caches.items():
+                if not name.startswith("sink_") and a.dtype != np.int8:
+                    for row, p in enumerate(positions):
+                        a[row, :, p + 1:] = np.nan  # past the slot this step writes
+        io = bind(session, qkv, plan, caches)
+        session.run_with_iobinding(io)
+        outputs.append(io.copy_outputs_to_cpu()[0])
+    assert np.isfinite(outputs[0]).all()
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_cache_types_on_every_compute_variant(library, isa):
     code = ("import sys; sys.path.insert(0, 'tests'); import test_kernel as t; from mistral_edge import kernels\n"
