@@ -4,7 +4,8 @@ Two measurements, each with every session in one process and rounds alternating 
 medians over rounds, so a loaded machine slows all sessions alike):
 - `--layer`: per-layer decode attention, one graph of N attention nodes with their own caches
   bound in place (kernels/layer_graph.py), plan tensors precomputed as the decoder shares them,
-  demo shapes, for each `--kv-cache` type and `--slots` count; µs per node.
+  demo shapes, for each `--kv-cache` type and `--slots` count (`--filled N`: N tokens of context
+  in them, the rest empty, as in a ring not yet full); µs per node.
 - bundles: decode tokens/s of whole bundles (e.g. the same export with `--kv-cache fp32` and with
   `--kv-cache int8`) after a short prompt and after a long one (past W, so attention reads every
   slot), with the kernel and, with `--body`, with the function body too.
@@ -45,17 +46,28 @@ def filled_caches(layer: Layer, slots: int, nodes: int, rng) -> dict[str, np.nda
     return caches
 
 
-def layer_runs(layer: Layer, slots: int, threads: int, nodes: int, rng) -> dict:
-    """Bound sessions of `nodes` nodes, by attention path ("native kernel (isa)" or "function body (...)")."""
-    position = slots - 1 if slots < layer.window else 4 * layer.window + 7  # a full cache, or one past the wrap
+def layer_runs(layer: Layer, slots: int, threads: int, nodes: int, rng, filled: int | None = None,
+               against: str | None = None) -> dict:
+    """Bound sessions of `nodes` nodes, by attention path ("native kernel (isa)" or "function body (...)",
+    and "library PATH" for another build of the kernel, `against`). The decode token sits at position
+    `filled` (the slots before it hold the context, those after it are empty and masked); by default
+    the cache is full, or past the wrap for S = W."""
+    if filled is not None:
+        position = filled
+    else:
+        position = slots - 1 if slots < layer.window else 4 * layer.window + 7
     plan = layer.plan(np.array([position]), np.array([1]), 1, slots)
     width = (layer.cfg.n_heads + 2 * layer.cfg.n_kv_heads) * layer.cfg.head_dim
     qkv = rng.standard_normal((1, 1, width)).astype(np.float16 if layer.act == "fp16" else np.float32)
     runs = {}
-    for kernel in ("on", "off"):
+    for kernel in ("on", "off") + ((against,) if against else ()):
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        label = _register_kernel(so, kernel)
+        if kernel == against:
+            so.register_custom_ops_library(against)
+            label = f"library {against}"
+        else:
+            label = _register_kernel(so, kernel)
         sess = ort.InferenceSession(layer.attention_model(nodes), so, providers=["CPUExecutionProvider"])
         caches = filled_caches(layer, slots, nodes, rng)
         runs[label] = (sess, bind(sess, qkv, plan, caches, nodes), caches)
@@ -120,6 +132,8 @@ def main() -> None:
     ap.add_argument("--kv-cache", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
     ap.add_argument("--activations", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--slots", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--filled", type=int, help="layer: tokens of context in the slots (default: all of them)")
+    ap.add_argument("--against", metavar="LIB", help="layer: another build of the kernel library as well")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--iters", type=int, default=200)
@@ -136,9 +150,10 @@ def main() -> None:
     for slots in a.slots:
         runs = {(kv, label): run for kv in kinds
                 for label, run in layer_runs(Layer(DEMO, a.window, a.activations, kv), slots, a.threads, a.nodes,
-                                             rng).items()}
+                                             rng, a.filled, a.against).items()}
         for (kv, label), us in per_node_us(runs, a.nodes, a.rounds, a.iters, clock).items():
-            print(f"{a.activations} activations, slots={slots}, threads={a.threads}, {a.clock} clock: "
+            print(f"{a.activations} activations, slots={slots}, filled={a.filled or slots}, threads={a.threads}, "
+                  f"{a.clock} clock: "
                   f"{kv} cache, {label}: {us:.1f} us")
 
 

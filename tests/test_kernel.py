@@ -328,6 +328,73 @@ def test_cache_types_store_what_the_function_body_stores(library, act, kv_cache,
         assert_outputs_close(out["on"], out["off"], valid, act)
 
 
+def check_ties(head_dim: int) -> None:
+    """Value rows whose x / s fall on .5 ties (s = 1: max |x| = 127) and on +-127 quantize as the
+    spec says: half to even, clipped, in the vector lanes and in the scalar tail alike."""
+    layer = Layer(op_config(head_dim), 16, "fp32", "int8")
+    session = node_session(layer, "on")
+    cfg = layer.cfg
+    ties = np.array([127, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -126.5, 126.5, 0, -1.5, 4.5, -127, 5.5, 6.5, -3.5])
+    qkv = np.zeros((2, 1, (cfg.n_heads + 2 * cfg.n_kv_heads) * head_dim), np.float32)
+    values = qkv[:, 0, (cfg.n_heads + cfg.n_kv_heads) * head_dim:].reshape(2, cfg.n_kv_heads, head_dim)
+    values[...] = ties[:head_dim]
+    values[1, 1] = -ties[:head_dim] * 3  # s = fp16(381 / 127) = 3: ties again, and codes at the clip
+    caches = layer.new_cache(2, 16, ".0")
+    session.run_with_iobinding(bind(session, qkv, layer.plan(np.zeros(2, np.int64), np.ones(2, np.int64), 1, 16),
+                                    caches))
+    codes, scales = quantize(values)
+    np.testing.assert_array_equal(caches["value.0"][:, :, 0], codes)
+    np.testing.assert_array_equal(caches["value_scale.0"][:, :, 0], scales)
+    assert set(codes[0, 0, 1:6]) == {0, 2, -2} and scales[1, 1, 0] == 3
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "portable"])
+def test_int8_rows_round_half_to_even_on_every_variant(library, isa):
+    if isa == "default":
+        for head_dim in (16, 12):
+            check_ties(head_dim)
+        return
+    code = "import sys; sys.path.insert(0, 'tests'); import test_kernel as t\nfor d in (16, 12):\n    t.check_ties(d)"
+    env = {**os.environ, "MISTRAL_EDGE_KERNEL_ISA": isa, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kv_cache", ["fp32", "int8"])
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_slots_every_row_masks_are_not_read(library, kv_cache, sinks):
+    """The kernel skips the slots that every query row of a block masks (docs/kernel.md): the empty
+    tail of a ring not yet full. What they hold cannot reach the output then, not even a NaN,
+    which a product with probability 0 would spread (0 * NaN); the rows they hide weigh exactly
+    nothing, so the output is the same bit for bit as over a zeroed tail."""
+    layer = Layer(op_config(16), 64, "fp32", kv_cache, sinks)
+    session = node_session(layer, "on")
+    rng = np.random.default_rng(5)
+    positions, slots = np.array([20, 9]), 48  # decode; slots 21.. (row 0) and 10.. (row 1) are empty
+    plan = layer.plan(positions, np.array([1, 1]), 1, slots)
+    qkv = rng.standard_normal((2, 1, (6 + 2 * 2) * 16)).astype(np.float32)
+    clean = layer.new_cache(2, slots, ".0")
+    for name, a in clean.items():
+        a[...] = rng.uniform(0.01, 0.03, a.shape) if is_scale(name) else rng.integers(-9, 10, a.shape)
+        if not name.startswith("sink_"):
+            for row, p in enumerate(positions):
+                a[row, :, p:] = 0
+    outputs = []
+    for poison in (False, True):
+        caches = {name: a.copy() for name, a in clean.items()}
+        if poison:
+            for name, a in caches.items():
+                if not name.startswith("sink_") and a.dtype != np.int8:
+                    for row, p in enumerate(positions):
+                        a[row, :, p + 1:] = np.nan  # past the slot this step writes
+        io = bind(session, qkv, plan, caches)
+        session.run_with_iobinding(io)
+        outputs.append(io.copy_outputs_to_cpu()[0])
+    assert np.isfinite(outputs[0]).all()
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_cache_types_on_every_compute_variant(library, isa):
     code = ("import sys; sys.path.insert(0, 'tests'); import test_kernel as t; from mistral_edge import kernels\n"

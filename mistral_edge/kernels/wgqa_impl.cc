@@ -49,25 +49,6 @@ void rope(const T* x, const T* cos, const T* sin, int64_t D, float* y) {
   }
 }
 
-// One row x (D floats, already rounded to the activation type) in the cache's type. int8: the
-// spec's row scale s = fp16(max|x| / 127) (1 for a zero row) and codes clip(nearbyint(x / s),
-// -127, 127), the function body's float32 operations in its order (nearbyint rounds half to even
-// under the default rounding mode; fmax maps a NaN to -127 rather than to undefined behaviour).
-template <typename K>
-void put(const float* x, int64_t D, K* dst, half* scale) {
-  if constexpr (QUANT<K>) {
-    float a = 0.0f;
-    for (int64_t d = 0; d < D; ++d) a = std::fabs(x[d]) > a ? std::fabs(x[d]) : a;
-    const half s = static_cast<half>(a > 0.0f ? a / 127.0f : 1.0f);
-    const float sf = f(s);
-    for (int64_t d = 0; d < D; ++d)
-      dst[d] = static_cast<int8_t>(std::fmin(std::fmax(std::nearbyint(x[d] / sf), -127.0f), 127.0f));
-    *scale = s;
-  } else {
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<K>(x[d]);
-  }
-}
-
 // L floats as one GCC vector (extensions, so each variant's flags pick the instructions).
 template <int L>
 struct Vec {
@@ -119,11 +100,60 @@ template <int L>
 template <int L>
 [[gnu::always_inline]] inline void store(float* p, typename Vec<L>::f v) { std::memcpy(p, &v, sizeof v); }
 
-// n float16 values as float, NATIVE lanes at a time (GCC leaves the plain loop scalar).
-void widen(const half* x, int64_t n, float* y) {
+// One row x (D floats, already rounded to the activation type) in the cache's type. int8: the
+// spec's row scale s = fp16(max|x| / 127) (1 for a zero row) and codes clip(nearbyint(x / s),
+// -127, 127), the function body's float32 operations in its order (nearbyint rounds half to even
+// under the default rounding mode; fmax maps a NaN to -127 rather than to undefined behaviour).
+// The AVX variants take 8 lanes at a time with the same operations (vdivps, vroundps to nearest
+// even, NaN to -127), so the codes are the same bit for bit.
+template <typename K>
+void put(const float* x, int64_t D, K* dst, half* scale) {
+  if constexpr (QUANT<K>) {
+    float a = 0.0f;
+    int64_t d = 0;
+#if defined(__AVX__)
+    using F = Vec<8>::f;
+    using I = Vec<8>::i;
+    F top{};
+    for (; d + 8 <= D; d += 8) {
+      F v = load<8>(x + d);
+      I bits;
+      std::memcpy(&bits, &v, sizeof v);
+      bits &= 0x7fffffff;
+      std::memcpy(&v, &bits, sizeof v);
+      top = v > top ? v : top;  // a NaN lane keeps top, as the scalar comparison does
+    }
+    for (int l = 0; l < 8; ++l) a = top[l] > a ? top[l] : a;
+#endif
+    for (; d < D; ++d) a = std::fabs(x[d]) > a ? std::fabs(x[d]) : a;
+    const half s = static_cast<half>(a > 0.0f ? a / 127.0f : 1.0f);
+    const float sf = f(s);
+    d = 0;
+#if defined(__AVX__)
+    for (; d + 8 <= D; d += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + d), _mm256_set1_ps(sf)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      F c = (F)r;
+      c = c > -127.0f ? c : F{} - 127.0f;
+      c = c < 127.0f ? c : F{} + 127.0f;
+      const Vec<8>::b codes = __builtin_convertvector(__builtin_convertvector(c, I), Vec<8>::b);
+      std::memcpy(dst + d, &codes, sizeof codes);
+    }
+#endif
+    for (; d < D; ++d)
+      dst[d] = static_cast<int8_t>(std::fmin(std::fmax(std::nearbyint(x[d] / sf), -127.0f), 127.0f));
+    *scale = s;
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<K>(x[d]);
+  }
+}
+
+// y[i] *= s[i] for n floats y and float16 s, NATIVE lanes at a time (GCC leaves the plain loop
+// scalar, converting each s[i] apart).
+void scale_by(float* y, const half* s, int64_t n) {
   int64_t i = 0;
-  for (; i + NATIVE <= n; i += NATIVE) store<NATIVE>(y + i, load<NATIVE>(x + i));
-  for (; i < n; ++i) y[i] = f(x[i]);
+  for (; i + NATIVE <= n; i += NATIVE) store<NATIVE>(y + i, load<NATIVE>(y + i) * load<NATIVE>(s + i));
+  for (; i < n; ++i) y[i] *= f(s[i]);
 }
 
 // The sum of the lanes by halving (log2 L dependent adds, not L).
@@ -141,9 +171,9 @@ template <int L>
 
 // scores[r * ld + s] = q[r] . keys[s] for NR rows of q (float, [NR, D]) and n keys of type K, in
 // L-lane vectors (L divides D); NR is a template argument so the accumulators stay in registers.
-// int8 keys: q . codes, times the row's scale (kscale, float) once.
+// int8 keys: q . codes, times the row's scale (kscale) once.
 template <int L, int NR, typename K>
-void scores_n(const float* q, const K* keys, const float* kscale, int64_t n, int64_t D, float* out, int64_t ld) {
+void scores_n(const float* q, const K* keys, const half* kscale, int64_t n, int64_t D, float* out, int64_t ld) {
   for (int64_t s = 0; s < n; ++s) {
     const K* k = keys + s * D;
     typename Vec<L>::f a[NR] = {};
@@ -152,7 +182,8 @@ void scores_n(const float* q, const K* keys, const float* kscale, int64_t n, int
       for (int r = 0; r < NR; ++r) a[r] += load<L>(q + r * D + c) * kv;
     }
     if constexpr (QUANT<K>) {
-      for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]) * kscale[s];
+      const float scale = f(kscale[s]);
+      for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]) * scale;
     } else {
       for (int r = 0; r < NR; ++r) out[r * ld + s] = hsum<L>(a[r]);
     }
@@ -176,7 +207,7 @@ void weighted_n(const float* p, int64_t ld, const K* vals, int64_t n, int64_t D,
 // Both products for a block of nr rows, with the widest lane count (up to the variant's native
 // one) that divides D.
 template <int L, typename K>
-void block(const float* q, int64_t nr, const K* keys, const float* kscale, const K* vals, int64_t n, int64_t D,
+void block(const float* q, int64_t nr, const K* keys, const half* kscale, const K* vals, int64_t n, int64_t D,
            float* sc, int64_t ld, float* acc, bool weigh) {
   if constexpr (L > 1) {
     if (D % L) return block<L / 2>(q, nr, keys, kscale, vals, n, D, sc, ld, acc, weigh);
@@ -225,33 +256,60 @@ template <int L>
   return tiny ? F{} : e * scale;
 }
 
-// Softmax in place over n scores plus the additive bias (type T), NATIVE lanes at a time; the
-// tail goes through one padded vector.
+// The stretches [from[k], to[k]) of the score axis a block computes (sorted, disjoint); its
+// other scores are neither computed nor read, their probabilities being exactly 0.
+struct Spans {
+  int64_t from[3], to[3];
+  int n = 0;
+  void add(int64_t a, int64_t b) {
+    if (b > a) from[n] = a, to[n] = b, ++n;
+  }
+};
+
+// Softmax in place over the scores of the spans plus the additive bias (type T), NATIVE lanes at a
+// time. The sum gathers each exponential in lane i mod L, in increasing i, as over the whole axis:
+// the skipped scores would only add exact zeros, so the result is the same bit for bit. A vector
+// that a span covers only in part is padded with -inf (an exponential of 0).
 template <typename T>
-void softmax(float* x, const T* bias, int64_t n) {
+void softmax(float* x, const T* bias, const Spans& sp) {
   constexpr int L = NATIVE;
   using F = typename Vec<L>::f;
-  const int64_t body = n - n % L;
+  F top = F{} - INFINITY;
   float m = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] += f(bias[i]);
-    m = x[i] > m ? x[i] : m;
+  for (int k = 0; k < sp.n; ++k) {
+    int64_t i = sp.from[k];
+    for (; i + L <= sp.to[k]; i += L) {
+      const F v = load<L>(x + i) + load<L>(bias + i);
+      store<L>(x + i, v);
+      top = v > top ? v : top;
+    }
+    for (; i < sp.to[k]; ++i) {
+      x[i] += f(bias[i]);
+      m = x[i] > m ? x[i] : m;
+    }
   }
+  for (int l = 0; l < L; ++l) m = top[l] > m ? top[l] : m;
   F sum{};
-  for (int64_t i = 0; i < body; i += L) {
-    const F e = vexp<L>(load<L>(x + i) - m);
-    store<L>(x + i, e);
-    sum += e;
-  }
-  if (body < n) {
-    float tail[L];
-    for (int i = 0; i < L; ++i) tail[i] = body + i < n ? x[body + i] - m : -INFINITY;
-    const F e = vexp<L>(load<L>(tail));
-    sum += e;
-    for (int64_t i = body; i < n; ++i) x[i] = e[i - body];
+  for (int k = 0; k < sp.n; ++k) {
+    const int64_t a = sp.from[k], b = sp.to[k];
+    for (int64_t v = a - a % L; v < b; v += L) {
+      if (v >= a && v + L <= b) {
+        const F e = vexp<L>(load<L>(x + v) - m);
+        store<L>(x + v, e);
+        sum += e;
+        continue;
+      }
+      float part[L];
+      for (int l = 0; l < L; ++l) part[l] = v + l >= a && v + l < b ? x[v + l] - m : -INFINITY;
+      const F e = vexp<L>(load<L>(part));
+      sum += e;
+      for (int l = 0; l < L; ++l)
+        if (v + l >= a && v + l < b) x[v + l] = e[l];
+    }
   }
   const float inv = 1.0f / hsum<L>(sum);
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+  for (int k = 0; k < sp.n; ++k)
+    for (int64_t i = sp.from[k]; i < sp.to[k]; ++i) x[i] *= inv;
 }
 
 // One kv head's rows of a key or value cache tensor: n rows of D codes and, for int8, n scales.
@@ -267,17 +325,69 @@ struct Rows {
   half* scale_at(int64_t i) const { return QUANT<K> ? scale + i : nullptr; }
 };
 
-// Entries copied out of the cache before the chunk overwrites them (codes and scales).
+// A thread's working buffers, kept across calls: a decode step would otherwise allocate (and zero)
+// a dozen of them per unit.
 template <typename K>
-struct Saved {
-  std::vector<K> code;
-  std::vector<half> scale;
-  Saved(int64_t n, int64_t D) : code(n * D), scale(QUANT<K> ? n : 0) {}
-  void take(const Rows<K>& from, int64_t slot, int64_t j, int64_t D) {
-    std::memcpy(&code[j * D], from.row(slot, D), D * sizeof(K));
-    if constexpr (QUANT<K>) scale[j] = from.scale[slot];
+struct Scratch {
+  std::vector<K> old_k, old_v;       // the entries the chunk overwrites: codes
+  std::vector<half> old_ks, old_vs;  // and their scales (int8)
+  std::vector<float> row, q, sc, acc;
+
+  static Scratch& mine() {
+    thread_local Scratch s;
+    return s;
   }
 };
+template <typename T>
+T* room(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// One part of the score axis (the S ring slots, the C overwritten entries, the Ss sinks): n rows of
+// keys and values, with their row scales (int8), at offset `at`.
+template <typename K>
+struct Part {
+  const K *keys, *vals;
+  const half *kscale, *vscale;
+  int64_t n, at;
+};
+
+// A bias at or below this hides its key: the plan's mask is half the type's lowest finite value
+// (export/attention.py mask_value), real biases are 0.
+template <typename A>
+constexpr float HIDDEN = (std::is_same<A, half>::value ? -65504.0f : -3.40282347e38f) / 4;
+
+// The slots [lo, hi) of part `pt` that some row of a block sees (bias rows b, stride L). A slot
+// outside them is hidden from every row: when each row sees some key, its score sits at least
+// |mask| - (score spread) below the row's maximum, so its exponential is exactly 0 (vexp) and
+// skipping it changes no sum (leading and trailing zeros only), bit for bit. That is what spares
+// the empty tail of a ring not yet full (the runtime grows S in steps of 64) and the ring copies
+// of the sink positions. The ends are found NATIVE slots at a time, then slot by slot.
+template <typename A, typename K>
+void seen_span(const A* b, int64_t nr, int64_t L, const Part<K>& pt, int64_t& lo, int64_t& hi) {
+  constexpr int V = NATIVE;
+  const A* at = b + pt.at;
+  auto seen = [&](int64_t i) {
+    for (int64_t r = 0; r < nr; ++r)
+      if (f(at[r * L + i]) > HIDDEN<A>) return true;
+    return false;
+  };
+  auto seen_v = [&](int64_t i) {  // any of slots i .. i + V - 1
+    auto top = load<V>(at + i);
+    for (int64_t r = 1; r < nr; ++r) {
+      const auto v = load<V>(at + r * L + i);
+      top = v > top ? v : top;
+    }
+    bool any = false;
+    for (int l = 0; l < V; ++l) any |= top[l] > HIDDEN<A>;
+    return any;
+  };
+  for (lo = 0; lo + V <= pt.n && !seen_v(lo); lo += V) {}
+  for (; lo < pt.n && !seen(lo); ++lo) {}
+  for (hi = pt.n; hi - V >= lo && !seen_v(hi - V); hi -= V) {}
+  for (; hi > lo && !seen(hi - 1); --hi) {}
+}
 
 template <typename A, typename K>
 void unit(const Problem& p, int64_t u) {
@@ -292,23 +402,27 @@ void unit(const Problem& p, int64_t u) {
   const int64_t* gather = p.gather_idx + head * C * D;
   const bool* keep = p.keep + b * C;
   const A* bias = static_cast<const A*>(p.bias) + b * R * L;
+  Scratch<K>& w = Scratch<K>::mine();
 
   // (1) the entries the chunk overwrites, read before any write
-  Saved<K> old_k(C, D), old_v(C, D);
+  K *old_k = room(w.old_k, C * D), *old_v = room(w.old_v, C * D);
+  half *old_ks = room(w.old_ks, C), *old_vs = room(w.old_vs, C);
   for (int64_t j = 0; j < C; ++j) {
-    old_k.take(key, gather[j * D], j, D);
-    old_v.take(value, gather[j * D], j, D);
+    const int64_t slot = gather[j * D];
+    std::memcpy(old_k + j * D, key.row(slot, D), D * sizeof(K));
+    std::memcpy(old_v + j * D, value.row(slot, D), D * sizeof(K));
+    if constexpr (QUANT<K>) old_ks[j] = key.scale[slot], old_vs[j] = value.scale[slot];
   }
   // (2) the chunk's rotated keys and values (rounded to the activation type, as the function holds
   // them) at slot (write_at + j) mod S; padding keeps the old entry
-  std::vector<float> row(D);
+  float* row = room(w.row, D);
   auto write = [&](int64_t j, const Rows<K>& k, const Rows<K>& v, int64_t slot) {
     const A* src = qkv + j * width + (p.Hq + h) * D;
-    rope(src, cos_k + j * half_d, sin_k + j * half_d, D, row.data());
+    rope(src, cos_k + j * half_d, sin_k + j * half_d, D, row);
     for (int64_t d = 0; d < D; ++d) row[d] = f(static_cast<A>(row[d]));
-    put(row.data(), D, k.row(slot, D), k.scale_at(slot));
+    put(row, D, k.row(slot, D), k.scale_at(slot));
     for (int64_t d = 0; d < D; ++d) row[d] = f(src[p.Hkv * D + d]);
-    put(row.data(), D, v.row(slot, D), v.scale_at(slot));
+    put(row, D, v.row(slot, D), v.scale_at(slot));
   };
   for (int64_t j = 0; j < C; ++j)
     if (keep[j]) write(j, key, value, (p.write_at[b] + j) % S);
@@ -316,41 +430,51 @@ void unit(const Problem& p, int64_t u) {
   const Rows<K> sink_value = Ss ? Rows<K>::of(p.sink_value, p.sink_value_scale, head, Ss, D) : Rows<K>{};
   for (int64_t s = 0; s < Ss; ++s)
     if (p.sink_new[b * Ss + s]) write(p.sink_src[(head * Ss + s) * D], sink_key, sink_value, s);
-  // int8: the row scales of (ring, overwritten entries, sinks) as float, in score order
-  std::vector<float> ks(QUANT<K> ? L : 0), vs(QUANT<K> ? L : 0);
-  if constexpr (QUANT<K>) {
-    auto widen_all = [&](const Rows<K>& ring, const Saved<K>& old, const Rows<K>& sinks, float* to) {
-      widen(ring.scale, S, to);
-      widen(old.scale.data(), C, to + S);
-      widen(sinks.scale, Ss, to + S + C);
-    };
-    widen_all(key, old_k, sink_key, ks.data());
-    widen_all(value, old_v, sink_value, vs.data());
-  }
-  const float* kscale = QUANT<K> ? ks.data() : nullptr;
+  const Part<K> parts[] = {{key.code, value.code, key.scale, value.scale, S, 0},
+                           {old_k, old_v, old_ks, old_vs, C, S},
+                           {sink_key.code, sink_value.code, sink_key.scale, sink_value.scale, Ss, S + C}};
   // (3) queries of this kv head, rows g-major (r = g C + i), scaled by the tables
-  std::vector<float> q(R * D), sc(ROWS * L), acc(ROWS * D);
+  float *q = room(w.q, R * D), *sc = room(w.sc, ROWS * L), *acc = room(w.acc, ROWS * D);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < C; ++i)
       rope(qkv + i * width + (h * G + g) * D, cos_q + i * half_d, sin_q + i * half_d, D, &q[(g * C + i) * D]);
   A* out = static_cast<A*>(p.out) + b * C * p.Hq * D;
-  const K *old_keys = old_k.code.data(), *old_vals = old_v.code.data();
   for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
     const int64_t nr = R - r0 < ROWS ? R - r0 : ROWS;
     const float* qb = &q[r0 * D];
-    block<NATIVE>(qb, nr, key.code, kscale, value.code, S, D, sc.data(), L, nullptr, false);
-    block<NATIVE>(qb, nr, old_keys, kscale ? kscale + S : nullptr, old_vals, C, D, sc.data() + S, L, nullptr, false);
-    if (Ss)
-      block<NATIVE>(qb, nr, sink_key.code, kscale ? kscale + S + C : nullptr, sink_value.code, Ss, D,
-                    sc.data() + S + C, L, nullptr, false);
-    for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bias + (r0 + r) * L, L);
-    if constexpr (QUANT<K>)  // p v' = (p s) codes: the value scales folded into the probabilities
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t i = 0; i < L; ++i) sc[r * L + i] *= vs[i];
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    block<NATIVE>(qb, nr, key.code, kscale, value.code, S, D, sc.data(), L, acc.data(), true);
-    block<NATIVE>(qb, nr, old_keys, kscale, old_vals, C, D, sc.data() + S, L, acc.data(), true);
-    if (Ss) block<NATIVE>(qb, nr, sink_key.code, kscale, sink_value.code, Ss, D, sc.data() + S + C, L, acc.data(), true);
+    const A* bb = bias + r0 * L;
+    // skip hidden slots only when every row sees some key (a padding row sees none: its softmax
+    // is over masked scores alike, so every slot counts)
+    bool skip = true;
+    for (int64_t r = 0; r < nr && skip; ++r) {
+      int64_t i = 0;
+      while (i < L && f(bb[r * L + i]) <= HIDDEN<A>) ++i;
+      skip = i < L;
+    }
+    int64_t lo[3], hi[3];
+    Spans spans;
+    for (int k = 0; k < 3; ++k) {
+      const Part<K>& pt = parts[k];
+      if (skip) {
+        seen_span(bb, nr, L, pt, lo[k], hi[k]);
+      } else {
+        lo[k] = 0, hi[k] = pt.n;
+      }
+      spans.add(pt.at + lo[k], pt.at + hi[k]);
+      if (hi[k] > lo[k])
+        block<NATIVE>(qb, nr, pt.keys + lo[k] * D, QUANT<K> ? pt.kscale + lo[k] : nullptr, pt.vals + lo[k] * D,
+                      hi[k] - lo[k], D, sc + pt.at + lo[k], L, nullptr, false);
+    }
+    for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bb + r * L, spans);
+    std::fill(acc, acc + ROWS * D, 0.0f);
+    for (int k = 0; k < 3; ++k) {
+      const Part<K>& pt = parts[k];
+      if (hi[k] <= lo[k]) continue;
+      float* pk = sc + pt.at + lo[k];
+      if constexpr (QUANT<K>)  // p v' = (p s) codes: the value scales folded into the probabilities
+        for (int64_t r = 0; r < nr; ++r) scale_by(pk + r * L, pt.vscale + lo[k], hi[k] - lo[k]);
+      block<NATIVE>(qb, nr, pt.keys + lo[k] * D, nullptr, pt.vals + lo[k] * D, hi[k] - lo[k], D, pk, L, acc, true);
+    }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
       A* o = out + i * p.Hq * D + (h * G + g) * D;

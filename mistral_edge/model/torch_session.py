@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ..errors import EdgeError
+from .cache import STORAGE
 from .reference import ReferenceModel
 
 DEVICES = ("cpu", "cuda")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 UNQUANTIZED = "none"
-HOST_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+HOST_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int8: np.int8}
 """The numpy type of a cache row's host copy (session snapshots) per compute dtype: numpy has no bfloat16,
 so a bf16 cache travels as its bit patterns."""
 IDENTITY_BYTES = 64
@@ -97,15 +98,22 @@ def model_identity(model: ReferenceModel) -> str:
 class TorchSession:
     """A runtime.session.Session (as DecoderSession is) computed by the PyTorch reference, eagerly."""
 
-    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1, sinks: int = 0):
+    def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1, sinks: int = 0,
+                 kv_cache: str | None = None):
+        """`kv_cache` (fp32, fp16 or int8; None: the compute dtype) stores keys and values as a bundle
+        exported with `--kv-cache` does (model/cache.py emulates its storage), so both backends can
+        run the same cache type."""
         if not 0 < chunk <= window - sinks:
             raise EdgeError(f"chunk size must be between 1 and W - sinks = {window - sinks}, got {chunk}")
+        if kv_cache is not None and kv_cache not in STORAGE:
+            raise EdgeError(f"unknown kv cache {kv_cache!r}; expected {', '.join(STORAGE)}")
         self.model, self.window, self.chunk, self.batch, self.sinks = model, window, chunk, batch, sinks
+        self.kv_cache = kv_cache
         self.vocab_size = model.cfg.vocab_size
         self.cache = self.new_cache()
 
     def new_cache(self):
-        return self.model.new_cache(self.batch, self.window, self.sinks)
+        return self.model.new_cache(self.batch, self.window, self.sinks, self.kv_cache)
 
     @property
     def positions(self) -> np.ndarray:
@@ -132,19 +140,23 @@ class TorchSession:
 
     @property
     def cache_dtype(self) -> np.dtype:
-        return np.dtype(HOST_TYPES[self.model.dtype])
+        """Of keys and values (an int8 cache: of the codes; its scales are float16)."""
+        return np.dtype(HOST_TYPES[self.cache.store_dtype])
 
     def cache_names(self) -> list[str]:
-        """The cache tensors' names: key.i, value.i per layer (the sinks, if any, are the first W slots' first ones)."""
-        return [f"{kind}.{i}" for i in range(len(self.cache.k)) for kind in ("key", "value")]
+        """The cache tensors' names: key.i, value.i per layer, then key_scale.i, value_scale.i for an
+        int8 cache (the sinks, if any, are the first W slots' first ones)."""
+        kinds = ("key", "value") + (("key_scale", "value_scale") if self.cache.k_scale else ())
+        return [f"{kind}.{i}" for i in range(len(self.cache.k)) for kind in kinds]
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [t for pair in zip(self.cache.k, self.cache.v) for t in pair]
+        c = self.cache
+        return [t for layer in zip(c.k, c.v, *((c.k_scale, c.v_scale) if c.k_scale else ())) for t in layer]
 
     def read_row(self, row: int, slots: int) -> dict[str, np.ndarray]:
         """Host copies of row `row`'s first `slots` cache slots by name, [Hkv, slots, D] each, in cache_dtype."""
-        bits = self.model.dtype == torch.bfloat16
-        return {name: (t[row, :, :slots].view(torch.int16) if bits else t[row, :, :slots]).cpu().numpy().copy()
+        return {name: (t[row, :, :slots].view(torch.int16) if t.dtype == torch.bfloat16 else t[row, :, :slots])
+                .cpu().numpy().copy()
                 for name, t in zip(self.cache_names(), self._tensors())}
 
     def write_row(self, row: int, arrays: dict[str, np.ndarray], position: int) -> None:
