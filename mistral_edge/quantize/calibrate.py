@@ -238,6 +238,34 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
     return Calibrated(scaled, plan, alphas, tuple(int8))
 
 
+def _decoder_pass(c, weights: dict, tokens: torch.Tensor, linear, head: bool):
+    """The decoder over windows [B, T] at once, each from an empty cache with causal attention over
+    its T tokens (within the model's sliding window); `linear(name, x)` is a generator that returns
+    x @ W.T for the fused linear `name` (what it yields, the pass yields). Returns the head's output
+    if `head` (linear('output', x)), else None."""
+    B, T = tokens.shape
+    positions = torch.arange(T).expand(B, T)
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
+    bias = torch.zeros(T, T).masked_fill(~seen, float("-inf")).expand(B, 1, T, T)
+    empty = torch.zeros(B, c.n_kv_heads, 0, c.head_dim)
+    h = weights["tok_embeddings.weight"][tokens].float()
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        x = rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)
+        qkv = yield from linear(p + "attention.wqkv", x)
+        q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
+        q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
+        attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, empty, empty, bias)
+        h = h + (yield from linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
+        x = rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)
+        gate, up = (yield from linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
+        h = h + (yield from linear(p + "feed_forward.w2", F.silu(gate) * up))
+    if head:
+        return (yield from linear("output", rms_norm(h, weights["norm.weight"], c.norm_eps)))
+    return None
+
+
 class LayerwiseGptq:
     """GPTQ codes for a plan's int4 layer linears (and an untied int4 head), one linear at a time in
     execution order (QKV, output projection, gate/up, down; layer by layer; then the head), each on
@@ -280,31 +308,10 @@ class LayerwiseGptq:
 
     def _run(self):
         """Yields (plan entry, Int4Weight or None) for each linear in execution order."""
-        c, tokens = self.cfg, self.tokens
-        B, T = tokens.shape
-        positions = torch.arange(T).expand(B, T)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
-        bias = torch.zeros(T, T).masked_fill(~seen, float("-inf"))
-        bias = bias.expand(B, 1, T, T)
-        empty = torch.zeros(B, c.n_kv_heads, 0, c.head_dim)
-        with torch.no_grad():
-            h = self.weights["tok_embeddings.weight"][tokens].float()
-            for i in range(c.n_layers):
-                p = f"layers.{i}."
-                x = rms_norm(h, self.weights[p + "attention_norm.weight"], c.norm_eps)
-                qkv = yield from self._linear(p + "attention.wqkv", x)
-                q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
-                q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
-                attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, empty, empty, bias)
-                h = h + (yield from self._linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
-                x = rms_norm(h, self.weights[p + "ffn_norm.weight"], c.norm_eps)
-                gate, up = (yield from self._linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
-                h = h + (yield from self._linear(p + "feed_forward.w2", F.silu(gate) * up))
-            if "output" in self.names:  # the logits themselves are not needed
-                yield from self._linear("output", rms_norm(h, self.weights["norm.weight"], c.norm_eps), False)
+        # no tensor needs a gradient (no_grad here would hold for the caller too while the pass is suspended)
+        yield from _decoder_pass(self.cfg, self.weights, self.tokens, self._linear, "output" in self.names)
 
-    def _linear(self, name: str, x: torch.Tensor, output: bool = True):
+    def _linear(self, name: str, x: torch.Tensor):
         """x @ W.T with the plan's quantized W (int4: GPTQ codes on x's Hessian), yielding the codes
         (while the export stores them, the pass holds nothing else of this linear)."""
         tq = self.plan.get(name, TensorQuant("fp32"))
@@ -319,7 +326,59 @@ class LayerwiseGptq:
         yield name, codes
         if codes is not None:
             w = codes.dequantize()
-        return x @ w.T if output else None
+        return None if name == "output" else x @ w.T  # the logits themselves are not needed
+
+
+SENSITIVITY_WINDOWS = 4
+"""Calibration windows the sensitivity pass runs (one forward and backward each, whole model)."""
+
+
+def int4_sensitivity(ck: Checkpoint, tq: TensorQuant, windows: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The next-token KL (nats per token) that each layer linear adds when it alone is int4 in the
+    scheme `tq` (act-weighted, as GPTQ's grid), estimated to second order.
+
+    KL(p || p') is ½ dθ^T F dθ with F the Fisher of the model's own next-token distribution; per
+    linear y = x W^T its block is taken as E[g g^T] ⊗ E[x x^T] (K-FAC, g = d log p(t) / dy with t
+    sampled from the model), both diagonal: ½ Σ_n E[g_n²] Σ_k E[x_k²] dW_nk². One forward and
+    backward per window of the fp32 model (held whole) gives every linear's E[g²] and E[x²]; dW is
+    the int4 rounding error of the tensor, so the estimate sees both the tensor's place in the model
+    and how well its weights fit the grid."""
+    cfg = ck.config
+    x2: dict[str, torch.Tensor] = {}
+    g2: dict[str, torch.Tensor] = {}
+    rng = torch.Generator().manual_seed(seed)
+
+    def linear(name: str, x: torch.Tensor):
+        w = torch.cat([ck.weights[part] for part in (["output.weight"] if name == "output" else weights_of(name))])
+        y = x @ w.float().T
+        if name != "output":
+            if not y.requires_grad:  # the first linear: nothing before it needs a gradient
+                y.requires_grad_()
+            x2[name] = x2.get(name, 0) + x.detach().square().sum((0, 1))
+            y.register_hook(lambda g, name=name: g2.__setitem__(name, g2.get(name, 0) + g.square().sum((0, 1))))
+        return y
+        yield  # a generator, as _decoder_pass takes
+
+    tokens = 0
+    for window in np.asarray(windows, np.int64):
+        with torch.enable_grad():
+            gen = _decoder_pass(cfg, ck.weights, torch.as_tensor(window[None]), linear, True)
+            try:
+                while True:
+                    next(gen)
+            except StopIteration as stop:
+                logp = torch.log_softmax(stop.value[0], -1)
+            sampled = torch.multinomial(logp.detach().exp(), 1, generator=rng)
+            logp.gather(-1, sampled).sum().backward()
+        tokens += len(window)
+    out = {}
+    for name, sum_x2 in x2.items():
+        w = torch.cat([ck.weights[part] for part in weights_of(name)]).float()
+        h = sum_x2 / tokens
+        dw = w - quantize_int4(w, tq.group_size, tq.zero_point, tq.method, act_scale=h.sqrt(),
+                               scale_bits=tq.scale_bits).dequantize()
+        out[name] = 0.5 * float(((g2[name] / tokens)[:, None] * dw.square() * h[None]).sum())
+    return out
 
 
 def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,

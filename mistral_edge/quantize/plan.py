@@ -15,6 +15,7 @@ same, and instant, for any model of a given shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,8 +66,10 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def quant_plan(cfg: ModelConfig, spec: QuantSpec) -> dict[str, TensorQuant]:
-    """Precision per planned tensor: 'layers.{i}.{linear}' for LAYER_LINEARS, 'tok_embeddings', 'output'."""
+def quant_plan(cfg: ModelConfig, spec: QuantSpec, sensitivity: Mapping[str, float] | None = None) -> dict[str, TensorQuant]:
+    """Precision per planned tensor: 'layers.{i}.{linear}' for LAYER_LINEARS, 'tok_embeddings', 'output'.
+    `sensitivity` (a mixed int4 spec only): the measured KL each layer linear adds as int4
+    (calibrate.int4_sensitivity); the int8 upgrades then follow it instead of UPGRADE_ORDER."""
     def tq(kind: str, name: str) -> TensorQuant:
         if kind != "int4":
             return TensorQuant(kind)
@@ -78,22 +81,28 @@ def quant_plan(cfg: ModelConfig, spec: QuantSpec) -> dict[str, TensorQuant]:
     plan["output"] = tq(spec.head, "output")
     plan["tok_embeddings"] = tq(spec.embedding or (spec.head if cfg.tied_embeddings else spec.linear),
                                 "tok_embeddings")
-    return _upgrade(cfg, plan) if spec.bits == 4 and spec.zero_point == "mixed" else plan
+    return _upgrade(cfg, plan, sensitivity) if spec.bits == 4 and spec.zero_point == "mixed" else plan
 
 
-def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> dict[str, TensorQuant]:
-    """Move layer linears to int8 in UPGRADE_ORDER while the model stays within TARGET_BITS."""
+def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant],
+             sensitivity: Mapping[str, float] | None) -> dict[str, TensorQuant]:
+    """Move layer linears to int8, most KL per added bit first (by `sensitivity`, else in
+    UPGRADE_ORDER), while the model stays within TARGET_BITS."""
     shapes = tensor_shapes(cfg)
     stored = {name: n * k * stored_bits(n, k, tq) for name, tq in plan.items() for n, k in [shapes[name]]}
     if head_shares_embedding(cfg, plan):
         stored.pop("output")
     budget = TARGET_BITS * sum(n * k for name, (n, k) in shapes.items() if name in stored) - sum(stored.values())
     int8 = TensorQuant("int8")
-    for name in (f"layers.{i}.{linear}" for linear in UPGRADE_ORDER for i in reversed(range(cfg.n_layers))):
-        n, k = shapes[name]
-        extra = n * k * stored_bits(n, k, int8) - stored[name]
-        if extra <= budget:
-            plan[name], budget = int8, budget - extra
+    extra = {name: n * k * stored_bits(n, k, int8) - stored[name] for name, (n, k) in shapes.items() if name in stored}
+    if sensitivity is None:
+        order = [f"layers.{i}.{linear}" for linear in UPGRADE_ORDER for i in reversed(range(cfg.n_layers))]
+    else:
+        order = sorted((name for name in sensitivity if name.startswith("layers.") and extra.get(name, 0) > 0),
+                       key=lambda name: sensitivity[name] / extra[name], reverse=True)
+    for name in order:
+        if extra[name] <= budget:
+            plan[name], budget = int8, budget - extra[name]
     return plan
 
 
