@@ -49,7 +49,7 @@ from ..tokenizer import Tokenizer
 from .gptq import BLOCK, DAMP, gptq_int4, hessian
 from .int4 import Int4Weight, quantize_int4
 from .int8 import quantize_int8
-from .plan import TensorQuant, quant_plan
+from .plan import LAYER_LINEARS, TensorQuant, budgeted, int4_quant, quant_plan
 from .spec import QuantSpec
 
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -238,29 +238,64 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
     return Calibrated(scaled, plan, alphas, tuple(int8))
 
 
-def _decoder_pass(c, weights: dict, tokens: torch.Tensor, linear, head: bool):
+def _fused(weights, name: str) -> torch.Tensor:
+    """The float32 weight [N, K] of a fused layer linear, or of the head (the embedding when tied)."""
+    if name == "output":
+        return weights["output.weight" if "output.weight" in weights else "tok_embeddings.weight"].float()
+    return torch.cat([weights[part] for part in weights_of(name)]).float()
+
+
+def _drain(gen):
+    """Run a generator to its end; its return value (for a pass whose linears yield nothing)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """What every layer of a pass over windows [B, T] shares: rope tables and the causal bias."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bias: torch.Tensor
+    empty: torch.Tensor
+
+    @staticmethod
+    def of(c, B: int, T: int) -> "_Windows":
+        positions = torch.arange(T).expand(B, T)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
+        bias = torch.zeros(T, T).masked_fill(~seen, float("-inf")).expand(B, 1, T, T)
+        return _Windows(cos, sin, bias, torch.zeros(B, c.n_kv_heads, 0, c.head_dim))
+
+
+def _layer(c, weights, i: int, h: torch.Tensor, linear, win: _Windows):
+    """Layer i on hidden states h [B, T, dim]; `linear(name, x)` is a generator that returns
+    x @ W.T for the fused linear `name` (what it yields, the layer yields). Returns the new h."""
+    B, T, _ = h.shape
+    p = f"layers.{i}."
+    x = rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)
+    qkv = yield from linear(p + "attention.wqkv", x)
+    q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
+    q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
+    attn = attend(apply_rope(q, win.cos, win.sin), apply_rope(k, win.cos, win.sin), v, win.empty, win.empty, win.bias)
+    h = h + (yield from linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
+    x = rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)
+    gate, up = (yield from linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
+    return h + (yield from linear(p + "feed_forward.w2", F.silu(gate) * up))
+
+
+def _decoder_pass(c, weights, tokens: torch.Tensor, linear, head: bool):
     """The decoder over windows [B, T] at once, each from an empty cache with causal attention over
-    its T tokens (within the model's sliding window); `linear(name, x)` is a generator that returns
-    x @ W.T for the fused linear `name` (what it yields, the pass yields). Returns the head's output
-    if `head` (linear('output', x)), else None."""
-    B, T = tokens.shape
-    positions = torch.arange(T).expand(B, T)
-    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-    seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
-    bias = torch.zeros(T, T).masked_fill(~seen, float("-inf")).expand(B, 1, T, T)
-    empty = torch.zeros(B, c.n_kv_heads, 0, c.head_dim)
+    its T tokens (within the model's sliding window), layer by layer (`_layer`). Returns the head's
+    output if `head` (linear('output', x)), else None."""
+    win = _Windows.of(c, *tokens.shape)
     h = weights["tok_embeddings.weight"][tokens].float()
     for i in range(c.n_layers):
-        p = f"layers.{i}."
-        x = rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)
-        qkv = yield from linear(p + "attention.wqkv", x)
-        q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
-        q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
-        attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, empty, empty, bias)
-        h = h + (yield from linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
-        x = rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)
-        gate, up = (yield from linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
-        h = h + (yield from linear(p + "feed_forward.w2", F.silu(gate) * up))
+        h = yield from _layer(c, weights, i, h, linear, win)
     if head:
         return (yield from linear("output", rms_norm(h, weights["norm.weight"], c.norm_eps)))
     return None
@@ -330,7 +365,7 @@ class LayerwiseGptq:
 
 
 SENSITIVITY_WINDOWS = 4
-"""Calibration windows the sensitivity pass runs (one forward and backward each, whole model)."""
+"""Calibration windows the sensitivity pass runs (the first ones: a forward and a backward)."""
 
 
 def int4_sensitivity(ck: Checkpoint, tq: TensorQuant, windows: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -339,46 +374,59 @@ def int4_sensitivity(ck: Checkpoint, tq: TensorQuant, windows: np.ndarray, seed:
 
     KL(p || p') is ½ dθ^T F dθ with F the Fisher of the model's own next-token distribution; per
     linear y = x W^T its block is taken as E[g g^T] ⊗ E[x x^T] (K-FAC, g = d log p(t) / dy with t
-    sampled from the model), both diagonal: ½ Σ_n E[g_n²] Σ_k E[x_k²] dW_nk². One forward and
-    backward per window of the fp32 model (held whole) gives every linear's E[g²] and E[x²]; dW is
-    the int4 rounding error of the tensor, so the estimate sees both the tensor's place in the model
-    and how well its weights fit the grid."""
-    cfg = ck.config
+    sampled from the model), both diagonal: ½ Σ_n E[g_n²] Σ_k E[x_k²] dW_nk². dW is the tensor's
+    int4 rounding error, so the estimate sees both its place in the model and how well its weights
+    fit the grid. One forward keeps each layer's input; the backward then recomputes one layer at a
+    time from it: the pass holds one layer's float32 weights and activations and the hidden states
+    at every layer's input (B T dim floats each), never the model."""
+    cfg, weights = ck.config, ck.weights
+    tokens = torch.as_tensor(np.asarray(windows, np.int64))
+    win = _Windows.of(cfg, *tokens.shape)
     x2: dict[str, torch.Tensor] = {}
     g2: dict[str, torch.Tensor] = {}
-    rng = torch.Generator().manual_seed(seed)
 
-    def linear(name: str, x: torch.Tensor):
-        w = torch.cat([ck.weights[part] for part in (["output.weight"] if name == "output" else weights_of(name))])
-        y = x @ w.float().T
-        if name != "output":
-            if not y.requires_grad:  # the first linear: nothing before it needs a gradient
-                y.requires_grad_()
-            x2[name] = x2.get(name, 0) + x.detach().square().sum((0, 1))
-            y.register_hook(lambda g, name=name: g2.__setitem__(name, g2.get(name, 0) + g.square().sum((0, 1))))
+    def plain(name: str, x: torch.Tensor):
+        return x @ _fused(weights, name).T
+        yield  # a generator, as _layer takes
+
+    def recording(name: str, x: torch.Tensor):
+        y = x @ _fused(weights, name).T
+        x2[name] = x.detach().square().sum((0, 1))
+        y.register_hook(lambda g: g2.__setitem__(name, g.square().sum((0, 1))))
         return y
-        yield  # a generator, as _decoder_pass takes
+        yield
 
-    tokens = 0
-    for window in np.asarray(windows, np.int64):
-        with torch.enable_grad():
-            gen = _decoder_pass(cfg, ck.weights, torch.as_tensor(window[None]), linear, True)
-            try:
-                while True:
-                    next(gen)
-            except StopIteration as stop:
-                logp = torch.log_softmax(stop.value[0], -1)
-            sampled = torch.multinomial(logp.detach().exp(), 1, generator=rng)
-            logp.gather(-1, sampled).sum().backward()
-        tokens += len(window)
+    with torch.no_grad():
+        hs = [weights["tok_embeddings.weight"][tokens].float()]
+        for i in range(cfg.n_layers):
+            hs.append(_drain(_layer(cfg, weights, i, hs[-1], plain, win)))
+    with torch.enable_grad():
+        h = hs.pop().requires_grad_()
+        logp = torch.log_softmax(_drain(plain("output", rms_norm(h, weights["norm.weight"], cfg.norm_eps))), -1)
+        sampled = torch.multinomial(logp.detach().flatten(0, 1).exp(), 1, generator=torch.Generator().manual_seed(seed))
+        logp.flatten(0, 1).gather(-1, sampled).sum().backward()
+        del logp
+        for i in reversed(range(cfg.n_layers)):
+            grad, h = h.grad, hs.pop().requires_grad_()
+            _drain(_layer(cfg, weights, i, h, recording, win)).backward(grad)
+    rows = tokens.numel()
     out = {}
     for name, sum_x2 in x2.items():
-        w = torch.cat([ck.weights[part] for part in weights_of(name)]).float()
-        h = sum_x2 / tokens
-        dw = w - quantize_int4(w, tq.group_size, tq.zero_point, tq.method, act_scale=h.sqrt(),
+        w, h2 = _fused(weights, name), sum_x2 / rows
+        dw = w - quantize_int4(w, tq.group_size, tq.zero_point, tq.method, act_scale=h2.sqrt(),
                                scale_bits=tq.scale_bits).dequantize()
-        out[name] = 0.5 * float(((g2[name] / tokens)[:, None] * dw.square() * h[None]).sum())
+        out[name] = 0.5 * float(((g2[name] / rows)[:, None] * dw.square() * h2[None]).sum())
     return out
+
+
+def calibrated_plan(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray) -> dict[str, TensorQuant]:
+    """The plan a calibrated export quantizes with: for a mixed int4 spec, its int8 upgrades chosen
+    by int4_sensitivity on the first SENSITIVITY_WINDOWS windows (same bit budget); any other
+    spec's plan as quant_plan gives it."""
+    if not budgeted(spec):
+        return quant_plan(ck.config, spec)
+    int4 = int4_quant(spec, f"layers.0.{LAYER_LINEARS[0]}")
+    return quant_plan(ck.config, spec, int4_sensitivity(ck, int4, windows[:SENSITIVITY_WINDOWS]))
 
 
 def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,
@@ -387,7 +435,7 @@ def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bo
     scaled, alphas = ck, {}
     if awq:
         scaled, _, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
-    plan = quant_plan(scaled.config, spec)
+    plan = calibrated_plan(scaled, spec, windows)
     codes = LayerwiseGptq(scaled, plan, windows, act_order).all_codes()
     plan = {name: dataclasses.replace(tq, codes=codes[name]) if name in codes else tq for name, tq in plan.items()}
     return Calibrated(scaled, plan, alphas, ())

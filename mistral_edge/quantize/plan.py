@@ -71,17 +71,25 @@ def quant_plan(cfg: ModelConfig, spec: QuantSpec, sensitivity: Mapping[str, floa
     `sensitivity` (a mixed int4 spec only): the measured KL each layer linear adds as int4
     (calibrate.int4_sensitivity); the int8 upgrades then follow it instead of UPGRADE_ORDER."""
     def tq(kind: str, name: str) -> TensorQuant:
-        if kind != "int4":
-            return TensorQuant(kind)
-        return TensorQuant(kind, spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
-                           INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
+        return int4_quant(spec, name) if kind == "int4" else TensorQuant(kind)
 
     plan = {name: tq(spec.linear, name) for name in (f"layers.{i}.{n}" for i in range(cfg.n_layers)
                                                      for n in LAYER_LINEARS)}
     plan["output"] = tq(spec.head, "output")
     plan["tok_embeddings"] = tq(spec.embedding or (spec.head if cfg.tied_embeddings else spec.linear),
                                 "tok_embeddings")
-    return _upgrade(cfg, plan, sensitivity) if spec.bits == 4 and spec.zero_point == "mixed" else plan
+    return _upgrade(cfg, plan, sensitivity) if budgeted(spec) else plan
+
+
+def int4_quant(spec: QuantSpec, name: str) -> TensorQuant:
+    """The int4 scheme the spec gives the planned tensor `name`."""
+    return TensorQuant("int4", spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
+                       INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
+
+
+def budgeted(spec: QuantSpec) -> bool:
+    """A mixed int4 spec (the default): planned within TARGET_BITS, int8 where it buys the most KL."""
+    return spec.bits == 4 and spec.zero_point == "mixed"
 
 
 def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant],
