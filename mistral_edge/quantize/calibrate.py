@@ -264,7 +264,7 @@ class _Windows:
     empty: torch.Tensor
 
     @staticmethod
-    def of(c, B: int, T: int) -> "_Windows":
+    def of(c, B: int, T: int) -> _Windows:
         positions = torch.arange(T).expand(B, T)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
