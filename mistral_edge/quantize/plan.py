@@ -10,7 +10,8 @@ every int4 tensor gets float zero points; the embedding is int4 (a tied one foll
 so one table serves both); then the layer linears are moved to int8 in UPGRADE_ORDER, the order
 of their measured next-token KL per added bit (docs/quantization.md), while the whole model stays
 within TARGET_BITS stored bits per weight. The plan reads no text and no weights: it is the
-same, and instant, for any model of a given shape.
+same, and instant, for any model of a given shape. With calibration text the upgrades follow a
+measured sensitivity instead (`quant_plan(..., sensitivity)`, from calibrate.calibrated_plan).
 """
 
 from __future__ import annotations
