@@ -44,7 +44,8 @@ WIKITEXT = DATA / "wikitext-2"
 LLAMA_BUILD = Path(os.environ.get("LLAMA_CPP_BUILD", "/work/peers/llama.cpp"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistral-edge" / "quality-vs-llamacpp"
 LLAMA_TYPES = "Q4_0,Q4_0+imatrix,Q4_K_S,Q4_K_M,Q4_K_M+imatrix"
-DEFAULT_CALIBRATED = "int4-g32-mzp-search-awq"
+DEFAULT_CALIBRATED = "int4-gptq"
+"""The calibrated row: GPTQ on the sensitivity-chosen plan (docs/quantization.md: the best calibrated int4)."""
 OMP_WAIT = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 """For llama.cpp's OpenMP threads: sleeping between ops, not spinning, keeps its tools and scoring
 fast on a shared machine (10x and more here under load); it changes no number in the table."""
@@ -365,7 +366,7 @@ def main() -> int:
     from mistral_edge.tokenizer import Tokenizer
 
     try:
-        parse_quants(args.calibrated)  # any spec compare takes (-awq today; other calibrated methods as they land)
+        parse_quants(args.calibrated)  # any spec compare takes (-gptq, -awq, -awq-gptq)
         if not (args.model / "config.json").is_file():
             raise EdgeError(f"{args.model}: not a Hugging Face checkpoint directory (no config.json)")
         tools = Tools.find(args.llama_cpp)

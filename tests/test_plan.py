@@ -49,3 +49,20 @@ def test_a_tiny_model_plan_is_within_budget():
     ck = checkpoint_of(tiny_hf_mistral(vocab=32000, dim=32))
     plan = quant_plan(ck.config, parse_quant("int4"))
     assert all(tq.kind == "int4" for name, tq in plan.items() if name.startswith("layers."))
+
+
+def test_measured_sensitivity_chooses_the_upgrades_within_the_budget():
+    """With a measured sensitivity (calibrate.int4_sensitivity) the int8 upgrades follow it, KL per
+    added bit, not UPGRADE_ORDER: here w13 of layers 0-3 cost the most, wqkv nothing."""
+    cfg = smollm(False)
+    names = [name for name in quant_plan(cfg, parse_quant("int4")) if name.startswith("layers.")]
+    sensitivity = {name: 0.0 if name.endswith("wqkv") else 1e-3 for name in names}
+    sensitivity.update({f"layers.{i}.feed_forward.w13": 1.0 for i in range(4)})
+    plan = quant_plan(cfg, parse_quant("int4"), sensitivity)
+    assert TARGET_BITS - 0.05 < model_bits_per_weight(cfg, plan) <= TARGET_BITS
+    int8 = {name for name, tq in plan.items() if tq.kind == "int8" and name.startswith("layers.")}
+    assert {f"layers.{i}.feed_forward.w13" for i in range(4)} <= int8
+    assert not any(name.endswith("wqkv") for name in int8)  # the default's first choice, worth nothing here
+    # one of them made the least sensitive per bit: the budget (under half the layer weights) runs out first
+    less = quant_plan(cfg, parse_quant("int4"), {**sensitivity, "layers.0.feed_forward.w13": 1e-4})
+    assert less["layers.0.feed_forward.w13"].kind == "int4" and less["layers.1.feed_forward.w13"].kind == "int8"

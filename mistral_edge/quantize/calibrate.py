@@ -49,7 +49,7 @@ from ..tokenizer import Tokenizer
 from .gptq import BLOCK, DAMP, gptq_int4, hessian
 from .int4 import Int4Weight, quantize_int4
 from .int8 import quantize_int8
-from .plan import TensorQuant, quant_plan
+from .plan import LAYER_LINEARS, TensorQuant, budgeted, int4_quant, quant_plan
 from .spec import QuantSpec
 
 ALPHAS = tuple(i / 10 for i in range(11))
@@ -238,6 +238,73 @@ def calibrate_int4(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, int8_sh
     return Calibrated(scaled, plan, alphas, tuple(int8))
 
 
+def _fused(weights, name: str) -> torch.Tensor:
+    """The float32 weight [N, K] of a fused layer linear, or of the head (the embedding when tied)."""
+    if name == "output":
+        return weights["output.weight" if "output.weight" in weights else "tok_embeddings.weight"].float()
+    return torch.cat([weights[part] for part in weights_of(name)]).float()
+
+
+def _drain(gen):
+    """Run a generator to its end; its return value (for a pass whose linears yield nothing)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """What every layer of a pass over windows [B, T] shares: rope tables and the causal bias."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bias: torch.Tensor
+    empty: torch.Tensor
+
+    @staticmethod
+    def of(c, B: int, T: int) -> _Windows:
+        positions = torch.arange(T).expand(B, T)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
+        bias = torch.zeros(T, T).masked_fill(~seen, float("-inf")).expand(B, 1, T, T)
+        return _Windows(cos, sin, bias, torch.zeros(B, c.n_kv_heads, 0, c.head_dim))
+
+
+def _layer(c, weights, i: int, h: torch.Tensor, linear, win: _Windows):
+    """Layer i on hidden states h [B, T, dim]; `linear(name, x)` is a generator that returns
+    x @ W.T for the fused linear `name` (what it yields, the layer yields). Returns the new h."""
+    B, T, _ = h.shape
+    p = f"layers.{i}."
+    x = rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)
+    # at each yield the frame holds h and the linear's input only (the outputs before it are
+    # dropped: at 7B widths gate/up alone are 470 MiB for 8 x 512 tokens)
+    q, k, v = (yield from linear(p + "attention.wqkv", x)).split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
+    q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
+    x = attend(apply_rope(q, win.cos, win.sin), apply_rope(k, win.cos, win.sin), v, win.empty, win.empty, win.bias)
+    del q, k, v
+    h = h + (yield from linear(p + "attention.wo", x.transpose(1, 2).reshape(B, T, -1)))
+    x = rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)
+    gate, up = (yield from linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
+    x = F.silu(gate) * up
+    del gate, up
+    return h + (yield from linear(p + "feed_forward.w2", x))
+
+
+def _decoder_pass(c, weights, tokens: torch.Tensor, linear, head: bool):
+    """The decoder over windows [B, T] at once, each from an empty cache with causal attention over
+    its T tokens (within the model's sliding window), layer by layer (`_layer`). Returns the head's
+    output if `head` (linear('output', x)), else None."""
+    win = _Windows.of(c, *tokens.shape)
+    h = weights["tok_embeddings.weight"][tokens].float()
+    for i in range(c.n_layers):
+        h = yield from _layer(c, weights, i, h, linear, win)
+    if head:
+        return (yield from linear("output", rms_norm(h, weights["norm.weight"], c.norm_eps)))
+    return None
+
+
 class LayerwiseGptq:
     """GPTQ codes for a plan's int4 layer linears (and an untied int4 head), one linear at a time in
     execution order (QKV, output projection, gate/up, down; layer by layer; then the head), each on
@@ -280,46 +347,89 @@ class LayerwiseGptq:
 
     def _run(self):
         """Yields (plan entry, Int4Weight or None) for each linear in execution order."""
-        c, tokens = self.cfg, self.tokens
-        B, T = tokens.shape
-        positions = torch.arange(T).expand(B, T)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        seen = visible(positions[0][None], positions[0][:, None], min(c.sliding_window or T, T))
-        bias = torch.zeros(T, T).masked_fill(~seen, float("-inf"))
-        bias = bias.expand(B, 1, T, T)
-        empty = torch.zeros(B, c.n_kv_heads, 0, c.head_dim)
-        with torch.no_grad():
-            h = self.weights["tok_embeddings.weight"][tokens].float()
-            for i in range(c.n_layers):
-                p = f"layers.{i}."
-                x = rms_norm(h, self.weights[p + "attention_norm.weight"], c.norm_eps)
-                qkv = yield from self._linear(p + "attention.wqkv", x)
-                q, k, v = qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
-                q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
-                attn = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, empty, empty, bias)
-                h = h + (yield from self._linear(p + "attention.wo", attn.transpose(1, 2).reshape(B, T, -1)))
-                x = rms_norm(h, self.weights[p + "ffn_norm.weight"], c.norm_eps)
-                gate, up = (yield from self._linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
-                h = h + (yield from self._linear(p + "feed_forward.w2", F.silu(gate) * up))
-            if "output" in self.names:  # the logits themselves are not needed
-                yield from self._linear("output", rms_norm(h, self.weights["norm.weight"], c.norm_eps), False)
+        # no tensor needs a gradient (no_grad here would hold for the caller too while the pass is suspended)
+        yield from _decoder_pass(self.cfg, self.weights, self.tokens, self._linear, "output" in self.names)
 
-    def _linear(self, name: str, x: torch.Tensor, output: bool = True):
+    def _linear(self, name: str, x: torch.Tensor):
         """x @ W.T with the plan's quantized W (int4: GPTQ codes on x's Hessian), yielding the codes
         (while the export stores them, the pass holds nothing else of this linear)."""
         tq = self.plan.get(name, TensorQuant("fp32"))
         w = torch.cat([self.weights[part] for part in self._parts(name)]).float()
-        codes = None
-        if name in self.names:
-            codes = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order,
-                              scale_bits=tq.scale_bits)
-            del w
-        elif tq.kind == "int8":
-            w = quantize_int8(w).dequantize()
+        if name not in self.names:  # its output, not its weight, is what the pass holds while suspended
+            y = None if name == "output" else x @ (quantize_int8(w).dequantize() if tq.kind == "int8" else w).T
+            del w, x
+            yield name, None
+            return y
+        codes = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order,
+                          scale_bits=tq.scale_bits)
+        del w
         yield name, codes
-        if codes is not None:
-            w = codes.dequantize()
-        return x @ w.T if output else None
+        return None if name == "output" else x @ codes.dequantize().T  # the logits themselves are not needed
+
+
+SENSITIVITY_WINDOWS = 4
+"""Calibration windows the sensitivity pass runs (the first ones: a forward and a backward)."""
+
+
+def int4_sensitivity(ck: Checkpoint, tq: TensorQuant, windows: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """The next-token KL (nats per token) that each layer linear adds when it alone is int4 in the
+    scheme `tq` (act-weighted, as GPTQ's grid), estimated to second order.
+
+    KL(p || p') is ½ dθ^T F dθ with F the Fisher of the model's own next-token distribution; per
+    linear y = x W^T its block is taken as E[g g^T] ⊗ E[x x^T] (K-FAC, g = d log p(t) / dy with t
+    sampled from the model), both diagonal: ½ Σ_n E[g_n²] Σ_k E[x_k²] dW_nk². dW is the tensor's
+    int4 rounding error, so the estimate sees both its place in the model and how well its weights
+    fit the grid. One forward keeps each layer's input; the backward then recomputes one layer at a
+    time from it: the pass holds one layer's float32 weights and activations and the hidden states
+    at every layer's input (B T dim floats each), never the model."""
+    cfg, weights = ck.config, ck.weights
+    tokens = torch.as_tensor(np.asarray(windows, np.int64))
+    win = _Windows.of(cfg, *tokens.shape)
+    x2: dict[str, torch.Tensor] = {}
+    g2: dict[str, torch.Tensor] = {}
+
+    def plain(name: str, x: torch.Tensor):
+        return x @ _fused(weights, name).T
+        yield  # a generator, as _layer takes
+
+    def recording(name: str, x: torch.Tensor):
+        y = x @ _fused(weights, name).T
+        x2[name] = x.detach().square().sum((0, 1))
+        y.register_hook(lambda g: g2.__setitem__(name, g.square().sum((0, 1))))
+        return y
+        yield
+
+    with torch.no_grad():
+        hs = [weights["tok_embeddings.weight"][tokens].float()]
+        for i in range(cfg.n_layers):
+            hs.append(_drain(_layer(cfg, weights, i, hs[-1], plain, win)))
+    with torch.enable_grad():
+        h = hs.pop().requires_grad_()
+        logp = torch.log_softmax(_drain(plain("output", rms_norm(h, weights["norm.weight"], cfg.norm_eps))), -1)
+        sampled = torch.multinomial(logp.detach().flatten(0, 1).exp(), 1, generator=torch.Generator().manual_seed(seed))
+        logp.flatten(0, 1).gather(-1, sampled).sum().backward()
+        del logp
+        for i in reversed(range(cfg.n_layers)):
+            grad, h = h.grad, hs.pop().requires_grad_()
+            _drain(_layer(cfg, weights, i, h, recording, win)).backward(grad)
+    rows = tokens.numel()
+    out = {}
+    for name, sum_x2 in x2.items():
+        w, h2 = _fused(weights, name), sum_x2 / rows
+        dw = w - quantize_int4(w, tq.group_size, tq.zero_point, tq.method, act_scale=h2.sqrt(),
+                               scale_bits=tq.scale_bits).dequantize()
+        out[name] = 0.5 * float(((g2[name] / rows)[:, None] * dw.square() * h2[None]).sum())
+    return out
+
+
+def calibrated_plan(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray) -> dict[str, TensorQuant]:
+    """The plan a calibrated export quantizes with: for a mixed int4 spec, its int8 upgrades chosen
+    by int4_sensitivity on the first SENSITIVITY_WINDOWS windows (same bit budget); any other
+    spec's plan as quant_plan gives it."""
+    if not budgeted(spec):
+        return quant_plan(ck.config, spec)
+    int4 = int4_quant(spec, f"layers.0.{LAYER_LINEARS[0]}")
+    return quant_plan(ck.config, spec, int4_sensitivity(ck, int4, windows[:SENSITIVITY_WINDOWS]))
 
 
 def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,
@@ -328,7 +438,7 @@ def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bo
     scaled, alphas = ck, {}
     if awq:
         scaled, _, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
-    plan = quant_plan(scaled.config, spec)
+    plan = calibrated_plan(scaled, spec, windows)
     codes = LayerwiseGptq(scaled, plan, windows, act_order).all_codes()
     plan = {name: dataclasses.replace(tq, codes=codes[name]) if name in codes else tq for name, tq in plan.items()}
     return Calibrated(scaled, plan, alphas, ())

@@ -10,11 +10,13 @@ every int4 tensor gets float zero points; the embedding is int4 (a tied one foll
 so one table serves both); then the layer linears are moved to int8 in UPGRADE_ORDER, the order
 of their measured next-token KL per added bit (docs/quantization.md), while the whole model stays
 within TARGET_BITS stored bits per weight. The plan reads no text and no weights: it is the
-same, and instant, for any model of a given shape.
+same, and instant, for any model of a given shape. With calibration text the upgrades follow a
+measured sensitivity instead (`quant_plan(..., sensitivity)`, from calibrate.calibrated_plan).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,35 +67,51 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def quant_plan(cfg: ModelConfig, spec: QuantSpec) -> dict[str, TensorQuant]:
-    """Precision per planned tensor: 'layers.{i}.{linear}' for LAYER_LINEARS, 'tok_embeddings', 'output'."""
+def quant_plan(cfg: ModelConfig, spec: QuantSpec, sensitivity: Mapping[str, float] | None = None) -> dict[str, TensorQuant]:
+    """Precision per planned tensor: 'layers.{i}.{linear}' for LAYER_LINEARS, 'tok_embeddings', 'output'.
+    `sensitivity` (a mixed int4 spec only): the measured KL each layer linear adds as int4
+    (calibrate.int4_sensitivity); the int8 upgrades then follow it instead of UPGRADE_ORDER."""
     def tq(kind: str, name: str) -> TensorQuant:
-        if kind != "int4":
-            return TensorQuant(kind)
-        return TensorQuant(kind, spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
-                           INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
+        return int4_quant(spec, name) if kind == "int4" else TensorQuant(kind)
 
     plan = {name: tq(spec.linear, name) for name in (f"layers.{i}.{n}" for i in range(cfg.n_layers)
                                                      for n in LAYER_LINEARS)}
     plan["output"] = tq(spec.head, "output")
     plan["tok_embeddings"] = tq(spec.embedding or (spec.head if cfg.tied_embeddings else spec.linear),
                                 "tok_embeddings")
-    return _upgrade(cfg, plan) if spec.bits == 4 and spec.zero_point == "mixed" else plan
+    return _upgrade(cfg, plan, sensitivity) if budgeted(spec) else plan
 
 
-def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> dict[str, TensorQuant]:
-    """Move layer linears to int8 in UPGRADE_ORDER while the model stays within TARGET_BITS."""
+def int4_quant(spec: QuantSpec, name: str) -> TensorQuant:
+    """The int4 scheme the spec gives the planned tensor `name`."""
+    return TensorQuant("int4", spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
+                       INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
+
+
+def budgeted(spec: QuantSpec) -> bool:
+    """A mixed int4 spec (the default): planned within TARGET_BITS, int8 where it buys the most KL."""
+    return spec.bits == 4 and spec.zero_point == "mixed"
+
+
+def _upgrade(cfg: ModelConfig, plan: dict[str, TensorQuant],
+             sensitivity: Mapping[str, float] | None) -> dict[str, TensorQuant]:
+    """Move layer linears to int8, most KL per added bit first (by `sensitivity`, else in
+    UPGRADE_ORDER), while the model stays within TARGET_BITS."""
     shapes = tensor_shapes(cfg)
     stored = {name: n * k * stored_bits(n, k, tq) for name, tq in plan.items() for n, k in [shapes[name]]}
     if head_shares_embedding(cfg, plan):
         stored.pop("output")
     budget = TARGET_BITS * sum(n * k for name, (n, k) in shapes.items() if name in stored) - sum(stored.values())
     int8 = TensorQuant("int8")
-    for name in (f"layers.{i}.{linear}" for linear in UPGRADE_ORDER for i in reversed(range(cfg.n_layers))):
-        n, k = shapes[name]
-        extra = n * k * stored_bits(n, k, int8) - stored[name]
-        if extra <= budget:
-            plan[name], budget = int8, budget - extra
+    extra = {name: n * k * stored_bits(n, k, int8) - stored[name] for name, (n, k) in shapes.items() if name in stored}
+    if sensitivity is None:
+        order = [f"layers.{i}.{linear}" for linear in UPGRADE_ORDER for i in reversed(range(cfg.n_layers))]
+    else:
+        order = sorted((name for name in sensitivity if name.startswith("layers.") and extra.get(name, 0) > 0),
+                       key=lambda name: sensitivity[name] / extra[name], reverse=True)
+    for name in order:
+        if extra[name] <= budget:
+            plan[name], budget = int8, budget - extra[name]
     return plan
 
 

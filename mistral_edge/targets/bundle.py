@@ -263,7 +263,9 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     tokenizer = TokenizerInfo(tok_name, ck.config.bos_id, ck.config.eos_ids, ck.chat_template)
     tokenizer.check_ids(ck.config.vocab_size)
     fmt = req.weight_format
-    codes, calibration = _calibration(ck, req, plan)
+    codes, calibration, plan = _calibration(ck, req, plan)
+    if calibration is not None:  # the calibrated plan spends the same bits on other tensors
+        budget, usable = check_budget(ck.config, plan, window, chunk, req)
     with atomic_dir(out, log) as tmp:
         if mlc:
             write_mlc(ck, tmp, tokenizer_files={tok_name: ck.tokenizer_files[tok_name]},
@@ -299,17 +301,18 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
 
 
 def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant]):
-    """With --calib: GPTQ codes by tensor name (computed layer by layer as the export asks for them)
-    and the manifest's record of the text; else (None, None). The text is read and checked here,
-    before anything is written."""
+    """With --calib: GPTQ codes by tensor name (computed layer by layer as the export asks for them),
+    the manifest's record of the text and the calibrated plan (calibrate.calibrated_plan); else
+    (None, None, plan). The text is read and checked here, before anything is written."""
     if req.calib is None:
-        return None, None
-    from ..quantize.calibrate import LayerwiseGptq, calibration_windows
+        return None, None, plan
+    from ..quantize.calibrate import LayerwiseGptq, calibrated_plan, calibration_windows
     from ..tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
     windows, record = calibration_windows(req.calib, tokenizer)
-    return LayerwiseGptq(ck, plan, windows).codes, record
+    plan = calibrated_plan(ck, req.quant, windows)
+    return LayerwiseGptq(ck, plan, windows).codes, record, plan
 
 
 def _plan_groups(plan: dict) -> dict:
