@@ -427,7 +427,7 @@ def table(speeds: list[Speed], memory: list[Memory], lay: Layout) -> str:
     mem = {m.system: m for m in memory}
     head = ([f"prefill {n} tok/s" for n in lay.lengths] + [f"decode {lay.decode_n} tok/s"]
             + [f"decode @{c} tok/s" for c in lay.contexts]
-            + [f"peak RSS @{lay.mem_n} MiB", "RSS loaded MiB", f"{lay.mem_n} tok s"])
+            + ([f"peak RSS @{lay.mem_n} MiB", "RSS loaded MiB", f"{lay.mem_n} tok s"] if lay.mem_n else []))
     n_speed = len(lay.lengths) + 1 + len(lay.contexts)
     rows = []
     names = [s.system for s in speeds] + [m.system for m in memory if m.system not in {s.system for s in speeds}]
@@ -441,7 +441,9 @@ def table(speeds: list[Speed], memory: list[Memory], lay: Layout) -> str:
                      + [f"{s.decode_tps(lay.decode_n):.1f}" if s.decode else s.crashed]
                      + [f"{s.long_tps(c, lay.long_n):.1f}" if s.long.get(c) else (s.crashed or "-")
                         for c in lay.contexts])
-        if m is None:
+        if not lay.mem_n:
+            pass
+        elif m is None:
             cells += ["-"] * 3
         elif m.crashed:
             cells += [m.crashed] * 3
