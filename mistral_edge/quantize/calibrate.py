@@ -354,7 +354,7 @@ class LayerwiseGptq:
         """x @ W.T with the plan's quantized W (int4: GPTQ codes on x's Hessian), yielding the codes
         (while the export stores them, the pass holds nothing else of this linear)."""
         tq = self.plan.get(name, TensorQuant("fp32"))
-        w = torch.cat([self.weights[part] for part in self._parts(name)]).float()
+        w = _fused(self.weights, name)
         if name not in self.names:  # its output, not its weight, is what the pass holds while suspended
             y = None if name == "output" else x @ (quantize_int8(w).dequantize() if tq.kind == "int8" else w).T
             del w, x
