@@ -274,22 +274,31 @@ class _Windows:
 
 def _layer(c, weights, i: int, h: torch.Tensor, linear, win: _Windows):
     """Layer i on hidden states h [B, T, dim]; `linear(name, x)` is a generator that returns
-    x @ W.T for the fused linear `name` (what it yields, the layer yields). Returns the new h."""
+    x @ W.T for the fused linear `name` (what it yields, the layer yields). Returns the new h.
+
+    Each linear's input is built in its call and never named here, so the linear's frame holds the
+    only reference and may drop it (LayerwiseGptq holds the smaller of a linear's input and output
+    while suspended: at 7B widths w2's input is 224 MiB for 8 x 512 tokens, its output 64)."""
     B, T, _ = h.shape
     p = f"layers.{i}."
-    x = rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)
-    # at each yield the frame holds h and the linear's input only (the outputs before it are
-    # dropped: at 7B widths gate/up alone are 470 MiB for 8 x 512 tokens)
-    q, k, v = (yield from linear(p + "attention.wqkv", x)).split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1)
-    q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2) for t in (q, k, v))
-    x = attend(apply_rope(q, win.cos, win.sin), apply_rope(k, win.cos, win.sin), v, win.empty, win.empty, win.bias)
-    del q, k, v
-    h = h + (yield from linear(p + "attention.wo", x.transpose(1, 2).reshape(B, T, -1)))
-    x = rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)
-    gate, up = (yield from linear(p + "feed_forward.w13", x)).split(c.hidden_dim, -1)
-    x = F.silu(gate) * up
-    del gate, up
-    return h + (yield from linear(p + "feed_forward.w2", x))
+    qkv = [(yield from linear(p + "attention.wqkv", rms_norm(h, weights[p + "attention_norm.weight"], c.norm_eps)))]
+    h = h + (yield from linear(p + "attention.wo", _attention(c, qkv.pop(), win)))
+    gate_up = [(yield from linear(p + "feed_forward.w13", rms_norm(h, weights[p + "ffn_norm.weight"], c.norm_eps)))]
+    return h + (yield from linear(p + "feed_forward.w2", _swiglu(gate_up.pop(), c.hidden_dim)))
+
+
+def _attention(c, qkv: torch.Tensor, win: _Windows) -> torch.Tensor:
+    """Causal attention of the fused projection qkv [B, T, (H + 2 KV) head_dim] -> [B, T, H head_dim]."""
+    B, T, _ = qkv.shape
+    q, k, v = (t.reshape(B, T, -1, c.head_dim).transpose(1, 2)
+               for t in qkv.split([c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2, -1))
+    out = attend(apply_rope(q, win.cos, win.sin), apply_rope(k, win.cos, win.sin), v, win.empty, win.empty, win.bias)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def _swiglu(gate_up: torch.Tensor, hidden: int) -> torch.Tensor:
+    gate, up = gate_up.split(hidden, -1)
+    return F.silu(gate) * up
 
 
 def _decoder_pass(c, weights, tokens: torch.Tensor, linear, head: bool):
@@ -297,11 +306,11 @@ def _decoder_pass(c, weights, tokens: torch.Tensor, linear, head: bool):
     its T tokens (within the model's sliding window), layer by layer (`_layer`). Returns the head's
     output if `head` (linear('output', x)), else None."""
     win = _Windows.of(c, *tokens.shape)
-    h = weights["tok_embeddings.weight"][tokens].float()
+    h = [weights["tok_embeddings.weight"][tokens].float()]  # handed over by pop(): the running layer holds its input alone
     for i in range(c.n_layers):
-        h = yield from _layer(c, weights, i, h, linear, win)
+        h.append((yield from _layer(c, weights, i, h.pop(), linear, win)))
     if head:
-        return (yield from linear("output", rms_norm(h, weights["norm.weight"], c.norm_eps)))
+        return (yield from linear("output", rms_norm(h.pop(), weights["norm.weight"], c.norm_eps)))
     return None
 
 
@@ -363,8 +372,16 @@ class LayerwiseGptq:
         codes = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order,
                           scale_bits=tq.scale_bits)
         del w
+        if name == "output":  # the logits themselves are not needed
+            yield name, codes
+            return None
+        if codes.q.shape[0] < x.shape[-1]:  # fewer outputs than inputs (w2): hold the output while suspended
+            y = x @ codes.dequantize().T
+            del x
+            yield name, codes
+            return y
         yield name, codes
-        return None if name == "output" else x @ codes.dequantize().T  # the logits themselves are not needed
+        return x @ codes.dequantize().T
 
 
 SENSITIVITY_WINDOWS = 4
