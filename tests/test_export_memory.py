@@ -93,9 +93,10 @@ def test_export_calib_peak_does_not_grow_with_the_layers(calib_exports):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect (2026-12-01): export --calib holds about 1.2 GiB after its "
-                   "steps at 7B widths (1176 MiB measured with 2 layers), more than a bf16 layer")
 def test_export_calib_holds_nothing_of_a_layer_after_its_step(calib_exports):
+    """After each step the pass holds one hidden state, the smaller end of the linear it is suspended
+    at and that linear's codes (measured 2026-12-02, 2 layers: at most 356 MiB against 547 before;
+    one bf16 layer is 436 MiB)."""
     found, layer_bf16 = calib_exports
     held = max(after for _, after in found.values())
     assert held < layer_bf16, f"{_mib(held)} still held after a step: weights or codes kept?"
