@@ -32,8 +32,8 @@ class QuantSpec:
     `group_size`, `zero_point` (a ZERO_POINTS key) and `method` describe int4 linears
     (group_size and method are None otherwise; int8 is always symmetric per output channel).
     `embedding` / `head` are one of PRECISIONS; an int4 head or embedding uses
-    `group_size` (or 32 when the linears are not int4). `embedding` None: the plan's choice
-    (quantize/plan.py).
+    `group_size` (or 32 when the linears are not int4). `embedding` or `head` None: the plan's
+    choice (quantize/plan.py; a mixed int4 spec's plan may give them other group sizes, or int8).
     """
 
     bits: int
@@ -41,7 +41,7 @@ class QuantSpec:
     zero_point: str = "none"
     method: str | None = None
     embedding: str | None = "fp32"
-    head: str = "fp32"
+    head: str | None = "fp32"
 
     @property
     def name(self) -> str:
@@ -94,8 +94,8 @@ def int8_groups(k: int) -> int:
     return math.ceil(k / int8_group_size(k))
 
 
-def _default_head(bits: int) -> str:
-    return {32: "fp32", 16: "fp16"}.get(bits, "int8")
+def _default_head(bits: int) -> str | None:
+    return {32: "fp32", 16: "fp16", 8: "int8"}.get(bits)
 
 
 def _precision(role: str, value: str | None, default: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -111,9 +111,9 @@ def parse_quant(
 ) -> QuantSpec:
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
-    Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8/int4
-    linears and the linears' own float type otherwise; embedding same as head, except under int4
-    linears: the plan's choice (None)."""
+    Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8 linears
+    and the linears' own float type for float ones; embedding same as head; under int4 linears both
+    the plan's choice (None)."""
     base, *suffixes = text.strip().lower().split("-")
     bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}.get(base)
     if bits is None or (bits != 4 and suffixes):
