@@ -18,6 +18,25 @@ def smollm(tied: bool) -> ModelConfig:
                        norm_eps=1e-5, rope_theta=1e5, sliding_window=None, tied_embeddings=tied)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_mixed_plan_fills_the_bit_budget_in_sensitivity_order(tied):
+    cfg = smollm(tied)
+    plan = quant_plan(cfg, parse_quant("int4"))
+    bits = model_bits_per_weight(cfg, plan)
+    assert TARGET_BITS - 0.05 < bits <= TARGET_BITS
+    int8 = [name for name, tq in plan.items() if tq.kind == "int8" and name.startswith("layers.")]
+    # wqkv first (it holds the value rows), from the last layer down; then w2
+    wqkv = [name for name in int8 if name.endswith("wqkv")]
+    assert wqkv == [f"layers.{i}.attention.wqkv" for i in range(30 - len(wqkv), 30)] and len(wqkv) >= 29
+    if any(name.endswith("w2") for name in int8):
+        assert len(wqkv) == 30
+    assert not any(name.endswith(("wo", "w13")) for name in int8)
+    assert {scheme_name(tq) for tq in plan.values()} <= {"int8", "int4-g32-fzp-search-s8"}
+    # an untied embedding is int4 (cheap in KL); a tied one follows the head, stored once
+    assert scheme_name(plan["tok_embeddings"]) == ("int8" if tied else "int4-g32-fzp-search-s8")
+    assert head_shares_embedding(cfg, plan) == tied
+
+
 def mistral7b() -> ModelConfig:
     return ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336,
                        vocab_size=32768, norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tied_embeddings=False)
@@ -37,12 +56,12 @@ def estimated_kl(cfg: ModelConfig, plan: dict) -> float:
 
 
 @pytest.mark.parametrize("cfg", [smollm(False), smollm(True), mistral7b()], ids=["off-grid", "demo", "7b"])
-def test_mixed_plan_spends_the_bit_budget_where_the_estimate_saves_most(cfg):
-    """Every tensor on a rung (int4 g16..g128 with float zero points and 8-bit scales, or int8) within
+def test_g16_plan_spends_the_bit_budget_where_the_estimate_saves_most(cfg):
+    """`int4-g16`: every tensor on a rung (int4 g16..g128 with float zero points and 8-bit scales, or int8) within
     TARGET_BITS stored bits over the whole model; no single move to another rung that still fits
     saves more estimated KL per bit than the plan's cheapest-per-bit rung bought; within a role,
     the later layers hold the higher rungs."""
-    plan = quant_plan(cfg, parse_quant("int4"))
+    plan = quant_plan(cfg, parse_quant("int4-g16"))
     shapes = tensor_shapes(cfg)
     stored = {n: shapes[n][0] * shapes[n][1] * stored_bits(*shapes[n], plan[n]) for n in shapes}
     counted = [n for n in shapes if not (n == "output" and head_shares_embedding(cfg, plan))]
@@ -73,12 +92,12 @@ def test_mixed_plan_spends_the_bit_budget_where_the_estimate_saves_most(cfg):
     assert estimated_kl(cfg, plan) < estimated_kl(cfg, before)
 
 
-def test_mixed_plan_of_the_off_grid_shape():
-    """SmolLM2's untied shape (the off-grid model, docs/quantization.md): the value-holding wqkv and
+def test_g16_plan_of_the_off_grid_shape():
+    """`int4-g16` on SmolLM2's untied shape (the off-grid model, docs/quantization.md): the value-holding wqkv and
     all w2 int8; w13 and wo int4 g16 but int8 in the edge layers; the head int4 g16, the embedding
     (the least KL per weight) int4 g64."""
     cfg = smollm(False)
-    plan = quant_plan(cfg, parse_quant("int4"))
+    plan = quant_plan(cfg, parse_quant("int4-g16"))
     int8 = {role: [i for i in range(30) if plan[f"layers.{i}.{role}"].kind == "int8"] for role in LAYER_LINEARS}
     assert int8 == {"attention.wqkv": list(range(30)), "feed_forward.w2": list(range(30)),
                     "feed_forward.w13": [0, 1, 2, 27, 28, 29], "attention.wo": [1, 2, 27, 28, 29]}
@@ -91,10 +110,10 @@ def test_mixed_plan_of_the_off_grid_shape():
 
 def test_a_head_or_embedding_the_user_fixed_is_kept():
     cfg = smollm(False)
-    plan = quant_plan(cfg, parse_quant("int4", head="int8", embedding="int8"))
+    plan = quant_plan(cfg, parse_quant("int4-g16", head="int8", embedding="int8"))
     assert plan["output"] == plan["tok_embeddings"] == TensorQuant("int8")
     assert model_bits_per_weight(cfg, plan) <= TARGET_BITS
-    tied = quant_plan(smollm(True), parse_quant("int4", head="int4"))
+    tied = quant_plan(smollm(True), parse_quant("int4-g16", head="int4"))
     assert tied["output"] == tied["tok_embeddings"] and tied["output"].kind == "int4"
 
 
@@ -109,16 +128,20 @@ def test_fixed_zero_point_specs_are_not_replanned():
 
 
 def test_a_tiny_model_plan_is_within_budget():
-    """K = 32: no group larger than the row; the head (most of this model) stays int4 to fit."""
+    """Where no int8 upgrade fits, the default stays all int4 (the head's int8 alone may exceed the
+    budget); `int4-g16` uses no group larger than the row (K = 32) and keeps the head (most of this
+    model) int4 to fit."""
     ck = checkpoint_of(tiny_hf_mistral(vocab=32000, dim=32))
     plan = quant_plan(ck.config, parse_quant("int4"))
+    assert all(tq.kind == "int4" for name, tq in plan.items() if name.startswith("layers."))
+    plan = quant_plan(ck.config, parse_quant("int4-g16"))
     assert model_bits_per_weight(ck.config, plan) <= TARGET_BITS
     assert all(tq.group_size <= 32 for tq in plan.values() if tq.kind == "int4") and plan["output"].kind == "int4"
 
 
 def test_measured_sensitivity_chooses_the_upgrades_within_the_budget():
     """With a measured sensitivity (calibrate.int4_sensitivity) the int8 upgrades follow it, KL per
-    added bit, from g32, not ROLE_SENSITIVITY: here w13 of layers 0-3 cost the most, wqkv nothing; the head
+    added bit, from g32, not UPGRADE_ORDER: here w13 of layers 0-3 cost the most, wqkv nothing; the head
     stays int8 and the embedding int4 g32, as the sensitivity was measured against."""
     cfg = smollm(False)
     names = [name for name in quant_plan(cfg, parse_quant("int4")) if name.startswith("layers.")]

@@ -45,6 +45,7 @@ def group_err(w, qw, weight=None):
         ("int8", 8, None, "none", None, "int8", "int8"),
         ("int4", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),
         ("int4-g128", 4, 128, "mixed", "search", "int8", "int4-g128-mzp-search"),
+        ("int4-g16", 4, 16, "mixed", "search", "int8", "int4-g16-mzp-search"),
         ("INT4-g64-sym", 4, 64, "none", "search", "int8", "int4-g64-sym-search"),
         ("int4-sym-rtn", 4, 32, "none", "rtn", "int8", "int4-g32-sym-rtn"),
         ("int4-g32-search", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),

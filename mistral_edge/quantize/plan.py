@@ -5,18 +5,18 @@ a spec (what the user asked for) becomes a `TensorQuant` per planned tensor, the
 tied-head rule says when the head shares the embedding's storage, and `scheme_name`
 is the text a manifest shows for one tensor's scheme.
 
-A mixed int4 spec (the default, `mzp`) is planned by estimated sensitivity within a bit budget:
-every int4 tensor has float zero points and 8-bit scales; each planned tensor (the layer linears,
-and the head and an untied embedding unless the user fixed them) gets one rung of RUNGS (int4 in
-groups of 128, 64, 32 or 16, or int8), most estimated KL saved per added stored bit first, while
-the whole model stays within TARGET_BITS stored bits per weight. The estimate is a tensor's
-weights x its role's measured KL per weight at g32 (ROLE_SENSITIVITY, doubled in the first and
-last eighth of the layers) x the rung's squared error relative to g32's (RUNG_ERROR): on
-Gaussian-like weights the relative error is a property of the rung, the sensitivity one of the
-role and the depth (docs/quantization.md). The plan reads no text and no weights: it is the
-same, and instant, for any model of a given shape. With calibration text the
-int8 upgrades follow a measured sensitivity instead (`quant_plan(..., sensitivity)`, from
-calibrate.calibrated_plan), from g32 as before.
+A mixed int4 spec (`mzp`) is planned within a bit budget: every int4 tensor has float zero points
+and 8-bit scales, and the whole model stays within TARGET_BITS stored bits per weight. The default
+(`int4`, g32) moves layer linears to int8 in UPGRADE_ORDER, the order of their measured KL per added
+bit. `int4-g16` gives each planned tensor (the layer linears, and the head and an untied embedding
+unless the user fixed them) one rung of RUNGS (int4 in groups of 128, 64, 32 or 16, or int8), most
+estimated KL saved per added stored bit first: a tensor's weights x its role's measured KL per
+weight at g32 (ROLE_SENSITIVITY, doubled in the first and last eighth of the layers) x the rung's
+squared error relative to g32's (RUNG_ERROR): on Gaussian-like weights the relative error is a
+property of the rung, the sensitivity one of the role and the depth (docs/quantization.md). Either
+plan reads no text and no weights: it is the same, and instant, for any model of a given shape.
+With calibration text the int8 upgrades follow a measured sensitivity instead
+(`quant_plan(..., sensitivity)`, from calibrate.calibrated_plan), from the spec's group size.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ TARGET_BITS = 6.0
 INT4_SCALE_BITS = 8
 """A mixed plan's int4 scales: 8-bit codes on a per-row fp16 scale, zero points in sixteenths (4 + 16 / G
 bits per weight: 4.5 at g32 against 5.0 with fp16 ones; docs/quantization.md)."""
+UPGRADE_ORDER = ("attention.wqkv", "feed_forward.w2")
+"""The default (`int4`, g32) plan's int8 upgrades, most KL saved per added bit first (measured on the
+off-grid SmolLM2, docs/quantization.md: wqkv, which holds the value rows, then w2); within one, the
+last layer first."""
+LADDER_GROUP_SIZE = 16
+"""`int4-g16` (mixed zero points): the plan picks each tensor's rung of RUNGS, groups down to 16. Not the
+default: a g16 fit breaks a grid the weights already sit on (the demo's Q4_1 layers: +2.05% against
++0.48%), and g16 tensors are resident at 8 bits per weight in an fp32 graph (docs/quantization.md)."""
 RUNGS: tuple[int | str, ...] = (128, 64, 32, 16, "int8")
 """A mixed plan's choices per tensor: int4 group sizes (no larger than the tensor's K), then int8."""
 RUNG_ERROR: dict[int | str, float] = {128: 1.61, 64: 1.34, 32: 1.0, 16: 0.665, "int8": 0.0067}
@@ -101,6 +109,10 @@ def quant_plan(cfg: ModelConfig, spec: QuantSpec, sensitivity: Mapping[str, floa
     if sensitivity is not None:  # per weight, so that the moves compare as KL per bit
         return _choose(cfg, plan, {name: kl / (shapes[name][0] * shapes[name][1]) for name, kl in sensitivity.items()
                                    if name in plan and name.startswith("layers.")}, (spec.group_size, "int8"))
+    if spec.group_size != LADDER_GROUP_SIZE:  # int8 upgrades in UPGRADE_ORDER, from the spec's group size
+        ranks = {f"layers.{i}.{linear}": 1e3 ** -rank for rank, linear in enumerate(UPGRADE_ORDER)
+                 for i in range(cfg.n_layers)}
+        return _choose(cfg, plan, ranks, (spec.group_size, "int8"))
     free = [name for name in plan if name.startswith("layers.")]
     if spec.head is None and (spec.embedding is None or not cfg.tied_embeddings):
         free.append("output")  # a tied embedding follows it (one table serves both)

@@ -11,7 +11,7 @@ from ..errors import EdgeError
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_PRECISIONS = PRECISIONS
 """The embedding is a Gather on its table; int4 rows are unpacked after it (export/linear.py)."""
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)
 INT4_METHODS = ("rtn", "search")
 ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
 """int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, float, or
@@ -22,7 +22,7 @@ INT8_GROUP_SIZE: int | None = 64
 """int8 input columns per scale (quantize/int8.py); None: one scale per output channel (the whole row).
 Groups of 64 (8.25 bits per weight) measured best within 8.3 bits (docs/quantization.md)."""
 DEFAULT_ZERO_POINT = "mixed"
-VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
+VALID_FORMS = "fp32, fp16, int8, int4[-g16|-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
 
 @dataclass(frozen=True)
