@@ -45,6 +45,7 @@ def group_err(w, qw, weight=None):
         ("int8", 8, None, "none", None, "int8", "int8"),
         ("int4", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),
         ("int4-g128", 4, 128, "mixed", "search", "int8", "int4-g128-mzp-search"),
+        ("int4-g16", 4, 16, "mixed", "search", "int8", "int4-g16-mzp-search"),
         ("INT4-g64-sym", 4, 64, "none", "search", "int8", "int4-g64-sym-search"),
         ("int4-sym-rtn", 4, 32, "none", "rtn", "int8", "int4-g32-sym-rtn"),
         ("int4-g32-search", 4, 32, "mixed", "search", "int8", "int4-g32-mzp-search"),
@@ -56,7 +57,7 @@ def group_err(w, qw, weight=None):
 def test_parse_quant_forms(text, bits, group, zero, method, head, name):
     spec = parse_quant(text)
     assert (spec.bits, spec.group_size, spec.zero_point, spec.method, spec.head, spec.embedding) == (
-        bits, group, zero, method, head, None if bits == 4 else head,  # int4: the plan's choice
+        bits, group, zero, method, None if bits == 4 else head, None if bits == 4 else head,  # int4: the plan's choice
     )
     assert spec.name == name and parse_quant(spec.name) == spec
 
@@ -107,6 +108,12 @@ def test_bits_per_weight(monkeypatch):
     assert bits_per_weight("int8", 10, 576) == 8 + 5 * 16 / 576
     assert bits_per_weight("fp16", 10, 576) == 16
     assert bits_per_weight("int4", 3, 1536, 128, zero_point="none") == 4 + 16 / 128
+    # the mixed plan's int4 (float zero points, 8-bit scale and zero-point codes, an fp16 scale per row):
+    # 4 + 8 / G + 8 / G + 16 / K; 576 = 36 groups of 16, 9 of 64, 4.5 of 128 (5 groups, 640 padded codes)
+    assert bits_per_weight("int4", 10, 576, 16, "float", 8) == (576 * 4 + 36 * 8 + 36 * 8 + 16) / 576 == 5 + 16 / 576
+    assert bits_per_weight("int4", 10, 576, 32, "float", 8) == 4.5 + 16 / 576
+    assert bits_per_weight("int4", 10, 576, 64, "float", 8) == 4.25 + 16 / 576
+    assert bits_per_weight("int4", 10, 576, 128, "float", 8) == (640 * 4 + 5 * 8 + 5 * 8 + 16) / 576
     with pytest.raises(EdgeError):
         bits_per_weight("int2", 1, 1)
 

@@ -15,14 +15,15 @@ from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.int4 import quantize_int4
 from mistral_edge.quantize import spec as spec_module
 from mistral_edge.quantize.int8 import quantize_int8
-from mistral_edge.quantize.plan import head_shares_embedding, quant_plan
+from mistral_edge.quantize.plan import TensorQuant, head_shares_embedding, quant_plan
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession
 from mistral_edge.targets.budget import estimate
 
 
-def export(path, ck, spec, fmt):
-    emitter = WeightEmitter(Builder(), quant_plan(ck.config, spec), fmt, 0, ACTIVATIONS["fp32"], keep_dequantized=True)
+def export(path, ck, spec, fmt, plan=None):
+    emitter = WeightEmitter(Builder(), plan or quant_plan(ck.config, spec), fmt, 0, ACTIVATIONS["fp32"],
+                            keep_dequantized=True)
     path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
     computed = unfuse(ck.config, emitter.dequantized)
     if head_shares_embedding(ck.config, emitter.plan):
@@ -30,10 +31,10 @@ def export(path, ck, spec, fmt):
     return {**ck.weights, **computed}, emitter.plan
 
 
-def assert_graph_matches_reference(tmp_path, ck, spec, fmt) -> dict:
+def assert_graph_matches_reference(tmp_path, ck, spec, fmt, plan=None) -> dict:
     """The exported graph computes what the reference model computes on the weights the graph holds,
     and stores exactly the budget's bytes; returns those weights."""
-    weights, plan = export(tmp_path / "m.onnx", ck, spec, fmt)
+    weights, plan = export(tmp_path / "m.onnx", ck, spec, fmt, plan)
     ref = ReferenceModel(ck.config, weights)
     tokens = tokens_for(ck, 3 * W)
     expected = ref.prefill(tokens, ref.new_cache(), 5).numpy()
@@ -59,6 +60,40 @@ def test_int4_embedding_graph_matches_reference_on_its_weights(tmp_path, quant, 
     if tied and head == "int4":  # one table for both
         model = onnx.load(str(tmp_path / "m.onnx"))
         assert not any(t.name.startswith("output") for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+def test_per_tensor_group_sizes_match_reference_on_their_weights(tmp_path, fmt, tied):
+    """The mixed plan's rungs side by side, each tensor with its own group size (MatMulNBits
+    block_size 16 for int4 too, the float zero points' group sums per (K, G), the embedding's
+    Gather): the graph computes with the weights each group size dequantizes to, stores the budget's
+    bytes, and a g16 tensor is stored as 16-column groups."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    spec = parse_quant("int4")
+    plan = quant_plan(ck.config, spec)
+
+    def int4(g):
+        return TensorQuant("int4", g, "float", "search", 8)
+    groups = {"attention.wqkv": int4(16), "attention.wo": int4(64), "feed_forward.w13": TensorQuant("int8"),
+              "feed_forward.w2": int4(32)}
+    plan = {n: groups.get(n.split(".", 2)[-1], plan[n]) for n in plan}
+    plan["output"] = int4(16)
+    plan["tok_embeddings"] = int4(16) if tied else int4(64)
+    weights = assert_graph_matches_reference(tmp_path, ck, spec, fmt, plan)
+    wqkv = ck.weights["layers.0.attention.wq.weight"]
+    q4 = quantize_int4(wqkv, 16, "float", "search", scale_bits=8)
+    assert q4.n_groups == wqkv.shape[1] // 16
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    if fmt == "nbits":
+        n = wqkv.shape[0] + 2 * ck.weights["layers.0.attention.wk.weight"].shape[0]
+        assert inits["layers.0.attention.wqkv.q4"] == [n, 64 // 16, 8]
+        assert inits["layers.0.attention.wqkv.scale_codes"] == [n, 64 // 16]
+        blocks = {a.i for node in model.graph.node if node.op_type == "MatMulNBits" for a in node.attribute
+                  if a.name == "block_size"}
+        assert {16, 32, 64} <= blocks
+    assert not torch.equal(weights["output.weight"], ck.weights.get("output.weight", ck.weights["tok_embeddings.weight"]))
 
 
 @pytest.mark.parametrize("group", [None, 64])

@@ -11,7 +11,7 @@ from ..errors import EdgeError
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EMBEDDING_PRECISIONS = PRECISIONS
 """The embedding is a Gather on its table; int4 rows are unpacked after it (export/linear.py)."""
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)
 INT4_METHODS = ("rtn", "search")
 ZERO_POINTS = {"none": "sym", "int": "izp", "float": "fzp", "mixed": "mzp"}
 """int4 zero point per group -> its suffix: none (symmetric, 8 implied), integer 0..15, float, or
@@ -22,7 +22,7 @@ INT8_GROUP_SIZE: int | None = 64
 """int8 input columns per scale (quantize/int8.py); None: one scale per output channel (the whole row).
 Groups of 64 (8.25 bits per weight) measured best within 8.3 bits (docs/quantization.md)."""
 DEFAULT_ZERO_POINT = "mixed"
-VALID_FORMS = "fp32, fp16, int8, int4[-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
+VALID_FORMS = "fp32, fp16, int8, int4[-g16|-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class QuantSpec:
     `group_size`, `zero_point` (a ZERO_POINTS key) and `method` describe int4 linears
     (group_size and method are None otherwise; int8 is always symmetric per output channel).
     `embedding` / `head` are one of PRECISIONS; an int4 head or embedding uses
-    `group_size` (or 32 when the linears are not int4). `embedding` None: the plan's choice
-    (quantize/plan.py).
+    `group_size` (or 32 when the linears are not int4). `embedding` or `head` None: the plan's
+    choice (quantize/plan.py; a mixed int4 spec's plan may give them other group sizes, or int8).
     """
 
     bits: int
@@ -41,7 +41,7 @@ class QuantSpec:
     zero_point: str = "none"
     method: str | None = None
     embedding: str | None = "fp32"
-    head: str = "fp32"
+    head: str | None = "fp32"
 
     @property
     def name(self) -> str:
@@ -94,8 +94,8 @@ def int8_groups(k: int) -> int:
     return math.ceil(k / int8_group_size(k))
 
 
-def _default_head(bits: int) -> str:
-    return {32: "fp32", 16: "fp16"}.get(bits, "int8")
+def _default_head(bits: int) -> str | None:
+    return {32: "fp32", 16: "fp16", 8: "int8"}.get(bits)
 
 
 def _precision(role: str, value: str | None, default: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -111,9 +111,9 @@ def parse_quant(
 ) -> QuantSpec:
     """Parse a CLI quantization spec; `group_size` (e.g. from --group-size) must agree with any -gNN.
 
-    Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8/int4
-    linears and the linears' own float type otherwise; embedding same as head, except under int4
-    linears: the plan's choice (None)."""
+    Defaults: int4 groups of 32, mixed zero points, method "search"; head int8 for int8 linears
+    and the linears' own float type for float ones; embedding same as head; under int4 linears both
+    the plan's choice (None)."""
     base, *suffixes = text.strip().lower().split("-")
     bits = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}.get(base)
     if bits is None or (bits != 4 and suffixes):
