@@ -11,7 +11,7 @@ import time
 from dataclasses import fields
 
 import pytest
-from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral
+from helpers import SPM_V1, W, checkpoint_of, tiny_hf_mistral, write_tiny_hf_dir
 
 import mistral_edge.model.loaders
 from mistral_edge.cli import generate as generate_cli
@@ -181,6 +181,7 @@ def test_request_types():
     (["--window", "8"], "--window cannot be used with --backend onnx"),
     (["--trust-pickle"], "--trust-pickle cannot be used with --backend onnx"),
     (["--quant", "int8"], "--quant applies to --backend torch"),
+    (["--kv-cache", "int8"], "--kv-cache applies to --backend torch; a bundle's KV cache is chosen at export"),
     (["--temperature", "nan"], "temperature must be 0 (greedy) or a finite number"),
     (["--temperature", "5e-324"], "temperature must be 0 (greedy) or a finite number"),
     (["--temperature", "-1"], "temperature must be 0"),
@@ -206,12 +207,36 @@ def test_generate_refuses_with_a_bundle(cli, bundles, args, message):
     (["--no-verify"], "--verify/--no-verify cannot be used with --backend torch"),
     (["--quant", "int3"], "unknown --quant 'int3' for the torch backend; expected none, int8, nf4, int8-wo, int4-wo"),
     (["--window", str(2**40)], "window must be an integer between 1"),
+    (["--kv-cache", "int4"], "unknown --kv-cache 'int4'; expected fp32, fp16, int8"),
+    (["--kv-cache", "fp32", "--dtype", "bf16"], "--kv-cache fp32 needs --dtype fp32 (bf16 activations would be "
+                                                "stored widened): use --kv-cache fp16 or int8"),
     (["--backend", "tpu"], "unknown backend 'tpu'"),
 ])
 def test_generate_refuses_with_the_torch_backend_before_loading(cli, no_load, args, message):
     status, _, err = cli("generate", "hi", "--model", "some-model", *args)
     assert status == 1
     one_error_line(err, message)
+
+
+def test_generate_on_the_torch_backend_stores_the_kv_cache_asked_for(cli, tmp_path):
+    """`generate --backend torch --kv-cache int8`: the reply of direct generation on an int8-cache
+    TorchSession, past W (the prompt and reply wrap the ring, so every cached key is read back)."""
+    from mistral_edge.model.loaders import load_checkpoint
+    from mistral_edge.model.reference import ReferenceModel
+    from mistral_edge.model.torch_session import TorchSession
+    from mistral_edge.runtime.generate import GenerationConfig, Generator
+    from mistral_edge.tokenizer import Tokenizer
+
+    model_dir = write_tiny_hf_dir(tmp_path / "tiny", W)
+    prompt = "the sea " * W
+    status, out, err = cli("generate", "--backend", "torch", "--model", model_dir, "--kv-cache", "int8", "--raw",
+                           "--max-new-tokens", "12", prompt)
+    assert status == 0, err
+    ck = load_checkpoint(str(model_dir))
+    tok = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+    session = TorchSession(ReferenceModel(ck.config, ck.weights), W, W, kv_cache="int8")
+    expected = "".join(Generator(session, tok).stream(tok.encode(prompt), GenerationConfig(max_new_tokens=12)))
+    assert session.positions[0] > W and out == expected + "\n"
 
 
 def test_generate_runs_a_bundle(cli, bundles):

@@ -88,11 +88,12 @@ def test_cli_generate_dtype_and_quant(model_dir):
 # ---- the static cache and the captured steps -----------------------------------------------------
 
 
-@pytest.mark.parametrize("sinks", [0, 3])
-def test_static_write_equals_the_rolling_write(sinks):
-    """Padding and sink slots included: the fixed-shape write leaves the cache exactly as RollingKVCache.write does."""
+@pytest.mark.parametrize("sinks, kv_cache", [(0, None), (3, None), (0, "int8"), (3, "int8"), (3, "fp16")])
+def test_static_write_equals_the_rolling_write(sinks, kv_cache):
+    """Padding and sink slots included: the fixed-shape write leaves the cache exactly as RollingKVCache.write
+    does, an int8 cache's scales too."""
     torch.manual_seed(0)
-    ref, static = RollingKVCache(1, 3, 2, W, 4, sinks=sinks), StaticRollingCache(1, 3, 2, W, 4, sinks=sinks)
+    ref, static = (cls(1, 3, 2, W, 4, sinks=sinks, kv_cache=kv_cache) for cls in (RollingKVCache, StaticRollingCache))
     for chunk, valid in [(5, [5, 3, 0]), (4, [4, 4, 2]), (1, [1, 0, 1]), (W - sinks, [W - sinks, 3, W - sinks])] * 2:
         k, v = torch.randn(3, 2, chunk, 4), torch.randn(3, 2, chunk, 4)
         n = torch.tensor(valid)
@@ -100,6 +101,8 @@ def test_static_write_equals_the_rolling_write(sinks):
             cache.write(0, k, v, n)
             cache.advance(n)
         assert torch.equal(ref.k[0], static.k[0]) and torch.equal(ref.v[0], static.v[0])
+        assert all(torch.equal(a, b) for a, b in zip(ref.k_scale + ref.v_scale, static.k_scale + static.v_scale))
+        assert len(static.k_scale) == (kv_cache == "int8") and static.k[0].dtype == ref.store_dtype
         assert torch.equal(ref.pos, static.pos)
 
 
@@ -138,14 +141,17 @@ def test_captured_steps_equal_eager_past_the_window_with_one_capture_each(ck, co
     assert backend.graphs == (2 if compiled else 0)
 
 
-def test_captured_batch_with_ragged_valid_lengths(ck):
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+def test_captured_batch_with_ragged_valid_lengths(ck, kv_cache):
     model = ReferenceModel(ck.config, ck.weights)
-    session, eager = CapturedSession(model, W, 4, batch=2, config=CaptureConfig(sizes=(1, 4))), TorchSession(model, W, 4, 2)
+    session = CapturedSession(model, W, 4, batch=2, config=CaptureConfig(sizes=(1, 4)), kv_cache=kv_cache)
+    eager = TorchSession(model, W, 4, 2, kv_cache=kv_cache)
     tokens = np.random.default_rng(1).integers(0, 128, (2, 4))
     for valid in ([4, 2], [3, 4], [1, 1]):
         np.testing.assert_allclose(session.step(tokens, np.array(valid)), eager.step(tokens, np.array(valid)),
                                    atol=1e-5)
     assert session.positions.tolist() == eager.positions.tolist() == [8, 7]
+    assert session.cache.store_dtype == eager.cache.store_dtype and len(session.cache.k_scale) == len(eager.cache.k_scale)
 
 
 # ---- weight-only int8 / int4 ----------------------------------------------------------------------

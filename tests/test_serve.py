@@ -540,6 +540,7 @@ def test_moderation_judges_the_last_user_turn(bundle, guarded, monkeypatch):
     (["--model", "x"], "--model cannot be used with --backend onnx: a bundle brings its own model and window"),
     (["--chunk", "4"], "--chunk applies to --model; a bundle serves with its export's chunk"),
     (["--quant", "int8"], "--quant applies to --backend torch; a bundle's quantization is chosen at export"),
+    (["--kv-cache", "int8"], "--kv-cache applies to --backend torch; a bundle's KV cache is chosen at export"),
 ])
 def test_cli_serve_refuses_bad_options_in_one_line(bundle, args, message):
     r = subprocess.run(["mistral-edge", "serve", "--bundle", str(bundle.path), "--port", "1", *args],
@@ -646,19 +647,20 @@ def test_served_checkpoint_batches_and_reuses_on_the_torch_backend(reference):
     assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(second, gen.tokenizer), 6)[1]
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
-def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference, quant):
-    """`serve --model` answers as direct torch generation does; with `--quant` (generate's option),
-    as direct generation on the model quantized the same way."""
+@pytest.mark.parametrize("options, shown", [({}, ""), ({"quant": "int8"}, " int8"), ({"kv_cache": "int8"}, " kv int8")])
+def test_cli_serve_model_answers_a_chat_completion(checkpoint, reference, options, shown):
+    """`serve --model` answers as direct torch generation does; with `--quant` or `--kv-cache` (generate's
+    options), as direct generation on the model quantized or its cache stored the same way."""
     from mistral_edge.cli.generate import RunOptions, open_checkpoint
 
-    gen, fmt = reference[1:] if quant is None else open_checkpoint(RunOptions(model=str(checkpoint), quant=quant))[:2]
+    gen, fmt = reference[1:] if not options else open_checkpoint(RunOptions(model=str(checkpoint), **options))[:2]
     messages = [{"role": "user", "content": "hi"}]
-    with _cli_server("--model", str(checkpoint), "--batch", "1", *(["--quant", quant] if quant else [])) as (client, banner):
+    args = [arg for key, value in options.items() for arg in (f"--{key.replace('_', '-')}", value)]
+    with _cli_server("--model", str(checkpoint), "--batch", "1", *args) as (client, banner):
         assert [m.id for m in client.models.list()] == ["tiny-hf"]
         r = client.chat.completions.create(model="tiny-hf", messages=messages, max_tokens=6)
     assert r.choices[0].message.content == _torch_direct(gen, fmt.encode(messages, gen.tokenizer), 6)[1]
-    assert f"(torch{' ' + quant if quant else ''} backend, batch 1," in banner
+    assert f"(torch{shown} backend, batch 1," in banner
 
 
 def _spy(engine) -> list[tuple[str, list[list[int]]]]:

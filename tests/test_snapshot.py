@@ -1,6 +1,9 @@
 """Session snapshots: resume continues exactly, the size stops at W, and foreign or damaged files are refused
 (for bundles, and for checkpoints on the torch backend)."""
 
+import hashlib
+import json
+import struct
 import subprocess
 import sys
 
@@ -42,16 +45,24 @@ def _torch(checkpoint, **options) -> Generator:
     return open_checkpoint(RunOptions(model=str(checkpoint), **options))[0]
 
 
-@pytest.fixture(params=["bundle", "model", "model-bf16"])
+TORCH_SOURCES = {"model": {}, "model-bf16": {"dtype": "bf16"}, "model-kv8": {"kv_cache": "int8"},
+                 "model-kv16": {"kv_cache": "fp16"}, "model-kv8-sinks": {"kv_cache": "int8"}}
+"""The checkpoint on the torch backend as RunOptions open it: fp32; bf16 (its cache travels as bit
+patterns); an int8 cache (codes and their fp16 scales), with and without 2 sinks; an fp16 cache."""
+
+
+@pytest.fixture(params=["bundle", *TORCH_SOURCES])
 def source(request):
     """What a snapshot belongs to: (its identity, a maker of fresh batch-1 sessions, the tokenizer), for the
-    bundle, or the checkpoint on the torch backend (fp32, or bf16: its cache travels as bit patterns)."""
+    bundle, or the checkpoint on the torch backend (TORCH_SOURCES)."""
     if request.param == "bundle":
         b = request.getfixturevalue("bundle")
         return bundle_identity(b), b.session, b.tokenizer()
-    gen = _torch(request.getfixturevalue("checkpoint"), dtype="bf16" if request.param.endswith("bf16") else None)
-    s = gen.session
-    return model_identity(s.model), lambda: TorchSession(s.model, s.window, s.chunk), gen.tokenizer
+    gen = _torch(request.getfixturevalue("checkpoint"), **TORCH_SOURCES[request.param])
+    s, sinks = gen.session, 2 if request.param.endswith("sinks") else 0
+    return (model_identity(s.model),
+            lambda: TorchSession(s.model, s.window, min(s.chunk, s.window - sinks), sinks=sinks, kv_cache=s.kv_cache),
+            gen.tokenizer)
 
 
 def _turn(gen: Generator, ids: list[int], fed: list[int]) -> list[int]:
@@ -68,13 +79,18 @@ def test_resumed_session_continues_like_an_uninterrupted_one(source, tmp_path, f
     _turn(gen, list(range(100, 100 + first_turn)), fed)
     path = tmp_path / "chat.snap"
     save_session(path, identity, gen.session, fed)
+    saved = capture(gen.session, 0, TokenHistory.of(fed, W)).cache
     second = list(range(300, 309))
     expected = _turn(gen, second, list(fed))
 
     resumed = Generator(session(), tok)
     state = resume_session(path, identity, resumed.session)
+    restored = capture(resumed.session, 0, state.history).cache
     assert state.history.count == len(fed) == resumed.session.positions[0]
     assert state.history.tail == tuple(fed[-state.history.keep:])
+    for name, a in saved.items():  # the resumed cache is the saved one, bit for bit (an int8 cache's scales too)
+        b = restored[name]
+        assert a.shape[1] == min(len(fed), W) and a.dtype == b.dtype and np.array_equal(a, b), name
     assert _turn(resumed, second, list(fed)) == expected and expected
 
 
@@ -200,6 +216,42 @@ def test_torch_snapshot_of_another_model_or_tampered_is_refused(checkpoint, tmp_
     _damage(path, path.stat().st_size - 100)
     with pytest.raises(EdgeError, match=r"damaged snapshot \(checksum mismatch\)$"):
         resume_session(path, model_identity(again.model), again)
+
+
+def test_torch_snapshot_of_another_cache_type_is_refused(checkpoint, tmp_path):
+    """A snapshot is only valid for the cache type that wrote it: an int8 cache's file (codes, then
+    fp16 scales) resumes into an int8-cache session and is refused by the fp32 or fp16 ones, and
+    theirs by it, in one line."""
+    paths = {}
+    for kv_cache in ("int8", "fp16", None):
+        session = _torch(checkpoint, kv_cache=kv_cache).session
+        session.step(np.asarray([[5, 6, 7, 8]]))
+        paths[kv_cache] = tmp_path / f"{kv_cache}.snap"
+        save_session(paths[kv_cache], model_identity(session.model), session, [5, 6, 7, 8])
+    for kv_cache, path in paths.items():
+        for other in set(paths) - {kv_cache}:
+            session = _torch(checkpoint, kv_cache=other).session
+            with pytest.raises(EdgeError, match=r"snapshot cache layout does not match this model's cache$"):
+                resume_session(path, model_identity(session.model), session)
+
+
+def test_forged_int8_torch_snapshot_with_a_valid_checksum_is_checked(checkpoint, tmp_path):
+    """The header's counts are checked against the cache type's sizes before any array is read: a file
+    whose header claims 3 of its 4 slots (consistent counts, checksum rewritten to match) is one error line."""
+    session = _torch(checkpoint, kv_cache="int8").session
+    session.step(np.asarray([[5, 6, 7, 8]]))
+    path = tmp_path / "f.snap"
+    save_session(path, model_identity(session.model), session, [5, 6, 7, 8])
+    data = path.read_bytes()[:-32]
+    (n_header,) = struct.unpack("<Q", data[8:16])
+    header = json.loads(data[16:16 + n_header])
+    header["slots"] = header["count"] = header["tail"] = 3
+    blob = json.dumps(header).encode()
+    blob += b" " * (n_header - len(blob))
+    forged = data[:16] + blob + data[16 + n_header:]
+    path.write_bytes(forged + hashlib.sha256(forged).digest())
+    with pytest.raises(EdgeError, match=r"f.snap: damaged snapshot \(size \d+ bytes, header implies \d+\)$"):
+        resume_session(path, model_identity(session.model), session)
 
 
 def test_save_is_atomic(bundle, saved):

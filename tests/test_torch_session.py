@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from mistral_edge.cli.generate import RunOptions, open_checkpoint
 from mistral_edge.errors import EdgeError
 from mistral_edge.export.pipeline import export_onnx
+from mistral_edge.model.cache import STORAGE
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.model.torch_session import TorchSession
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
-from helpers import checkpoint_of, tiny_hf_mistral
+from helpers import checkpoint_of, tiny_hf_mistral, write_tiny_hf_dir
 
 W, SINKS, CHUNK = 16, 2, 5
 STEPS = [(5, [5, 3]), (1, [1, 1]), (7, [7, 7]), (5, [5, 2]), (1, [1, 1]), (1, [1, 1])]
@@ -82,6 +84,15 @@ def test_a_row_of_an_int8_cache_moves_with_its_scales(ck):
     np.testing.assert_allclose(b.step(token, np.array([1, 0]))[0], want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_cache", ["int8", "fp16", None])
+def test_the_command_line_opens_the_torch_backend_with_its_kv_cache(tmp_path, kv_cache):
+    """RunOptions' --kv-cache reaches the session `generate`, `chat` and `serve --model` open."""
+    gen = open_checkpoint(RunOptions(model=str(write_tiny_hf_dir(tmp_path, W)), kv_cache=kv_cache))[0]
+    assert gen.session.kv_cache == kv_cache
+    assert gen.session.cache.store_dtype == (STORAGE[kv_cache] if kv_cache else torch.float32)
+    assert len(gen.session.cache.k_scale) == (len(gen.session.cache.k) if kv_cache == "int8" else 0)
+
+
 def test_unknown_kv_cache_is_one_error(ck):
-    with pytest.raises(EdgeError, match="unknown kv cache 'int4'"):
+    with pytest.raises(EdgeError, match="unknown --kv-cache 'int4'"):
         TorchSession(ReferenceModel(ck.config, ck.weights), W, CHUNK, kv_cache="int4")

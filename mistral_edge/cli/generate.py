@@ -23,7 +23,8 @@ from ..runtime.chat import ChatEngine
 from ..runtime.generate import GenerationConfig, Generator
 from ..runtime.moderate import DEFAULT_REFUSAL, MODES, Guard, Moderator
 from ..runtime.sampling import SamplingParams
-from .options import ChunkOpt, CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
+from .options import (ChunkOpt, CompileOpt, DeviceOpt, DtypeOpt, KvCacheOpt, ModelOpt, QuantOpt, ThreadsOpt,
+                      TrustPickleOpt, WindowOpt)
 
 BACKENDS = ("onnx", "torch")
 REFUSED = 3
@@ -42,6 +43,7 @@ class RunOptions:
     device: DeviceOpt = None
     dtype: DtypeOpt = None
     compile: CompileOpt = False
+    kv_cache: KvCacheOpt = None
     max_new_tokens: Annotated[Optional[int], typer.Option(help="tokens to generate at most (default 256)")] = None
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default)")] = None
     top_k: Annotated[Optional[int], typer.Option(help="sample among the k most likely tokens")] = None
@@ -72,6 +74,8 @@ class RunOptions:
                 raise EdgeError("give --bundle DIR (made by `mistral-edge export`), or use --backend torch")
             if self.quant is not None:
                 raise EdgeError("--quant applies to --backend torch; a bundle's quantization is chosen at export")
+            if self.kv_cache is not None:
+                raise EdgeError("--kv-cache applies to --backend torch; a bundle's KV cache is chosen at export")
             _refuse(self, "a bundle brings its own model and window", {
                 "--model": self.model is not None, "--window": self.window is not None,
                 "--trust-pickle": self.trust_pickle})
@@ -82,10 +86,12 @@ class RunOptions:
                 raise EdgeError("--bundle runs on the onnx backend; the torch backend takes --model")
             _refuse(self, "they apply to --bundle (the onnx backend)", {
                 "--threads": self.threads is not None, "--verify/--no-verify": self.verify is not None})
-            from ..model.torch_session import check_quant, resolve_device, resolve_dtype  # torch: this backend only
+            from ..model.torch_session import check_kv_cache, check_quant, resolve_device, resolve_dtype  # torch only
 
             device = resolve_device(self.device or "cpu")
-            check_quant(self.torch_quant, device, resolve_dtype(self.dtype, device))
+            dtype = resolve_dtype(self.dtype, device)
+            check_quant(self.torch_quant, device, dtype)
+            check_kv_cache(self.kv_cache, dtype)
         if self.moderate is not None and self.moderate not in MODES:
             raise EdgeError(f"unknown --moderate {self.moderate!r}; expected {', '.join(MODES)}")
         if self.refusal is not None and self.moderate is None:
@@ -171,7 +177,7 @@ def open_checkpoint(opts: RunOptions):
     ck.weights.clear()  # the model holds them: quantize can free each float linear it replaces
     quantize(reference, opts.torch_quant)
     tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
-    session = open_session(reference, w, c, opts.torch_quant, opts.compile)
+    session = open_session(reference, w, c, opts.torch_quant, opts.compile, opts.kv_cache)
     return Generator(session, tokenizer), ChatFormat.for_tokenizer(tokenizer, ck.chat_template), {}
 
 
@@ -270,7 +276,7 @@ def chat(
     save: Annotated[Optional[Path], typer.Option(
         help="on exit, save the conversation (cache, positions, history) to this file")] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="continue a conversation saved with --save (same bundle, or same --model and --quant)")] = None,
+        help="continue a conversation saved with --save (same bundle, or same --model, --quant and --kv-cache)")] = None,
 ) -> None:
     """Interactive multi-turn chat; an empty line or end of input quits."""
     if sys.stdin is None:

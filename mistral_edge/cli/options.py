@@ -18,6 +18,9 @@ DtypeOpt = Annotated[Optional[str], typer.Option(help="torch backend compute dty
                                                       "cuda, fp32 on cpu)")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the decode and prefill steps "
                                                             "before they are captured (minutes for a 7B)")]
+KvCacheOpt = Annotated[Optional[str], typer.Option(
+    help="torch backend only: KV cache storage fp32, fp16 or int8 (int8: a scale per token and head), as a bundle "
+         "exported with --kv-cache stores it (default: the compute dtype)")]
 QuantOpt = Annotated[Optional[str], typer.Option(
     "--quant", help="torch backend only: none (default), the layer linears in bitsandbytes int8 (LLM.int8) or "
                     "nf4, or weight-only int8-wo / int4-wo on PyTorch's own kernels")]

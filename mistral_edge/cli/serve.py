@@ -13,13 +13,14 @@ import typer
 from ..errors import EdgeError
 from ..runtime.moderate import DEFAULT_REFUSAL
 from .generate import RunOptions, open_checkpoint
-from .options import ChunkOpt, ModelOpt, QuantOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
+from .options import ChunkOpt, KvCacheOpt, ModelOpt, QuantOpt, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
 def serve(
     bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="bundle directory from `mistral-edge export`")] = None,
     model: ModelOpt = None,
     quant: QuantOpt = None,
+    kv_cache: KvCacheOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8080,
     batch: Annotated[int, typer.Option(help="requests decoded together")] = 4,
@@ -51,7 +52,7 @@ def serve(
         raise EdgeError(f"port must be between 1 and 65535, got {port}")
     if not 0 <= stream_interval <= 10_000:
         raise EdgeError(f"stream-interval must be between 0 and 10000 ms, got {stream_interval}")
-    opts = RunOptions(bundle=bundle, model=model, quant=quant, moderate=moderate, refusal=refusal, threads=threads,
+    opts = RunOptions(bundle=bundle, model=model, quant=quant, kv_cache=kv_cache, moderate=moderate, refusal=refusal, threads=threads,
                       window=window, chunk=chunk, trust_pickle=trust_pickle, verify=verify)
     from ..serve.app import create_app
     from ..serve.engine import Engine, EngineConfig
@@ -63,7 +64,7 @@ def serve(
     moderation = _moderation(opts, source, fmt, config)
     app = create_app(engine, model_id, fmt, defaults, moderation, stream_interval / 1000)
     guarded = f", moderating {opts.moderate}" if moderation else ""
-    quantized = f" {quant}" if quant else ""
+    quantized = "".join(f" {part}" for part in (quant, kv_cache and f"kv {kv_cache}") if part)
     typer.echo(f"serving {model_id} on http://{host}:{port}/v1 ({opts.backend}{quantized} backend, batch {batch}, "
                f"queue {queue}{guarded})", err=True)
     try:

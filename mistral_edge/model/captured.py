@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .bnb import BNB_QUANTS
-from .cache import RollingKVCache
+from .cache import RollingKVCache, quantize_rows
 from .reference import ReferenceModel
 from .torch_session import TorchSession
 
@@ -44,7 +44,8 @@ class CaptureConfig:
 
 class StaticRollingCache(RollingKVCache):
     """The rolling cache with a fixed-shape write: the slots of positions pos + i for every token of
-    the chunk, padding rewriting what its slot held, so no Python int of a position is read."""
+    the chunk, padding rewriting what its slot held (an int8 cache's scales too), so no Python int
+    of a position is read."""
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor) -> None:
         B, _, C, _ = k.shape
@@ -52,14 +53,18 @@ class StaticRollingCache(RollingKVCache):
         slots = self.slots_of(self.pos[:, None] + i)  # [B, C], distinct per row as C <= W - sinks
         rows = torch.arange(B, device=k.device)[:, None]
         keep = (i < n_valid[:, None])[:, :, None, None]
-        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
-            old = buf[rows, :, slots]  # [B, C, Hkv, D]
-            buf[rows, :, slots] = torch.where(keep, new.transpose(1, 2).to(buf.dtype), old)
+        int8 = self.kv_cache == "int8"
+        for buf, scales, new in ((self.k[layer], self.k_scale, k), (self.v[layer], self.v_scale, v)):
+            new = new.transpose(1, 2)  # [B, C, Hkv, D]
+            if int8:
+                new, scale = quantize_rows(new)
+                scales[layer][rows, :, slots] = torch.where(keep, scale, scales[layer][rows, :, slots])
+            buf[rows, :, slots] = torch.where(keep, new.to(buf.dtype), buf[rows, :, slots])
 
     def clear(self) -> None:
         """Back to position 0 in place: captured steps keep pointing at these buffers."""
         self.pos.zero_()
-        for t in self.k + self.v:
+        for t in self.k + self.v + self.k_scale + self.v_scale:
             t.zero_()
 
 
@@ -117,8 +122,8 @@ class CapturedSession(TorchSession):
     to the next captured size (its padding is invalid, so it writes nothing), a longer one runs eagerly."""
 
     def __init__(self, model: ReferenceModel, window: int, chunk: int, batch: int = 1,
-                 config: CaptureConfig = CaptureConfig(), sinks: int = 0):
-        super().__init__(model, window, chunk, batch, sinks)
+                 config: CaptureConfig = CaptureConfig(), sinks: int = 0, kv_cache: str | None = None):
+        super().__init__(model, window, chunk, batch, sinks, kv_cache)
         pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.steps = {size: CapturedStep(model, self.cache, batch, size, config, pool)
                       for size in sorted(set(config.sizes)) if 0 < size <= window - sinks}
@@ -130,7 +135,7 @@ class CapturedSession(TorchSession):
     def new_cache(self) -> StaticRollingCache:
         c = self.model.cfg
         return StaticRollingCache(c.n_layers, self.batch, c.n_kv_heads, self.window, c.head_dim, self.model.dtype,
-                                  self.sinks, self.model.device)
+                                  self.sinks, self.model.device, self.kv_cache)
 
     def reset(self) -> None:
         self.cache.clear()
@@ -145,10 +150,11 @@ class CapturedSession(TorchSession):
         return self.steps[size](padded, valid.clamp(max=C))[:, :C]
 
 
-def open_session(model: ReferenceModel, window: int, chunk: int, quant: str, compile: bool = False) -> TorchSession:
+def open_session(model: ReferenceModel, window: int, chunk: int, quant: str, compile: bool = False,
+                 kv_cache: str | None = None) -> TorchSession:
     """The torch backend's session: eager on a CPU; captured decode and prefill steps on a GPU or with
     `compile`, except under bitsandbytes (LLM.int8 picks its outlier columns on the host every step)."""
     if quant in BNB_QUANTS or not (model.device.type == "cuda" or compile):
-        return TorchSession(model, window, chunk)
-    return CapturedSession(model, window, chunk,
+        return TorchSession(model, window, chunk, kv_cache=kv_cache)
+    return CapturedSession(model, window, chunk, kv_cache=kv_cache,
                            config=CaptureConfig(sizes=(1, chunk), compile="inductor" if compile else None))

@@ -47,6 +47,20 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_kv_cache(kv_cache: str | None, dtype: torch.dtype) -> None:
+    """Refuse a KV cache type the torch backend cannot store for a `dtype` compute, before any model
+    loads: as for an export (contract.check_kv_cache), a float32 cache of 16-bit activations would
+    only store them widened."""
+    if kv_cache is None:
+        return
+    if kv_cache not in STORAGE:
+        raise EdgeError(f"unknown --kv-cache {kv_cache!r}; expected {', '.join(STORAGE)}")
+    if kv_cache == "fp32" and dtype != torch.float32:
+        name = next(k for k, v in DTYPES.items() if v == dtype)
+        raise EdgeError(f"--kv-cache fp32 needs --dtype fp32 ({name} activations would be stored widened): "
+                        "use --kv-cache fp16 or int8")
+
+
 def torch_quants() -> tuple[str, ...]:
     from .bnb import BNB_QUANTS
     from .weight_only import WO_QUANTS
@@ -105,8 +119,7 @@ class TorchSession:
         run the same cache type."""
         if not 0 < chunk <= window - sinks:
             raise EdgeError(f"chunk size must be between 1 and W - sinks = {window - sinks}, got {chunk}")
-        if kv_cache is not None and kv_cache not in STORAGE:
-            raise EdgeError(f"unknown kv cache {kv_cache!r}; expected {', '.join(STORAGE)}")
+        check_kv_cache(kv_cache, model.dtype)
         self.model, self.window, self.chunk, self.batch, self.sinks = model, window, chunk, batch, sinks
         self.kv_cache = kv_cache
         self.vocab_size = model.cfg.vocab_size

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import cache_names
+from ..contract import cache_names, is_scale
 from ..errors import EdgeError
 from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.sampling import Sampler, SamplingParams
@@ -144,12 +144,13 @@ def _names(session) -> list[str]:
 def _form(session) -> tuple[dict[str, tuple[int, np.dtype]], dict]:
     """A session's cache tensors in file order, each with its last dimension and dtype (an int8
     cache's scales: 1, float16), and the header fields a snapshot must match. A TorchSession keeps
-    its sinks, if any, in the first of its W slots: it has no sink tensors."""
+    its sinks, if any, in the first of its W slots: it has no sink tensors; its "dtype" is that of
+    its keys and values (int8 for an int8 cache: codes, then scales, as a bundle's)."""
     if hasattr(session, "_arrays"):
         return {n: (session._arrays[n].shape[3], session._arrays[n].dtype) for n in _names(session)}, _layout(session)
     c = session.model.cfg
     dtype = np.dtype(session.cache_dtype)
-    return {n: (c.head_dim, dtype) for n in session.cache_names()}, {
+    return {n: (1, np.dtype(np.float16)) if is_scale(n) else (c.head_dim, dtype) for n in session.cache_names()}, {
         "layers": c.n_layers, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "window": session.window,
         "sinks": session.sinks, "dtype": dtype.name}
 

@@ -38,4 +38,5 @@ def reference_source(session, tokenizer) -> OneModel:
     from ..model.torch_session import TorchSession
 
     return OneModel(lambda: tokenizer, lambda: session,
-                    lambda s, batch: TorchSession(s.model, s.window, s.chunk, batch, sinks=s.sinks))
+                    lambda s, batch: TorchSession(s.model, s.window, s.chunk, batch, sinks=s.sinks,
+                                                           kv_cache=s.kv_cache))
