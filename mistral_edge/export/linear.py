@@ -5,6 +5,11 @@ session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 is stored as 8-bit blocks of 16 that share their group's scale, one group
 being a whole number of blocks or the whole row).
+int8, `integer` format: com.microsoft.DynamicQuantizeMatMul on the [K, N] codes with one scale
+per output channel (ONNX Runtime quantizes the activations to uint8 per tensor, per call, and runs
+MLAS's u8s8 GEMM: AMX, AVX512-VNNI, AVX2 or NEON as the CPU has; ~9x MatMulNBits for a 128-token
+chunk on an AMX CPU, docs/kernel.md); fp32 graphs only (the op has no fp16 kernel). The embedding
+Gathers columns of the same codes, so a tied head shares them; int4 keeps MatMulNBits.
 int8, `qdq` format: blocked DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
 shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Runnable anywhere.
 int4 with float zero points, either format: the symmetric int4 matmul plus
@@ -51,7 +56,7 @@ class WeightEmitter:
     builder: Builder
     plan: dict[str, TensorQuant]
     """Precision per base tensor name (e.g. 'layers.0.attention.wqkv', 'output', 'tok_embeddings')."""
-    fmt: str = "nbits"  # or "qdq"
+    fmt: str = "nbits"  # or "qdq", "integer" (export.pipeline.FORMATS)
     accuracy_level: int = 4
     activations: Activations = ACTIVATIONS["fp32"]
     codes: Callable[[str], Int4Weight | None] | None = None
@@ -101,16 +106,19 @@ class WeightEmitter:
         n, k = w.shape
         if tq.kind in ("fp32", "fp16"):
             return self._gemm_t(x, self._float(name, w, tq), n, k, outs)
+        if tq.kind == "int8" and self.fmt == "integer":
+            return b.op("DynamicQuantizeMatMul", [x, self._int8_kn(name, w), self._int8_scales(name, w)],
+                        outputs=outs, domain="com.microsoft")
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             scales = self._value(name + ".scales/blocks", lambda: b.op("Reshape", [b.op("Gather", [
-                self._int8_scales(name, w), b.const(np.arange(0, k, block) // int8_group_size(k))],
+                self._int8_scales(name, w), b.const(np.arange(0, k, block) // int8_group_size(k, self.fmt))],
                 axis=1), b.const([-1])]))  # each block takes its group's scale
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
         if tq.kind == "int8":  # the [N, K] table an embedding's Gather reads, so a tied head shares it
             table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_scales(name, w)], axis=1,
-                         block_size=int8_group_size(k))
+                         block_size=int8_group_size(k, self.fmt))
             return self._gemm_t(x, table, n, k, outs)
         if tq.kind == "int4":
             q4 = self._q4(name, w, tq)
@@ -136,7 +144,7 @@ class WeightEmitter:
     def _int4(self, x: str, name: str, q4: Int4Weight, outs: list[str] | None = None) -> str:
         """x @ W.T for int4 W with integer (or no) zero points."""
         b, k, n, g = self.builder, q4.k, q4.n, q4.group_size
-        if self.fmt == "nbits":
+        if self.fmt != "qdq":  # MatMulNBits (the integer format keeps it for int4)
             ins = [x, *self._nbits(name, q4)]
             return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
                         block_size=g, accuracy_level=self.accuracy_level)
@@ -241,6 +249,11 @@ class WeightEmitter:
             return self._int4_gather(name, self._q4(name, w, tq), ids)
         if tq.kind != "int8":
             raise EdgeError(f"unsupported precision {tq.kind!r} for the embedding {name}")
+        if self.fmt == "integer":  # columns of a DynamicQuantizeMatMul head's [K, N] codes, which a tied head shares
+            cols = b.op("Gather", [self._int8_kn(name, w), ids], axis=1)  # [K, B, C]
+            rows = b.op("Cast", [b.op("Transpose", [cols], perm=[1, 2, 0])], to=self.activations.onnx_type)
+            scale = b.op("Unsqueeze", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0), b.const([-1])])
+            return b.op("Mul", [rows, scale])
         if self.fmt == "nbits":  # the same storage as an int8 MatMulNBits head, so a tied head shares it
             packed, _ = self._int8_nbits(name, w)
             rows = b.op("Gather", [packed, ids], axis=0)  # [B, C, blocks, block]
@@ -252,7 +265,7 @@ class WeightEmitter:
             rows = b.op("Cast", [b.op("Gather", [self._int8_table(name, w), ids], axis=0)],
                         to=self.activations.onnx_type)
         scale = b.op("Gather", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0),  # each column: its group's
-                                b.const(np.arange(w.shape[1]) // int8_group_size(w.shape[1]))], axis=2)
+                                b.const(np.arange(w.shape[1]) // int8_group_size(w.shape[1], self.fmt))], axis=2)
         return b.op("Mul", [rows, scale])
 
     def _act(self, scales: np.ndarray) -> np.ndarray:
@@ -274,7 +287,7 @@ class WeightEmitter:
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if self._int8_last is None or self._int8_last[0] != name:
             self._int8_last = None
-            q8 = quantize_int8(w)
+            q8 = quantize_int8(w, int8_group_size(w.shape[1], self.fmt))
             self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scales[r], q8.group_size).dequantize())
             self._int8_last = (name, q8)
         return self._int8_last[1]
@@ -283,9 +296,16 @@ class WeightEmitter:
         """int8 [N, K] codes, as the qdq embedding's Gather and a qdq head's DequantizeLinear read them."""
         return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
 
+    def _int8_kn(self, name: str, w: torch.Tensor) -> str:
+        """int8 [K, N] codes, DynamicQuantizeMatMul's B (the integer format's embedding Gathers its columns)."""
+        return self._once(name + ".q_t", lambda: self._int8(name, w).q.T.contiguous().numpy())
+
     def _int8_scales(self, name: str, w: torch.Tensor) -> str:
-        """int8 scales [N, groups] (one group: per output channel)."""
-        return self._scales(name + ".scales", lambda: self._int8(name, w).scales.numpy())
+        """int8 scales [N, groups] (one group: per output channel); [N] in the integer format."""
+        def make() -> np.ndarray:
+            scales = self._int8(name, w).scales
+            return (scales.reshape(-1) if self.fmt == "integer" else scales).numpy()
+        return self._scales(name + ".scales", make)
 
     def _scales(self, init_name: str, make: Callable[[], np.ndarray]) -> str:
         """Scales (or float zero points' offsets) stored as fp16, the precision they were fitted
@@ -318,7 +338,7 @@ class WeightEmitter:
         n, k = w.shape
         block = int8_block(k)
         blocks = math.ceil(k / block)
-        group = int8_group_size(k)
+        group = int8_group_size(k, self.fmt)
         if group < k and group % block:
             raise ValueError(f"int8 groups of {group} columns do not fill MatMulNBits blocks of {block}")
 

@@ -35,19 +35,19 @@ class MemoryBudget:
 def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_bytes: int = 4, fmt: str = "nbits",
                  gather: bool = False) -> int:
     """Stored (or with `resident`, loaded) bytes of an [N, K] tensor as export/linear.py lays it
-    out in `fmt` ("nbits" or "qdq"), in a graph whose activation type has `act_bytes` bytes.
+    out in `fmt` ("nbits", "qdq" or "integer"), in a graph whose activation type has `act_bytes` bytes.
     Scales and float zero points' offsets are stored as fp16 and resident at the activation
     type (the graph casts them up; ONNX Runtime folds that at load); a float table is stored at
     the narrower of its precision and that type, and resident at that type. `gather`: the
     embedding's layout (int8 keeps one scale per row where a head's MatMulNBits expands it per
-    block; int4 is the MatMulNBits layout in either format)."""
+    block; int4 is the MatMulNBits layout in every format)."""
     scale = act_bytes if resident else 2
     if tq.kind in ("fp32", "fp16"):
         bits = 8 * act_bytes if resident else min(bits_per_weight(tq.kind, n, k), 8 * act_bytes)
         return int(n * k * bits / 8)
     if tq.kind == "int8":
-        groups = int8_groups(k)
-        if fmt == "qdq":
+        groups = int8_groups(k, fmt)
+        if fmt in ("qdq", "integer"):  # [N, K] or [K, N] codes, no padding
             return n * k + n * groups * scale
         blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
         return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else groups)
@@ -95,7 +95,7 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
     kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch)
     summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
-    if shared and fmt == "nbits":
+    if shared and fmt != "qdq":
         summed.append("output")  # the tied head's MatMulNBits (qdq: it unpacks the embedding's rows)
     weights += sum(k * math.ceil(k / g) * act for k, g in {  # group-sum matrices, one per (K, G) (export/linear.py)
         (shapes.get(name, shapes.get("tok_embeddings"))[1], plan[name].group_size) for name in summed
