@@ -5,11 +5,14 @@ session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 is stored as 8-bit blocks of 16 that share their group's scale, one group
 being a whole number of blocks or the whole row).
-int8, `integer` format: com.microsoft.DynamicQuantizeMatMul on the [K, N] codes with one scale
-per output channel (ONNX Runtime quantizes the activations to uint8 per tensor, per call, and runs
-MLAS's u8s8 GEMM: AMX, AVX512-VNNI, AVX2 or NEON as the CPU has; ~9x MatMulNBits for a 128-token
-chunk on an AMX CPU, docs/kernel.md); fp32 graphs only (the op has no fp16 kernel). The embedding
-Gathers columns of the same codes, so a tied head shares them; int4 keeps MatMulNBits.
+int8, `integer` format: the input quantized to uint8 per row (token), asymmetric, by standard ops,
+then MatMulInteger on the [K, N] codes with one scale per output channel, corrected for the rows'
+zero points by the codes' column sums (ONNX Runtime runs it on MLAS's u8s8 GEMM: AMX,
+AVX512-VNNI, AVX2 or NEON as the CPU has; several times MatMulNBits for a 128-token chunk,
+docs/kernel.md). Per row, not per tensor as com.microsoft.DynamicQuantizeMatMul quantizes: one
+token's outliers would set the whole chunk's step (KL 0.21 against 0.02 on the demo model,
+docs/kernel.md). fp32 graphs only. The embedding Gathers columns of the same codes, so a tied
+head shares them; int4 keeps MatMulNBits.
 int8, `qdq` format: blocked DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
 shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Runnable anywhere.
 int4 with float zero points, either format: the symmetric int4 matmul plus
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from ..errors import EdgeError
 from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
@@ -39,6 +43,8 @@ from ..quantize.spec import int8_group_size
 from ..quantize.stats import error_stats_of
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
+FP32_TINY = float(np.finfo(np.float32).tiny)
+"""The least step of a row's uint8 quantization (an all-zero row: its codes are all zero)."""
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
 BLOCK_ELEMENTS = 1 << 22
 """Quantization and error statistics run over row blocks of about this many weights (16 MiB in
@@ -107,8 +113,7 @@ class WeightEmitter:
         if tq.kind in ("fp32", "fp16"):
             return self._gemm_t(x, self._float(name, w, tq), n, k, outs)
         if tq.kind == "int8" and self.fmt == "integer":
-            return b.op("DynamicQuantizeMatMul", [x, self._int8_kn(name, w), self._int8_scales(name, w)],
-                        outputs=outs, domain="com.microsoft")
+            return self._int8_integer(x, name, w, outs)
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             scales = self._value(name + ".scales/blocks", lambda: b.op("Reshape", [b.op("Gather", [
@@ -132,6 +137,28 @@ class WeightEmitter:
             shift = b.op("MatMul", [sums, self._offsets(name, q4)])
             return b.op("Add", [self._int4(x, name, sym), shift], outputs=outs)
         raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
+
+    def _int8_integer(self, x: str, name: str, w: torch.Tensor, outs: list[str] | None) -> str:
+        """x @ W.T with each row of x rounded to uint8 over its own range (widened to hold 0, as
+        DynamicQuantizeLinear's; zero point z, step s): s * (MatMulInteger(q, codes) - z * column
+        sums) * the channel scales."""
+        b = self.builder
+        zero, top = self._fconst(0.0), self._fconst(255.0)
+        axes = self._value("const/last-axis", lambda: b.const([-1]))
+        lo = b.op("Min", [b.op("ReduceMin", [x, axes], keepdims=1), zero])
+        hi = b.op("Max", [b.op("ReduceMax", [x, axes], keepdims=1), zero])
+        step = b.op("Max", [b.op("Mul", [b.op("Sub", [hi, lo]), self._fconst(1 / 255)]), self._fconst(FP32_TINY)])
+        z = b.op("Round", [b.op("Div", [b.op("Neg", [lo]), step])])
+        q = b.op("Cast", [b.op("Clip", [b.op("Add", [b.op("Round", [b.op("Div", [x, step])]), z]), zero, top])],
+                 to=TensorProto.UINT8)
+        acc = b.op("Cast", [b.op("MatMulInteger", [q, self._int8_kn(name, w)])], to=FLOAT)
+        sums = self._once(name + ".q_t.colsums", lambda: self._int8(name, w).q.sum(1, dtype=torch.int32).float().numpy())
+        centred = b.op("Sub", [acc, b.op("Mul", [z, sums])])
+        return b.op("Mul", [centred, b.op("Mul", [step, self._int8_scales(name, w)])], outputs=outs)
+
+    def _fconst(self, value: float) -> str:
+        """A float32 Constant, one per value in the graph."""
+        return self._value(f"const/{value!r}", lambda: self.builder.const(value, np.float32))
 
     def _gemm_t(self, x: str, table: str, n: int, k: int, outs: list[str] | None) -> str:
         """x @ table.T for an [N, K] table: Gemm with transB on x flattened to 2-D."""

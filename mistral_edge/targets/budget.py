@@ -47,7 +47,9 @@ def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_by
         return int(n * k * bits / 8)
     if tq.kind == "int8":
         groups = int8_groups(k, fmt)
-        if fmt in ("qdq", "integer"):  # [N, K] or [K, N] codes, no padding
+        if fmt == "integer":  # [K, N] codes, a scale and (a linear's: MatMulInteger) a float32 column sum per row
+            return n * k + n * scale + (0 if gather else 4 * n)
+        if fmt == "qdq":
             return n * k + n * groups * scale
         blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
         return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else groups)
@@ -70,7 +72,13 @@ def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbi
     if head_shares_embedding(cfg, plan):
         shapes.pop("output")
     return sum(tensor_bytes(n, k, plan[name], False, act, fmt, gather=name == "tok_embeddings")
-               for name, (n, k) in shapes.items())
+               for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
+
+
+def _tied_head_sums(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str) -> int:
+    """The column sums an integer-format int8 head adds to the embedding's table it shares."""
+    shared = head_shares_embedding(cfg, plan) and plan["output"].kind == "int8"
+    return 4 * cfg.vocab_size if shared and fmt == "integer" else 0
 
 
 def kv_cache_bytes(cfg: ModelConfig, window: int, kv_cache: str, batch: int = 1) -> int:
@@ -89,7 +97,7 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     if shared:
         shapes.pop("output")
     weights = sum(tensor_bytes(n, k, plan[name], not stored, act, fmt, gather=name == "tok_embeddings")
-                  for name, (n, k) in shapes.items())
+                  for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
     if shared and fmt == "nbits" and plan["output"].kind == "int8" and not stored:  # the head's per-block scales
         weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim)) * act
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
