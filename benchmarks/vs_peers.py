@@ -18,6 +18,9 @@ dies is reported as crashed, with its signal, in every figure it did not give: n
 The last line is `decode_ratio=X prefill_ratio=Y decode4096_ratio=.. decode8192_ratio=.. rss_ratio=Z`:
 our int4 bundle over the faster peer (speed; prefill is the worse of the two prompt lengths) and
 over the smaller peer (memory), leaving out (and naming) a peer that crashed.
+The line before it gives the same ratios for our int8 bundle in the `integer` weight format
+(MatMulInteger, per-token uint8 activations: the fast prefill; docs/kernel.md), and the line
+before that the CPU and which u8s8 GEMM MLAS runs there (AMX, AVX512-VNNI, AVX-VNNI or AVX2).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ WIKITEXT = Path("/work/shared/data/wikitext-2/wiki.test.tokens")
 PEERS = ("llama.cpp", "ort-genai")  # the speed peers; optimum is measured for memory only
 SETUP = "run benchmarks/setup_peers.sh"
 OUR_BUNDLES = (("int4", None), ("int8", None), ("int8", "integer"))
-"""(quant, weight format; None: the cpu target's) of our rows: the integer format's int8 runs DynamicQuantizeMatMul."""
+"""(quant, weight format; None: the cpu target's) of our rows: the integer format's int8 runs MatMulInteger."""
 
 
 @dataclass(frozen=True)
@@ -541,13 +544,14 @@ def main() -> int:
           f"decode @N: {lay.long_n} steps a round after N tokens of context, round r after N + r x {lay.long_n}")
     print(uptime())
     print(cpu_facts())
+    print("ours-int8-integer: " + ratios(speeds, memory, "ours-int8-integer", lay))
     print(ratios(speeds, memory, "ours-int4", lay))
     return 0
 
 
 def cpu_facts() -> str:
     """The CPU and the u8s8 GEMM MLAS dispatches on it at run time (what the integer format's
-    DynamicQuantizeMatMul runs; MatMulNBits' int8 compute takes AVX512-VNNI or AVX2, never AMX)."""
+    MatMulInteger runs, read from /proc/cpuinfo's flags; MatMulNBits' int8 compute never takes AMX)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -556,7 +560,7 @@ def cpu_facts() -> str:
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     path = next((name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
                                          ("avx2", "AVX2")) if flag in flags), "SSE/NEON")
-    return f"cpu: {model}, {os.cpu_count()} logical CPUs; MLAS u8s8 GEMM (DynamicQuantizeMatMul): {path}"
+    return f"cpu: {model}, {os.cpu_count()} logical CPUs; MLAS u8s8 GEMM (MatMulInteger): {path}"
 
 
 def uptime() -> str:
