@@ -18,6 +18,9 @@ dies is reported as crashed, with its signal, in every figure it did not give: n
 The last line is `decode_ratio=X prefill_ratio=Y decode4096_ratio=.. decode8192_ratio=.. rss_ratio=Z`:
 our int4 bundle over the faster peer (speed; prefill is the worse of the two prompt lengths) and
 over the smaller peer (memory), leaving out (and naming) a peer that crashed.
+The line before it gives the same ratios for our int8 bundle in the `integer` weight format
+(MatMulInteger, per-token uint8 activations: the fast prefill; docs/kernel.md), and the line
+before that the CPU and which u8s8 GEMM MLAS runs there (AMX, AVX512-VNNI, AVX-VNNI or AVX2).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import signal
@@ -38,6 +42,8 @@ OPTIMUM_PYTHON = HERE / ".venv-optimum" / "bin" / "python"
 WIKITEXT = Path("/work/shared/data/wikitext-2/wiki.test.tokens")
 PEERS = ("llama.cpp", "ort-genai")  # the speed peers; optimum is measured for memory only
 SETUP = "run benchmarks/setup_peers.sh"
+OUR_BUNDLES = (("int4", None), ("int8", None), ("int8", "integer"))
+"""(quant, weight format; None: the cpu target's) of our rows: the integer format's int8 runs MatMulInteger."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,9 @@ def demo_gguf() -> Path:
     return default_model_path()
 
 
-def our_bundle(work: Path, quant: str, chunk: int | None) -> Path:
-    """Our cpu bundle of the demo model; re-exported when the exporter's code or the contract changed."""
+def our_bundle(work: Path, quant: str, chunk: int | None, fmt: str | None = None) -> Path:
+    """Our cpu bundle of the demo model in weight format `fmt` (None: the target's); re-exported
+    when the exporter's code or the contract changed."""
     from mistral_edge.compare.variants import prepare_bundle
     from mistral_edge.export.pipeline import resolve_window
     from mistral_edge.model.loaders import load_checkpoint
@@ -106,9 +113,9 @@ def our_bundle(work: Path, quant: str, chunk: int | None) -> Path:
 
     ck = load_checkpoint(None)
     window, chunk = resolve_window(ck, None, chunk)
-    out = work / f"ours-{quant}"
+    out = work / ("-".join(("ours", quant, fmt)) if fmt else f"ours-{quant}")
     print(f"our {quant} cpu bundle -> {out} (exported unless up to date)", file=sys.stderr)
-    prepare_bundle(ck, parse_quant(quant), window, chunk, out, source_hash(ck.source), log=lambda line: None)
+    prepare_bundle(ck, parse_quant(quant), window, chunk, out, source_hash(ck.source), log=lambda line: None, fmt=fmt)
     return out
 
 
@@ -508,13 +515,15 @@ def main() -> int:
                  args.memory_tokens)
     context = max(lay.lengths + lay.contexts) + max(args.memory_tokens, args.runs * lay.long_n) + 16
     hf = hf_dir(args.work, max_position=context)
-    ours = [System(f"ours-{q}", "ours", our_bundle(args.work, q, None), chunk=args.chunk) for q in ("int4", "int8")]
+    ours = [System("-".join(("ours", q, *([fmt] if fmt else []))), "ours", our_bundle(args.work, q, None, fmt),
+                   chunk=args.chunk) for q, fmt in OUR_BUNDLES]
     ours += [System(name, "ours", Path(path), chunk=args.chunk) for name, path in (e.split("=", 1) for e in args.extra)]
     prompt = prompts(hf / "tokenizer.json", lay.lengths + lay.contexts)
     short = {n: prompt[n] for n in lay.lengths}
     llama = llama_system(demo_gguf(), args.llama_repack, args.llama_omp_wait, args.threads, short)
     peers = [llama, System("ort-genai", "ort-genai", genai_model(args.work, hf))]
     print(uptime(), file=sys.stderr)
+    print(cpu_facts(), file=sys.stderr)
 
     print(f"speed: {args.runs} rounds, {args.threads} threads, prompts {lay.lengths}, decode {lay.decode_n}",
           file=sys.stderr)
@@ -534,8 +543,24 @@ def main() -> int:
     print(f"llama.cpp: llama-cpp-python {llama_version()}, {llama_note(llama)}; ours: W = 1024 (rolling cache); "
           f"decode @N: {lay.long_n} steps a round after N tokens of context, round r after N + r x {lay.long_n}")
     print(uptime())
+    print(cpu_facts())
+    print("ours-int8-integer: " + ratios(speeds, memory, "ours-int8-integer", lay))
     print(ratios(speeds, memory, "ours-int4", lay))
     return 0
+
+
+def cpu_facts() -> str:
+    """The CPU and the u8s8 GEMM MLAS dispatches on it at run time (what the integer format's
+    MatMulInteger runs, read from /proc/cpuinfo's flags; MatMulNBits' int8 compute never takes AMX)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"cpu: {platform.machine()} (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    path = next((name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                         ("avx2", "AVX2")) if flag in flags), "SSE/NEON")
+    return f"cpu: {model}, {os.cpu_count()} logical CPUs; MLAS u8s8 GEMM (MatMulInteger): {path}"
 
 
 def uptime() -> str:

@@ -56,7 +56,7 @@ class Source:
 @dataclass(frozen=True)
 class QuantInfo:
     spec: str  # the --quant spec, canonical form, or q4f16_1 (mlc)
-    format: str  # nbits | qdq | q4f16_1
+    format: str  # nbits | qdq | integer | q4f16_1
     tensors: dict[str, str]  # scheme per tensor group, layer indices folded into '*'
     calibration: dict[str, str | int] | None = None  # export --calib: the text (name, sha256) and windows
 

@@ -131,7 +131,9 @@ def test_generate_and_chat_share_one_options_object():
 # ---- export: the whole request is checked before the checkpoint loads -------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "bogus"], "unknown weight format 'bogus'; expected one of nbits, qdq"),
+    (["--format", "bogus"], "unknown weight format 'bogus'; expected one of nbits, qdq, integer"),
+    (["--format", "integer", "--activations", "fp16"], "the integer format computes in fp32"),
+    (["--target", "gpu", "--format", "integer"], "DynamicQuantizeMatMul has no fp16 kernel"),
     (["--target", "mlc", "--format", "qdq"], "q4f16_1"),
     (["--target", "mlc", "--quant", "int8"], "q4f16_1"),
     (["--target", "mlc", "--head", "fp16"], "q4f16_1"),

@@ -440,3 +440,15 @@ def test_demo_model_fp32_and_int8(tmp_path):
     assert abs(int8.perplexity / fp32.perplexity - 1) < 0.02
     assert 0 < int8.kl_vs_fp32 < 0.02 and int8.top1_vs_fp32 > 0.9
     assert int8.size_bytes < fp32.size_bytes / 3 and fp32.kv_cache_bytes == int8.kv_cache_bytes
+
+
+def test_quant_format_suffixes():
+    """`+qdq` / `+integer` export a variant in that weight format, beside a `+kvN` suffix in either order."""
+    from mistral_edge.compare.variants import parse_quants
+
+    choices = parse_quants("int8,int8+integer,int8+kv8+integer,int8+INTEGER+kv8,int4+qdq")
+    assert [c.name for c in choices] == ["int8", "int8+integer", "int8+kv8+integer", "int4-g32-mzp-search+qdq"]
+    assert [(c.fmt, c.kv_cache) for c in choices] == [(None, None), ("integer", None), ("integer", "int8"), ("qdq", None)]
+    for bad in ("int8+integer+qdq", "int8+nbits", "int8+kv8+kv16"):
+        with pytest.raises(EdgeError, match=r"unknown suffix \+\w+; expected \+kv8 or \+kv16 .* \+qdq or \+integer"):
+            parse_quants(bad)

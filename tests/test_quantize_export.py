@@ -1,4 +1,5 @@
-"""Exact formats and parity of the int4 embedding, the int4 head and the fp16-stored scales."""
+"""Exact formats and parity of the int4 embedding, the int4 head, the fp16-stored scales and the
+integer format's int8 (DynamicQuantizeMatMul)."""
 
 import numpy as np
 import onnx
@@ -8,20 +9,23 @@ from helpers import W, checkpoint_of, tiny_hf_mistral
 from onnx import TensorProto
 from test_export import EXACT, run_chunks, tokens_for, unfuse
 
+from mistral_edge.compare.variants import model_bits_per_weight
 from mistral_edge.export.decoder import build_decoder
 from mistral_edge.export.linear import WeightEmitter
 from mistral_edge.export.onnx_builder import ACTIVATIONS, Builder
+from mistral_edge.model import reference as reference_module
 from mistral_edge.model.reference import ReferenceModel
 from mistral_edge.quantize.int4 import quantize_int4
 from mistral_edge.quantize import spec as spec_module
 from mistral_edge.quantize.int8 import quantize_int8
-from mistral_edge.quantize.plan import TensorQuant, head_shares_embedding, quant_plan
-from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.quantize.plan import TensorQuant, head_shares_embedding, quant_plan, tensor_shapes
+from mistral_edge.quantize.spec import bits_per_weight, parse_quant
 from mistral_edge.runtime.session import DecoderSession
-from mistral_edge.targets.budget import estimate
+from mistral_edge.targets.budget import estimate, stored_bytes
 
 
 def export(path, ck, spec, fmt, plan=None):
+    """Write the graph in `fmt`; returns (the canonical weights it computes with, its plan)."""
     emitter = WeightEmitter(Builder(), plan or quant_plan(ck.config, spec), fmt, 0, ACTIVATIONS["fp32"],
                             keep_dequantized=True)
     path.write_bytes(build_decoder(ck.config, ck.weights, W, 5, emitter).SerializeToString())
@@ -152,3 +156,82 @@ def test_fitted_scales_and_offsets_are_fp16_values(zero_point):
     q8 = quantize_int8(w)
     assert torch.equal(q8.scales.half().float(), q8.scales)
     assert (q8.q.abs() <= 127).all()
+
+
+def uint8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x rounded to uint8 and back: its range widened to hold 0, the zero point
+    rounded (as DynamicQuantizeLinear does to a whole tensor)."""
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = torch.round(-lo / s)
+    return (torch.clamp(torch.round(x / s) + zero, 0, 255) - zero) * s
+
+
+class Uint8Linear(torch.nn.Module):
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return uint8_rounded(x) @ self.w.T
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_integer_int8_graph_is_the_reference_with_uint8_activations(tmp_path, monkeypatch, tied):
+    """The integer format computes every int8 linear (a tied head too) with MatMulInteger on int8
+    codes with one scale per output channel and its input rounded to uint8 per row: the reference
+    model on those weights, with each linear's and the head's input rounded so, agrees to float
+    rounding (1e-4: the emulation is the op's definition, only float summation order differs).
+    Without that rounding the logits move by the activations' 8-bit error alone, at most half a step
+    (range / 255) per input, summed through the layers: above 1e-3, bounded at 0.1 here (logits' std
+    0.4); the nbits graph of the same model agrees to 1e-6 (its int8 is exact at accuracy level 0)."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=96))
+    weights, plan = export(tmp_path / "m.onnx", ck, parse_quant("int8"), "integer")
+    w2 = ck.weights["layers.0.feed_forward.w2.weight"]
+    assert torch.equal(weights["layers.0.feed_forward.w2.weight"], quantize_int8(w2, group_size=w2.shape[1]).dequantize())
+    tokens = tokens_for(ck, 3 * W)
+    got = run_chunks(DecoderSession(tmp_path / "m.onnx", config=EXACT), tokens.numpy(), 5)
+    ref = ReferenceModel(ck.config, weights)
+    plain = ref.prefill(tokens, ref.new_cache(), 5).numpy()
+    assert 1e-3 < np.abs(got - plain).max() < 0.1
+
+    ref.linears = {n: Uint8Linear(w) for n, w in ref.w.items() if n.startswith("layers.") and "norm" not in n}
+    norm = reference_module.rms_norm
+    monkeypatch.setattr(reference_module, "rms_norm", lambda x, w, eps: uint8_rounded(norm(x, w, eps))
+                        if w is ref.w["norm.weight"] else norm(x, w, eps))  # the head's input
+    assert np.abs(got - ref.prefill(tokens, ref.new_cache(), 5).numpy()).max() < 1e-4
+
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert sum(len(t.raw_data) for t in model.graph.initializer) == \
+        estimate(ck.config, plan, W, 5, fmt="integer", stored=True).weight_bytes
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    inits = {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer}
+    v, d = ck.config.vocab_size, ck.config.dim
+    assert inits["tok_embeddings.q_t"] == (TensorProto.INT8, [d, v])  # MatMulInteger's B, [K, N]
+    assert inits.get("tok_embeddings.q_t.colsums") == ((TensorProto.FLOAT, [v]) if tied else None)  # the head's
+    assert inits["tok_embeddings.scales"] == (TensorProto.FLOAT16, [v])  # one per output channel
+    assert any(name.startswith("output") for name in inits) != tied  # a tied head reads the embedding's codes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant", ["int4-g32-fzp", "int4-g64-sym-rtn"])
+def test_integer_format_keeps_int4_exact(tmp_path, quant, tied):
+    """Without int8 tensors the integer format's graph is the nbits one: int4 MatMulNBits (a tied
+    head on the embedding's codes, with its group sums), exact, and the budget's bytes."""
+    ck = checkpoint_of(tiny_hf_mistral(n_heads=4, n_kv_heads=2, window=W, tied=tied, dim=64))
+    assert_graph_matches_reference(tmp_path, ck, parse_quant(quant, head="int4", embedding="int4"), "integer")
+
+
+def test_integer_format_int8_costs_one_scale_per_row(monkeypatch):
+    """Groups of 64 for the other formats, whole rows for the integer one (plus a float32 column sum
+    per linear's output channel, MatMulInteger's zero-point correction): the bits and bytes follow."""
+    monkeypatch.setattr(spec_module, "INT8_GROUP_SIZE", 64)
+    assert bits_per_weight("int8", 10, 576) == 8 + 9 * 16 / 576
+    assert bits_per_weight("int8", 10, 576, fmt="integer") == 8 + 16 / 576
+    cfg = checkpoint_of(tiny_hf_mistral(window=W, dim=128)).config
+    plan = quant_plan(cfg, parse_quant("int8"))
+    shapes = tensor_shapes(cfg)  # an untied embedding needs no column sums
+    assert stored_bytes(cfg, plan, "integer") == sum(n * k + 6 * n for n, k in shapes.values()) - 4 * cfg.vocab_size
+    assert model_bits_per_weight(cfg, plan, "integer") == \
+        8 * stored_bytes(cfg, plan, "integer") / sum(n * k for n, k in shapes.values())

@@ -866,3 +866,20 @@ def test_cli_export_errors(hf_dir, tmp_path, cli, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_integer_format_bundle_round_trip(ck, tmp_path):
+    """`--format integer`: the manifest names it and its MatMulInteger op, the files verify, the
+    budget is the exported bytes, and the bundle's session computes what the nbits bundle does
+    within the 8-bit activations' rounding; fp16 activations are refused before anything is written."""
+    manifest = export(ck, tmp_path / "b", quant="int8", fmt="integer")
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["quant"]["format"] == "integer" and "ai.onnx::MatMulInteger" in m["ops"]
+    assert "com.microsoft::MatMulNBits" not in m["ops"] and verify(tmp_path / "b") == []
+    assert read_manifest(tmp_path / "b") == manifest
+    export(ck, tmp_path / "n", quant="int8")
+    got, nbits = (run_tokens(Bundle.open(tmp_path / d).session()) for d in ("b", "n"))
+    assert 0 < np.abs(got - nbits).max() < 0.05 * np.abs(nbits).max()
+    with pytest.raises(EdgeError, match="the integer format computes in fp32"):
+        export(ck, tmp_path / "h", quant="int8", fmt="integer", activations="fp16")
+    assert not (tmp_path / "h").exists()

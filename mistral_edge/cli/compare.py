@@ -44,7 +44,8 @@ def compare(
     model: ModelArg = None,
     quants: Annotated[str, typer.Option(help="comma-separated quant levels; an int4 level with -awq, -gptq or "
                                              "-awq-gptq is calibrated on --calib text (e.g. int4-g32-gptq); "
-                                             "+kv8 or +kv16: with an int8 or fp16 KV cache (e.g. int4+kv8)")] = "fp32,fp16,int8,int4-g32,int4-g128",
+                                             "+kv8 or +kv16: with an int8 or fp16 KV cache (e.g. int4+kv8); "
+                                             "+qdq or +integer: in that weight format (e.g. int8+integer)")] = "fp32,fp16,int8,int4-g32,int4-g128",
     text: Annotated[Optional[Path], typer.Option(help="evaluation text, any UTF-8 file")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="evaluation text from the `datasets` library "
                                                         "(wikitext-2, test split; needs the network)")] = None,

@@ -207,10 +207,12 @@ class _Run:
                 built = prepare_calibrated(self.ck, choice.spec, window, chunk, path,
                                            self.calibration_key(choice, window, chunk),
                                            lambda: self.calibrated(choice), log=lambda line: None,
-                                           note=CALIBRATIONS[choice.calibration], kv_cache=choice.kv_cache)
+                                           note=CALIBRATIONS[choice.calibration], kv_cache=choice.kv_cache,
+                                           fmt=choice.fmt)
             else:
                 built = prepare_bundle(self.ck, choice.spec, window, chunk, path, self.source_sha,
-                                       log=lambda line: None, sinks=sinks, kv_cache=choice.kv_cache)
+                                       log=lambda line: None, sinks=sinks, kv_cache=choice.kv_cache,
+                                       fmt=choice.fmt)
         finally:
             self.progress.remove_task(task)
         self.log(f"{'reused' if built.reused else 'exported'} {path}")

@@ -42,6 +42,8 @@ CALIBRATIONS = {"awq-gptq": "AWQ scales + GPTQ codes (act-order, static groups)"
 (its note counts them)."""
 KV_SUFFIXES = {"kv8": "int8", "kv16": "fp16"}
 """A quant's `+kvN` suffix: the variant exports with that KV cache type (export --kv-cache)."""
+FORMAT_SUFFIXES = ("qdq", "integer")
+"""A quant's `+FORMAT` suffix: the variant exports in that weight format (export --format) instead of the cpu target's."""
 TARGET = "cpu"
 VARIANT_RECORD = "variant.json"
 
@@ -53,6 +55,8 @@ class QuantChoice:
     """A CALIBRATIONS key, or None."""
     kv_cache: str | None = None
     """A KV_SUFFIXES value, or None: the target's activation type."""
+    fmt: str | None = None
+    """A FORMAT_SUFFIXES entry, or None: the cpu target's weight format."""
 
     @property
     def calibrated(self) -> bool:
@@ -61,38 +65,46 @@ class QuantChoice:
     @property
     def name(self) -> str:
         kv = next((f"+{suffix}" for suffix, kv in KV_SUFFIXES.items() if kv == self.kv_cache), "")
-        return self.spec.name + (f"-{self.calibration}" if self.calibrated else "") + kv
+        fmt = f"+{self.fmt}" if self.fmt else ""
+        return self.spec.name + (f"-{self.calibration}" if self.calibrated else "") + kv + fmt
 
 
 def parse_quants(text: str) -> list[QuantChoice]:
-    """'fp32,int8,int4-g32-awq,int4-gptq,int4+kv8' -> choices in order, duplicates (same canonical
-    name) dropped."""
+    """'fp32,int8,int4-g32-awq,int4-gptq,int4+kv8,int8+integer+kv8' -> choices in order, duplicates
+    (same canonical name) dropped."""
     choices: dict[str, QuantChoice] = {}
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        quant, _, suffix = item.partition("+")
-        if suffix and suffix.lower() not in KV_SUFFIXES:
-            raise EdgeError(f"{item}: unknown suffix +{suffix}; expected "
-                            f"{' or '.join('+' + s for s in KV_SUFFIXES)} (an int8 or fp16 KV cache)")
+        quant, *suffixes = item.split("+")
+        kv, fmt = None, None
+        for suffix in (s.lower() for s in suffixes):
+            if suffix in KV_SUFFIXES and kv is None:
+                kv = KV_SUFFIXES[suffix]
+            elif suffix in FORMAT_SUFFIXES and fmt is None:
+                fmt = suffix
+            else:
+                raise EdgeError(f"{item}: unknown suffix +{suffix}; expected {' or '.join('+' + s for s in KV_SUFFIXES)} "
+                                f"(an int8 or fp16 KV cache) and/or {' or '.join('+' + f for f in FORMAT_SUFFIXES)} "
+                                f"(a weight format), once each")
         calibration = next((c for c in CALIBRATIONS if quant.lower().endswith("-" + c)), None)
         spec = parse_quant(quant[: -len(calibration) - 1] if calibration else quant)
         if calibration and spec.bits != 4:
             raise EdgeError(f"{item}: calibration (-{calibration}) applies to int4 only")
-        choice = QuantChoice(spec, calibration, KV_SUFFIXES.get(suffix.lower()))
+        choice = QuantChoice(spec, calibration, kv, fmt)
         choices.setdefault(choice.name, choice)
     if not choices:
         raise EdgeError("--quants is empty; e.g. --quants fp32,fp16,int8,int4-g32,int4-g128")
     return list(choices.values())
 
 
-def model_bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant]) -> float:
+def model_bits_per_weight(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbits") -> float:
     """Stored bits per weight over the whole model (embedding, layers, head; scales and zero
-    points included; a tied head stored once), as the bundle holds them."""
+    points included; a tied head stored once), as the bundle holds them in weight format `fmt`."""
     shapes = tensor_shapes(cfg)
     if head_shares_embedding(cfg, plan):
         shapes.pop("output")
-    return 8 * stored_bytes(cfg, plan) / sum(n * k for n, k in shapes.values())
+    return 8 * stored_bytes(cfg, plan, fmt) / sum(n * k for n, k in shapes.values())
 
 
 @dataclass(frozen=True)
@@ -121,14 +133,15 @@ def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | N
     """The manifest entries that decide whether an existing bundle is `req` (window, chunk and sinks resolved)."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
             "window": req.window, "sinks": req.sinks, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
-            "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
-            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk).weight_bytes}
+            "format": req.weight_format, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk,
+                                     fmt=req.weight_format).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
     return {"target": m.get("target"), "source": {k: m.get("source", {}).get(k) for k in ("path", "sha256")},
             "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "sinks": m.get("sinks"),
-            "kv_cache": m.get("kv_cache"), "chunk": m.get("chunk"),
+            "kv_cache": m.get("kv_cache"), "chunk": m.get("chunk"), "format": m.get("quant", {}).get("format"),
             "graph_contract": m.get("graph_contract"), "toolkit": m.get("toolkit", {}).get("version"),
             "weight_bytes": m.get("memory_budget", {}).get("weight_bytes")}
 
@@ -138,9 +151,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path,
-                   source_sha256: str | None, log=print, sinks: int = 0, kv_cache: str | None = None) -> Built:
-    """The cpu-target bundle at `path`: reused if its manifest matches and its files verify, else exported."""
-    req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache)
+                   source_sha256: str | None, log=print, sinks: int = 0, kv_cache: str | None = None,
+                   fmt: str | None = None) -> Built:
+    """The cpu-target bundle at `path` (in weight format `fmt`, None: the target's): reused if its
+    manifest matches and its files verify, else exported."""
+    req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache, fmt=fmt)
     expected = expected_manifest(ck, req, source_sha256)
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
@@ -156,15 +171,15 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
         bundle, reused = Bundle.open(path), False
     budget = bundle.manifest.memory_budget
     return Built(bundle.model_path, _dir_bytes(path), budget.weight_bytes, budget.kv_cache_bytes,
-                 model_bits_per_weight(ck.config, quant_plan(ck.config, spec)), reused)
+                 model_bits_per_weight(ck.config, quant_plan(ck.config, spec), req.weight_format), reused)
 
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
                        calibrate: Callable[[], Calibrated], log=print, note: str = "",
-                       kv_cache: str | None = None) -> Built:
+                       kv_cache: str | None = None, fmt: str | None = None) -> Built:
     """A calibrated int4 export at `path` (model.onnx + variant.json): not a target bundle, since its
     per-tensor plan (activation scales, int8 linears) is its own; reused while `key` (which names
-    the KV cache type too) matches."""
+    the KV cache type and the weight format too) matches; `fmt` None: the cpu target's format."""
     record_path = path / VARIANT_RECORD
     try:
         record = json.loads(record_path.read_text())
@@ -174,14 +189,15 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
     except (OSError, ValueError, KeyError):
         cal = calibrate()
         target = get_target(TARGET)
+        fmt = fmt or target.fmt
         if path.exists():
             shutil.rmtree(path)
         with atomic_dir(path) as tmp:
-            export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=target.fmt,
+            export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=fmt,
                         accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache)
-            budget = estimate(ck.config, cal.plan, window, chunk, kv_cache=kv_cache)
+            budget = estimate(ck.config, cal.plan, window, chunk, kv_cache=kv_cache, fmt=fmt)
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
-                      "bits_per_weight": model_bits_per_weight(ck.config, cal.plan), "int8": list(cal.int8),
+                      "bits_per_weight": model_bits_per_weight(ck.config, cal.plan, fmt), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}
             (tmp / VARIANT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         reused = False

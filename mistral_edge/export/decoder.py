@@ -83,7 +83,7 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
 
     def add_norm(h: str, delta: str, name: str) -> tuple[str, str]:
         """(RMSNorm(h + delta), h + delta): one SkipSimplifiedLayerNormalization on the ORT path."""
-        if emitter.fmt != "nbits":
+        if emitter.fmt == "qdq":  # standard ops only
             h = b.op("Add", [h, delta])
             return norm(h, name), h
         x, h_out = b.fresh("x"), b.fresh("residual")

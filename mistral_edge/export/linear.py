@@ -5,6 +5,14 @@ session start; an fp16 graph stores both as fp16).
 int8 / int4, `nbits` format: ONNX Runtime's com.microsoft.MatMulNBits (the fast
 CPU path; int8 is stored as 8-bit blocks of 16 that share their group's scale, one group
 being a whole number of blocks or the whole row).
+int8, `integer` format: the input quantized to uint8 per row (token), asymmetric, by standard ops,
+then MatMulInteger on the [K, N] codes with one scale per output channel, corrected for the rows'
+zero points by the codes' column sums (ONNX Runtime runs it on MLAS's u8s8 GEMM: AMX,
+AVX512-VNNI, AVX2 or NEON as the CPU has; several times MatMulNBits for a 128-token chunk,
+docs/kernel.md). Per row, not per tensor as com.microsoft.DynamicQuantizeMatMul quantizes: one
+token's outliers would set the whole chunk's step (KL 0.21 against 0.02 on the demo model,
+docs/kernel.md). fp32 graphs only. The embedding Gathers columns of the same codes, so a tied
+head shares them; int4 keeps MatMulNBits.
 int8, `qdq` format: blocked DequantizeLinear of the [N, K] table + Gemm transB (the table an embedding
 shares); int4, `qdq`: blocked DequantizeLinear of the [K, N] table + MatMul. Runnable anywhere.
 int4 with float zero points, either format: the symmetric int4 matmul plus
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from ..errors import EdgeError
 from ..quantize.int4 import Int4Weight, blocked_qdq, pack_matmul_nbits, quantize_int4
@@ -34,6 +43,8 @@ from ..quantize.spec import int8_group_size
 from ..quantize.stats import error_stats_of
 from .onnx_builder import ACTIVATIONS, FLOAT, Activations, Builder
 
+FP32_TINY = float(np.finfo(np.float32).tiny)
+"""The least step of a row's uint8 quantization (an all-zero row: its codes are all zero)."""
 INT8_ZERO = 128  # MatMulNBits' implied zero point for 8 bits
 BLOCK_ELEMENTS = 1 << 22
 """Quantization and error statistics run over row blocks of about this many weights (16 MiB in
@@ -51,7 +62,7 @@ class WeightEmitter:
     builder: Builder
     plan: dict[str, TensorQuant]
     """Precision per base tensor name (e.g. 'layers.0.attention.wqkv', 'output', 'tok_embeddings')."""
-    fmt: str = "nbits"  # or "qdq"
+    fmt: str = "nbits"  # or "qdq", "integer" (export.pipeline.FORMATS)
     accuracy_level: int = 4
     activations: Activations = ACTIVATIONS["fp32"]
     codes: Callable[[str], Int4Weight | None] | None = None
@@ -101,16 +112,18 @@ class WeightEmitter:
         n, k = w.shape
         if tq.kind in ("fp32", "fp16"):
             return self._gemm_t(x, self._float(name, w, tq), n, k, outs)
+        if tq.kind == "int8" and self.fmt == "integer":
+            return self._int8_integer(x, name, w, outs)
         if tq.kind == "int8" and self.fmt == "nbits":
             packed, block = self._int8_nbits(name, w)
             scales = self._value(name + ".scales/blocks", lambda: b.op("Reshape", [b.op("Gather", [
-                self._int8_scales(name, w), b.const(np.arange(0, k, block) // int8_group_size(k))],
+                self._int8_scales(name, w), b.const(np.arange(0, k, block) // int8_group_size(k, self.fmt))],
                 axis=1), b.const([-1])]))  # each block takes its group's scale
             return b.op("MatMulNBits", [x, packed, scales], outputs=outs, domain="com.microsoft",
                         K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level)
         if tq.kind == "int8":  # the [N, K] table an embedding's Gather reads, so a tied head shares it
             table = b.op("DequantizeLinear", [self._int8_table(name, w), self._int8_scales(name, w)], axis=1,
-                         block_size=int8_group_size(k))
+                         block_size=int8_group_size(k, self.fmt))
             return self._gemm_t(x, table, n, k, outs)
         if tq.kind == "int4":
             q4 = self._q4(name, w, tq)
@@ -125,6 +138,28 @@ class WeightEmitter:
             return b.op("Add", [self._int4(x, name, sym), shift], outputs=outs)
         raise EdgeError(f"unsupported precision {tq.kind!r} for {name}")
 
+    def _int8_integer(self, x: str, name: str, w: torch.Tensor, outs: list[str] | None) -> str:
+        """x @ W.T with each row of x rounded to uint8 over its own range (widened to hold 0, as
+        DynamicQuantizeLinear's; zero point z, step s): s * (MatMulInteger(q, codes) - z * column
+        sums) * the channel scales."""
+        b = self.builder
+        zero, top = self._fconst(0.0), self._fconst(255.0)
+        axes = self._value("const/last-axis", lambda: b.const([-1]))
+        lo = b.op("Min", [b.op("ReduceMin", [x, axes], keepdims=1), zero])
+        hi = b.op("Max", [b.op("ReduceMax", [x, axes], keepdims=1), zero])
+        step = b.op("Max", [b.op("Mul", [b.op("Sub", [hi, lo]), self._fconst(1 / 255)]), self._fconst(FP32_TINY)])
+        z = b.op("Round", [b.op("Div", [b.op("Neg", [lo]), step])])
+        q = b.op("Cast", [b.op("Clip", [b.op("Add", [b.op("Round", [b.op("Div", [x, step])]), z]), zero, top])],
+                 to=TensorProto.UINT8)
+        acc = b.op("Cast", [b.op("MatMulInteger", [q, self._int8_kn(name, w)])], to=FLOAT)
+        sums = self._once(name + ".q_t.colsums", lambda: self._int8(name, w).q.sum(1, dtype=torch.int32).float().numpy())
+        centred = b.op("Sub", [acc, b.op("Mul", [z, sums])])
+        return b.op("Mul", [centred, b.op("Mul", [step, self._int8_scales(name, w)])], outputs=outs)
+
+    def _fconst(self, value: float) -> str:
+        """A float32 Constant, one per value in the graph."""
+        return self._value(f"const/{value!r}", lambda: self.builder.const(value, np.float32))
+
     def _gemm_t(self, x: str, table: str, n: int, k: int, outs: list[str] | None) -> str:
         """x @ table.T for an [N, K] table: Gemm with transB on x flattened to 2-D."""
         b = self.builder
@@ -136,7 +171,7 @@ class WeightEmitter:
     def _int4(self, x: str, name: str, q4: Int4Weight, outs: list[str] | None = None) -> str:
         """x @ W.T for int4 W with integer (or no) zero points."""
         b, k, n, g = self.builder, q4.k, q4.n, q4.group_size
-        if self.fmt == "nbits":
+        if self.fmt != "qdq":  # MatMulNBits (the integer format keeps it for int4)
             ins = [x, *self._nbits(name, q4)]
             return b.op("MatMulNBits", ins, outputs=outs, domain="com.microsoft", K=k, N=n, bits=4,
                         block_size=g, accuracy_level=self.accuracy_level)
@@ -241,6 +276,11 @@ class WeightEmitter:
             return self._int4_gather(name, self._q4(name, w, tq), ids)
         if tq.kind != "int8":
             raise EdgeError(f"unsupported precision {tq.kind!r} for the embedding {name}")
+        if self.fmt == "integer":  # columns of a DynamicQuantizeMatMul head's [K, N] codes, which a tied head shares
+            cols = b.op("Gather", [self._int8_kn(name, w), ids], axis=1)  # [K, B, C]
+            rows = b.op("Cast", [b.op("Transpose", [cols], perm=[1, 2, 0])], to=self.activations.onnx_type)
+            scale = b.op("Unsqueeze", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0), b.const([-1])])
+            return b.op("Mul", [rows, scale])
         if self.fmt == "nbits":  # the same storage as an int8 MatMulNBits head, so a tied head shares it
             packed, _ = self._int8_nbits(name, w)
             rows = b.op("Gather", [packed, ids], axis=0)  # [B, C, blocks, block]
@@ -252,7 +292,7 @@ class WeightEmitter:
             rows = b.op("Cast", [b.op("Gather", [self._int8_table(name, w), ids], axis=0)],
                         to=self.activations.onnx_type)
         scale = b.op("Gather", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0),  # each column: its group's
-                                b.const(np.arange(w.shape[1]) // int8_group_size(w.shape[1]))], axis=2)
+                                b.const(np.arange(w.shape[1]) // int8_group_size(w.shape[1], self.fmt))], axis=2)
         return b.op("Mul", [rows, scale])
 
     def _act(self, scales: np.ndarray) -> np.ndarray:
@@ -274,7 +314,7 @@ class WeightEmitter:
     def _int8(self, name: str, w: torch.Tensor) -> Int8Weight:
         if self._int8_last is None or self._int8_last[0] != name:
             self._int8_last = None
-            q8 = quantize_int8(w)
+            q8 = quantize_int8(w, int8_group_size(w.shape[1], self.fmt))
             self._record(name, "int8", w, lambda r: Int8Weight(q8.q[r], q8.scales[r], q8.group_size).dequantize())
             self._int8_last = (name, q8)
         return self._int8_last[1]
@@ -283,9 +323,16 @@ class WeightEmitter:
         """int8 [N, K] codes, as the qdq embedding's Gather and a qdq head's DequantizeLinear read them."""
         return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
 
+    def _int8_kn(self, name: str, w: torch.Tensor) -> str:
+        """int8 [K, N] codes, DynamicQuantizeMatMul's B (the integer format's embedding Gathers its columns)."""
+        return self._once(name + ".q_t", lambda: self._int8(name, w).q.T.contiguous().numpy())
+
     def _int8_scales(self, name: str, w: torch.Tensor) -> str:
-        """int8 scales [N, groups] (one group: per output channel)."""
-        return self._scales(name + ".scales", lambda: self._int8(name, w).scales.numpy())
+        """int8 scales [N, groups] (one group: per output channel); [N] in the integer format."""
+        def make() -> np.ndarray:
+            scales = self._int8(name, w).scales
+            return (scales.reshape(-1) if self.fmt == "integer" else scales).numpy()
+        return self._scales(name + ".scales", make)
 
     def _scales(self, init_name: str, make: Callable[[], np.ndarray]) -> str:
         """Scales (or float zero points' offsets) stored as fp16, the precision they were fitted
@@ -318,7 +365,7 @@ class WeightEmitter:
         n, k = w.shape
         block = int8_block(k)
         blocks = math.ceil(k / block)
-        group = int8_group_size(k)
+        group = int8_group_size(k, self.fmt)
         if group < k and group % block:
             raise ValueError(f"int8 groups of {group} columns do not fill MatMulNBits blocks of {block}")
 

@@ -25,7 +25,9 @@ DEFAULT_WINDOW = 1024
 DEFAULT_SINKS = 4
 """Attention sinks for models trained without a window (measured in docs/cache.md); 0 for the others."""
 DEFAULT_CHUNK = 128
-FORMATS = ("nbits", "qdq")
+FORMATS = ("nbits", "qdq", "integer")
+"""Weight formats (export/linear.py): MatMulNBits (ONNX Runtime, fast decode), DequantizeLinear
+(portable), or int8 through DynamicQuantizeMatMul's u8s8 GEMM (ONNX Runtime, fast prefill; fp32 only)."""
 INLINE_BELOW = 64 << 20
 """A model whose weights stay under this many bytes is written as one self-contained .onnx file."""
 
@@ -34,6 +36,15 @@ INLINE_BELOW = 64 << 20
 class ExportResult:
     errors: list  # (name, kind, shape, ErrorStats) per quantized tensor
     ops: tuple[str, ...]  # "domain::op" used by the graph (function bodies included)
+
+
+def check_format(fmt: str, activations: str) -> None:
+    """A weight format the exporter has, with an activation type it can compute in."""
+    if fmt not in FORMATS:
+        raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "integer" and activations != "fp32":
+        raise EdgeError(f"the integer format computes in fp32 (DynamicQuantizeMatMul has no {activations} kernel): "
+                        f"use --activations fp32 or another --format")
 
 
 def resolve_sinks(ck: Checkpoint, sinks: int | None) -> int:
@@ -69,9 +80,8 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
     computes in, `kv_cache` (fp32, fp16 or int8; None: the activation type) the one its cache
     stores keys and values in; `sinks` None takes `resolve_sinks`' default; `codes`: calibrated
     int4 codes by tensor name (WeightEmitter.codes)."""
-    if fmt not in FORMATS:
-        raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     act = activation_type(activations)
+    check_format(fmt, act.name)
     kv_cache = kv_cache or act.name
     check_kv_cache(kv_cache, act.name)
     s = resolve_sinks(ck, sinks)

@@ -21,6 +21,9 @@ DEFAULT_GROUP_SIZE = 32
 INT8_GROUP_SIZE: int | None = 64
 """int8 input columns per scale (quantize/int8.py); None: one scale per output channel (the whole row).
 Groups of 64 (8.25 bits per weight) measured best within 8.3 bits (docs/quantization.md)."""
+ROW_SCALE_FORMATS = ("integer",)
+"""Weight formats whose int8 tensors take one scale per output channel whatever INT8_GROUP_SIZE:
+com.microsoft.DynamicQuantizeMatMul reads one scale per column of B (export/linear.py)."""
 DEFAULT_ZERO_POINT = "mixed"
 VALID_FORMS = "fp32, fp16, int8, int4[-g16|-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
@@ -62,11 +65,12 @@ class QuantSpec:
 
 def bits_per_weight(
     precision: str, n: int, k: int, group_size: int = DEFAULT_GROUP_SIZE, zero_point: str = "int",
-    scale_bits: int = 16,
+    scale_bits: int = 16, fmt: str = "nbits",
 ) -> float:
     """Storage bits per weight of an [n, k] matrix, counting scales and zero points.
 
-    int8: one scale per INT8_GROUP_SIZE columns of a row (or per row). int4: K padded to whole
+    int8: one scale per INT8_GROUP_SIZE columns of a row (or per row; always per row in a
+    ROW_SCALE_FORMATS `fmt`). int4: K padded to whole
     groups, one scale per group, plus the zero points: integer ones 4 bits, packed two per byte per
     row as MatMulNBits stores them; float ones as a per-group offset of `scale_bits`;
     symmetric int4 stores none (8 is implied). Scales are stored as fp16 (export/linear.py), or with
@@ -75,7 +79,7 @@ def bits_per_weight(
     if precision in ("fp32", "fp16"):
         return {"fp32": 32.0, "fp16": 16.0}[precision]
     if precision == "int8":
-        return (n * k * 8 + n * int8_groups(k) * scale_bits) / (n * k)
+        return (n * k * 8 + n * int8_groups(k, fmt) * scale_bits) / (n * k)
     if precision == "int4":
         groups = math.ceil(k / group_size)
         zero_bits = {"none": 0, "int": n * math.ceil(groups / 2) * 8, "float": n * groups * scale_bits}[zero_point]
@@ -84,14 +88,15 @@ def bits_per_weight(
     raise EdgeError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
 
 
-def int8_group_size(k: int) -> int:
-    """Columns per scale of an int8 table with K columns: INT8_GROUP_SIZE, or the whole row."""
-    return INT8_GROUP_SIZE or k
+def int8_group_size(k: int, fmt: str = "nbits") -> int:
+    """Columns per scale of an int8 table with K columns in weight format `fmt`: INT8_GROUP_SIZE, or
+    the whole row (None, or a ROW_SCALE_FORMATS format)."""
+    return k if fmt in ROW_SCALE_FORMATS else INT8_GROUP_SIZE or k
 
 
-def int8_groups(k: int) -> int:
+def int8_groups(k: int, fmt: str = "nbits") -> int:
     """Scales per row of an int8 [N, K] table (the last group may be partial)."""
-    return math.ceil(k / int8_group_size(k))
+    return math.ceil(k / int8_group_size(k, fmt))
 
 
 def _default_head(bits: int) -> str | None:

@@ -35,18 +35,20 @@ class MemoryBudget:
 def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_bytes: int = 4, fmt: str = "nbits",
                  gather: bool = False) -> int:
     """Stored (or with `resident`, loaded) bytes of an [N, K] tensor as export/linear.py lays it
-    out in `fmt` ("nbits" or "qdq"), in a graph whose activation type has `act_bytes` bytes.
+    out in `fmt` ("nbits", "qdq" or "integer"), in a graph whose activation type has `act_bytes` bytes.
     Scales and float zero points' offsets are stored as fp16 and resident at the activation
     type (the graph casts them up; ONNX Runtime folds that at load); a float table is stored at
     the narrower of its precision and that type, and resident at that type. `gather`: the
     embedding's layout (int8 keeps one scale per row where a head's MatMulNBits expands it per
-    block; int4 is the MatMulNBits layout in either format)."""
+    block; int4 is the MatMulNBits layout in every format)."""
     scale = act_bytes if resident else 2
     if tq.kind in ("fp32", "fp16"):
         bits = 8 * act_bytes if resident else min(bits_per_weight(tq.kind, n, k), 8 * act_bytes)
         return int(n * k * bits / 8)
     if tq.kind == "int8":
-        groups = int8_groups(k)
+        groups = int8_groups(k, fmt)
+        if fmt == "integer":  # [K, N] codes, a scale and (a linear's: MatMulInteger) a float32 column sum per row
+            return n * k + n * scale + (0 if gather else 4 * n)
         if fmt == "qdq":
             return n * k + n * groups * scale
         blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
@@ -70,7 +72,13 @@ def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbi
     if head_shares_embedding(cfg, plan):
         shapes.pop("output")
     return sum(tensor_bytes(n, k, plan[name], False, act, fmt, gather=name == "tok_embeddings")
-               for name, (n, k) in shapes.items())
+               for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
+
+
+def _tied_head_sums(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str) -> int:
+    """The column sums an integer-format int8 head adds to the embedding's table it shares."""
+    shared = head_shares_embedding(cfg, plan) and plan["output"].kind == "int8"
+    return 4 * cfg.vocab_size if shared and fmt == "integer" else 0
 
 
 def kv_cache_bytes(cfg: ModelConfig, window: int, kv_cache: str, batch: int = 1) -> int:
@@ -89,13 +97,13 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     if shared:
         shapes.pop("output")
     weights = sum(tensor_bytes(n, k, plan[name], not stored, act, fmt, gather=name == "tok_embeddings")
-                  for name, (n, k) in shapes.items())
+                  for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
     if shared and fmt == "nbits" and plan["output"].kind == "int8" and not stored:  # the head's per-block scales
         weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim)) * act
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
     kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch)
     summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
-    if shared and fmt == "nbits":
+    if shared and fmt != "qdq":
         summed.append("output")  # the tied head's MatMulNBits (qdq: it unpacks the embedding's rows)
     weights += sum(k * math.ceil(k / g) * act for k, g in {  # group-sum matrices, one per (K, G) (export/linear.py)
         (shapes.get(name, shapes.get("tok_embeddings"))[1], plan[name].group_size) for name in summed

@@ -51,7 +51,7 @@ class BundleRequest:
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
-        from ..export.pipeline import FORMATS
+        from ..export.pipeline import check_format
 
         check_window(self.window, self.chunk, self.sinks)
         if self.calib is not None:
@@ -63,8 +63,8 @@ class BundleRequest:
         check_kv_cache(self.kv_cache_type, self.activation_dtype)
         if self.target.name == "mlc":
             self._check_mlc()
-        elif self.fmt is not None and self.fmt not in FORMATS:
-            raise EdgeError(f"unknown weight format {self.fmt!r}; expected one of {', '.join(FORMATS)}")
+        else:
+            check_format(self.weight_format, self.activation_dtype)
 
     def _check_mlc(self) -> None:
         """MLC writes its own q4f16_1 (int4 in groups of 32, symmetric, fp16 activations) for every
@@ -82,7 +82,7 @@ class BundleRequest:
 
     @property
     def weight_format(self) -> str:
-        """nbits or qdq (the target's unless --format), or MLC's own q4f16_1."""
+        """nbits, qdq or integer (the target's unless --format), or MLC's own q4f16_1."""
         return self.fmt or self.target.fmt
 
     @property
