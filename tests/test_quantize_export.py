@@ -1,5 +1,5 @@
 """Exact formats and parity of the int4 embedding, the int4 head, the fp16-stored scales and the
-integer format's int8 (DynamicQuantizeMatMul)."""
+integer format's int8 (MatMulInteger on per-token uint8 activations)."""
 
 import numpy as np
 import onnx

@@ -25,7 +25,7 @@ def export(
     group_size: Annotated[Optional[int], typer.Option(help=f"int4 group size ({', '.join(map(str, GROUP_SIZES))})")] = None,
     head: Annotated[Optional[str], typer.Option(help=f"output head precision ({', '.join(PRECISIONS)})")] = None,
     embedding: Annotated[Optional[str], typer.Option(help=f"embedding precision ({', '.join(EMBEDDING_PRECISIONS)})")] = None,
-    weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast decode), qdq (DequantizeLinear, portable) or integer (int8 via DynamicQuantizeMatMul, fast prefill, fp32)")] = None,
+    weight_format: Annotated[Optional[str], typer.Option("--format", help="nbits (MatMulNBits, fast decode), qdq (DequantizeLinear, portable) or integer (int8 via MatMulInteger, fast prefill, fp32)")] = None,
     activations: Annotated[Optional[str], typer.Option(help="fp32 or fp16 hidden states (default: the target's: fp16 for gpu and jetson)")] = None,
     window: WindowOpt = None,
     chunk: ChunkOpt = None,

@@ -276,7 +276,7 @@ class WeightEmitter:
             return self._int4_gather(name, self._q4(name, w, tq), ids)
         if tq.kind != "int8":
             raise EdgeError(f"unsupported precision {tq.kind!r} for the embedding {name}")
-        if self.fmt == "integer":  # columns of a DynamicQuantizeMatMul head's [K, N] codes, which a tied head shares
+        if self.fmt == "integer":  # columns of the integer head's [K, N] codes, which a tied head shares
             cols = b.op("Gather", [self._int8_kn(name, w), ids], axis=1)  # [K, B, C]
             rows = b.op("Cast", [b.op("Transpose", [cols], perm=[1, 2, 0])], to=self.activations.onnx_type)
             scale = b.op("Unsqueeze", [b.op("Gather", [self._int8_scales(name, w), ids], axis=0), b.const([-1])])
@@ -324,7 +324,7 @@ class WeightEmitter:
         return self._once(name + ".q", lambda: self._int8(name, w).q.numpy())
 
     def _int8_kn(self, name: str, w: torch.Tensor) -> str:
-        """int8 [K, N] codes, DynamicQuantizeMatMul's B (the integer format's embedding Gathers its columns)."""
+        """int8 [K, N] codes, MatMulInteger's B in the integer format (whose embedding Gathers its columns)."""
         return self._once(name + ".q_t", lambda: self._int8(name, w).q.T.contiguous().numpy())
 
     def _int8_scales(self, name: str, w: torch.Tensor) -> str:

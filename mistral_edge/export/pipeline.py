@@ -27,7 +27,7 @@ DEFAULT_SINKS = 4
 DEFAULT_CHUNK = 128
 FORMATS = ("nbits", "qdq", "integer")
 """Weight formats (export/linear.py): MatMulNBits (ONNX Runtime, fast decode), DequantizeLinear
-(portable), or int8 through DynamicQuantizeMatMul's u8s8 GEMM (ONNX Runtime, fast prefill; fp32 only)."""
+(portable), or int8 through MatMulInteger's u8s8 GEMM (ONNX Runtime, fast prefill; fp32 only)."""
 INLINE_BELOW = 64 << 20
 """A model whose weights stay under this many bytes is written as one self-contained .onnx file."""
 
@@ -43,7 +43,7 @@ def check_format(fmt: str, activations: str) -> None:
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "integer" and activations != "fp32":
-        raise EdgeError(f"the integer format computes in fp32 (DynamicQuantizeMatMul has no {activations} kernel): "
+        raise EdgeError(f"the integer format computes in fp32 (its per-token uint8 quantization of the activations is built in fp32, not {activations}): "
                         f"use --activations fp32 or another --format")
 
 

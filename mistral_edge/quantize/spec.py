@@ -23,7 +23,7 @@ INT8_GROUP_SIZE: int | None = 64
 Groups of 64 (8.25 bits per weight) measured best within 8.3 bits (docs/quantization.md)."""
 ROW_SCALE_FORMATS = ("integer",)
 """Weight formats whose int8 tensors take one scale per output channel whatever INT8_GROUP_SIZE:
-com.microsoft.DynamicQuantizeMatMul reads one scale per column of B (export/linear.py)."""
+the integer format's MatMulInteger output is scaled once per column of B (export/linear.py)."""
 DEFAULT_ZERO_POINT = "mixed"
 VALID_FORMS = "fp32, fp16, int8, int4[-g16|-g32|-g64|-g128][-mzp|-fzp|-izp|-sym][-rtn|-search] (e.g. int4-g128-sym)"
 
