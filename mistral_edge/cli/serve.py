@@ -52,8 +52,8 @@ def serve(
         raise EdgeError(f"port must be between 1 and 65535, got {port}")
     if not 0 <= stream_interval <= 10_000:
         raise EdgeError(f"stream-interval must be between 0 and 10000 ms, got {stream_interval}")
-    opts = RunOptions(bundle=bundle, model=model, quant=quant, kv_cache=kv_cache, moderate=moderate, refusal=refusal, threads=threads,
-                      window=window, chunk=chunk, trust_pickle=trust_pickle, verify=verify)
+    opts = RunOptions(bundle=bundle, model=model, quant=quant, kv_cache=kv_cache, moderate=moderate, refusal=refusal,
+                      threads=threads, window=window, chunk=chunk, trust_pickle=trust_pickle, verify=verify)
     from ..serve.app import create_app
     from ..serve.engine import Engine, EngineConfig
 

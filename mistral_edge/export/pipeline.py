@@ -43,8 +43,8 @@ def check_format(fmt: str, activations: str) -> None:
     if fmt not in FORMATS:
         raise EdgeError(f"unknown weight format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "integer" and activations != "fp32":
-        raise EdgeError(f"the integer format computes in fp32 (its per-token uint8 quantization of the activations is built in fp32, not {activations}): "
-                        f"use --activations fp32 or another --format")
+        raise EdgeError(f"the integer format computes in fp32 (its per-token uint8 quantization of the activations "
+                        f"is built in fp32, not {activations}): use --activations fp32 or another --format")
 
 
 def resolve_sinks(ck: Checkpoint, sinks: int | None) -> int:

@@ -306,7 +306,7 @@ def _decoder_pass(c, weights, tokens: torch.Tensor, linear, head: bool):
     its T tokens (within the model's sliding window), layer by layer (`_layer`). Returns the head's
     output if `head` (linear('output', x)), else None."""
     win = _Windows.of(c, *tokens.shape)
-    h = [weights["tok_embeddings.weight"][tokens].float()]  # handed over by pop(): the running layer holds its input alone
+    h = [weights["tok_embeddings.weight"][tokens].float()]  # handed over by pop(): the running layer alone holds it
     for i in range(c.n_layers):
         h.append((yield from _layer(c, weights, i, h.pop(), linear, win)))
     if head:

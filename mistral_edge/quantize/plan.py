@@ -125,7 +125,8 @@ def prior_sensitivity(cfg: ModelConfig, name: str) -> float:
     """The data-free estimate of a planned tensor's KL per weight at int4 g32: its role's, doubled in
     the first and last EDGE_SHARE of the layers; a tied head also stands for the embedding."""
     if not name.startswith("layers."):
-        return ROLE_SENSITIVITY[name] + (ROLE_SENSITIVITY["tok_embeddings"] if name == "output" and cfg.tied_embeddings else 0)
+        tied = name == "output" and cfg.tied_embeddings
+        return ROLE_SENSITIVITY[name] + (ROLE_SENSITIVITY["tok_embeddings"] if tied else 0)
     _, layer, role = name.split(".", 2)
     edge = max(1, int(cfg.n_layers * EDGE_SHARE))
     return ROLE_SENSITIVITY[role] * (EDGE_FACTOR if not edge <= int(layer) < cfg.n_layers - edge else 1.0)
@@ -173,7 +174,8 @@ def _choose(cfg: ModelConfig, plan: dict[str, TensorQuant], sensitivity: Mapping
         """The tensor's move that fits with the most KL saved per bit (ties: the last layer first)."""
         i, here = at[name], choices[name][at[name]][0]
         moves = [((kl(name, i) - kl(name, j)) / (bits - here), layer[name], name, j)
-                 for j, (bits, _) in enumerate(choices[name]) if j > i and 0 < bits - here <= budget and kl(name, j) < kl(name, i)]
+                 for j, (bits, _) in enumerate(choices[name])
+                 if j > i and 0 < bits - here <= budget and kl(name, j) < kl(name, i)]
         return max(moves, default=None)
 
     # lazy greedy: the budget only shrinks, so a tensor's best move can only get worse; re-checked when popped
