@@ -266,13 +266,13 @@ class _Stopped(BaseException):
 
 
 @contextmanager
-def _stopped_by_signals():
+def _stopped_by_signals(fired: list[int]):
     """While entered in the main thread (where Python runs handlers): the first SIGTERM or SIGINT
-    raises _Stopped; later ones are ignored, so that the cleanup it sets off runs to its end."""
+    is appended to `fired` and raises _Stopped; later ones are ignored, so that the cleanup it sets
+    off runs to its end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
 
     def stop(signum, frame):
         if not fired:
@@ -292,12 +292,15 @@ def run_compare(req: CompareRequest, progress: Progress | None = None, log=print
     SIGINT stops it as one EdgeError, once its scratch files are gone (a speed worker is killed, a
     bundle being written removed; bundles it finished stay in OUT/bundles for the next run)."""
     choices = check_request(req)
+    fired: list[int] = []
     try:
-        with _stopped_by_signals():
+        with _stopped_by_signals(fired):
             return _compare(req, choices, progress or Progress(disable=True), log)
-    except _Stopped as e:
-        raise EdgeError(f"compare stopped by {e}: its scratch files are removed, the bundles it finished "
-                        f"are kept in {req.out / 'bundles'}") from None
+    except BaseException:
+        if not fired:  # whatever came out after a signal is the signal's (a library may turn _Stopped into its own
+            raise      # error: safetensors' get_tensor gave a ValueError)
+        raise EdgeError(f"compare stopped by {signal.Signals(fired[0]).name}: its scratch files are removed, the "
+                        f"bundles it finished are kept in {req.out / 'bundles'}") from None
 
 
 def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress, log) -> list[Row]:
