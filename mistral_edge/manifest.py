@@ -58,7 +58,7 @@ class QuantInfo:
     spec: str  # the --quant spec, canonical form, or q4f16_1 (mlc)
     format: str  # nbits | qdq | integer | q4f16_1
     tensors: dict[str, str]  # scheme per tensor group, layer indices folded into '*'
-    calibration: dict[str, str | int] | None = None  # export --calib: the text (name, sha256) and windows
+    calibration: dict[str, str | int | float] | None = None  # export --calib: the text (name, sha256) and windows
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,7 +27,9 @@ from mistral_edge.quantize import calibrate, gptq
 from mistral_edge.quantize.int4 import pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.plan import quant_plan
-from mistral_edge.quantize.spec import parse_quant
+from mistral_edge.quantize.selfgen import check_memory, compute_dtype, sample_windows
+from mistral_edge.quantize.spec import SelfText, parse_calib, parse_quant
+from mistral_edge.model.checkpoint import Checkpoint
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.runtime.bundle import Bundle
 from mistral_edge.runtime.session import DecoderSession
@@ -278,6 +281,57 @@ def test_export_calib_writes_the_gptq_codes_and_records_the_text(calib_model, tm
     assert plain.quant.calibration is None
     rtn = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "plain" / "model.onnx")).graph.initializer}
     assert not np.array_equal(rtn["layers.1.feed_forward.w2.q4"], stored["layers.1.feed_forward.w2.q4"])
+
+
+def test_self_calibration_samples_the_models_own_text_seeded(calib_model):
+    """--calib self: each window is the model's own continuation of BOS, sampled token by token at
+    temperature 1; checked against sampling from full-prefix forwards (no incremental cache)."""
+    ck = calib_model[0]
+    got = sample_windows(ck, 2, 12, SelfText(seed=3))
+    ref = ReferenceModel(ck.config, ck.weights)
+    generator = torch.Generator().manual_seed(3)
+    seqs = torch.full((2, 1), ck.config.bos_id, dtype=torch.long)
+    for _ in range(12):
+        logits = ref.prefill(seqs, ref.new_cache(2, 16), seqs.shape[1])[:, -1]
+        seqs = torch.cat([seqs, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)], 1)
+    assert np.array_equal(got, seqs[:, 1:].numpy())
+    assert np.array_equal(sample_windows(ck, 2, 12, SelfText(seed=3)), got)
+    assert not np.array_equal(sample_windows(ck, 2, 12, SelfText(seed=4)), got)
+
+
+def test_export_calib_self_records_the_samples_and_writes_their_gptq_codes(calib_model, tmp_path):
+    ck = calib_model[0]
+    spec = parse_quant("int4-g32-fzp")
+    manifest = write_bundle(ck, BundleRequest(get_target("cpu"), spec, calib=parse_calib("self")), tmp_path / "b",
+                            log=print)
+    windows = sample_windows(ck, 8, 512, SelfText())
+    assert manifest.quant.calibration == {
+        "method": "gptq", "text": "self", "seed": 0, "temperature": 1.0, "dtype": "float32", "windows": 8,
+        "tokens_per_window": 512,
+        "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest()}
+    assert Bundle.open(tmp_path / "b").manifest.quant.calibration == manifest.quant.calibration
+    codes = calibrate.LayerwiseGptq(ck, quant_plan(ck.config, spec), windows).all_codes()
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer}
+    for name, q4 in codes.items():
+        assert np.array_equal(stored[name + ".q4"], pack_matmul_nbits(q4.split_offset()[0])[0]), name
+
+
+def test_calib_self_refuses_a_model_that_does_not_fit_and_a_file_named_self_is_a_file(calib_model, tmp_path):
+    ck = calib_model[0]
+    with pytest.raises(EdgeError, match=r"samples from the whole model in float32 .* pass a calibration text"):
+        check_memory(ck, torch.float32, available=ck.n_params * 4)
+    check_memory(ck, torch.float32, available=ck.n_params * 8)
+    with pytest.raises(EdgeError, match=r"in bfloat16 \(0.0 GiB\)"):
+        check_memory(ck, torch.bfloat16, available=ck.n_params * 2)
+    assert compute_dtype(ck) == torch.float32  # the fixture's weights: float32
+    half = Checkpoint(ck.config, {name: ck.weights[name].to(torch.bfloat16) for name in ck.weights}, "bf16")
+    assert compute_dtype(half) == torch.bfloat16
+    assert parse_calib("self") == SelfText() and parse_calib("./self") == Path("self") and parse_calib(None) is None
+    r = subprocess.run([sys.executable, "-m", "mistral_edge.cli.main", "export", ck.source, "--quant", "int8",
+                        "--calib", "self", "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: --calib calibrates int4 tensors (GPTQ); --quant int8 has none"
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("quant, text, message", [

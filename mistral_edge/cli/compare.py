@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from ..compare.report import table, write_all
 from ..errors import EdgeError
+from ..quantize.spec import parse_calib
 from .options import DeviceOpt, ModelArg, ThreadsOpt, TrustPickleOpt, WindowOpt
 
 
@@ -56,8 +57,9 @@ def compare(
     ctx: Annotated[int, typer.Option(help="tokens per perplexity window; above W, PPL is also split into "
                                           "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
-    calib: Annotated[Optional[Path], typer.Option(help="calibration text for -awq/-gptq quants "
-                                                       "(e.g. wiki.valid.tokens, never the evaluation text)")] = None,
+    calib: Annotated[Optional[str], typer.Option(
+        metavar="FILE|self", help="calibration text for -awq/-gptq quants (e.g. wiki.valid.tokens, never the "
+                                  "evaluation text), or 'self': the model's own samples")] = None,
     threads: ThreadsOpt = 0,
     runs: Annotated[int, typer.Option(help="speed runs per variant (the median is reported)")] = 5,
     out: OutOpt = Path("compare"),
@@ -70,7 +72,7 @@ def compare(
 
     req = CompareRequest(model=model, quants=quants, text=text, dataset=dataset,
                          windows=_window_list(windows, window), sinks=_sink_list(sinks), ctx=ctx, n_windows=n_windows,
-                         calib=calib, threads=threads, runs=runs, out=out, torch_rows=torch_rows,
+                         calib=parse_calib(calib), threads=threads, runs=runs, out=out, torch_rows=torch_rows,
                          trust_pickle=trust_pickle, device=device or "cpu")
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

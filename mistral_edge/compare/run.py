@@ -24,7 +24,8 @@ from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import resolve_sinks, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint
-from ..quantize.spec import parse_quant
+from ..quantize.selfgen import self_calibration
+from ..quantize.spec import SelfText, parse_quant
 from ..runtime.session import DecoderSession, SessionConfig
 from ..targets.bundle import source_hash
 from ..targets.request import check_window
@@ -53,7 +54,7 @@ class CompareRequest:
     sinks: tuple[int, ...] = ()  # attention-sink sweep; empty: the export default (resolve_sinks)
     ctx: int = 512
     n_windows: int = 32
-    calib: Path | None = None
+    calib: Path | SelfText | None = None  # SelfText: the model's own samples (quantize/selfgen.py)
     threads: int = 0  # 0: one per physical core
     runs: int = 5
     out: Path = Path("compare")
@@ -107,7 +108,9 @@ def check_out(out: Path) -> None:
         raise EdgeError(f"--out {out}: {parent} is not a directory")
 
 
-def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText:
+def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText | SelfText:
+    if isinstance(req.calib, SelfText):
+        return req.calib
     if req.calib is not None:
         calib = read_text(req.calib)
     elif req.text is None:
@@ -314,7 +317,11 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
     req.out.mkdir(parents=True, exist_ok=True)  # the reference scratch file is large: keep it off /tmp (tmpfs)
     with tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out) as scratch:
         run = _Run(req, ck, ids, evaluation, progress, log, Path(scratch))
-        if calib is not None:
+        if isinstance(calib, SelfText):
+            progress.update(task, description=f"sampling {CALIB_WINDOWS} calibration windows from the model")
+            run.calib_ids, record = self_calibration(ck, calib, CALIB_WINDOWS, req.ctx)
+            run.calib_sha = record["sha256"]
+        elif calib is not None:
             progress.update(task, description=f"tokenizing {calib.name}")
             run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, CALIB_WINDOWS)
             run.calib_sha = calib.sha256

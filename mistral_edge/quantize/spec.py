@@ -148,11 +148,34 @@ def parse_quant(
     return QuantSpec(4, g, zero_point or DEFAULT_ZERO_POINT, method or "search", embedding, head)
 
 
-def check_calibration(text: Path, spec: QuantSpec, target: str) -> None:
-    """--calib before any model is read: a text file, for int4 tensors (GPTQ) on an ONNX target."""
+SELF = "self"
+"""The `--calib` value that asks for the model's own text (a file of that name: `--calib ./self`)."""
+
+
+@dataclass(frozen=True)
+class SelfText:
+    """Calibration windows sampled from the model: each window its own sequence after BOS."""
+
+    seed: int = 0
+    temperature: float = 1.0
+
+    def __str__(self) -> str:
+        return SELF
+
+
+def parse_calib(value: str | None) -> Path | SelfText | None:
+    """A `--calib` value: None, `SelfText()` for "self", else the text file's Path."""
+    if value is None:
+        return None
+    return SelfText() if value == SELF else Path(value)
+
+
+def check_calibration(text: Path | SelfText, spec: QuantSpec, target: str) -> None:
+    """--calib before any model is read: a text file (or the model's own text, quantize/selfgen.py),
+    for int4 tensors (GPTQ) on an ONNX target."""
     if spec.bits != 4:
         raise EdgeError(f"--calib calibrates int4 tensors (GPTQ); --quant {spec.name} has none")
     if target == "mlc":
         raise EdgeError("the mlc target writes MLC's own q4f16_1 weights: --calib does not apply to it")
-    if not Path(text).is_file():
+    if isinstance(text, Path) and not text.is_file():
         raise EdgeError(f"--calib {text}: no such text file")

@@ -263,7 +263,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     tokenizer = TokenizerInfo(tok_name, ck.config.bos_id, ck.config.eos_ids, ck.chat_template)
     tokenizer.check_ids(ck.config.vocab_size)
     fmt = req.weight_format
-    codes, calibration, plan = _calibration(ck, req, plan)
+    codes, calibration, plan = _calibration(ck, req, plan, log)
     if calibration is not None:  # the calibrated plan spends the same bits on other tensors
         budget, usable = check_budget(ck.config, plan, window, chunk, req)
     with atomic_dir(out, log) as tmp:
@@ -300,17 +300,23 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     return manifest
 
 
-def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant]):
+def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant], log=print):
     """With --calib: GPTQ codes by tensor name (computed layer by layer as the export asks for them),
     the manifest's record of the text and the calibrated plan (calibrate.calibrated_plan); else
     (None, None, plan). The text is read and checked here, before anything is written."""
     if req.calib is None:
         return None, None, plan
-    from ..quantize.calibrate import LayerwiseGptq, calibrated_plan, calibration_windows
+    from ..quantize.calibrate import CALIB_TOKENS, CALIB_WINDOWS, LayerwiseGptq, calibrated_plan, calibration_windows
+    from ..quantize.selfgen import self_calibration
+    from ..quantize.spec import SelfText
     from ..tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
-    windows, record = calibration_windows(req.calib, tokenizer)
+    if isinstance(req.calib, SelfText):
+        log(f"sampling {CALIB_WINDOWS} x {CALIB_TOKENS} calibration tokens from the model (--calib self)")
+        windows, record = self_calibration(ck, req.calib, CALIB_WINDOWS, CALIB_TOKENS)
+    else:
+        tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
+        windows, record = calibration_windows(req.calib, tokenizer)
     plan = calibrated_plan(ck, req.quant, windows)
     return LayerwiseGptq(ck, plan, windows).codes, record, plan
 
