@@ -14,6 +14,16 @@ those predictions made afresh from exactly its last W tokens (the model restarte
 positions from 0: the "sliding window with re-computation" of the StreamingLLM paper), with every
 row re-scored on the same sample of predictions; the sample runs across the windows, position by
 position, and its figures are printed every 16 predictions, so a run cut short still reports.
+
+`--reprefill 256,512,768` adds, for each sink count S of `--sinks` and each L, a runtime policy
+beside the cache ("context shift with re-computation"): whenever the W slots are full, rebuild
+them from the S sinks and the last L tokens, re-prefilled at positions 0..S+L-1, then roll on for
+W - S - L new tokens until they are full again. It asks whether restarting the layers on what
+the cache keeps buys the consistency the re-computation bound shows (a rolling cache's keys were
+computed over tokens its queries no longer see), and at what cost: L re-prefilled tokens per
+W - S - L generated (the sinks' keys do not change, they see only each other at 0..S-1). Every
+row also prints the whole-window PPL of all its predictions (compare's metric; those from
+positions < W are full attention's) and both figures against full attention.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +80,22 @@ def token_nll(ck, w: dict, tokens: np.ndarray, window: int, sinks: int, rebase: 
     return -logp[torch.arange(T - 1 - first), torch.as_tensor(tokens[first + 1:])]
 
 
+def reprefill_nll(ck, w: dict, tokens: np.ndarray, window: int, sinks: int, keep: int) -> torch.Tensor:
+    """NLL of each prediction under the re-prefill policy: full attention until the W slots are
+    full, then segments of W - S - L predictions, each one causal forward over the sinks, the L
+    tokens before the segment and the segment (positions from 0), which is what the cache holds."""
+    W, S, L, T = window, sinks, keep, len(tokens)
+    if not (0 <= S and 0 <= L and S + L < W):
+        raise SystemExit(f"--reprefill needs S + L < W (S={S}, L={L}, W={W})")
+    parts, p = [token_nll(ck, w, tokens[:W + 1], W + 1, 0, False)[:W]], W
+    while p < T - 1:  # the cache is full at p: rebuild it, then n new tokens fill it again
+        n = min(W - S - L, T - 1 - p)
+        parts.append(token_nll(ck, w, np.concatenate([tokens[:S], tokens[p - L:p + n + 1]]), S + L + n + 1, 0,
+                               False, first=S + L))
+        p += n
+    return torch.cat(parts)[:T - 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("text", type=Path)
@@ -79,6 +106,8 @@ def main() -> None:
     ap.add_argument("--rebase", default=None, help="sink counts also scored at re-based positions (default: --sinks)")
     ap.add_argument("--recompute", type=int, default=0, metavar="STRIDE",
                     help="also the re-computation bound on every STRIDE-th prediction (0: off)")
+    ap.add_argument("--reprefill", default="", metavar="L,...",
+                    help="also the re-prefill policy for each sink count and each kept-token count L")
     args = ap.parse_args()
     ck = load_checkpoint(None)
     w = {k: v.float() for k, v in ck.weights.items()}
@@ -91,17 +120,24 @@ def main() -> None:
     patterns = {"full attention": (args.ctx, 0, False), f"W={W}": (W, 0, False)}
     patterns |= {f"W={W} S={S} absolute": (W, S, False) for S in sinks if S}
     patterns |= {f"W={W} S={S} re-based": (W, S, True) for S in rebase if S}
+    rows = {name: partial(token_nll, ck, w, window=window, sinks=S, rebase=rb)
+            for name, (window, S, rb) in patterns.items()}
+    rows |= {f"W={W} S={S} re-prefill L={L}": partial(reprefill_nll, ck, w, window=W, sinks=S, keep=L)
+             for S in sinks for L in (int(x) for x in args.reprefill.split(",") if x)}
     # interleaved over the windows, so that a run cut short still samples all of them
     sample = [(i, p) for p in range(W, args.ctx - 1, args.recompute) for i in range(len(windows))] \
         if args.recompute else []
-    sampled = {}
-    for name, (window, S, rb) in patterns.items():
+    sampled, full = {}, None
+    for name, row in rows.items():
         start = time.perf_counter()
-        per_window = [token_nll(ck, w, t, window, S, rb) for t in windows]
-        nll = torch.cat([n[W:] for n in per_window])
+        per_window = [row(t) for t in windows]
+        nll, whole = torch.cat([n[W:] for n in per_window]).mean(), torch.cat(per_window).mean()
+        full = full or (nll, whole)
         sampled[name] = torch.stack([per_window[i][p] for i, p in sample]) if sample else None
-        print(f"{name:24s} PPL of predictions from positions >= {W}: {math.exp(nll.mean()):.3f} "
-              f"({len(nll)} tokens, {time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{name:28s} PPL of predictions from positions >= {W}: {math.exp(nll):.3f} "
+              f"({math.exp(nll - full[0]) - 1:+.2%}; {len(per_window) * (len(windows[0]) - 1 - W)} tokens), "
+              f"all: {math.exp(whole):.3f} ({math.exp(whole - full[1]) - 1:+.2%}) "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
     if sample:
         start, bound = time.perf_counter(), []
         for n, (i, p) in enumerate(sample, 1):  # its last W tokens and the target, attending to all of them
@@ -110,8 +146,8 @@ def main() -> None:
                 print(f"every {args.recompute}th prediction from positions >= {W} ({n} of {len(sample)} tokens; "
                       f"re-computation {time.perf_counter() - start:.0f} s):", flush=True)
                 for name, nll in sampled.items():
-                    print(f"  {name:24s} PPL {math.exp(nll[:n].mean()):.3f}")
-                print(f"  {f'W={W} re-computed':24s} PPL {math.exp(torch.stack(bound).mean()):.3f}", flush=True)
+                    print(f"  {name:28s} PPL {math.exp(nll[:n].mean()):.3f}")
+                print(f"  {f'W={W} re-computed':28s} PPL {math.exp(torch.stack(bound).mean()):.3f}", flush=True)
 
 
 if __name__ == "__main__":
