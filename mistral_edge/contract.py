@@ -25,14 +25,15 @@ float16 scale per slot and kv head."""
 _FLOATS = {"fp32": "float32", "fp16": "float16"}
 
 
-def check_kv_cache(kv_cache: str, activations: str) -> None:
-    """The cache types a graph of `activations` may store: its own, fp16, or int8. An fp32 cache
-    under fp16 activations would store values that were never more than fp16."""
+def check_kv_cache(kv_cache: str, activations: str, flag: str = "--activations") -> None:
+    """The cache types a graph (or the torch backend, `flag` "--dtype") of `activations` may store:
+    its own, fp16, or int8. An fp32 cache under 16-bit activations would store values that were never
+    more than 16 bits."""
     if kv_cache not in KV_CACHES:
         raise EdgeError(f"unknown KV cache type {kv_cache!r}; expected one of {', '.join(KV_CACHES)}")
-    if kv_cache == "fp32" and activations == "fp16":
-        raise EdgeError("an fp32 KV cache needs fp32 activations (fp16 ones would be stored widened): "
-                        "use --kv-cache fp16 or int8, or --activations fp32")
+    if kv_cache == "fp32" and activations != "fp32":
+        raise EdgeError(f"an fp32 KV cache needs fp32 activations ({activations} ones would be stored widened): "
+                        f"use --kv-cache fp16 or int8, or {flag} fp32")
 
 
 def layer_cache_names(layer: int, sinks: int = 0, kv_cache: str = "fp32") -> list[str]:

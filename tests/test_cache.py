@@ -198,3 +198,33 @@ def test_inspect_shows_sinks_and_exactness(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sliding window of 16" in out and "W=16: exact (the model's own window)" in out
     assert any(line.split()[:4] == ["│", "sinks", "│", "0"] for line in out.splitlines())
+
+
+def test_sink_positions_reprefill_scores_what_the_policy_runs_through_a_real_cache(ck):
+    """benchmarks/sink_positions.py's dense re-prefill rows against the policy run token by token:
+    a fresh cache rebuilt from the sinks and the last L tokens by a chunked prefill whenever it is full."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sink_positions.py"
+    spec = importlib.util.spec_from_file_location("sink_positions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    T, L = 64, 6
+    t = np.asarray(sequences(7, [T])[0])
+    w = {k: v.float() for k, v in ck.weights.items()}
+    dense = bench.reprefill_nll(ck, w, t, W, S, L)
+    ref = ReferenceModel(ck.config, ck.weights)
+    cache, held, step, rebuilds = ref.new_cache(window=W), 0, [], []
+    for p in range(T - 1):
+        if held == W:
+            cache = ref.new_cache(window=W)
+            ref.prefill(torch.as_tensor(np.concatenate([t[:S], t[p - L:p]]))[None], cache, chunk=4)
+            held, rebuilds = S + L, rebuilds + [p]
+        logits = ref.forward(torch.as_tensor(t[p:p + 1])[None], cache)
+        held += 1
+        step.append(-torch.log_softmax(logits[0, -1].float(), -1)[t[p + 1]])
+    assert rebuilds == list(range(W, T - 1, W - S - L))
+    torch.testing.assert_close(dense, torch.stack(step), atol=1e-4, rtol=1e-4)
+    full = bench.token_nll(ck, w, t, T, 0, False)
+    torch.testing.assert_close(dense[:W], full[:W], atol=1e-4, rtol=1e-4)
+    assert (dense[W:] - full[W:]).abs().max() > 1e-2  # past W the policy sees less than everything

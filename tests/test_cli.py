@@ -209,9 +209,9 @@ def test_generate_refuses_with_a_bundle(cli, bundles, args, message):
     (["--no-verify"], "--verify/--no-verify cannot be used with --backend torch"),
     (["--quant", "int3"], "unknown --quant 'int3' for the torch backend; expected none, int8, nf4, int8-wo, int4-wo"),
     (["--window", str(2**40)], "window must be an integer between 1"),
-    (["--kv-cache", "int4"], "unknown --kv-cache 'int4'; expected fp32, fp16, int8"),
-    (["--kv-cache", "fp32", "--dtype", "bf16"], "--kv-cache fp32 needs --dtype fp32 (bf16 activations would be "
-                                                "stored widened): use --kv-cache fp16 or int8"),
+    (["--kv-cache", "int4"], "unknown KV cache type 'int4'; expected one of fp32, fp16, int8"),
+    (["--kv-cache", "fp32", "--dtype", "bf16"], "an fp32 KV cache needs fp32 activations (bf16 ones would be "
+                                                "stored widened): use --kv-cache fp16 or int8, or --dtype fp32"),
     (["--backend", "tpu"], "unknown backend 'tpu'"),
 ])
 def test_generate_refuses_with_the_torch_backend_before_loading(cli, no_load, args, message):

@@ -365,7 +365,7 @@ def test_compare_calib_self_calibrates_on_the_models_samples(model_dir, tmp_path
     fp32, gptq = json.loads((tmp_path / "compare.json").read_text())
     assert gptq["quant"] == "int4-g32-mzp-search-gptq" and 0 < gptq["kl_vs_fp32"] < 1
     record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-gptq-w{W}" / "variant.json").read_text())
-    ids = sample_windows(load_checkpoint(str(model_dir)), compare_run.CALIB_WINDOWS, CTX, SelfText())
+    ids = sample_windows(load_checkpoint(str(model_dir)), calibrate.CALIB_WINDOWS, CTX, SelfText())
     assert record["key"]["calibration"]["text_sha256"] == hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
 
 

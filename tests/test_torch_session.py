@@ -94,5 +94,5 @@ def test_the_command_line_opens_the_torch_backend_with_its_kv_cache(tmp_path, kv
 
 
 def test_unknown_kv_cache_is_one_error(ck):
-    with pytest.raises(EdgeError, match="unknown --kv-cache 'int4'"):
+    with pytest.raises(EdgeError, match="unknown KV cache type 'int4'"):
         TorchSession(ReferenceModel(ck.config, ck.weights), W, CHUNK, kv_cache="int4")

@@ -38,7 +38,6 @@ from .text import EvalText, load_text, read_text, token_windows
 from .variants import CALIBRATIONS, QuantChoice, export_code_sha256, parse_quants, prepare_bundle, prepare_calibrated
 
 DEFAULT_QUANTS = "fp32,fp16,int8,int4-g32,int4-g128"
-CALIB_WINDOWS = 8
 TORCH_ROWS = {"fp32": ("float32", None), "bf16": ("bfloat16", None),
               "bnb-int8": ("float32", "int8"), "bnb-nf4": ("float32", "nf4")}
 """PyTorch reference rows: compute dtype, and the bitsandbytes quant of the layer linears (None: unquantized)."""
@@ -182,7 +181,7 @@ class _Run:
                 "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
                 "code_sha256": export_code_sha256(),
                 "calibration": {"method": choice.calibration, "text_sha256": self.calib_sha,
-                                "windows": CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
+                                "windows": calibrate.CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
                                 "sample_rows": calibrate.SAMPLE_ROWS, "int8_share": calibrate.INT8_SHARE,
                                 "sensitivity_tokens": calibrate.SENSITIVITY_TOKENS, "gptq": calibrate.GPTQ_SETTINGS}}
 
@@ -318,12 +317,12 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
     with tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out) as scratch:
         run = _Run(req, ck, ids, evaluation, progress, log, Path(scratch))
         if isinstance(calib, SelfText):
-            progress.update(task, description=f"sampling {CALIB_WINDOWS} calibration windows from the model")
-            run.calib_ids, record = self_calibration(ck, calib, CALIB_WINDOWS, req.ctx)
+            progress.update(task, description=f"sampling {calibrate.CALIB_WINDOWS} calibration windows from the model")
+            run.calib_ids, record = self_calibration(ck, calib, calibrate.CALIB_WINDOWS, req.ctx)
             run.calib_sha = record["sha256"]
         elif calib is not None:
             progress.update(task, description=f"tokenizing {calib.name}")
-            run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, CALIB_WINDOWS)
+            run.calib_ids = token_windows(tok.encode(calib.text, add_bos=False), req.ctx, calibrate.CALIB_WINDOWS)
             run.calib_sha = calib.sha256
         progress.remove_task(task)
 

@@ -14,8 +14,8 @@ import json
 import numpy as np
 import torch
 
+from .. import contract
 from ..errors import EdgeError
-from .cache import STORAGE
 from .reference import ReferenceModel
 
 DEVICES = ("cpu", "cuda")
@@ -49,16 +49,9 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def check_kv_cache(kv_cache: str | None, dtype: torch.dtype) -> None:
     """Refuse a KV cache type the torch backend cannot store for a `dtype` compute, before any model
-    loads: as for an export (contract.check_kv_cache), a float32 cache of 16-bit activations would
-    only store them widened."""
-    if kv_cache is None:
-        return
-    if kv_cache not in STORAGE:
-        raise EdgeError(f"unknown --kv-cache {kv_cache!r}; expected {', '.join(STORAGE)}")
-    if kv_cache == "fp32" and dtype != torch.float32:
-        name = next(k for k, v in DTYPES.items() if v == dtype)
-        raise EdgeError(f"--kv-cache fp32 needs --dtype fp32 ({name} activations would be stored widened): "
-                        "use --kv-cache fp16 or int8")
+    loads, as an export does."""
+    if kv_cache is not None:
+        contract.check_kv_cache(kv_cache, next(k for k, v in DTYPES.items() if v == dtype), "--dtype")
 
 
 def torch_quants() -> tuple[str, ...]:
