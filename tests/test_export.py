@@ -174,17 +174,19 @@ def test_cache_is_updated_in_place_without_copies(tmp_path, capfd, activations):
 
 
 def test_cache_grows_to_the_window_with_the_same_logits(tmp_path, monkeypatch):
-    """A session whose cache starts small and grows gives the logits of one that starts at W slots."""
+    """Under the function body, a session whose cache starts small and grows gives the logits of one
+    that starts at W slots."""
     from mistral_edge.runtime import session as session_mod
 
     window = 40
     ck = checkpoint_of(tiny_hf_mistral(window=window))
     export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=window, chunk=5)
     tokens = tokens_for(ck, 3 * window).numpy()
+    body = SessionConfig(kernel="off")
     monkeypatch.setattr(session_mod, "GROW", window)
-    full = DecoderSession(tmp_path / "m.onnx")
+    full = DecoderSession(tmp_path / "m.onnx", config=body)
     monkeypatch.setattr(session_mod, "GROW", 16)
-    growing = DecoderSession(tmp_path / "m.onnx")
+    growing = DecoderSession(tmp_path / "m.onnx", config=body)
     assert growing.slots == 0
     sizes = []
     for s in range(0, tokens.shape[1], 5):
@@ -194,6 +196,32 @@ def test_cache_grows_to_the_window_with_the_same_logits(tmp_path, monkeypatch):
     assert full.slots == window and sorted(set(sizes)) == [16, 32, window]
     growing.reset()
     assert growing.slots == 0 and growing.positions.tolist() == [0]
+
+
+def test_native_kernel_session_holds_the_whole_ring_from_the_first_step_and_keeps_it(tmp_path):
+    """The native kernel reads only written slots, so the session allocates all W at once (no growth,
+    whose dropped buffers stayed resident) and a reset zeroes what was written instead of reallocating:
+    the next sequence's logits are a fresh session's."""
+    from mistral_edge import kernels
+
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(kernels.unavailable_reason())
+    window = 80  # > GROW: a growing cache would have 64 slots after the first step
+    ck = checkpoint_of(tiny_hf_mistral(window=window))
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=window, chunk=5)
+    a, b = tokens_for(ck, 25, seed=1).numpy(), tokens_for(ck, 12, seed=2).numpy()
+    session = DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel="on"))
+    assert session.attention_path.startswith("native kernel") and session.slots == 0
+    session.step(a[:, :5])
+    buffer = session._arrays["key.0"]
+    assert session.slots == window and np.abs(buffer[:, :, :5]).max() > 0 and not buffer[:, :, 5:].any()
+    for s in range(5, 25, 5):
+        session.step(a[:, s:s + 5])
+    session.reset()
+    assert session._arrays["key.0"] is buffer and not buffer.any() and session.positions.tolist() == [0]
+    fresh = DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel="on"))
+    for s in range(0, 12, 4):
+        np.testing.assert_array_equal(session.step(b[:, s:s + 4]), fresh.step(b[:, s:s + 4]))
 
 
 def test_unbound_cache_would_copy(tmp_path, capfd):

@@ -3,10 +3,13 @@
 The cache is one [B, Hkv, S, D] buffer per layer for keys and one for values (an int8 cache:
 int8 codes, plus one [B, Hkv, S, 1] float16 buffer of scales beside each); each
 past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
-TensorScatter updates it in place and no step copies it. S grows with the sequence in
-steps of GROW slots up to the window W and then stays there (a rolling buffer of W
-slots; W - sinks with attention sinks, whose own S-slot buffers are allocated once):
-attention reads all S slots, so a short sequence does not pay for W. Every cache tensor
+TensorScatter updates it in place and no step copies it. Under the portable function body,
+which reads all S slots, S grows with the sequence in steps of GROW slots up to the window W
+and then stays there (a rolling buffer of W slots; W - sinks with attention sinks, whose own
+S-slot buffers are allocated once), so a short sequence does not pay for W. The native kernel
+never reads a slot not yet written, so there the whole ring is allocated at the first step
+(zero pages: resident only once written) and kept across resets: growing cost as much
+resident memory again as the cache, in the malloc heap (docs/cache.md). Every cache tensor
 has the dtype the graph's contract gives it (contract.GraphInfo.cache_tensors), checked
 against the graph's declared inputs. Decode
 steps reuse preallocated input and logits buffers, so a step allocates nothing on the
@@ -160,8 +163,8 @@ class _StepBuffers:
 
 
 GROW = 64
-"""Cache slots are added in steps of this many: attention reads at most GROW - 1 empty slots, and
-growing copies the cache about W / GROW times in all."""
+"""Under the function body, cache slots are added in steps of this many: attention reads at most
+GROW - 1 empty slots, and growing copies the cache about W / GROW times in all."""
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
 
@@ -248,14 +251,24 @@ class DecoderSession:
         """Make room for sequences of `tokens` tokens: S >= min(ring, tokens), so no write wraps early."""
         need = min(self.ring, tokens)
         if need > self.slots:
-            self._allocate(min(self.ring, -(-need // GROW) * GROW), keep=self.slots)
+            step = self.ring if self._whole_ring else -(-need // GROW) * GROW
+            self._allocate(min(self.ring, step), keep=self.slots)
+
+    @property
+    def _whole_ring(self) -> bool:
+        """Whether the cache is allocated whole: the native kernel reads only the slots written."""
+        return self.attention_path.startswith("native kernel")
 
     def reset(self) -> None:
+        written = min(self.slots, int(self.positions.max()))
         self.positions[:] = 0
         for t in self._tensors.values():
             if t.sink:
                 self._arrays[t.name][...] = 0
-        self._allocate(0)
+            elif self._whole_ring:  # kept: zero what was written, touching no other page
+                self._arrays[t.name][:, :, :written] = 0
+        if not self._whole_ring:
+            self._allocate(0)
 
     def _bind_cache(self, binding) -> None:
         for name, value in self.cache.items():
