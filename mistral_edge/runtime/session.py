@@ -260,14 +260,14 @@ class DecoderSession:
         return self.attention_path.startswith("native kernel")
 
     def reset(self) -> None:
-        written = min(self.slots, int(self.positions.max()))
+        whole, written = self._whole_ring, min(self.slots, int(self.positions.max()))
         self.positions[:] = 0
         for t in self._tensors.values():
             if t.sink:
                 self._arrays[t.name][...] = 0
-            elif self._whole_ring:  # kept: zero what was written, touching no other page
+            elif whole:  # kept: zero what was written, touching no other page
                 self._arrays[t.name][:, :, :written] = 0
-        if not self._whole_ring:
+        if not whole:
             self._allocate(0)
 
     def _bind_cache(self, binding) -> None:
