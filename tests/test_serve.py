@@ -767,8 +767,9 @@ def test_batched_prefill_gives_each_request_the_tokens_it_gets_alone(bundle, ref
 
 
 def test_stream_interval_joins_pieces_and_loses_nothing(bundle):
-    """With a 0.3 s interval a fast reply streams in a few events (once pieces are seen to come fast,
-    0.3 s or more apart); the text is the same."""
+    """With a 0.3 s interval a fast reply streams in a few events, sent 0.3 s or more apart (so the
+    last arrives at least 0.3 s x (events - 1) after the request, however late the client reads
+    them); the text is the same."""
     server = Live(bundle, EngineConfig(batch=1, queue=2, max_tokens=64), eos=False, stream_interval=0.3)
     try:
         args = dict(model="tiny", prompt="Once upon a time", max_tokens=40)
@@ -781,4 +782,4 @@ def test_stream_interval_joins_pieces_and_loses_nothing(bundle):
     finally:
         server.close()
     assert "".join(pieces) == plain.choices[0].text and plain.usage.completion_tokens == 40
-    assert len(pieces) < 20 and all(b - a > 0.25 for a, b in zip(stamps[1:], stamps[2:]))
+    assert len(pieces) < 20 and stamps[-1] > 0.29 * (len(pieces) - 1), stamps

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import Literal, Union
@@ -195,13 +196,17 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
         inbox = Inbox(loop)
 
         async def from_engine(interval: float):
-            """The engine's events, the text that came meanwhile joined into one piece. While pieces
-            come less than 2 x `interval` seconds apart, wait `interval` after each (streaming: fewer,
-            larger events, no wake-up per token); slower ones go out as they come (a wait would add
-            a timer wake-up per piece)."""
-            sent = -interval * 2
+            """The engine's events, the text that came meanwhile joined into one piece, sent at most
+            once per `interval` seconds: a piece that comes sooner after the last send waits out the
+            rest of the interval and goes with whatever came meanwhile (streaming: fewer, larger
+            events); one that comes later goes at once, with no timer."""
+            sent = -math.inf
             while True:
                 events = await inbox.take()
+                wait = sent + interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    events += inbox.drain()
                 text = "".join(e[1] for e in events if e[0] == "text")
                 end = next((e for e in events if e[0] != "text"), None)
                 if text:
@@ -209,10 +214,7 @@ def create_app(engine: Engine, model_id: str, chat_format, defaults: dict | None
                 if end:
                     yield end
                     return
-                now = loop.time()
-                if now - sent < 2 * interval:
-                    await asyncio.sleep(interval)
-                sent = now
+                sent = loop.time()
 
         job = None
         try:

@@ -32,6 +32,13 @@ class Inbox:
             except RuntimeError:  # the event loop has closed
                 pass
 
+    def drain(self) -> list[tuple]:
+        """Every event added since the last take, without waiting."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
     async def take(self) -> list[tuple]:
         """Every event added since the last take, waiting for one if there are none (event loop only)."""
         while True:
