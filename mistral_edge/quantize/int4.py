@@ -25,7 +25,9 @@ Methods:
   middle for a float one), then alternates exact least-squares steps (codes given
   scale/zero; integer zero given codes/scale, then scale given codes/zero; float:
   scale and zero jointly given the codes). Each step can only lower the group's
-  squared error, so search is never worse than RTN. The error may be weighted
+  squared error, so search is never worse than RTN. A group under PARENT_GROUP also
+  tries its parent's fit (the group twice its size that it halves), so it is never
+  worse than that either. The error may be weighted
   per input channel by `act_scale` (AWQ-style calibration: typical |x_k|; the
   error is weighted by its square, which is what x @ (W - Wq).T sees for
   independent channels).
@@ -56,6 +58,10 @@ CLIP_RATIOS = torch.linspace(1.0, 0.75, 12).tolist()  # 20 or 40 ratios measured
 REFINE_STEPS = 3
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
 """The range of a stored (fp16) scale: its smallest subnormal and its largest finite value."""
+PARENT_GROUP = 32
+"""A group smaller than this (g16) also tries the fit of the group twice its size that it is half of:
+never worse than that larger group on squared error, so a weight already on a 32-wide grid (a
+Q4_0/Q4_1 GGUF) keeps it (docs/quantization.md)."""
 CHUNK_ELEMENTS = 1 << 18
 """Weights fitted at once (whole rows): bounds the search's temporaries to a few MiB for any matrix."""
 
@@ -141,11 +147,7 @@ def quantize_int4(
     w = w.detach()
     n, k = w.shape
     groups = math.ceil(k / group_size)
-    pad = groups * group_size - k
-    weight = None  # the error weight per input channel, [groups, G]; None: all ones
-    if act_scale is not None or pad:
-        ones = torch.ones(k) if act_scale is None else act_scale.detach().float().reshape(k) ** 2
-        weight = F.pad(ones, (0, pad)).view(groups, group_size)
+    parent = 2 * group_size if group_size < PARENT_GROUP and method != "rtn" and k > group_size else None
     q = torch.empty(n, groups * group_size, dtype=torch.uint8)
     scales, zeros = torch.empty(n, groups), torch.empty(n, groups)
     row_scales = torch.empty(n) if scale_bits == 8 else None
@@ -154,8 +156,15 @@ def quantize_int4(
 
     def fit_block(block: slice) -> None:
         if not hasattr(fits, "fit"):
-            fits.fit = _GroupFit(rows, groups, group_size, weight, zero_point, scale_bits)
-        scales[block], zeros[block], codes, row = fits.fit(w[block], method)
+            fits.fit = _GroupFit(rows, groups, group_size, _channel_weight(act_scale, k, group_size), zero_point,
+                                 scale_bits)
+            if parent:
+                fits.parent = _GroupFit(rows, math.ceil(k / parent), parent, _channel_weight(act_scale, k, parent),
+                                        zero_point, scale_bits)
+        also = None
+        if parent:  # each pair of groups may share the fit of the group they form
+            also = tuple(t.repeat_interleave(2, dim=1)[:, :groups] for t in fits.parent.fit(w[block], method))
+        scales[block], zeros[block], codes, row = fits.fit(w[block], method, also)
         q[block] = codes.view(len(codes), -1)
         if row_scales is not None:
             row_scales[block] = row
@@ -163,6 +172,16 @@ def quantize_int4(
     _each_on_threads(fit_block, [slice(start, start + rows) for start in range(0, n, rows)])
     return Int4Weight(q, scales, zeros if zero_point == "float" else zeros.to(torch.uint8), group_size, k, zero_point,
                       row_scales)
+
+
+def _channel_weight(act_scale: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor | None:
+    """The error weight per input channel as [groups, G] (padding columns 0), or None: all ones."""
+    groups = math.ceil(k / group_size)
+    pad = groups * group_size - k
+    if act_scale is None and not pad:
+        return None
+    ones = torch.ones(k) if act_scale is None else act_scale.detach().float().reshape(k) ** 2
+    return F.pad(ones, (0, pad)).view(groups, group_size)
 
 
 def _each_on_threads(work: Callable[[slice], None], blocks: list[slice]) -> None:
@@ -194,45 +213,64 @@ class _GroupFit:
         self.total = torch.tensor(float(group_size)) if weight is None else weight.sum(-1)
         """The weight per group."""
 
-    def __call__(self, w: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, w: torch.Tensor, method: str, also: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale and zero point [rows, groups] for the rows w [rows, K], the codes (float, a view of a
-        buffer that the next call overwrites) and the 8-bit scales' row scales [rows] (or None)."""
+        buffer that the next call overwrites) and the 8-bit scales' row scales [rows] (or None).
+        `also`: one more fit (s, z) per group, a candidate for the search and, as stored, against its
+        result (on one row scale for both), so a group is never worse than `also` as stored."""
+        s, z = self.fit(w, method, also)
+        row = self._row(s if also is None else torch.maximum(s, also[0]))
+        s, z = self._stored(s, z, row)
+        if also is not None:
+            s_a, z_a = self._stored(*also, row)
+            better = self._error(s_a, z_a) < self._error(s, z)
+            s, z = torch.where(better, s_a, s), torch.where(better, z_a, z)
+        return s, z, self._residual(s, z)[0], row
+
+    def fit(self, w: torch.Tensor, method: str, also: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fit's scale and zero point [rows, groups] before they are stored (see __call__)."""
         self.w, self.y, self.q, self.keep, *wa = (b[: len(w)] for b in self._buffers)
         self.w.view(len(w), -1)[:, : w.shape[1]].copy_(w)  # padding columns stay 0
         self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
         lo, hi = self._bounds()
         self.lo, self.flat = lo, hi <= lo  # a flat group: any scale fits it
         if method == "rtn":
-            return self._stored(*_grid(lo, hi, self.kind, 1.0))
-        s, z = _grid(lo, hi, self.kind, CLIP_RATIOS[0])
+            return _grid(lo, hi, self.kind, 1.0)
+        candidates = (_grid(lo, hi, self.kind, ratio) for ratio in CLIP_RATIOS)
+        s, z = next(candidates)
         err = self._error(s, z)
-        for ratio in CLIP_RATIOS[1:]:
-            s_r, z_r = _grid(lo, hi, self.kind, ratio)
+        for s_r, z_r in (*candidates, *([also] if also else [])):
             err_r = self._error(s_r, z_r)
             better = err_r < err
             s, z, err = torch.where(better, s_r, s), torch.where(better, z_r, z), torch.minimum(err_r, err)
-        return self._stored(*(self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)))
+        return self._refine_line(s, z, err) if self.kind == "float" else self._refine(s, z)
 
-    def _stored(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fit as the graph stores it: scales rounded to fp16 (every layout stores them so), a
-        float zero point moved so that the fp16 offset s (8 - z) it is stored as is exact, and the
-        nearest codes for those. 8-bit scales: each row's scales rounded to integer multiples
-        (1..255) of an fp16 row scale (its largest scale / 255; all-zero groups left out), the zero
+    def _row(self, s: torch.Tensor) -> torch.Tensor | None:
+        """8-bit scales: the fp16 row scale [rows] for per-group scales up to s (the largest / 255;
+        all-zero groups left out, a constant group c counted as |c| / 8); None for fp16 scales."""
+        if self.scale_bits != 8:
+            return None
+        c = self.lo
+        live = torch.where(self.flat, torch.where(c == 0, 0.0, c.abs() / 8), s).amax(-1)
+        return torch.where(live > 0, live / 255, 1.0).clamp(FP16_TINY, FP16_MAX).half().float()
+
+    def _stored(self, s: torch.Tensor, z: torch.Tensor, row: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fit as the graph stores it: scales rounded to fp16 (every layout stores them so), and a
+        float zero point moved so that the fp16 offset s (8 - z) it is stored as is exact. 8-bit
+        scales: scales rounded to integer multiples (1..255) of the row scale `row` (`_row`), the zero
         points to sixteenths in [0, 255/16]; a constant group c has s = |c| / 8 (to within s / 32)."""
-        row = None
-        if self.scale_bits == 8:
+        if row is not None:
             c = self.lo  # a flat group's value: codes 0 (c < 0) or 15 (c > 0) at z = 8 or 7, s = |c| / 8
             s = torch.where(self.flat, c.abs() / 8, s)
-            live = torch.where(self.flat & (c == 0), 0.0, s).amax(-1)
-            row = torch.where(live > 0, live / 255, 1.0).clamp(FP16_TINY, FP16_MAX).half().float()
             s16 = torch.round(s / row[:, None]).clamp_(1, 255) * row[:, None]
             z = torch.where(self.flat, torch.where(c > 0, 15.0, 0.0) - c / s16, z)
-            z = torch.round(z * 16).clamp_(0, 255) / 16
-        else:
-            s16 = s.clamp(FP16_TINY, FP16_MAX).half().float()
-            if self.kind == "float":
-                z = 8 - (s16 * (8 - z)).half().float() / s16
-        return s16, z, self._residual(s16, z)[0], row
+            return s16, torch.round(z * 16).clamp_(0, 255) / 16
+        s16 = s.clamp(FP16_TINY, FP16_MAX).half().float()
+        if self.kind == "float":
+            z = 8 - (s16 * (8 - z)).half().float() / s16
+        return s16, z
 
     def _residual(self, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest codes q (float, 0..15) for per-group s, z, and the rounding residual
