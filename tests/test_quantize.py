@@ -220,8 +220,7 @@ def test_int4_g16_keeps_a_32_wide_grid(scale_bits):
     """On a Q4_1-style weight (groups of 32, fp16 scale and minimum: the demo's GGUF) a 16-wide group
     fitted alone spans its own range, whose levels miss the grid's (2.2x g32's error with fp16
     scales, 3.6x with 8-bit ones); each pair of g16 groups also tries the 32-wide fit they halve,
-    so g16 is no worse than g32 there, pair by pair with fp16 scales, and still better on Gaussian
-    weights."""
+    so g16 is no worse than g32 there, and still better on Gaussian weights."""
     gen = torch.Generator().manual_seed(12)
     n, k = 64, 200  # 200: a short last pair (g16: 13 groups, g32: 7)
     s = (torch.rand(n, 7, generator=gen) * 0.02 + 0.005).half().float()
@@ -232,9 +231,6 @@ def test_int4_g16_keeps_a_32_wide_grid(scale_bits):
         g16, g32 = (quantize_int4(w, g, "float", "search", scale_bits=scale_bits) for g in (16, 32))
         e16, e32 = group_err(w, g16), group_err(w, g32)
         assert float(e16.sum()) <= bound * float(e32.sum())
-        if scale_bits == 16:
-            pairs = torch.nn.functional.pad(e16, (0, 1)).view(n, -1, 2).sum(-1)
-            assert bool((pairs <= e32 * (1 + 1e-5) + 1e-12).all())
 
 
 def test_int4_float_zero_points_fit_off_centre_groups():

@@ -26,8 +26,7 @@ Methods:
   scale/zero; integer zero given codes/scale, then scale given codes/zero; float:
   scale and zero jointly given the codes). Each step can only lower the group's
   squared error, so search is never worse than RTN. A group under PARENT_GROUP also
-  tries its parent's fit (the group twice its size that it halves), so it is never
-  worse than that either. The error may be weighted
+  tries its parent's fit (the group twice its size that it halves). The error may be weighted
   per input channel by `act_scale` (AWQ-style calibration: typical |x_k|; the
   error is weighted by its square, which is what x @ (W - Wq).T sees for
   independent channels).
@@ -59,9 +58,9 @@ REFINE_STEPS = 3
 FP16_TINY, FP16_MAX = 2.0**-24, 65504.0
 """The range of a stored (fp16) scale: its smallest subnormal and its largest finite value."""
 PARENT_GROUP = 32
-"""A group smaller than this (g16) also tries the fit of the group twice its size that it is half of:
-never worse than that larger group on squared error, so a weight already on a 32-wide grid (a
-Q4_0/Q4_1 GGUF) keeps it (docs/quantization.md)."""
+"""A group smaller than this (g16) also tries the fit of the group twice its size that it halves (that
+group's range, refined: on a weight already on a 32-wide grid, a Q4_0/Q4_1 GGUF's, the grid itself),
+and keeps whichever is better as stored (docs/quantization.md)."""
 CHUNK_ELEMENTS = 1 << 18
 """Weights fitted at once (whole rows): bounds the search's temporaries to a few MiB for any matrix."""
 
@@ -163,7 +162,8 @@ def quantize_int4(
                                         zero_point, scale_bits)
         also = None
         if parent:  # each pair of groups may share the fit of the group they form
-            also = tuple(t.repeat_interleave(2, dim=1)[:, :groups] for t in fits.parent.fit(w[block], method))
+            fit = fits.parent.fit(w[block], method, ratios=CLIP_RATIOS[:1])  # its refinement finds a grid
+            also = tuple(t.repeat_interleave(2, dim=1)[:, :groups] for t in fit)
         scales[block], zeros[block], codes, row = fits.fit(w[block], method, also)
         q[block] = codes.view(len(codes), -1)
         if row_scales is not None:
@@ -228,9 +228,10 @@ class _GroupFit:
             s, z = torch.where(better, s_a, s), torch.where(better, z_a, z)
         return s, z, self._residual(s, z)[0], row
 
-    def fit(self, w: torch.Tensor, method: str, also: tuple[torch.Tensor, torch.Tensor] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fit's scale and zero point [rows, groups] before they are stored (see __call__)."""
+    def fit(self, w: torch.Tensor, method: str, also: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ratios: list[float] = CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fit's scale and zero point [rows, groups] before they are stored (see __call__),
+        searching the clip `ratios`."""
         self.w, self.y, self.q, self.keep, *wa = (b[: len(w)] for b in self._buffers)
         self.w.view(len(w), -1)[:, : w.shape[1]].copy_(w)  # padding columns stay 0
         self.wa = self.w if self.weight is None else torch.mul(self.w, self.weight, out=wa[0])
@@ -238,7 +239,7 @@ class _GroupFit:
         self.lo, self.flat = lo, hi <= lo  # a flat group: any scale fits it
         if method == "rtn":
             return _grid(lo, hi, self.kind, 1.0)
-        candidates = (_grid(lo, hi, self.kind, ratio) for ratio in CLIP_RATIOS)
+        candidates = (_grid(lo, hi, self.kind, ratio) for ratio in ratios)
         s, z = next(candidates)
         err = self._error(s, z)
         for s_r, z_r in (*candidates, *([also] if also else [])):
