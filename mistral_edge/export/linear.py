@@ -358,12 +358,9 @@ class WeightEmitter:
     def _int8_nbits(self, name: str, w: torch.Tensor) -> tuple[str, int]:
         """int8 as MatMulNBits 8-bit blocks [N, blocks, block] (K padded with the zero point); the
         caller gives every block its group's scale (a group is a whole number of blocks, or the
-        whole row: per-channel quantization). Blocks of 16 whatever the group, because accuracy_level
-        4 quantizes activations per weight block: on the demo model 32 halved the KL to fp32 against
-        128 (0.0064 vs 0.0134), and 16 took the off-grid model's from 0.0054 to 0.0048 against 32
-        (docs/quantization.md). Returns (initializer name, block size)."""
+        whole row: per-channel quantization), `int8_block`'s. Returns (initializer name, block size)."""
         n, k = w.shape
-        block = int8_block(k)
+        block = int8_block(k, self.plan)
         blocks = math.ceil(k / block)
         group = int8_group_size(k, self.fmt)
         if group < k and group % block:
@@ -379,9 +376,18 @@ class WeightEmitter:
         return self._once(name + ".q8", pack), block
 
 
-def int8_block(k: int) -> int:
-    """MatMulNBits block size of an int8 table with K columns (see _int8_nbits): 16, the smallest."""
-    return 16
+def int8_block(k: int, plan: dict[str, TensorQuant]) -> int:
+    """MatMulNBits block size of the int8 tables with K columns in `plan` (see _int8_nbits). Accuracy
+    level 4 quantizes activations per weight block, so where int8 is the model's precision blocks are
+    16, the smallest: on the demo model 32 halved the KL to fp32 against 128 (0.0064 vs 0.0134), and
+    16 took the off-grid model's from 0.0054 to 0.0048 against 32 (docs/quantization.md). Among int4
+    tensors, whose error is the model's, an int8 table takes blocks of its group instead: ONNX Runtime
+    holds some 12 bytes per block besides the codes, so blocks of 16 are resident at 14.2 bits per
+    weight and blocks of 64 at 9.7 (Mistral 7B's default int4 bundle: 7.8 GiB resident for a 5.0 GiB
+    file; docs/export-scale.md)."""
+    group = int8_group_size(k)
+    mixed = group < k and any(tq.kind == "int4" for tq in plan.values())
+    return group if mixed else 16
 
 
 def _int4_rows(w: torch.Tensor, tq: TensorQuant) -> Int4Weight:

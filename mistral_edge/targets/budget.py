@@ -32,8 +32,8 @@ class MemoryBudget:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_bytes: int = 4, fmt: str = "nbits",
-                 gather: bool = False) -> int:
+def tensor_bytes(n: int, k: int, tq: TensorQuant, plan: dict[str, TensorQuant], resident: bool = False,
+                 act_bytes: int = 4, fmt: str = "nbits", gather: bool = False) -> int:
     """Stored (or with `resident`, loaded) bytes of an [N, K] tensor as export/linear.py lays it
     out in `fmt` ("nbits", "qdq" or "integer"), in a graph whose activation type has `act_bytes` bytes.
     Scales and float zero points' offsets are stored as fp16 and resident at the activation
@@ -51,8 +51,9 @@ def tensor_bytes(n: int, k: int, tq: TensorQuant, resident: bool = False, act_by
             return n * k + n * scale + (0 if gather else 4 * n)
         if fmt == "qdq":
             return n * k + n * groups * scale
-        blocks = math.ceil(k / int8_block(k))  # 8-bit blocks, K padded with the zero point
-        return n * blocks * int8_block(k) + n * scale * (blocks if resident and not gather else groups)
+        block = int8_block(k, plan)
+        blocks = math.ceil(k / block)  # 8-bit blocks, K padded with the zero point
+        return n * blocks * block + n * scale * (blocks if resident and not gather else groups)
     groups = math.ceil(k / tq.group_size)
     if tq.scale_bits == 8:  # uint8 scale codes (and zero points), an fp16 scale per row; folded at load
         scale, rows = (act_bytes, 0) if resident else (1, 2 * n)
@@ -71,7 +72,7 @@ def stored_bytes(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str = "nbi
     shapes = tensor_shapes(cfg)
     if head_shares_embedding(cfg, plan):
         shapes.pop("output")
-    return sum(tensor_bytes(n, k, plan[name], False, act, fmt, gather=name == "tok_embeddings")
+    return sum(tensor_bytes(n, k, plan[name], plan, False, act, fmt, gather=name == "tok_embeddings")
                for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
 
 
@@ -96,10 +97,10 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
     shared = head_shares_embedding(cfg, plan)
     if shared:
         shapes.pop("output")
-    weights = sum(tensor_bytes(n, k, plan[name], not stored, act, fmt, gather=name == "tok_embeddings")
+    weights = sum(tensor_bytes(n, k, plan[name], plan, not stored, act, fmt, gather=name == "tok_embeddings")
                   for name, (n, k) in shapes.items()) + _tied_head_sums(cfg, plan, fmt)
     if shared and fmt == "nbits" and plan["output"].kind == "int8" and not stored:  # the head's per-block scales
-        weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim)) * act
+        weights += cfg.vocab_size * math.ceil(cfg.dim / int8_block(cfg.dim, plan)) * act
     weights += (2 * cfg.n_layers + 1) * cfg.dim * act + cfg.head_dim // 2 * 4  # norms, RoPE frequencies
     kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch)
     summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
