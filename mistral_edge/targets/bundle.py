@@ -174,7 +174,7 @@ def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, ch
     """The memory budget and the device's usable bytes (None: no device given); raises before
     writing when the bundle cannot fit, naming the changes to the request that would fit."""
     budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
-                      kv_cache=req.kv_cache_type)
+                      kv_cache=req.kv_cache_type, packed=req.target.packs_weights)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
         return budget, None
@@ -204,8 +204,8 @@ def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chun
         hints.append(f"--device-memory {min(same or devices)[2]}")
 
     def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
-        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype,
-                        fmt=req.weight_format, kv_cache=req.kv_cache_type).total_bytes <= usable
+        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype, fmt=req.weight_format,
+                        kv_cache=req.kv_cache_type, packed=req.target.packs_weights).total_bytes <= usable
 
     if window > 1 and fits(1):
         lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W

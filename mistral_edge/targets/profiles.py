@@ -23,6 +23,12 @@ class TargetProfile:
     usable_fraction: float = 0.8  # share of device memory a model may take (the OS and app need the rest)
     note: str = ""
 
+    @property
+    def packs_weights(self) -> bool:
+        """Whether its MatMulNBits run on ONNX Runtime's CPU provider, which repacks their weights at
+        load (targets/budget.py::PACKED_BLOCK_BYTES): every ONNX target without CUDA."""
+        return bool(self.providers) and "CUDAExecutionProvider" not in self.providers
+
 
 TARGETS: dict[str, TargetProfile] = {p.name: p for p in (
     TargetProfile("cpu", "int4", session_options={"intra_op_num_threads": 0, "enable_cpu_mem_arena": True},
