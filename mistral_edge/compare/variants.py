@@ -29,8 +29,8 @@ from ..model.config import ModelConfig
 from ..quantize.plan import TensorQuant, head_shares_embedding, quant_plan, tensor_shapes
 from ..quantize.spec import QuantSpec, parse_quant
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
-from ..targets.budget import estimate, stored_bytes
-from ..targets.bundle import atomic_dir, write_bundle
+from ..targets.budget import stored_bytes
+from ..targets.bundle import atomic_dir, request_budget, write_bundle
 from ..targets.request import BundleRequest
 from ..targets.profiles import get_target
 from ..quantize.calibrate import Calibrated
@@ -134,8 +134,8 @@ def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | N
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
             "window": req.window, "sinks": req.sinks, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
             "format": req.weight_format, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
-            "weight_bytes": estimate(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk,
-                                     fmt=req.weight_format).weight_bytes}
+            "weight_bytes": request_budget(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk,
+                                           req).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
@@ -195,7 +195,8 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
         with atomic_dir(path) as tmp:
             export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=fmt,
                         accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache)
-            budget = estimate(ck.config, cal.plan, window, chunk, kv_cache=kv_cache, fmt=fmt)
+            budget = request_budget(ck.config, cal.plan, window, chunk,
+                                    BundleRequest(target, spec, window, chunk, kv_cache=kv_cache, fmt=fmt))
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
                       "bits_per_weight": model_bits_per_weight(ck.config, cal.plan, fmt), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}

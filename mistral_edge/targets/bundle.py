@@ -169,12 +169,19 @@ def _raise_for(signum: int):
     raise KeyboardInterrupt
 
 
+def request_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
+                   req: BundleRequest) -> MemoryBudget:
+    """The memory budget of `req`'s bundle as its manifest records it (the target's activations,
+    weight format, cache type and weight packing)."""
+    return estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
+                    kv_cache=req.kv_cache_type, packed=req.target.packs_weights)
+
+
 def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
                  req: BundleRequest) -> tuple[MemoryBudget, int | None]:
     """The memory budget and the device's usable bytes (None: no device given); raises before
     writing when the bundle cannot fit, naming the changes to the request that would fit."""
-    budget = estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
-                      kv_cache=req.kv_cache_type, packed=req.target.packs_weights)
+    budget = request_budget(cfg, plan, window, chunk, req)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
         return budget, None
@@ -204,8 +211,7 @@ def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chun
         hints.append(f"--device-memory {min(same or devices)[2]}")
 
     def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
-        return estimate(cfg, p, w, min(chunk, w), activations=req.activation_dtype, fmt=req.weight_format,
-                        kv_cache=req.kv_cache_type, packed=req.target.packs_weights).total_bytes <= usable
+        return request_budget(cfg, p, w, min(chunk, w), req).total_bytes <= usable
 
     if window > 1 and fits(1):
         lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W
