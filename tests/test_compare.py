@@ -31,8 +31,8 @@ from mistral_edge.export.pipeline import export_onnx
 from mistral_edge.model.bnb import check_bnb
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.model.reference import ReferenceModel
-from mistral_edge.quantize.selfgen import sample_windows
-from mistral_edge.quantize.spec import SelfText
+from mistral_edge.quantize.selfgen import RANDOM_WINDOWS, random_calibration, sample_windows
+from mistral_edge.quantize.spec import RandomTokens, SelfText
 from mistral_edge.model.torch_session import TorchSession
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
@@ -354,18 +354,21 @@ def test_offline_without_text_says_so(monkeypatch, model_dir, tmp_path):
 
 
 @needs_wiki
-def test_compare_calib_self_calibrates_on_the_models_samples(model_dir, tmp_path, monkeypatch):
-    """`--calib self`: the -gptq row's codes come from the model's own samples (their sha256 keys the
-    bundle), and the row is scored like any other."""
+@pytest.mark.parametrize("calib", ["self", "random"])
+def test_compare_calib_self_or_random_calibrates_without_a_text(model_dir, tmp_path, monkeypatch, calib):
+    """`--calib self` / `--calib random`: the -gptq row's codes come from the model's own samples or from
+    seeded random tokens (their sha256 keys the bundle), and the row is scored like any other."""
     monkeypatch.setattr(compare_run, "measure", lambda job, timeout: SpeedResult(1.0, 1.0, 1))
     result = CliRunner().invoke(app, ["compare", str(model_dir), "--quants", "fp32,int4-g32-gptq", "--text",
-                                      str(TEST_TEXT), "--calib", "self", "--ctx", str(CTX), "--n-windows", "2",
+                                      str(TEST_TEXT), "--calib", calib, "--ctx", str(CTX), "--n-windows", "2",
                                       "--threads", "1", "--runs", "1", "--no-torch-rows", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     fp32, gptq = json.loads((tmp_path / "compare.json").read_text())
     assert gptq["quant"] == "int4-g32-mzp-search-gptq" and 0 < gptq["kl_vs_fp32"] < 1
     record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-gptq-w{W}" / "variant.json").read_text())
-    ids = sample_windows(load_checkpoint(str(model_dir)), calibrate.CALIB_WINDOWS, CTX, SelfText())
+    ck = load_checkpoint(str(model_dir))
+    ids = (sample_windows(ck, calibrate.CALIB_WINDOWS, CTX, SelfText()) if calib == "self"
+           else random_calibration(ck.config, RandomTokens(), RANDOM_WINDOWS, CTX)[0])
     assert record["key"]["calibration"]["text_sha256"] == hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
 
 

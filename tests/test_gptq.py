@@ -27,8 +27,8 @@ from mistral_edge.quantize import calibrate, gptq
 from mistral_edge.quantize.int4 import pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.plan import quant_plan
-from mistral_edge.quantize.selfgen import check_memory, compute_dtype, sample_windows
-from mistral_edge.quantize.spec import SelfText, parse_calib, parse_quant
+from mistral_edge.quantize.selfgen import RANDOM_WINDOWS, check_memory, compute_dtype, random_calibration, sample_windows
+from mistral_edge.quantize.spec import RandomTokens, SelfText, parse_calib, parse_quant
 from mistral_edge.model.checkpoint import Checkpoint
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.runtime.bundle import Bundle
@@ -312,6 +312,37 @@ def test_export_calib_self_records_the_samples_and_writes_their_gptq_codes(calib
     assert Bundle.open(tmp_path / "b").manifest.quant.calibration == manifest.quant.calibration
     codes = calibrate.LayerwiseGptq(ck, quant_plan(ck.config, spec), windows).all_codes()
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer}
+    for name, q4 in codes.items():
+        assert np.array_equal(stored[name + ".q4"], pack_matmul_nbits(q4.split_offset()[0])[0]), name
+
+
+def test_export_calib_random_keeps_the_plan_and_writes_the_gptq_codes_of_seeded_random_windows(calib_model, tmp_path,
+                                                                                              monkeypatch):
+    """--calib random: windows of ids drawn uniformly after BOS, the same for a seed; GPTQ codes on them
+    for the default plan's int4 tensors, whose int8 upgrades stay quant_plan's (no sensitivity pass)."""
+    ck = calib_model[0]
+    cfg = ck.config
+    windows, record = random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, 512)
+    assert windows.shape == (RANDOM_WINDOWS, 512) and (windows[:, 0] == cfg.bos_id).all()
+    body = windows[:, 1:]  # uniform over the vocabulary: few repeats, its whole range
+    assert len(np.unique(body)) > 0.9 * body.size and body.min() < cfg.vocab_size // 20 and body.max() >= 0.95 * cfg.vocab_size
+    assert 0 <= body.min() and body.max() < cfg.vocab_size
+    assert np.array_equal(random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, 512)[0], windows)
+    assert not np.array_equal(random_calibration(cfg, RandomTokens(seed=1), RANDOM_WINDOWS, 512)[0], windows)
+    assert parse_calib("random") == RandomTokens() and parse_calib("./random") == Path("random")
+
+    spec = parse_quant("int4")  # the budgeted default: its int8 upgrades are what a calibrated plan would choose
+    monkeypatch.setattr(calibrate, "calibrated_plan", lambda *args: pytest.fail("a sensitivity pass on random tokens"))
+    manifest = write_bundle(ck, BundleRequest(get_target("cpu"), spec, calib=parse_calib("random")), tmp_path / "b",
+                            log=print)
+    assert manifest.quant.calibration == record == {
+        "method": "gptq", "text": "random", "seed": 0, "windows": RANDOM_WINDOWS, "tokens_per_window": 512,
+        "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest()}
+    plan = quant_plan(cfg, spec)
+    codes = calibrate.LayerwiseGptq(ck, plan, windows).all_codes()
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer}
+    assert {name[:-3] for name in stored if name.endswith(".q4")} - {"tok_embeddings"} == set(codes)
+    assert set(codes) == {name for name, tq in plan.items() if tq.kind == "int4" and name.startswith("layers.")}
     for name, q4 in codes.items():
         assert np.array_equal(stored[name + ".q4"], pack_matmul_nbits(q4.split_offset()[0])[0]), name
 

@@ -58,8 +58,9 @@ def compare(
                                           "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
     calib: Annotated[Optional[str], typer.Option(
-        metavar="FILE|self", help="calibration text for -awq/-gptq quants (e.g. wiki.valid.tokens, never the "
-                                  "evaluation text), or 'self': the model's own samples")] = None,
+        metavar="FILE|self|random", help="calibration text for -awq/-gptq quants (e.g. wiki.valid.tokens, never "
+                                         "the evaluation text), 'self': the model's own samples, or 'random': "
+                                         "seeded random tokens")] = None,
     threads: ThreadsOpt = 0,
     runs: Annotated[int, typer.Option(help="speed runs per variant (the median is reported)")] = 5,
     out: OutOpt = Path("compare"),

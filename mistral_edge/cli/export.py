@@ -35,9 +35,9 @@ def export(
                                                          "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
     calib: Annotated[Optional[str], typer.Option(
-        metavar="FILE|self", help="calibration text (UTF-8; its first 8 windows of 512 tokens), or 'self' for the "
-                                  "model's own samples: GPTQ codes for the int4 tensors; slow "
-                                  "(docs/quantization.md)")] = None,
+        metavar="FILE|self|random", help="calibration text (UTF-8; its first 8 windows of 512 tokens), 'self' for "
+                                         "the model's own samples, or 'random' for seeded random tokens (no text, "
+                                         "no sampling): GPTQ codes for the int4 tensors (docs/quantization.md)")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
 ) -> None:

@@ -24,8 +24,8 @@ from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import resolve_sinks, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint
-from ..quantize.selfgen import self_calibration
-from ..quantize.spec import SelfText, parse_quant
+from ..quantize.selfgen import RANDOM_WINDOWS, random_calibration, self_calibration
+from ..quantize.spec import Calibration, RandomTokens, SelfText, parse_quant
 from ..runtime.session import DecoderSession, SessionConfig
 from ..targets.bundle import source_hash
 from ..targets.request import check_window
@@ -53,7 +53,7 @@ class CompareRequest:
     sinks: tuple[int, ...] = ()  # attention-sink sweep; empty: the export default (resolve_sinks)
     ctx: int = 512
     n_windows: int = 32
-    calib: Path | SelfText | None = None  # SelfText: the model's own samples (quantize/selfgen.py)
+    calib: Calibration | None = None  # SelfText, RandomTokens: no text (quantize/selfgen.py)
     threads: int = 0  # 0: one per physical core
     runs: int = 5
     out: Path = Path("compare")
@@ -107,8 +107,8 @@ def check_out(out: Path) -> None:
         raise EdgeError(f"--out {out}: {parent} is not a directory")
 
 
-def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText | SelfText:
-    if isinstance(req.calib, SelfText):
+def calibration_text(req: CompareRequest, evaluation: EvalText) -> EvalText | SelfText | RandomTokens:
+    if isinstance(req.calib, (SelfText, RandomTokens)):
         return req.calib
     if req.calib is not None:
         calib = read_text(req.calib)
@@ -191,7 +191,8 @@ class _Run:
             if choice.calibration == "awq":
                 cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
             else:
-                cal = calibrate.calibrate_gptq(self.ck, choice.spec, self.calib_ids, awq=choice.calibration == "awq-gptq")
+                cal = calibrate.calibrate_gptq(self.ck, choice.spec, self.calib_ids, awq=choice.calibration == "awq-gptq",
+                                               choose_plan=not isinstance(self.req.calib, RandomTokens))
         finally:
             self.progress.remove_task(task)
         if cal.alphas:
@@ -319,6 +320,9 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
         if isinstance(calib, SelfText):
             progress.update(task, description=f"sampling {calibrate.CALIB_WINDOWS} calibration windows from the model")
             run.calib_ids, record = self_calibration(ck, calib, calibrate.CALIB_WINDOWS, req.ctx)
+            run.calib_sha = record["sha256"]
+        elif isinstance(calib, RandomTokens):
+            run.calib_ids, record = random_calibration(ck.config, calib, RANDOM_WINDOWS, req.ctx)
             run.calib_sha = record["sha256"]
         elif calib is not None:
             progress.update(task, description=f"tokenizing {calib.name}")

@@ -450,12 +450,13 @@ def calibrated_plan(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray) -> dic
 
 
 def calibrate_gptq(ck: Checkpoint, spec: QuantSpec, windows: np.ndarray, awq: bool = False,
-                   act_order: bool = True) -> Calibrated:
-    """The spec's plan with GPTQ codes for its int4 linears, on the AWQ-scaled model if `awq`."""
+                   act_order: bool = True, choose_plan: bool = True) -> Calibrated:
+    """The spec's plan with GPTQ codes for its int4 linears, on the AWQ-scaled model if `awq`; the
+    plan's int8 upgrades chosen on the windows (calibrated_plan) if `choose_plan`, else quant_plan's."""
     scaled, alphas = ck, {}
     if awq:
         scaled, _, alphas = awq_scales(ck, spec, collect_inputs(ck, windows))
-    plan = calibrated_plan(scaled, spec, windows)
+    plan = calibrated_plan(scaled, spec, windows) if choose_plan else quant_plan(scaled.config, spec)
     codes = LayerwiseGptq(scaled, plan, windows, act_order).all_codes()
     plan = {name: dataclasses.replace(tq, codes=codes[name]) if name in codes else tq for name, tq in plan.items()}
     return Calibrated(scaled, plan, alphas, ())

@@ -1,11 +1,13 @@
-"""`--calib self`: calibration text the model writes itself, for users who have none.
+"""Calibration windows without a text file: `--calib self` (the model's own samples) and
+`--calib random` (seeded random tokens).
 
 GPTQ needs the inputs each linear sees on text like the one the model will read; a model's own
 samples from BOS are such text (LLM-QAT's data-free generation), with no file to trust or license.
 On the off-grid SmolLM2 they buy nearly all that WikiText-2 valid does (docs/quantization.md).
 Sampling runs the whole model, in bfloat16 when the checkpoint stores 16-bit weights (Mistral 7B:
 14.5 GB, no copy of the file's tensors) and in float32 otherwise; it is refused where that does not
-fit in memory.
+fit in memory. Random tokens cost nothing to make and buy about two thirds as much: the covariance
+of a linear's input is largely the model's own, whatever the tokens.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import torch
 
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
-from .spec import SELF, SelfText
+from ..model.config import ModelConfig
+from .spec import RANDOM, SELF, RandomTokens, SelfText
 
+RANDOM_WINDOWS = 4
+"""`--calib random`'s windows (of CALIB_TOKENS each): on the off-grid SmolLM2, next-token KL as int4 0.081 with
+4 x 128 tokens, 0.067-0.072 with 4 x 512 (three seeds), 0.062 with 8 x 512 (docs/quantization.md); at 7B
+the layer-by-layer pass's time grows with the tokens."""
 MEMORY_SHARE = 0.8
 """Of the memory available when sampling starts, the share the model may take."""
 SAMPLING_THREADS = 1
@@ -82,6 +89,18 @@ def self_calibration(ck: Checkpoint, text: SelfText, n: int, tokens: int) -> tup
     windows = sample_windows(ck, n, tokens, text)
     record = {"method": "gptq", "text": SELF, "seed": text.seed, "temperature": text.temperature,
               "dtype": str(compute_dtype(ck)).removeprefix("torch."),
+              "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(), "windows": n,
+              "tokens_per_window": tokens}
+    return windows, record
+
+
+def random_calibration(cfg: ModelConfig, text: RandomTokens, n: int, tokens: int) -> tuple[np.ndarray, dict]:
+    """[n, tokens] ids drawn uniformly from the vocabulary (seeded), each window after the model's BOS
+    where it has one, as every prompt starts; and the manifest's record of them."""
+    windows = np.random.default_rng(text.seed).integers(0, cfg.vocab_size, (n, tokens), dtype=np.int64)
+    if cfg.bos_id is not None:
+        windows[:, 0] = cfg.bos_id
+    record = {"method": "gptq", "text": RANDOM, "seed": text.seed,
               "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(), "windows": n,
               "tokens_per_window": tokens}
     return windows, record

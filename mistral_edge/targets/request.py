@@ -10,11 +10,10 @@ exporter's own lists of formats, activation types and MLC's scheme are read when
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..contract import check_kv_cache
 from ..errors import EdgeError
-from ..quantize.spec import QuantSpec, SelfText, check_calibration, parse_quant
+from ..quantize.spec import Calibration, QuantSpec, check_calibration, parse_quant
 from .profiles import TargetProfile, parse_memory
 
 MAX_WINDOW = 1 << 20
@@ -47,7 +46,7 @@ class BundleRequest:
     activations: str | None = None  # "fp32" | "fp16": overrides the target's activation dtype
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
     kv_cache: str | None = None  # "fp32" | "fp16" | "int8": the KV cache's storage; None: the activation type
-    calib: Path | SelfText | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
+    calib: Calibration | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
