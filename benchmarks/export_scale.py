@@ -128,12 +128,12 @@ def vm(field: str) -> int:
     return 0
 
 
-def export_child(model: Path, out: Path, target: str, quant: str, calib: Path | None = None) -> None:
-    """Runs in the child: export (with --calib `calib`), then print one JSON line (wall, peak RSS, RSS after
-    each step)."""
+def export_child(model: Path, out: Path, target: str, quant: str, calib: str | None = None) -> None:
+    """Runs in the child: export (with --calib `calib`: a file, self or random), then print one JSON line
+    (wall, peak RSS, RSS after each step)."""
     sys.path.insert(0, str(ROOT))
     from mistral_edge.model.loaders import load_checkpoint
-    from mistral_edge.quantize.spec import parse_quant
+    from mistral_edge.quantize.spec import parse_calib, parse_quant
     from mistral_edge.targets.bundle import write_bundle
     from mistral_edge.targets.profiles import get_target
     from mistral_edge.targets.request import BundleRequest
@@ -147,26 +147,26 @@ def export_child(model: Path, out: Path, target: str, quant: str, calib: Path | 
         print(f"  step {done}/{total} {steps[-1][1]:.0f}s rss {steps[-1][2] / 2**30:.2f} GiB",
               file=sys.stderr, flush=True)
 
-    req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB", calib=calib)
+    req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB", calib=parse_calib(calib))
     write_bundle(ck, req, out, log=lambda line: None, progress=progress)
     print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": vm("VmHWM"), "start_rss": start,
                       "steps": steps}), flush=True)
 
 
-def run_export(model: Path, out: Path, target: str, quant: str, cli: bool) -> dict:
+def run_export(model: Path, out: Path, target: str, quant: str, cli: bool, calib: str | None = None) -> dict:
     if cli:  # the real command; peak RSS from /usr/bin/time-free getrusage of a fresh child
         t0 = time.perf_counter()
         code = ("import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:]); "
                 "print(json.dumps({'rc': r.returncode, 'peak_rss': "
                 "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
         cmd = [sys.executable, "-c", code, sys.executable, "-m", "mistral_edge.cli.main", "export", str(model),
-               "--target", target, "--quant", quant, "--device-memory", "32GB", "--out", str(out)]
+               "--target", target, "--quant", quant, "--device-memory", "32GB", "--out", str(out)] + (["--calib", calib] if calib else [])
         r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
         result = json.loads(r.stdout.strip().splitlines()[-1])
         if result["rc"]:
             raise SystemExit(f"export failed: {r.stderr[-2000:]}")
         return {**result, "wall_s": time.perf_counter() - t0, "steps": []}
-    cmd = [sys.executable, __file__, "_export", str(model), str(out), target, quant]
+    cmd = [sys.executable, __file__, "_export", str(model), str(out), target, quant] + ([calib] if calib else [])
     r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_env())
     if r.returncode:
         raise SystemExit(f"export {target} {quant} failed (exit {r.returncode})")
@@ -317,6 +317,7 @@ def main() -> None:
     ap.add_argument("--cli", action="store_true", help="export with `mistral-edge export` (its progress bar and all)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mistral-edge-export-scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles under --work")
+    ap.add_argument("--calib", help="export --calib for the int4 exports: a text file, self or random")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles kept under --work that verify (no export)")
     args = ap.parse_args()
     names = [e for e in args.exports.split(",") if e]
@@ -334,7 +335,7 @@ def main() -> None:
         if args.reuse and out.is_dir() and not verify(out):
             print(f"export {name}: reusing {out}", flush=True)
             continue
-        r = run_export(model, out, target, quant, args.cli)
+        r = run_export(model, out, target, quant, args.cli, args.calib if quant.startswith("int4") else None)
         problems = verify(out)
         results[name] = {**r, "bytes": size(out), "verify": problems or "ok"}
         print(f"export {name}: wall {r['wall_s']:.0f}s, peak RSS {gib(r['peak_rss'])}, bundle {gib(size(out))}, "
@@ -368,6 +369,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_export":
-        export_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5], *map(Path, sys.argv[6:7]))
+        export_child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5], *sys.argv[6:7])
     else:
         main()

