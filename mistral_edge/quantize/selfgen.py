@@ -6,7 +6,7 @@ samples from BOS are such text (LLM-QAT's data-free generation), with no file to
 On the off-grid SmolLM2 they buy nearly all that WikiText-2 valid does (docs/quantization.md).
 Sampling runs the whole model, in bfloat16 when the checkpoint stores 16-bit weights (Mistral 7B:
 14.5 GB, no copy of the file's tensors) and in float32 otherwise; it is refused where that does not
-fit in memory. Random tokens cost nothing to make and buy about two thirds as much: the covariance
+fit in memory. Random tokens cost nothing to make and buy a little over half as much: the covariance
 of a linear's input is largely the model's own, whatever the tokens.
 """
 

@@ -171,8 +171,8 @@ RANDOM = "random"
 class RandomTokens:
     """Calibration windows of token ids drawn uniformly from the vocabulary after BOS (seeded): no text,
     no sampling. What GPTQ needs most from a text, the covariance of each linear's input, is largely the
-    model's own: on the off-grid SmolLM2 these windows buy two thirds of what WikiText-2 valid does
-    (docs/quantization.md)."""
+    model's own: on the off-grid SmolLM2 these windows buy half of what WikiText-2 valid does (int4 KL 0.106 -> 0.072
+    against 0.040; docs/quantization.md)."""
 
     seed: int = 0
 
