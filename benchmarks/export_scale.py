@@ -160,7 +160,8 @@ def run_export(model: Path, out: Path, target: str, quant: str, cli: bool, calib
                 "print(json.dumps({'rc': r.returncode, 'peak_rss': "
                 "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))")
         cmd = [sys.executable, "-c", code, sys.executable, "-m", "mistral_edge.cli.main", "export", str(model),
-               "--target", target, "--quant", quant, "--device-memory", "32GB", "--out", str(out)] + (["--calib", calib] if calib else [])
+               "--target", target, "--quant", quant, "--device-memory", "32GB", "--out", str(out)]
+        cmd += ["--calib", calib] if calib else []
         r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
         result = json.loads(r.stdout.strip().splitlines()[-1])
         if result["rc"]:

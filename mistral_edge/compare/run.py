@@ -24,8 +24,8 @@ from ..contract import GRAPH_CONTRACT_VERSION
 from ..export.pipeline import resolve_sinks, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint
-from ..quantize.selfgen import RANDOM_WINDOWS, random_calibration, self_calibration
-from ..quantize.spec import Calibration, RandomTokens, SelfText, parse_quant
+from ..quantize.selfgen import textless_calibration
+from ..quantize.spec import Calibration, RandomTokens, SelfText, chooses_plan, parse_quant
 from ..runtime.session import DecoderSession, SessionConfig
 from ..targets.bundle import source_hash
 from ..targets.request import check_window
@@ -192,7 +192,7 @@ class _Run:
                 cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
             else:
                 cal = calibrate.calibrate_gptq(self.ck, choice.spec, self.calib_ids, awq=choice.calibration == "awq-gptq",
-                                               choose_plan=not isinstance(self.req.calib, RandomTokens))
+                                               choose_plan=chooses_plan(self.req.calib))
         finally:
             self.progress.remove_task(task)
         if cal.alphas:
@@ -317,12 +317,11 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
     req.out.mkdir(parents=True, exist_ok=True)  # the reference scratch file is large: keep it off /tmp (tmpfs)
     with tempfile.TemporaryDirectory(prefix=".reference-", dir=req.out) as scratch:
         run = _Run(req, ck, ids, evaluation, progress, log, Path(scratch))
-        if isinstance(calib, SelfText):
-            progress.update(task, description=f"sampling {calibrate.CALIB_WINDOWS} calibration windows from the model")
-            run.calib_ids, record = self_calibration(ck, calib, calibrate.CALIB_WINDOWS, req.ctx)
-            run.calib_sha = record["sha256"]
-        elif isinstance(calib, RandomTokens):
-            run.calib_ids, record = random_calibration(ck.config, calib, RANDOM_WINDOWS, req.ctx)
+        if isinstance(calib, (SelfText, RandomTokens)):
+            if isinstance(calib, SelfText):
+                progress.update(task, description=f"sampling {calibrate.CALIB_WINDOWS} calibration windows "
+                                                  "from the model")
+            run.calib_ids, record = textless_calibration(ck, calib, req.ctx)
             run.calib_sha = record["sha256"]
         elif calib is not None:
             progress.update(task, description=f"tokenizing {calib.name}")

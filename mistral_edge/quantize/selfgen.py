@@ -20,6 +20,7 @@ import torch
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
+from .calibrate import CALIB_WINDOWS
 from .spec import RANDOM, SELF, RandomTokens, SelfText
 
 RANDOM_WINDOWS = 4
@@ -104,3 +105,11 @@ def random_calibration(cfg: ModelConfig, text: RandomTokens, n: int, tokens: int
               "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(), "windows": n,
               "tokens_per_window": tokens}
     return windows, record
+
+
+def textless_calibration(ck: Checkpoint, calib: SelfText | RandomTokens, tokens: int) -> tuple[np.ndarray, dict]:
+    """The windows of `tokens` ids that `--calib self` (CALIB_WINDOWS) or `--calib random` (RANDOM_WINDOWS)
+    names, and the manifest's record of them."""
+    if isinstance(calib, SelfText):
+        return self_calibration(ck, calib, CALIB_WINDOWS, tokens)
+    return random_calibration(ck.config, calib, RANDOM_WINDOWS, tokens)

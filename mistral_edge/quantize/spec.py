@@ -171,8 +171,8 @@ RANDOM = "random"
 class RandomTokens:
     """Calibration windows of token ids drawn uniformly from the vocabulary after BOS (seeded): no text,
     no sampling. What GPTQ needs most from a text, the covariance of each linear's input, is largely the
-    model's own: on the off-grid SmolLM2 these windows buy half of what WikiText-2 valid does (int4 KL 0.106 -> 0.072
-    against 0.040; docs/quantization.md)."""
+    model's own: on the off-grid SmolLM2 these windows buy half of what WikiText-2 valid does (int4 KL
+    0.106 -> 0.072 against 0.040; docs/quantization.md)."""
 
     seed: int = 0
 
@@ -191,9 +191,15 @@ def parse_calib(value: str | None) -> Calibration | None:
     return {SELF: SelfText(), RANDOM: RandomTokens()}.get(value) or Path(value)
 
 
+def chooses_plan(calib: Calibration) -> bool:
+    """Whether the calibration also picks the plan's int8 upgrades (calibrate.calibrated_plan): not for
+    random tokens, whose sensitivities were not measured, and at 7B that pass is the export's longest."""
+    return not isinstance(calib, RandomTokens)
+
+
 def check_calibration(text: Calibration, spec: QuantSpec, target: str) -> None:
-    """--calib before any model is read: a text file (or the model's own text, quantize/selfgen.py),
-    for int4 tensors (GPTQ) on an ONNX target."""
+    """--calib before any model is read: a text file (or no text: the model's own or random tokens,
+    quantize/selfgen.py), for int4 tensors (GPTQ) on an ONNX target."""
     if spec.bits != 4:
         raise EdgeError(f"--calib calibrates int4 tensors (GPTQ); --quant {spec.name} has none")
     if target == "mlc":

@@ -308,26 +308,25 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
 
 def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant], log=print):
     """With --calib: GPTQ codes by tensor name (computed layer by layer as the export asks for them),
-    the manifest's record of the text and the calibrated plan (calibrate.calibrated_plan; random
-    tokens keep `plan`: their sensitivities were not measured, and at 7B the pass is the export's
-    longest); else (None, None, plan). The text is read and checked here, before anything is written."""
+    the manifest's record of the text and the calibrated plan (calibrate.calibrated_plan, where
+    spec.chooses_plan; else `plan`); else (None, None, plan). The text is read and checked here, before
+    anything is written."""
     if req.calib is None:
         return None, None, plan
     from ..quantize.calibrate import CALIB_TOKENS, CALIB_WINDOWS, LayerwiseGptq, calibrated_plan, calibration_windows
-    from ..quantize.selfgen import RANDOM_WINDOWS, random_calibration, self_calibration
-    from ..quantize.spec import RandomTokens, SelfText
+    from ..quantize.selfgen import textless_calibration
+    from ..quantize.spec import RandomTokens, SelfText, chooses_plan
     from ..tokenizer import Tokenizer
 
-    if isinstance(req.calib, SelfText):
-        log(f"sampling {CALIB_WINDOWS} x {CALIB_TOKENS} calibration tokens from the model (--calib self)")
-        windows, record = self_calibration(ck, req.calib, CALIB_WINDOWS, CALIB_TOKENS)
-    elif isinstance(req.calib, RandomTokens):
-        windows, record = random_calibration(ck.config, req.calib, RANDOM_WINDOWS, CALIB_TOKENS)
-        return LayerwiseGptq(ck, plan, windows).codes, record, plan
+    if isinstance(req.calib, (SelfText, RandomTokens)):
+        if isinstance(req.calib, SelfText):
+            log(f"sampling {CALIB_WINDOWS} x {CALIB_TOKENS} calibration tokens from the model (--calib self)")
+        windows, record = textless_calibration(ck, req.calib, CALIB_TOKENS)
     else:
         tokenizer = Tokenizer.from_files(ck.tokenizer_files, bos_id=ck.config.bos_id, eos_ids=ck.config.eos_ids)
         windows, record = calibration_windows(req.calib, tokenizer)
-    plan = calibrated_plan(ck, req.quant, windows)
+    if chooses_plan(req.calib):
+        plan = calibrated_plan(ck, req.quant, windows)
     return LayerwiseGptq(ck, plan, windows).codes, record, plan
 
 
