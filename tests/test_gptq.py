@@ -97,9 +97,22 @@ def test_gptq_matches_the_direct_column_by_column_solution(monkeypatch, act_orde
     h = gptq.hessian(x)
     q4 = gptq.gptq_int4(w, h, 32, "int", act_order=act_order)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
-    expected = obq_reference(w, h, q4, order, gptq.DAMP)
+    expected = obq_reference(w, h.blocks[0], q4, order, gptq.DAMP)
     agree = float((q4.q[:, : w.shape[1]].float() == expected).float().mean())
     assert agree > 0.99  # float32 against float64: a rounding tie may go either way
+
+
+@pytest.mark.parametrize("k", [96, 601])
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse(k):
+    """U upper with U^T U = (H + damp)^-1, the factor the rounding reads its pushes from; K = 601
+    takes the triangular inverse through uneven halves (its blocks stop at 256)."""
+    _, x = layer_problem(k=k, rows=2 * k)
+    h = gptq.hessian(x).blocks[0]
+    u = gptq._inverse_factor(h, gptq.DAMP).double()
+    dampened = h.double() + gptq.DAMP * float(h.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(dampened), upper=True)
+    assert torch.equal(u, u.triu())
+    assert float((u - expected).abs().max() / expected.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("zero_point", ZERO_POINTS)
@@ -123,7 +136,7 @@ def test_static_groups_are_the_grid_fitted_before_the_pass(zero_point):
 def test_diagonal_hessian_gives_nearest_rounding_on_the_grid():
     """Uncorrelated inputs: no column can absorb another's error, so GPTQ's codes are the search's."""
     w, _ = layer_problem()
-    h = torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5)
+    h = gptq.Hessian([slice(0, 96)], [torch.diag(torch.rand(96, generator=torch.Generator().manual_seed(1)) + 0.5)])
     q4 = gptq.gptq_int4(w, h, 32, "int", act_order=True)
     assert torch.equal(q4.q, quantize_int4(w, 32, "int", "search", act_scale=h.diagonal().sqrt()).q)
 
@@ -186,7 +199,7 @@ class _WholeModelPass(TorchFunctionMode):
                 if part not in self.quantized:
                     tq, w = self.plan[name], torch.cat([self.model.w[p] for p in parts])
                     if tq.kind == "int4":
-                        self.codes[name] = gptq.gptq_int4(w, gptq.hessian(args[0]), tq.group_size, tq.zero_point,
+                        self.codes[name] = gptq.gptq_int4(w, gptq.hessian(args[0], tq.group_size), tq.group_size, tq.zero_point,
                                                           tq.method, scale_bits=tq.scale_bits)
                         w = self.codes[name].dequantize()
                     elif tq.kind == "int8":
@@ -397,14 +410,20 @@ def test_quants_take_the_calibration_suffixes():
 
 
 def test_wide_matrices_run_in_segments_of_whole_groups(monkeypatch):
-    """K above MAX_COLUMNS: each segment is GPTQ on its own block of H (here K = 96 in 3 x 32)."""
+    """K above MAX_COLUMNS: each segment is GPTQ on its own block of H (here K = 96 in 3 x 32), and
+    the Hessian forms those blocks alone, each the block of the whole X^T X / rows."""
     w, x = layer_problem()
-    h = gptq.hessian(x)
     monkeypatch.setattr(gptq, "MAX_COLUMNS", 40)
+    h = gptq.hessian(x)
     q4 = gptq.gptq_int4(w, h, 32, "int")
+    with pytest.raises(ValueError, match="does not fit"):
+        gptq.gptq_int4(w, h, 64, "int")  # groups of 64 split K = 96 as 64 + 32
     monkeypatch.setattr(gptq, "MAX_COLUMNS", 4096)
-    for cols in (slice(0, 32), slice(32, 64), slice(64, 96)):
-        alone = gptq.gptq_int4(w[:, cols], h[cols, cols], 32, "int")
+    whole = x.T @ x / len(x)
+    assert h.segments == [slice(0, 32), slice(32, 64), slice(64, 96)]
+    for cols, block in zip(h.segments, h.blocks):
+        assert torch.allclose(block, whole[cols, cols], rtol=1e-5, atol=1e-4)
+        alone = gptq.gptq_int4(w[:, cols], gptq.hessian(x[:, cols]), 32, "int")
         assert torch.equal(q4.q[:, cols], alone.q)
     assert output_error(x, w, q4) < 0.6 * output_error(x, w, quantize_int4(w, 32, "int", "rtn"))
 

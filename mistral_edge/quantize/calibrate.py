@@ -369,7 +369,7 @@ class LayerwiseGptq:
             del w, x
             yield name, None
             return y
-        codes = gptq_int4(w, hessian(x), tq.group_size, tq.zero_point, tq.method, self.act_order,
+        codes = gptq_int4(w, hessian(x, tq.group_size), tq.group_size, tq.zero_point, tq.method, self.act_order,
                           scale_bits=tq.scale_bits)
         del w
         if name == "output":  # the logits themselves are not needed

@@ -17,8 +17,8 @@ no group index, so the groups are static: every group's scale and zero point are
 original order before the pass (quantize_int4 weighted by diag(H)), and a column rounds onto its
 own group's grid whatever its turn. The result is an ordinary Int4Weight.
 
-Memory: H (K x K float32: 0.8 GiB for Mistral 7B's w2, K = 14336) and the factor of one segment
-of at most MAX_COLUMNS columns, plus W in float32; the Hessian is accumulated from row blocks of X.
+Memory: H's diagonal blocks over the segments of K (`Hessian`: 0.2 GiB for Mistral 7B's w2,
+K = 14336) and the factor of one segment, plus W in float32; H is accumulated from row blocks of X.
 """
 
 from __future__ import annotations
@@ -40,50 +40,87 @@ ROWS = 4096
 """Calibration rows added to a Hessian at once."""
 
 
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """X^T X / rows, float32 [K, K], for inputs x [..., K] (accumulated over row blocks)."""
+def segments(k: int, group_size: int) -> list[slice]:
+    """The input columns error feedback runs within: equal runs of whole groups, at most
+    MAX_COLUMNS each (one segment when K <= MAX_COLUMNS)."""
+    n = -(-k // MAX_COLUMNS)
+    width = -(-k // (n * group_size)) * group_size
+    return [slice(start, min(start + width, k)) for start in range(0, k, width)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hessian:
+    """X^T X / rows of a linear's inputs, only its diagonal blocks over `segments`: the pass reads
+    nothing between segments, so those blocks are never formed (Mistral 7B's w2, K = 14336 in 4
+    segments: a quarter of the flops and of the 0.8 GiB a whole H takes)."""
+
+    segments: list[slice]
+    blocks: list[torch.Tensor]
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.cat([block.diagonal() for block in self.blocks])
+
+
+def hessian(x: torch.Tensor, group_size: int = 32) -> Hessian:
+    """The Hessian of inputs x [..., K] for GPTQ with groups of `group_size` (float32, accumulated
+    over row blocks of x)."""
     x = x.reshape(-1, x.shape[-1])
-    h = torch.zeros(x.shape[1], x.shape[1])
+    parts = segments(x.shape[1], group_size)
+    blocks = [torch.zeros(cols.stop - cols.start, cols.stop - cols.start) for cols in parts]
     for start in range(0, len(x), ROWS):
-        part = x[start:start + ROWS].float()
-        h.addmm_(part.T, part)
-    return h.div_(max(len(x), 1))
+        rows = x[start:start + ROWS].float()
+        for cols, block in zip(parts, blocks):
+            block.addmm_(rows[:, cols].T, rows[:, cols])
+    return Hessian(parts, [block.div_(max(len(x), 1)) for block in blocks])
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp mean(diag H) I)^-1, with more dampening if H is not
-    positive definite in float32."""
+    """Upper triangular U with U^T U = (H + damp mean(diag H) I)^-1, with more dampening if H is not
+    positive definite in float32.
+
+    The Cholesky factor of the index-reversed H, reversed back, is an upper R with H = R R^T, so
+    U = R^-1: one factorisation and one triangular inverse (2/3 K^3 flops) where factoring H, inverting
+    it and factoring the inverse costs twice that (Mistral 7B's K = 4096: 0.8 s against 1.4 s)."""
     eye = torch.eye(len(h))
     mean = float(h.diagonal().mean()) or 1.0
     for factor in (damp, 10 * damp, 100 * damp, 1.0):
-        chol, info = torch.linalg.cholesky_ex(h + factor * mean * eye)
+        lower, info = torch.linalg.cholesky_ex((h + factor * mean * eye).flip(0, 1))
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return upper
+            return _upper_inverse(lower.flip(0, 1))
     raise ValueError("the calibration Hessian is not positive definite even when fully dampened")
 
 
-def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, zero_point: str = "int",
+def _upper_inverse(r: torch.Tensor) -> torch.Tensor:
+    """The inverse of an upper triangular r, by halves: inv([[A, B], [0, D]]) has A^-1 and D^-1 on
+    its diagonal and -A^-1 B D^-1 above it; mostly matmuls, 1.6x faster than solving against I."""
+    n = len(r)
+    if n <= 256:
+        return torch.linalg.solve_triangular(r, torch.eye(n), upper=True)
+    a = n // 2
+    out = torch.zeros(n, n)
+    out[:a, :a], out[a:, a:] = _upper_inverse(r[:a, :a]), _upper_inverse(r[a:, a:])
+    out[:a, a:] = -(out[:a, :a] @ r[:a, a:]) @ out[a:, a:]
+    return out
+
+
+def gptq_int4(w: torch.Tensor, h: Hessian, group_size: int = 32, zero_point: str = "int",
               method: str = "search", act_order: bool = True, damp: float = DAMP, scale_bits: int = 16) -> Int4Weight:
     """int4 codes of W [N, K] (y = x @ W.T) that minimise the output error on inputs with
-    Hessian h [K, K] (see `hessian`), on static groups fitted by quantize_int4(method) with each
-    input channel's error weighted by diag(h). K beyond MAX_COLUMNS is split into segments of
-    whole groups, each with its own diagonal block of h."""
+    Hessian h (`hessian(x, group_size)`), on static groups fitted by quantize_int4(method) with each
+    input channel's error weighted by diag(h); each segment of K runs on its own block of h."""
     w = w.detach().float()
-    n, k = w.shape
-    h = h.clone()
-    dead = h.diagonal() <= 0  # a channel never active: its weight does not matter
-    h.diagonal()[dead] = 1.0
+    if h.segments != segments(w.shape[1], group_size):
+        raise ValueError(f"a Hessian over segments {h.segments} does not fit K = {w.shape[1]} in groups of {group_size}")
+    diagonal = h.diagonal()
+    dead = diagonal <= 0  # a channel never active: its weight does not matter
     w[:, dead] = 0.0
-    grid = quantize_int4(w, group_size, zero_point, method, act_scale=h.diagonal().sqrt(), scale_bits=scale_bits)
+    diagonal[dead] = 1.0
+    grid = quantize_int4(w, group_size, zero_point, method, act_scale=diagonal.sqrt(), scale_bits=scale_bits)
     q = grid.q.clone()  # keeps the padding columns' codes
-    segments = -(-k // MAX_COLUMNS)
-    width = -(-k // (segments * group_size)) * group_size
-    for start in range(0, k, width):
-        cols = slice(start, min(start + width, k))
-        q[:, cols] = _gptq_columns(w[:, cols], h[cols, cols], grid, start, act_order, damp)
+    for cols, block in zip(h.segments, h.blocks):
+        block = block.clone()
+        block.diagonal()[dead[cols]] = 1.0
+        q[:, cols] = _gptq_columns(w[:, cols], block, grid, cols.start, act_order, damp)
     return dataclasses.replace(grid, q=q)
 
 
