@@ -99,8 +99,8 @@ def test_export_calib_holds_nothing_of_a_layer_after_its_step(calib_exports):
     at least w13's 140 MiB, a kept bf16 layer 416 MiB), and all of it stays within 1.25 bf16 layers."""
     found, layer_bf16 = calib_exports
     held = found[3][1]  # after the embedding, layers 0-2 and the head
-    mib = [round(n / 2**20) for n in held]
+    steps = ", ".join(map(_mib, held))
     # measured 2026-12-04 (MiB over the start): 70-72 after the embedding and layer 0, 361-363 after layer 1,
     # 380-382 after layer 2; 430 once after some layer in a fresh clone (2026-12-03)
-    assert held[3] - held[2] < layer_bf16 / 4, f"held after each step {mib} MiB: the last layer kept more than the one before"
-    assert max(max(h) for _, h in found.values()) < 1.25 * layer_bf16, f"held after each step {mib} MiB: weights or codes kept?"
+    assert held[3] - held[2] < layer_bf16 / 4, f"held after each step {steps}: the last layer kept more than the one before"
+    assert max(max(h) for _, h in found.values()) < 1.25 * layer_bf16, f"held after each step {steps}: weights or codes kept?"
