@@ -46,11 +46,10 @@ def test_export_peak_memory_is_about_one_layer(tmp_path_factory, quant):
     after_steps = max(rss for _, _, rss in result["steps"]) - result["start_rss"]
     data = (out / "model.onnx.data").stat().st_size
     assert data > 0.99 * sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
-    mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
     # measured 2026-12-01: one bf16 layer 436 MiB, the checkpoint 1002 MiB, the int8 bundle 536 MiB, the int4
     # 378 MiB; the export grew 563 MiB (int8) and 721 MiB (int4-rtn) at its peak, 7-130 MiB after a step
-    assert grew < 2 * layer_bf16, f"export peak grew {mib(grew)}; one bf16 layer is {mib(layer_bf16)}"
-    assert after_steps < layer_bf16 / 2, f"{mib(after_steps)} still held after a step: weights kept?"
+    assert grew < 2 * layer_bf16, f"export peak grew {_mib(grew)}; one bf16 layer is {_mib(layer_bf16)}"
+    assert after_steps < layer_bf16 / 2, f"{_mib(after_steps)} still held after a step: weights kept?"
 
 
 @pytest.fixture(scope="module")
