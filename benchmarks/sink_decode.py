@@ -6,7 +6,7 @@ ring has wrapped and the sink slots are read every step; then rounds alternate t
 each timing `--steps` decode steps continuing from where it stopped. Figures are medians of the
 rounds and the median of per-round ratios, so load drifting hits both sides alike.
 
-    PYTHONPATH=$PWD python3 benchmarks/sink_decode.py --quant int4 --sinks 4 --context 1100 --rounds 9
+    PYTHONPATH=$PWD python3 benchmarks/sink_decode.py --quant int4 --context 1100 --rounds 9   # the default S (64)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mistral_edge.compare.variants import prepare_bundle
-from mistral_edge.export.pipeline import resolve_window
+from mistral_edge.export.pipeline import resolve_sinks, resolve_window
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
@@ -31,7 +31,7 @@ from mistral_edge.targets.bundle import source_hash
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", default="int4")
-    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--sinks", type=int, help="S (default: the export's for the demo model at its W)")
     ap.add_argument("--context", type=int, default=1100, help="tokens fed before timing (past W: the ring has wrapped)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=9)
@@ -41,6 +41,7 @@ def main() -> None:
 
     ck = load_checkpoint(None)
     window, chunk = resolve_window(ck, None, None)
+    args.sinks = resolve_sinks(ck, args.sinks, window)
     sessions = {}
     for sinks in (0, args.sinks):
         out = args.work / f"sinks-{args.quant}-s{sinks}"

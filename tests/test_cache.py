@@ -10,7 +10,7 @@ from helpers import FP16_TOL, assert_close, checkpoint_of, tiny_hf_mistral
 
 from mistral_edge.contract import GraphInfo
 from mistral_edge.errors import EdgeError
-from mistral_edge.export.pipeline import DEFAULT_SINKS, export_onnx, resolve_sinks, resolve_window
+from mistral_edge.export.pipeline import DEFAULT_WINDOW, export_onnx, resolve_sinks, resolve_window
 from mistral_edge.model.reference import ReferenceModel, apply_rope, rms_norm, rope_tables
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
@@ -136,8 +136,11 @@ def test_sink_cache_is_updated_in_place_and_memory_is_fixed_by_w(ck, tmp_path, c
 def test_sinks_default_and_bounds(ck):
     full = checkpoint_of(tiny_hf_mistral(window=W))
     full.config = full.config.__class__(**{**full.config.__dict__, "sliding_window": None})
-    assert resolve_sinks(ck, None) == 0  # trained with a window: the ring is exact
-    assert resolve_sinks(full, None) == DEFAULT_SINKS
+    assert resolve_sinks(ck, None) == resolve_sinks(ck, None, 4096) == 0  # trained with a window: the ring is exact
+    # trained without one: W / 16 within [4, 64] (docs/cache.md), W the export's or the default
+    assert [resolve_sinks(full, None, w) for w in (16, 64, 128, 256, 1024, 2048, 8192)] == [4, 4, 8, 16, 64, 64, 64]
+    assert resolve_sinks(full, None) == resolve_sinks(full, None, DEFAULT_WINDOW) == 64
+    assert resolve_sinks(full, 2, 1024) == 2 and resolve_sinks(ck, 3) == 3  # as given
     assert resolve_window(ck, W, None, S) == (W, W - S)
     with pytest.raises(EdgeError, match="sinks must be between 0 and W - 1 = 15, got 16"):
         resolve_window(ck, W, None, W)

@@ -22,8 +22,10 @@ from .onnx_builder import Builder, ExternalData, activation_type, save_model
 
 DEFAULT_WINDOW = 1024
 """W for models without a sliding window (Llama layout): the cache must have a fixed size."""
-DEFAULT_SINKS = 4
-"""Attention sinks for models trained without a window (measured in docs/cache.md); 0 for the others."""
+SINK_SHARE, MIN_SINKS, MAX_SINKS = 16, 4, 64
+"""Attention sinks for a model trained without a window: W / SINK_SHARE within [MIN_SINKS, MAX_SINKS]
+(docs/cache.md: 16 were the best of 4, 16 and 64 at W = 256, 64 at W = 1024; more was not measured);
+0 for a model trained with one."""
 DEFAULT_CHUNK = 128
 FORMATS = ("nbits", "qdq", "integer")
 """Weight formats (export/linear.py): MatMulNBits (ONNX Runtime, fast decode), DequantizeLinear
@@ -47,12 +49,15 @@ def check_format(fmt: str, activations: str) -> None:
                         f"is built in fp32, not {activations}): use --activations fp32 or another --format")
 
 
-def resolve_sinks(ck: Checkpoint, sinks: int | None) -> int:
-    """--sinks as given, else DEFAULT_SINKS for a model trained with full attention (where the
-    window is an approximation) and 0 for one trained with a sliding window (where it is exact)."""
-    if sinks is None:
-        return 0 if ck.config.sliding_window else DEFAULT_SINKS
-    return sinks
+def resolve_sinks(ck: Checkpoint, sinks: int | None, window: int | None = None) -> int:
+    """--sinks as given, else for a model trained with full attention (where the window is an
+    approximation) W / SINK_SHARE within [MIN_SINKS, MAX_SINKS], W being `window` or DEFAULT_WINDOW,
+    and 0 for one trained with a sliding window (where it is exact)."""
+    if sinks is not None:
+        return sinks
+    if ck.config.sliding_window:
+        return 0
+    return min(MAX_SINKS, max(MIN_SINKS, (window if window is not None else DEFAULT_WINDOW) // SINK_SHARE))
 
 
 def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks: int = 0) -> tuple[int, int]:
@@ -84,7 +89,7 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
     check_format(fmt, act.name)
     kv_cache = kv_cache or act.name
     check_kv_cache(kv_cache, act.name)
-    s = resolve_sinks(ck, sinks)
+    s = resolve_sinks(ck, sinks, window)
     w, c = resolve_window(ck, window, chunk, s)
     plan = plan or quant_plan(ck.config, spec)
     data = ExternalData(out_path.with_name(out_path.name + ".data"))
