@@ -129,11 +129,11 @@ def vm(field: str) -> int:
 
 
 def export_child(model: Path, out: Path, target: str, quant: str, calib: str | None = None) -> None:
-    """Runs in the child: export (with --calib `calib`: a file, self or random), then print one JSON line
-    (wall, peak RSS, RSS after each step)."""
+    """Runs in the child: export (with --calib `calib`: a file, self, random or none; not given: what
+    `mistral-edge export` does), then print one JSON line (wall, peak RSS, RSS after each step)."""
     sys.path.insert(0, str(ROOT))
     from mistral_edge.model.loaders import load_checkpoint
-    from mistral_edge.quantize.spec import parse_calib, parse_quant
+    from mistral_edge.quantize.spec import export_calibration, parse_quant
     from mistral_edge.targets.bundle import write_bundle
     from mistral_edge.targets.profiles import get_target
     from mistral_edge.targets.request import BundleRequest
@@ -147,7 +147,8 @@ def export_child(model: Path, out: Path, target: str, quant: str, calib: str | N
         print(f"  step {done}/{total} {steps[-1][1]:.0f}s rss {steps[-1][2] / 2**30:.2f} GiB",
               file=sys.stderr, flush=True)
 
-    req = BundleRequest(get_target(target), parse_quant(quant), device_memory="32GB", calib=parse_calib(calib))
+    spec = parse_quant(quant)
+    req = BundleRequest(get_target(target), spec, device_memory="32GB", calib=export_calibration(calib, spec, target))
     write_bundle(ck, req, out, log=lambda line: None, progress=progress)
     print(json.dumps({"wall_s": time.perf_counter() - t0, "peak_rss": vm("VmHWM"), "start_rss": start,
                       "steps": steps}), flush=True)
@@ -318,7 +319,8 @@ def main() -> None:
     ap.add_argument("--cli", action="store_true", help="export with `mistral-edge export` (its progress bar and all)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mistral-edge-export-scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and bundles under --work")
-    ap.add_argument("--calib", help="export --calib for the int4 exports: a text file, self or random")
+    ap.add_argument("--calib", help="export --calib for the int4 exports: a text file, self, random or none "
+                                    "(default: the command's, random tokens for the default int4)")
     ap.add_argument("--reuse", action="store_true", help="reuse bundles kept under --work that verify (no export)")
     args = ap.parse_args()
     names = [e for e in args.exports.split(",") if e]

@@ -31,7 +31,7 @@ from mistral_edge.export.pipeline import export_onnx
 from mistral_edge.model.bnb import check_bnb
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.model.reference import ReferenceModel
-from mistral_edge.quantize.selfgen import RANDOM_WINDOWS, random_calibration, sample_windows
+from mistral_edge.quantize.selfgen import RANDOM_TOKENS, RANDOM_WINDOWS, random_calibration, sample_windows
 from mistral_edge.quantize.spec import RandomTokens, SelfText
 from mistral_edge.model.torch_session import TorchSession
 from mistral_edge.quantize.spec import parse_quant
@@ -368,7 +368,7 @@ def test_compare_calib_self_or_random_calibrates_without_a_text(model_dir, tmp_p
     record = json.loads((tmp_path / "bundles" / f"int4-g32-mzp-search-gptq-w{W}" / "variant.json").read_text())
     ck = load_checkpoint(str(model_dir))
     ids = (sample_windows(ck, calibrate.CALIB_WINDOWS, CTX, SelfText()) if calib == "self"
-           else random_calibration(ck.config, RandomTokens(), RANDOM_WINDOWS, CTX)[0])
+           else random_calibration(ck.config, RandomTokens(), RANDOM_WINDOWS, RANDOM_TOKENS)[0])
     assert record["key"]["calibration"]["text_sha256"] == hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()
 
 

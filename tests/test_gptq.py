@@ -27,8 +27,8 @@ from mistral_edge.quantize import calibrate, gptq
 from mistral_edge.quantize.int4 import pack_matmul_nbits, quantize_int4
 from mistral_edge.quantize.int8 import quantize_int8
 from mistral_edge.quantize.plan import quant_plan
-from mistral_edge.quantize.selfgen import RANDOM_WINDOWS, check_memory, compute_dtype, random_calibration, sample_windows
-from mistral_edge.quantize.spec import RandomTokens, SelfText, parse_calib, parse_quant
+from mistral_edge.quantize.selfgen import RANDOM_TOKENS, RANDOM_WINDOWS, check_memory, compute_dtype, random_calibration, sample_windows
+from mistral_edge.quantize.spec import RandomTokens, SelfText, export_calibration, parse_calib, parse_quant
 from mistral_edge.model.checkpoint import Checkpoint
 from mistral_edge.model.loaders import load_checkpoint
 from mistral_edge.runtime.bundle import Bundle
@@ -332,16 +332,17 @@ def test_export_calib_self_records_the_samples_and_writes_their_gptq_codes(calib
 def test_export_calib_random_keeps_the_plan_and_writes_the_gptq_codes_of_seeded_random_windows(calib_model, tmp_path,
                                                                                               monkeypatch):
     """--calib random: windows of ids drawn uniformly after BOS, the same for a seed; GPTQ codes on them
-    for the default plan's int4 tensors, whose int8 upgrades stay quant_plan's (no sensitivity pass)."""
+    (RANDOM_SCOPE: w13's Hessian shrunk toward the residual prior) for the default plan's w13, the search's
+    codes for its other int4 tensors, whose int8 upgrades stay quant_plan's (no sensitivity pass)."""
     ck = calib_model[0]
     cfg = ck.config
-    windows, record = random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, 512)
-    assert windows.shape == (RANDOM_WINDOWS, 512) and (windows[:, 0] == cfg.bos_id).all()
+    windows, record = random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, RANDOM_TOKENS)
+    assert windows.shape == (RANDOM_WINDOWS, RANDOM_TOKENS) and (windows[:, 0] == cfg.bos_id).all()
     body = windows[:, 1:]  # uniform over the vocabulary: few repeats, its whole range
     assert len(np.unique(body)) > 0.9 * body.size and body.min() < cfg.vocab_size // 20 and body.max() >= 0.95 * cfg.vocab_size
     assert 0 <= body.min() and body.max() < cfg.vocab_size
-    assert np.array_equal(random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, 512)[0], windows)
-    assert not np.array_equal(random_calibration(cfg, RandomTokens(seed=1), RANDOM_WINDOWS, 512)[0], windows)
+    assert np.array_equal(random_calibration(cfg, RandomTokens(), RANDOM_WINDOWS, RANDOM_TOKENS)[0], windows)
+    assert not np.array_equal(random_calibration(cfg, RandomTokens(seed=1), RANDOM_WINDOWS, RANDOM_TOKENS)[0], windows)
     assert parse_calib("random") == RandomTokens() and parse_calib("./random") == Path("random")
 
     spec = parse_quant("int4")  # the budgeted default: its int8 upgrades are what a calibrated plan would choose
@@ -349,15 +350,71 @@ def test_export_calib_random_keeps_the_plan_and_writes_the_gptq_codes_of_seeded_
     manifest = write_bundle(ck, BundleRequest(get_target("cpu"), spec, calib=parse_calib("random")), tmp_path / "b",
                             log=print)
     assert manifest.quant.calibration == record == {
-        "method": "gptq", "text": "random", "seed": 0, "windows": RANDOM_WINDOWS, "tokens_per_window": 512,
-        "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest()}
+        "method": "gptq", "text": "random", "seed": 0, "windows": RANDOM_WINDOWS, "tokens_per_window": RANDOM_TOKENS,
+        "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(), "linears": "feed_forward.w13",
+        "prior": calibrate.RANDOM_SCOPE.prior}
     plan = quant_plan(cfg, spec)
-    codes = calibrate.LayerwiseGptq(ck, plan, windows).all_codes()
+    codes = calibrate.LayerwiseGptq(ck, plan, windows, scope=calibrate.RANDOM_SCOPE).all_codes()
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer}
     assert {name[:-3] for name in stored if name.endswith(".q4")} - {"tok_embeddings"} == set(codes)
     assert set(codes) == {name for name, tq in plan.items() if tq.kind == "int4" and name.startswith("layers.")}
     for name, q4 in codes.items():
         assert np.array_equal(stored[name + ".q4"], pack_matmul_nbits(q4.split_offset()[0])[0]), name
+    unshrunk = calibrate.LayerwiseGptq(ck, plan, windows, scope=calibrate.GptqScope(("feed_forward.w13",))).all_codes()
+    for name, q4 in codes.items():
+        tq = plan[name]
+        search = quantize_int4(calibrate._fused(ck.weights, name), tq.group_size, tq.zero_point, tq.method,
+                               scale_bits=tq.scale_bits)
+        if name.endswith("w13"):  # GPTQ, and on a Hessian the prior changed
+            assert not torch.equal(q4.q, search.q) and not torch.equal(q4.q, unshrunk[name].q), name
+        else:
+            assert torch.equal(q4.q, search.q) and torch.equal(q4.scales, search.scales), name
+
+
+def test_hessian_shrunk_toward_the_inputs_covariance_rounds_better_on_few_inputs():
+    """With fewer calibration rows than input channels H is rank-deficient; shrunk toward the inputs' true
+    covariance (a stand-in for quantize/prior.py's estimate), GPTQ's output error on held-out inputs falls.
+    A shrink that did nothing (or used the wrong blocks) leaves it where it was."""
+    w, x = layer_problem(n=64, k=128, rows=4096, seed=3)
+    few, held_out = x[:48], x[2048:]
+    cov = x[:2048].T @ x[:2048] / 2048
+    prior = cov / cov.diagonal().mean()
+    h = gptq.hessian(few, 32)
+    shrunk = h.shrunk(prior, 1.0)
+    assert torch.allclose(shrunk.blocks[0], h.blocks[0] + float(h.diagonal().mean()) * prior)
+    plain = output_error(held_out, w, gptq.gptq_int4(w, h, 32, "float"))
+    better = output_error(held_out, w, gptq.gptq_int4(w, shrunk, 32, "float"))
+    assert better < 0.8 * plain, (better, plain)
+
+
+def test_residual_prior_sums_the_writers_at_unit_diagonal_and_samples_them_seeded(monkeypatch):
+    """ResidualPrior against an independent computation: unit(E^T E) + unit(W W^T) per writer, weighted by the
+    norm's gain; with sampling, the same seed gives the same estimate and it tracks the exact one."""
+    from mistral_edge.quantize import prior as prior_mod
+
+    g = torch.Generator().manual_seed(0)
+    emb, wo, w2 = torch.randn(300, 16, generator=g), torch.randn(16, 12, generator=g), torch.randn(16, 40, generator=g)
+    gain = torch.rand(16, generator=g) + 0.5
+    unit = lambda m: m / m.diagonal().mean()
+    p = prior_mod.ResidualPrior(emb)
+    p.add(wo)
+    p.add(w2)
+    expected = unit((unit(emb.T @ emb) + unit(wo @ wo.T) + unit(w2 @ w2.T)) * torch.outer(gain, gain))
+    assert torch.allclose(p.of(gain), expected, atol=1e-5)
+    assert p.of(gain).diagonal().mean().item() == pytest.approx(1.0)
+
+    monkeypatch.setattr(prior_mod, "SAMPLED_ROWS", 200)
+    monkeypatch.setattr(prior_mod, "SAMPLED_COLUMNS", 30)
+
+    def sampled():
+        s = prior_mod.ResidualPrior(emb)
+        s.add(wo)
+        s.add(w2)
+        return s.of(gain)
+
+    a, b = sampled(), sampled()
+    assert torch.equal(a, b) and not torch.allclose(a, expected, atol=1e-3)
+    assert float((a - expected).norm() / expected.norm()) < 0.2
 
 
 def test_calib_self_refuses_a_model_that_does_not_fit_and_a_file_named_self_is_a_file(calib_model, tmp_path):
@@ -396,6 +453,26 @@ def test_export_calib_refuses_in_one_line_and_writes_nothing(calib_model, tmp_pa
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_export_calibrates_the_default_int4_on_random_tokens_unless_told_none(calib_model, tmp_path):
+    """`mistral-edge export` with no --calib: random-token GPTQ for a budgeted int4 spec on an ONNX target
+    (its manifest says so), none for other specs and mlc; `--calib none` gives the search's codes."""
+    int4 = parse_quant("int4")
+    assert export_calibration(None, int4, "cpu") == export_calibration(None, parse_quant("int4-g16"), "android") == RandomTokens()
+    assert export_calibration(None, parse_quant("int8"), "cpu") is None
+    assert export_calibration(None, parse_quant("int4-g32-izp"), "cpu") is None  # one scheme for every tensor: no plan
+    assert export_calibration(None, int4, "mlc") is None
+    assert export_calibration("none", int4, "cpu") is None and export_calibration("./none", int4, "cpu") == Path("none")
+    assert export_calibration("self", int4, "cpu") == SelfText()
+    model = calib_model[0].source
+    for calib, out in ((None, "default"), ("none", "plain")):
+        r = subprocess.run([sys.executable, "-m", "mistral_edge.cli.main", "export", model, "--out", str(tmp_path / out)]
+                           + (["--calib", calib] if calib else []), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    default = Bundle.open(tmp_path / "default").manifest.quant
+    assert default.calibration["text"] == "random" and default.calibration["linears"] == "feed_forward.w13"
+    assert Bundle.open(tmp_path / "plain").manifest.quant.calibration is None
 
 
 def test_quants_take_the_calibration_suffixes():

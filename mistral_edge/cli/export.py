@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from ..contract import KV_CACHES
-from ..quantize.spec import EMBEDDING_PRECISIONS, GROUP_SIZES, PRECISIONS, VALID_FORMS, parse_calib, parse_quant
+from ..quantize.spec import EMBEDDING_PRECISIONS, GROUP_SIZES, PRECISIONS, VALID_FORMS, export_calibration, parse_quant
 from ..targets.profiles import TARGETS, get_target
 from ..targets.request import BundleRequest
 from .options import ChunkOpt, ModelArg, TrustPickleOpt, WindowOpt
@@ -30,14 +30,15 @@ def export(
     window: WindowOpt = None,
     chunk: ChunkOpt = None,
     sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
-                                                      "(default: 4 for a model trained without a window, else 0)")] = None,
+                                                      "(default: W/16 within 4..64 for a model trained without a window, else 0)")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(help=f"KV cache storage: {', '.join(KV_CACHES)} (int8: a scale per "
                                                          "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
     calib: Annotated[Optional[str], typer.Option(
-        metavar="FILE|self|random", help="calibration text (UTF-8; its first 8 windows of 512 tokens), 'self' for "
-                                         "the model's own samples, or 'random' for seeded random tokens (no text, "
-                                         "no sampling): GPTQ codes for the int4 tensors (docs/quantization.md)")] = None,
+        metavar="FILE|self|random|none", help="calibration text (UTF-8; its first 8 windows of 512 tokens), 'self' "
+                                              "for the model's own samples, 'random' for seeded random tokens (no text, "
+                                              "no sampling; the default for the default int4), or 'none': GPTQ codes for "
+                                              "the int4 tensors (docs/quantization.md)")] = None,
     trust_pickle: TrustPickleOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print each quantized tensor's error")] = False,
 ) -> None:
@@ -46,7 +47,7 @@ def export(
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
     req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks,
-                        kv_cache=kv_cache, calib=parse_calib(calib))
+                        kv_cache=kv_cache, calib=export_calibration(calib, spec, profile.name))
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle

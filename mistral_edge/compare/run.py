@@ -192,7 +192,8 @@ class _Run:
                 cal = calibrate.calibrate_int4(self.ck, choice.spec, self.calib_ids)
             else:
                 cal = calibrate.calibrate_gptq(self.ck, choice.spec, self.calib_ids, awq=choice.calibration == "awq-gptq",
-                                               choose_plan=chooses_plan(self.req.calib))
+                                               choose_plan=chooses_plan(self.req.calib),
+                                               scope=calibrate.gptq_scope(self.req.calib))
         finally:
             self.progress.remove_task(task)
         if cal.alphas:
@@ -330,16 +331,16 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
         progress.remove_task(task)
 
         windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
-        sinks = sorted(set(req.sinks) or {resolve_sinks(ck, None)})
-        if sinks[-1] >= windows[0]:
-            raise EdgeError(f"--sinks {sinks[-1]} must be below every window (W={windows[0]})")
+        if req.sinks and max(req.sinks) >= windows[0]:
+            raise EdgeError(f"--sinks {max(req.sinks)} must be below every window (W={windows[0]})")
+        cells = [(w, s) for w in windows for s in (sorted(set(req.sinks)) or [resolve_sinks(ck, None, w)])]
+        top = next(cell for cell in cells if cell[0] == windows[-1])  # the largest W, fewest sinks: the reference
         reference = QuantChoice(parse_quant("fp32"))
-        rows = [run.onnx_row(reference, windows[-1], sinks[0], record=True)]  # fp32 at the largest W, fewest sinks
-        for window in windows:
-            for s in sinks:
-                for choice in choices:
-                    if (choice, window, s) != (reference, windows[-1], sinks[0]):
-                        rows.append(run.onnx_row(choice, window, s))
+        rows = [run.onnx_row(reference, *top, record=True)]
+        for window, s in cells:
+            for choice in choices:
+                if (choice, window, s) != (reference, *top):
+                    rows.append(run.onnx_row(choice, window, s))
         if req.torch_rows:
-            rows += [run.torch_row(name, windows[-1], sinks[0]) for name in TORCH_ROWS]
+            rows += [run.torch_row(name, *top) for name in TORCH_ROWS]
         return rows

@@ -60,6 +60,13 @@ class Hessian:
     def diagonal(self) -> torch.Tensor:
         return torch.cat([block.diagonal() for block in self.blocks])
 
+    def shrunk(self, prior: torch.Tensor, weight: float) -> Hessian:
+        """H + weight * mean(diag H) * prior on the same blocks, for a prior [K, K] at unit mean diagonal
+        (quantize/prior.py): what few inputs leave undetermined, the prior fills in."""
+        mean = float(self.diagonal().mean())
+        return Hessian(self.segments, [block + (weight * mean) * prior[cols, cols]
+                                       for cols, block in zip(self.segments, self.blocks)])
+
 
 def hessian(x: torch.Tensor, group_size: int = 32) -> Hessian:
     """The Hessian of inputs x [..., K] for GPTQ with groups of `group_size` (float32, accumulated

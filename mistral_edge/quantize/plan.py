@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model.config import ModelConfig
-from .spec import DEFAULT_GROUP_SIZE, ZERO_POINTS, QuantSpec, bits_per_weight
+from .spec import DEFAULT_GROUP_SIZE, ZERO_POINTS, QuantSpec, bits_per_weight, budgeted
 
 if TYPE_CHECKING:
     from .int4 import Int4Weight
@@ -136,11 +136,6 @@ def int4_quant(spec: QuantSpec, name: str) -> TensorQuant:
     """The int4 scheme the spec gives the planned tensor `name`."""
     return TensorQuant("int4", spec.group_size or DEFAULT_GROUP_SIZE, spec.zero_point_of(name), spec.method or "rtn",
                        INT4_SCALE_BITS if spec.zero_point == "mixed" else 16)
-
-
-def budgeted(spec: QuantSpec) -> bool:
-    """A mixed int4 spec (the default): planned within TARGET_BITS, each tensor's rung where it buys the most KL."""
-    return spec.bits == 4 and spec.zero_point == "mixed"
 
 
 def _choose(cfg: ModelConfig, plan: dict[str, TensorQuant], sensitivity: Mapping[str, float],

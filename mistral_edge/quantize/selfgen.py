@@ -20,13 +20,14 @@ import torch
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..model.config import ModelConfig
-from .calibrate import CALIB_WINDOWS
+from .calibrate import CALIB_WINDOWS, RANDOM_SCOPE
 from .spec import RANDOM, SELF, RandomTokens, SelfText
 
-RANDOM_WINDOWS = 4
-"""`--calib random`'s windows (of CALIB_TOKENS each): on the off-grid SmolLM2, next-token KL as int4 0.081 with
-4 x 128 tokens, 0.067-0.072 with 4 x 512 (three seeds), 0.062 with 8 x 512 (docs/quantization.md); at 7B
-the layer-by-layer pass's time grows with the tokens."""
+RANDOM_WINDOWS, RANDOM_TOKENS = 4, 128
+"""`--calib random`'s windows: 512 tokens, whose Hessians quantize/prior.py's estimate completes
+(calibrate.RANDOM_SCOPE). On the off-grid SmolLM2, next-token KL as int4 0.063 with 4 x 128 or 2 x 256,
+0.067 with 1 x 512; without the prior 0.068 needed 4 x 512 (docs/quantization.md). At 7B the pass's
+forward costs about 3.5 s per layer per 1000 tokens on 2 cores."""
 MEMORY_SHARE = 0.8
 """Of the memory available when sampling starts, the share the model may take."""
 SAMPLING_THREADS = 1
@@ -103,13 +104,13 @@ def random_calibration(cfg: ModelConfig, text: RandomTokens, n: int, tokens: int
         windows[:, 0] = cfg.bos_id
     record = {"method": "gptq", "text": RANDOM, "seed": text.seed,
               "sha256": hashlib.sha256(windows.astype("<i8").tobytes()).hexdigest(), "windows": n,
-              "tokens_per_window": tokens}
+              "tokens_per_window": tokens, "linears": ",".join(RANDOM_SCOPE.linears), "prior": RANDOM_SCOPE.prior}
     return windows, record
 
 
 def textless_calibration(ck: Checkpoint, calib: SelfText | RandomTokens, tokens: int) -> tuple[np.ndarray, dict]:
-    """The windows of `tokens` ids that `--calib self` (CALIB_WINDOWS) or `--calib random` (RANDOM_WINDOWS)
-    names, and the manifest's record of them."""
+    """The windows that `--calib self` (CALIB_WINDOWS of `tokens` ids) or `--calib random` (RANDOM_WINDOWS
+    of RANDOM_TOKENS) names, and the manifest's record of them."""
     if isinstance(calib, SelfText):
         return self_calibration(ck, calib, CALIB_WINDOWS, tokens)
-    return random_calibration(ck.config, calib, RANDOM_WINDOWS, tokens)
+    return random_calibration(ck.config, calib, RANDOM_WINDOWS, RANDOM_TOKENS)

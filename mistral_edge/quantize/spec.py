@@ -191,6 +191,24 @@ def parse_calib(value: str | None) -> Calibration | None:
     return {SELF: SelfText(), RANDOM: RandomTokens()}.get(value) or Path(value)
 
 
+NO_CALIBRATION = "none"
+"""The `export --calib` value for the search's codes alone (a file of that name: `--calib ./none`)."""
+
+
+def budgeted(spec: QuantSpec) -> bool:
+    """A mixed int4 spec (the default): planned within TARGET_BITS, each tensor's rung where it buys the most KL."""
+    return spec.bits == 4 and spec.zero_point == "mixed"
+
+
+def export_calibration(value: str | None, spec: QuantSpec, target: str) -> Calibration | None:
+    """`export --calib`: parse_calib's value, None for "none", and when not given random tokens for a budgeted
+    int4 spec on an ONNX target (GPTQ on w13 with quantize/prior.py: on the off-grid SmolLM2 +5.6% instead of
+    +11.9%, Mistral 7B's export 542 s instead of 178 on 2 cores; docs/quantization.md), else None."""
+    if value is None:
+        return RandomTokens() if budgeted(spec) and target != "mlc" else None
+    return None if value == NO_CALIBRATION else parse_calib(value)
+
+
 def chooses_plan(calib: Calibration) -> bool:
     """Whether the calibration also picks the plan's int8 upgrades (calibrate.calibrated_plan): not for
     random tokens, whose sensitivities were not measured, and at 7B that pass is the export's longest."""

@@ -257,7 +257,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     """
     target = req.target
     mlc = target.name == "mlc"
-    sinks = 0 if mlc else resolve_sinks(ck, req.sinks)
+    sinks = 0 if mlc else resolve_sinks(ck, req.sinks, req.window)
     window, chunk = resolve_window(ck, req.window, req.chunk, sinks)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
     budget, usable = check_budget(ck.config, plan, window, chunk, req)
@@ -313,7 +313,8 @@ def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant
     anything is written."""
     if req.calib is None:
         return None, None, plan
-    from ..quantize.calibrate import CALIB_TOKENS, CALIB_WINDOWS, LayerwiseGptq, calibrated_plan, calibration_windows
+    from ..quantize.calibrate import (CALIB_TOKENS, CALIB_WINDOWS, LayerwiseGptq, calibrated_plan, calibration_windows,
+                                      gptq_scope)
     from ..quantize.selfgen import textless_calibration
     from ..quantize.spec import RandomTokens, SelfText, chooses_plan
     from ..tokenizer import Tokenizer
@@ -327,7 +328,7 @@ def _calibration(ck: Checkpoint, req: BundleRequest, plan: dict[str, TensorQuant
         windows, record = calibration_windows(req.calib, tokenizer)
     if chooses_plan(req.calib):
         plan = calibrated_plan(ck, req.quant, windows)
-    return LayerwiseGptq(ck, plan, windows).codes, record, plan
+    return LayerwiseGptq(ck, plan, windows, scope=gptq_scope(req.calib)).codes, record, plan
 
 
 def _plan_groups(plan: dict) -> dict:
