@@ -38,7 +38,7 @@ def test_export_peak_memory_is_about_one_layer(tmp_path_factory, quant):
     cfg = json.loads((model / "config.json").read_text())
     layer_bf16 = 2 * sum(math.prod(s) for name, s in scale.hf_shapes(cfg).items() if name.startswith("model.layers.0."))
     out = tmp_path_factory.mktemp("bundle") / "b"
-    r = subprocess.run([sys.executable, str(SCALE), "_export", str(model), str(out), "cpu", quant],
+    r = subprocess.run([sys.executable, str(SCALE), "_export", str(model), str(out), "cpu", quant, "none"],
                        capture_output=True, text=True, env=scale._env(), timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

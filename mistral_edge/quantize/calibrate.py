@@ -48,7 +48,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.cache import visible
 from ..model.reference import ReferenceModel, apply_rope, attend, rms_norm, rope_tables
 from ..tokenizer import Tokenizer
-from .gptq import BLOCK, DAMP, gptq_int4, hessian
+from .gptq import BLOCK, DAMP, Hessian, gptq_int4, hessian
 from .int4 import Int4Weight, quantize_int4
 from .int8 import quantize_int8
 from .plan import LAYER_LINEARS, TensorQuant, int4_quant, quant_plan
@@ -393,6 +393,14 @@ class LayerwiseGptq:
         # no tensor needs a gradient (no_grad here would hold for the caller too while the pass is suspended)
         yield from _decoder_pass(self.cfg, self.weights, self.tokens, self._linear, "output" in self.names)
 
+    def _hessian(self, name: str, x: torch.Tensor, group_size: int) -> Hessian:
+        """The Hessian of a linear's inputs x, shrunk toward the prior if the scope has one and x is the
+        normed residual stream."""
+        h, role = hessian(x, group_size), name.split(".", 2)[-1]
+        if self.prior is None or role not in NORMED_INPUTS:
+            return h
+        return h.shrunk(self.prior.of(self.weights[name.replace(role, NORMED_INPUTS[role])]), self.scope.prior)
+
     def _linear(self, name: str, x: torch.Tensor):
         """x @ W.T with the plan's quantized W (int4: GPTQ codes on x's Hessian), yielding the codes
         (while the export stores them, the pass holds nothing else of this linear)."""
@@ -406,11 +414,9 @@ class LayerwiseGptq:
             del w, x
             yield name, None
             return y
-        if role in self.scope.linears:
-            h = hessian(x, tq.group_size)
-            if self.prior is not None and role in NORMED_INPUTS:
-                h = h.shrunk(self.prior.of(self.weights[name.replace(role, NORMED_INPUTS[role])]), self.scope.prior)
-            codes = gptq_int4(w, h, tq.group_size, tq.zero_point, tq.method, self.act_order, scale_bits=tq.scale_bits)
+        if role in self.scope.linears:  # the Hessian is an argument, so the suspended pass does not hold it
+            codes = gptq_int4(w, self._hessian(name, x, tq.group_size), tq.group_size, tq.zero_point, tq.method,
+                              self.act_order, scale_bits=tq.scale_bits)
         else:  # the codes the export would store without calibration
             codes = quantize_int4(w, tq.group_size, tq.zero_point, tq.method, tq.act_scale, tq.scale_bits)
         del w
