@@ -393,10 +393,10 @@ class LayerwiseGptq:
         # no tensor needs a gradient (no_grad here would hold for the caller too while the pass is suspended)
         yield from _decoder_pass(self.cfg, self.weights, self.tokens, self._linear, "output" in self.names)
 
-    def _hessian(self, name: str, x: torch.Tensor, group_size: int) -> Hessian:
+    def _hessian(self, name: str, role: str, x: torch.Tensor, group_size: int) -> Hessian:
         """The Hessian of a linear's inputs x, shrunk toward the prior if the scope has one and x is the
         normed residual stream."""
-        h, role = hessian(x, group_size), name.split(".", 2)[-1]
+        h = hessian(x, group_size)
         if self.prior is None or role not in NORMED_INPUTS:
             return h
         return h.shrunk(self.prior.of(self.weights[name.replace(role, NORMED_INPUTS[role])]), self.scope.prior)
@@ -415,7 +415,7 @@ class LayerwiseGptq:
             yield name, None
             return y
         if role in self.scope.linears:  # the Hessian is an argument, so the suspended pass does not hold it
-            codes = gptq_int4(w, self._hessian(name, x, tq.group_size), tq.group_size, tq.zero_point, tq.method,
+            codes = gptq_int4(w, self._hessian(name, role, x, tq.group_size), tq.group_size, tq.zero_point, tq.method,
                               self.act_order, scale_bits=tq.scale_bits)
         else:  # the codes the export would store without calibration
             codes = quantize_int4(w, tq.group_size, tq.zero_point, tq.method, tq.act_scale, tq.scale_bits)
