@@ -24,6 +24,13 @@ computed over tokens its queries no longer see), and at what cost: L re-prefille
 W - S - L generated (the sinks' keys do not change, they see only each other at 0..S-1). Every
 row also prints the whole-window PPL of all its predictions (compare's metric; those from
 positions < W are full attention's) and both figures against full attention.
+
+`--pool 128,192` adds, for each sink count S, each pool size P and each step size of
+`--pool-chunk` (default 1: decode), the cache that keeps the P most-attended keys beside the
+sinks and a ring of W - S - P (model/cache.py, docs/cache.md "A pool of the most-attended
+keys"). It is computed here layer by layer, since what a layer keeps depends only on its own
+attention: from the layer's scores over the whole sequence, as sets of positions, without the
+cache's slots (`pool_visibility`; tests/test_cache.py checks it against ReferenceModel's cache).
 """
 
 from __future__ import annotations
@@ -45,9 +52,39 @@ from mistral_edge.model.reference import apply_rope, rms_norm, rope_tables
 from mistral_edge.tokenizer import Tokenizer
 
 
+def pool_visibility(scores: torch.Tensor, window: int, sinks: int, pool: int, group: int,
+                    chunk: int = 1) -> torch.Tensor:
+    """[Hkv, T, T] which key each query sees under the pooled cache fed `chunk` tokens a step, from
+    one layer's causal scores [Hq, T, T] (scaled, -inf above the diagonal), kept as sets of positions:
+    before a step, the keys its tokens push out of the ring of R = W - S - P compete with the pool's
+    by mean attention received per query so far (free places first, then the pool's keys on a tie);
+    the P best form the pool. A query sees the sinks, the pool and the last R positions."""
+    heads, T = scores.shape[0] // group, scores.shape[1]
+    ring, k = window - sinks - pool, torch.arange(T)
+    seen = torch.zeros(heads, T, T, dtype=torch.bool)
+    pooled, received = torch.zeros(heads, T, dtype=torch.bool), torch.zeros(heads, T)
+    for start in range(0, T, chunk):
+        q = torch.arange(start, min(start + chunk, T))
+        leaving = q - ring
+        leaving = leaving[leaving >= sinks]
+        if len(leaving):
+            members = k.expand(heads, T)[pooled].view(heads, -1)  # [Hkv, n] in position order
+            cand = torch.cat([torch.full((heads, pool - members.shape[1]), -1), members,
+                              leaving.expand(heads, -1)], 1)
+            mean = (received / (start - k).clamp(min=1)).gather(1, cand.clamp(min=0))
+            mean = torch.where(cand >= 0, mean, float("-inf"))
+            best = cand.gather(1, torch.sort(mean, dim=1, descending=True, stable=True).indices[:, :pool])
+            pooled = torch.zeros_like(pooled).scatter_(1, best.clamp(min=0), best >= 0)
+        seen[:, q] = ((k[None] <= q[:, None]) & ((k[None] < sinks) | (k[None] > q[:, None] - ring)))[None] \
+            | pooled[:, None]
+        rows = scores[:, q].masked_fill(~seen[:, q].repeat_interleave(group, 0), float("-inf"))
+        received += torch.softmax(rows, -1).view(heads, group, len(q), T).sum((1, 2))
+    return seen
+
+
 @torch.no_grad()
 def token_nll(ck, w: dict, tokens: np.ndarray, window: int, sinks: int, rebase: bool,
-              first: int = 0) -> torch.Tensor:
+              first: int = 0, pool: int = 0, chunk: int = 1) -> torch.Tensor:
     """NLL of each prediction from position `first` on (the head runs on those rows only)."""
     c, T = ck.config, len(tokens)
     pos = torch.arange(T)
@@ -63,7 +100,13 @@ def token_nll(ck, w: dict, tokens: np.ndarray, window: int, sinks: int, rebase: 
                    for n in ("wq", "wk", "wv")]
         k = apply_rope(k, cos, sin).repeat_interleave(c.gqa_ratio, 1)
         v = v.repeat_interleave(c.gqa_ratio, 1)
-        if rebase and sinks:
+        if pool:
+            scores = (apply_rope(q, cos, sin) @ k.transpose(-1, -2))[0] * c.head_dim ** -0.5
+            seen = pool_visibility(scores.masked_fill(pos[None, :] > pos[:, None], float("-inf")), window, sinks,
+                                   pool, c.gqa_ratio, chunk)
+            out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v,
+                                                 attn_mask=seen.repeat_interleave(c.gqa_ratio, 0)[None])
+        elif rebase and sinks:
             scores = torch.where(sink_cols, apply_rope(q, cos_in_cache, sin_in_cache) @ k.transpose(-1, -2),
                                  apply_rope(q, cos, sin) @ k.transpose(-1, -2))
             out = torch.softmax((scores * c.head_dim ** -0.5).masked_fill(~mask, float("-inf")), -1) @ v
@@ -108,6 +151,10 @@ def main() -> None:
                     help="also the re-computation bound on every STRIDE-th prediction (0: off)")
     ap.add_argument("--reprefill", default="", metavar="L,...",
                     help="also the re-prefill policy for each sink count and each kept-token count L")
+    ap.add_argument("--pool", default="", metavar="P,...",
+                    help="also the cache with a pool of the P most-attended keys, for each sink count and P")
+    ap.add_argument("--pool-chunk", default="1", metavar="C,...",
+                    help="the pool rows' step sizes (1: decode; compare prefills min(128, W - S - P) a step)")
     args = ap.parse_args()
     ck = load_checkpoint(None)
     w = {k: v.float() for k, v in ck.weights.items()}
@@ -124,6 +171,9 @@ def main() -> None:
             for name, (window, S, rb) in patterns.items()}
     rows |= {f"W={W} S={S} re-prefill L={L}": partial(reprefill_nll, ck, w, window=W, sinks=S, keep=L)
              for S in sinks for L in (int(x) for x in args.reprefill.split(",") if x)}
+    rows |= {f"W={W} S={S} pool P={P} C={C}": partial(token_nll, ck, w, window=W, sinks=S, rebase=False, pool=P, chunk=C)
+             for S in sinks for P in (int(x) for x in args.pool.split(",") if x)
+             for C in (int(x) for x in args.pool_chunk.split(","))}
     # interleaved over the windows, so that a run cut short still samples all of them
     sample = [(i, p) for p in range(W, args.ctx - 1, args.recompute) for i in range(len(windows))] \
         if args.recompute else []

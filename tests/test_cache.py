@@ -231,3 +231,85 @@ def test_sink_positions_reprefill_scores_what_the_policy_runs_through_a_real_cac
     full = bench.token_nll(ck, w, t, T, 0, False)
     torch.testing.assert_close(dense[:W], full[:W], atol=1e-4, rtol=1e-4)
     assert (dense[W:] - full[W:]).abs().max() > 1e-2  # past W the policy sees less than everything
+
+
+def load_sink_positions():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sink_positions.py"
+    spec = importlib.util.spec_from_file_location("sink_positions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+P = 5
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """The tiny model with queries scaled up, so that some keys draw far more attention than others
+    and the pool's choice is not the ring's order (checked below)."""
+    model = tiny_hf_mistral(window=W)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+    return checkpoint_of(model)
+
+
+def pooled_positions(cache, layer: int) -> torch.Tensor:
+    return cache.slot_positions(layer)[:, :, S:S + P]
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_pool_cache_equals_the_dense_policy(sharp, chunk):
+    """ReferenceModel's pooled cache fed `chunk` tokens a step against benchmarks/sink_positions.py's
+    dense computation of the same policy from each layer's whole-sequence scores (sets of positions,
+    no slots)."""
+    bench = load_sink_positions()
+    T = 64
+    t = np.asarray(sequences(11, [T])[0])
+    w = {k: v.float() for k, v in sharp.weights.items()}
+    dense = bench.token_nll(sharp, w, t, W, S, False, pool=P, chunk=chunk)
+    ref = ReferenceModel(sharp.config, sharp.weights)
+    cache = ref.new_cache(window=W, sinks=S, pool=P)
+    logits = ref.prefill(torch.as_tensor(t)[None], cache, chunk=chunk)
+    step = -torch.log_softmax(logits[0, :-1], -1)[torch.arange(T - 1), torch.as_tensor(t[1:])]
+    torch.testing.assert_close(step, dense, atol=1e-4, rtol=1e-4)
+    full, sinks_only = bench.token_nll(sharp, w, t, T, 0, False), bench.token_nll(sharp, w, t, W, S, False)
+    torch.testing.assert_close(dense[:W], full[:W], atol=1e-4, rtol=1e-4)  # nothing dropped before W keys
+    assert (dense[W:] - sinks_only[W:]).abs().max() > 1e-2
+    # the pool kept older keys than some it dropped: a choice by attention, not the ring's order
+    ring_start = T - (W - S - P)
+    kept = [pooled_positions(cache, i) for i in range(sharp.config.n_layers)]
+    assert all(((k >= S) & (k < ring_start)).all() for k in kept)
+    assert any((k.amin(-1) < ring_start - P).any() for k in kept)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_pool_cache_batch_and_padding_hold_w_distinct_keys(sharp, chunk):
+    """Two rows of different lengths, padded, give each row's own logits; every kv head holds at most
+    W distinct keys (sinks, pool and ring never hold a key twice), the pool at most P."""
+    ref = ReferenceModel(sharp.config, sharp.weights)
+    a, b = sequences(12, [50, 37])
+    cache = ref.new_cache(batch=2, window=W, sinks=S, pool=P)
+    outs = [ref.forward(torch.as_tensor(tokens), cache, torch.as_tensor(valid)) for tokens, valid in batched(a, b, chunk)]
+    got = torch.cat(outs, 1)
+    for row, seq in enumerate((a, b)):
+        alone = ref.prefill(torch.tensor([seq]), ref.new_cache(window=W, sinks=S, pool=P), chunk)[0]
+        torch.testing.assert_close(got[row, :len(seq)], alone, atol=1e-4, rtol=1e-4)
+    for i in range(sharp.config.n_layers):
+        held = cache.slot_positions(i)
+        for row, seq in enumerate((a, b)):
+            for h in range(held.shape[1]):
+                keys = held[row, h][held[row, h] >= 0]
+                assert len(keys) == W and len(set(keys.tolist())) == W and keys.max() == len(seq) - 1
+    assert cache.nbytes == ref.new_cache(batch=2, window=W, sinks=S, pool=P).nbytes  # fixed by W
+
+
+def test_pool_bounds(sharp):
+    ref = ReferenceModel(sharp.config, sharp.weights)
+    with pytest.raises(ValueError, match="sinks \\+ pool"):
+        ref.new_cache(window=W, sinks=S, pool=W - S)
+    with pytest.raises(EdgeError, match="ring of 4 slots"):
+        ref.forward(torch.zeros((1, 5), dtype=torch.long), ref.new_cache(window=W, sinks=S, pool=W - S - 4))

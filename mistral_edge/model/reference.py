@@ -43,20 +43,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-           bias: torch.Tensor) -> torch.Tensor:
+           bias: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Grouped-query attention of a chunk over the cache before it plus the chunk itself.
 
     q: [B, H, C, D]; k/v: the chunk's [B, Hkv, C, D]; past_k/v: the cache's [B, Hkv, W, D];
-    bias: [B, 1, C, W + C] (0 or -inf). The query heads sharing a KV head are stacked as rows
+    bias: [B, 1 or Hkv, C, W + C] (0 or -inf). The query heads sharing a KV head are stacked as rows
     of one matmul, so the cache is read once per step, never concatenated or repeated per head.
+    With `queries` ([B, C], the real queries), also returns the attention mass [B, Hkv, W + C]
+    each key received from them, summed over the kv head's query heads (a pooled cache's score).
     """
     B, H, C, D = q.shape
     kv_heads, W = k.shape[1], past_k.shape[2]
     qg = q.reshape(B, kv_heads, H // kv_heads * C, D)
     scores = torch.cat([qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)], -1) * D**-0.5
     scores = scores.view(B, kv_heads, H // kv_heads, C, W + C) + bias[:, :, None]
-    p = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(q.dtype).view(B, kv_heads, -1, W + C)
-    return (p[..., :W] @ past_v + p[..., W:] @ v).view(B, H, C, D)
+    p = torch.softmax(scores.float(), -1).nan_to_num(0.0).to(q.dtype)
+    out = p.view(B, kv_heads, -1, W + C)
+    out = (out[..., :W] @ past_v + out[..., W:] @ v).view(B, H, C, D)
+    if queries is None:
+        return out
+    return out, (p.float() * queries[:, None, None, :, None]).sum((2, 3))
 
 
 class ReferenceModel:
@@ -77,11 +83,11 @@ class ReferenceModel:
         return self.cfg.sliding_window or self.cfg.max_position
 
     def new_cache(self, batch: int = 1, window: int | None = None, sinks: int = 0,
-                  kv_cache: str | None = None) -> RollingKVCache:
+                  kv_cache: str | None = None, pool: int = 0) -> RollingKVCache:
         """`kv_cache` (fp32, fp16 or int8; None: the compute dtype) emulates an export's cache storage."""
         c = self.cfg
         return RollingKVCache(c.n_layers, batch, c.n_kv_heads, window or self.window, c.head_dim, self.dtype,
-                              sinks, self.device, kv_cache)
+                              sinks, self.device, kv_cache, pool)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W.T for the layer weight `name`, or its replacement module when there is one."""
@@ -93,16 +99,16 @@ class ReferenceModel:
         """Run one chunk of [B, C] tokens through the model; returns logits [B, C, V]."""
         c = self.cfg
         B, C = tokens.shape
-        W, S = cache.window, cache.sinks
-        if C > W - S:
-            raise EdgeError(f"chunk of {C} tokens is larger than the window's ring of W - sinks = {W - S} slots")
+        W, S, P = cache.window, cache.sinks, cache.pool
+        if C > cache.ring:
+            raise EdgeError(f"chunk of {C} tokens is larger than the window's ring of {cache.ring} slots")
         dev = self.device
         n_valid = torch.full((B,), C, dtype=torch.long, device=dev) if n_valid is None else n_valid.long()
         qpos = cache.pos[:, None] + torch.arange(C, device=dev)  # [B, C]
         chunk_valid = torch.arange(C, device=dev) < n_valid[:, None]
-        kpos = torch.cat([cache.slot_positions(), torch.where(chunk_valid, qpos, -1)], 1)
-        seen = visible(kpos[:, None, :], qpos[:, :, None], W, S)
-        bias = torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill(~seen, float("-inf"))[:, None]
+        chunk_pos = torch.where(chunk_valid, qpos, -1)
+        if not P:
+            bias = self.bias(torch.cat([cache.slot_positions(), chunk_pos], 1)[:, None], qpos, W, S)
         cos, sin = rope_tables(qpos, c.head_dim, c.rope_theta)
         cos, sin = cos.to(self.dtype), sin.to(self.dtype)
 
@@ -114,15 +120,34 @@ class ReferenceModel:
             k = self.linear(x, p + "attention.wk.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             v = self.linear(x, p + "attention.wv.weight").view(B, C, c.n_kv_heads, c.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if P:  # the pool's keys differ by layer and kv head: so does what the chunk sees
+                moved = cache.admit(i, n_valid)
+                kpos = cache.slot_positions(i).masked_fill(moved, -1)
+                kpos = torch.cat([kpos, chunk_pos[:, None].expand(-1, c.n_kv_heads, -1)], 2)
+                bias = self.bias(kpos, qpos, W - P, S, pooled=slice(S, S + P))
             attn = attend(q, cache.stored(k), cache.stored(v), cache.keys(i, self.dtype), cache.values(i, self.dtype),
-                          bias)
-            cache.write(i, k, v, n_valid)
+                          bias, chunk_valid if P else None)
+            if P:
+                attn, mass = attn
+                cache.receive(i, mass[..., :W])
+                cache.write(i, k, v, n_valid, mass[..., W:])
+            else:
+                cache.write(i, k, v, n_valid)
             h = h + self.linear(attn.transpose(1, 2).reshape(B, C, -1), p + "attention.wo.weight")
             x = rms_norm(h, self.w[p + "ffn_norm.weight"], c.norm_eps).to(self.dtype)
             gate = F.silu(self.linear(x, p + "feed_forward.w1.weight")) * self.linear(x, p + "feed_forward.w3.weight")
             h = h + self.linear(gate, p + "feed_forward.w2.weight")
         cache.advance(n_valid)
         return (rms_norm(h, self.w["norm.weight"], c.norm_eps).to(self.dtype) @ self.head.T).float()
+
+    def bias(self, kpos: torch.Tensor, qpos: torch.Tensor, window: int, sinks: int,
+             pooled: slice | None = None) -> torch.Tensor:
+        """[B, heads, C, K] additive mask of keys at kpos [B, heads, K] for queries at qpos [B, C]: `visible`
+        under (window, sinks), and every held key of the `pooled` slots (a pool's keys are older than the ring's)."""
+        seen = visible(kpos[:, :, None, :], qpos[:, None, :, None], window, sinks)
+        if pooled is not None:
+            seen[..., pooled] = kpos[:, :, None, pooled] >= 0
+        return torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill(~seen, float("-inf"))
 
     def prefill(self, tokens: torch.Tensor, cache: RollingKVCache, chunk: int) -> torch.Tensor:
         """Process [B, T] tokens chunk by chunk; returns logits for every position [B, T, V]."""
