@@ -286,17 +286,18 @@ def test_pool_cache_equals_the_dense_policy(sharp, chunk):
     assert any((k.amin(-1) < ring_start - P).any() for k in kept)
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_pool_cache_batch_and_padding_hold_w_distinct_keys(sharp, chunk):
-    """Two rows of different lengths, padded, give each row's own logits; every kv head holds at most
-    W distinct keys (sinks, pool and ring never hold a key twice), the pool at most P."""
+@pytest.mark.parametrize("chunk,kv_cache", [(1, None), (4, None), (4, "int8")])
+def test_pool_cache_batch_and_padding_hold_w_distinct_keys(sharp, chunk, kv_cache):
+    """Two rows of different lengths, padded, give each row's own logits; every kv head holds
+    W distinct keys (sinks, pool and ring never hold a key twice); an int8 cache's pool holds
+    the codes and scales its keys had in the ring."""
     ref = ReferenceModel(sharp.config, sharp.weights)
     a, b = sequences(12, [50, 37])
-    cache = ref.new_cache(batch=2, window=W, sinks=S, pool=P)
+    cache = ref.new_cache(batch=2, window=W, sinks=S, pool=P, kv_cache=kv_cache)
     outs = [ref.forward(torch.as_tensor(tokens), cache, torch.as_tensor(valid)) for tokens, valid in batched(a, b, chunk)]
     got = torch.cat(outs, 1)
     for row, seq in enumerate((a, b)):
-        alone = ref.prefill(torch.tensor([seq]), ref.new_cache(window=W, sinks=S, pool=P), chunk)[0]
+        alone = ref.prefill(torch.tensor([seq]), ref.new_cache(window=W, sinks=S, pool=P, kv_cache=kv_cache), chunk)[0]
         torch.testing.assert_close(got[row, :len(seq)], alone, atol=1e-4, rtol=1e-4)
     for i in range(sharp.config.n_layers):
         held = cache.slot_positions(i)
@@ -304,7 +305,10 @@ def test_pool_cache_batch_and_padding_hold_w_distinct_keys(sharp, chunk):
             for h in range(held.shape[1]):
                 keys = held[row, h][held[row, h] >= 0]
                 assert len(keys) == W and len(set(keys.tolist())) == W and keys.max() == len(seq) - 1
-    assert cache.nbytes == ref.new_cache(batch=2, window=W, sinks=S, pool=P).nbytes  # fixed by W
+    assert cache.nbytes == ref.new_cache(batch=2, window=W, sinks=S, pool=P, kv_cache=kv_cache).nbytes  # fixed by W
+    if kv_cache == "int8":  # the pool moved each key's scale with its codes: close to the float cache
+        fp32 = ref.prefill(torch.tensor([a]), ref.new_cache(window=W, sinks=S, pool=P), chunk)[0]
+        assert (got[0, :len(a)] - fp32).abs().max() < 0.05  # 0.004 here; 0.31 with the scales left behind
 
 
 def test_pool_bounds(sharp):

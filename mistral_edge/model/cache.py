@@ -4,7 +4,8 @@ What it stores: for each layer, keys (after RoPE) and values of shape
 [batch, n_kv_heads, W, head_dim]. The first `sinks` slots (S) hold positions 0..S-1 for ever
 (StreamingLLM's attention sinks); the other R = W - S slots are a ring: position p >= S lives
 in slot S + (p - S) mod R. `pos[b]` counts the tokens sequence b has written so far, from which
-`slot_positions` recovers the position every slot holds, so no position table is stored.
+`slot_positions` recovers the position every slot holds, so no position table is stored (but
+for a pool's slots, below).
 A query at p sees the sinks and the last R positions (`visible`); S = 0 is the plain window.
 
 With a pool of P slots (`pool`, docs/cache.md "A pool of the most-attended keys"), slots
@@ -140,8 +141,7 @@ class RollingKVCache:
 
     def receive(self, layer: int, mass: torch.Tensor) -> None:
         """Add the attention mass [batch, n_kv_heads, W] a chunk's queries gave the cache's slots."""
-        if self.pool:
-            self.received[layer] += mass
+        self.received[layer] += mass
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, n_valid: torch.Tensor,
               mass: torch.Tensor | None = None) -> None:
