@@ -203,15 +203,20 @@ def test_inspect_shows_sinks_and_exactness(tmp_path, capsys):
     assert any(line.split()[:4] == ["│", "sinks", "│", "0"] for line in out.splitlines())
 
 
-def test_sink_positions_reprefill_scores_what_the_policy_runs_through_a_real_cache(ck):
-    """benchmarks/sink_positions.py's dense re-prefill rows against the policy run token by token:
-    a fresh cache rebuilt from the sinks and the last L tokens by a chunked prefill whenever it is full."""
+def load_sink_positions():
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "sink_positions.py"
     spec = importlib.util.spec_from_file_location("sink_positions", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sink_positions_reprefill_scores_what_the_policy_runs_through_a_real_cache(ck):
+    """benchmarks/sink_positions.py's dense re-prefill rows against the policy run token by token:
+    a fresh cache rebuilt from the sinks and the last L tokens by a chunked prefill whenever it is full."""
+    bench = load_sink_positions()
     T, L = 64, 6
     t = np.asarray(sequences(7, [T])[0])
     w = {k: v.float() for k, v in ck.weights.items()}
@@ -231,16 +236,6 @@ def test_sink_positions_reprefill_scores_what_the_policy_runs_through_a_real_cac
     full = bench.token_nll(ck, w, t, T, 0, False)
     torch.testing.assert_close(dense[:W], full[:W], atol=1e-4, rtol=1e-4)
     assert (dense[W:] - full[W:]).abs().max() > 1e-2  # past W the policy sees less than everything
-
-
-def load_sink_positions():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sink_positions.py"
-    spec = importlib.util.spec_from_file_location("sink_positions", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 P = 5
