@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import EdgeError
 
-GRAPH_CONTRACT_VERSION = 4
+GRAPH_CONTRACT_VERSION = 5
 """The decoder-step interface version; a runtime refuses any other ("export again")."""
 META_PREFIX = "mistral_edge."
 """Every metadata key the exporter writes starts with this."""
@@ -36,18 +36,20 @@ def check_kv_cache(kv_cache: str, activations: str, flag: str = "--activations")
                         f"use --kv-cache fp16 or int8, or {flag} fp32")
 
 
-def layer_cache_names(layer: int, sinks: int = 0, kv_cache: str = "fp32") -> list[str]:
-    """'key.i', 'value.i' (an int8 cache: then 'key_scale.i', 'value_scale.i'), and with sinks the
-    same again prefixed 'sink_': the graph has past_<name> inputs and present_<name> outputs, and
-    its attention node takes them in this order."""
+def layer_cache_names(layer: int, sinks: int = 0, kv_cache: str = "fp32", pool: int = 0) -> list[str]:
+    """'key.i', 'value.i' (an int8 cache: then 'key_scale.i', 'value_scale.i'); with sinks the same
+    again prefixed 'sink_'; with a pool 'mass.i' (what each ring slot's key has received), the key
+    and value tensors again prefixed 'pool_', then 'pool_mass.i' and 'pool_pos.i'. The graph has
+    past_<name> inputs and present_<name> outputs, and its attention node takes them in this order."""
     kinds = ["key", "value"] + (["key_scale", "value_scale"] if kv_cache == "int8" else [])
-    kinds += [f"sink_{kind}" for kind in kinds] if sinks else []
-    return [f"{kind}.{layer}" for kind in kinds]
+    names = kinds + ([f"sink_{kind}" for kind in kinds] if sinks else [])
+    names += ["mass", *(f"pool_{kind}" for kind in kinds), "pool_mass", "pool_pos"] if pool else []
+    return [f"{kind}.{layer}" for kind in names]
 
 
-def cache_names(n_layers: int, sinks: int = 0, kv_cache: str = "fp32") -> list[str]:
+def cache_names(n_layers: int, sinks: int = 0, kv_cache: str = "fp32", pool: int = 0) -> list[str]:
     """Every layer's `layer_cache_names`, in layer order."""
-    return [name for i in range(n_layers) for name in layer_cache_names(i, sinks, kv_cache)]
+    return [name for i in range(n_layers) for name in layer_cache_names(i, sinks, kv_cache, pool)]
 
 
 def sink_names(n_layers: int, kv_cache: str = "fp32") -> list[str]:
@@ -59,11 +61,28 @@ def is_scale(name: str) -> bool:
     return name.split(".")[0].endswith("_scale")
 
 
+def is_per_slot(name: str) -> bool:
+    """A cache tensor of one number per slot ([B, Hkv, slots, 1]): an int8 scale, a mass, a pool position."""
+    return is_scale(name) or name.split(".")[0] in ("mass", "pool_mass", "pool_pos")
+
+
 def cache_dtype(name: str, kv_cache: str) -> str:
-    """The numpy dtype name of cache tensor `name` in a `kv_cache` cache."""
+    """The numpy dtype name of cache tensor `name` in a `kv_cache` cache: a pool's masses are float32,
+    its positions int64 (position + 1: 0 is an empty slot, as a zeroed buffer is)."""
+    kind = name.split(".")[0]
+    if kind in ("mass", "pool_mass"):
+        return "float32"
+    if kind == "pool_pos":
+        return "int64"
     if kv_cache == "int8":
         return "float16" if is_scale(name) else "int8"
     return _FLOATS[kv_cache]
+
+
+def fixed_slots(name: str, sinks: int, pool: int) -> int:
+    """The slots of cache tensor `name` when they are allocated once (the sinks' S, the pool's P);
+    0 for the ring's, which a runtime grows up to W - S - P."""
+    return sinks if name.startswith("sink_") else pool if name.startswith("pool_") else 0
 
 
 def slot_bytes(head_dim: int, kv_cache: str) -> int:
@@ -76,9 +95,9 @@ class CacheTensor:
     """One cache tensor as a runtime allocates it: [B, Hkv, slots, width] of `dtype`."""
 
     name: str  # a cache_names name: past_<name> in, present_<name> out
-    dtype: str  # numpy dtype name: float32, float16 or int8
-    sink: bool  # slots: the S sinks (allocated once); otherwise the ring, grown up to W - S
-    width: int  # head_dim, or 1 for a scale
+    dtype: str  # numpy dtype name: float32, float16, int8 or int64
+    fixed: int  # slots allocated once (the S sinks, the P of a pool); 0: the ring's, grown up to W - S - P
+    width: int  # head_dim, or 1 (is_per_slot)
 
 
 @dataclass(frozen=True)
@@ -95,27 +114,28 @@ class GraphInfo:
     kv_cache: str  # one of KV_CACHES: how every cache tensor stores keys and values
     sinks: int = 0  # attention sinks: cache slots holding positions 0..sinks-1 for ever (< window)
     trained_window: int = 0  # the model's own sliding window; 0: trained with full attention
+    pool: int = 0  # cache slots holding the most-attended keys that left the ring (docs/cache.md)
 
     def __post_init__(self) -> None:
         check_kv_cache(self.kv_cache, self.activation_dtype)
 
     @property
     def ring(self) -> int:
-        """Slots of the rolling part of the cache (W - sinks): the most a prefill chunk may hold."""
-        return self.window - self.sinks
+        """Slots of the rolling part of the cache (W - sinks - pool): the most a prefill chunk may hold."""
+        return self.window - self.sinks - self.pool
 
     @property
     def cache_tensors(self) -> list[CacheTensor]:
         """Every cache tensor, in `cache_names` order."""
-        return [CacheTensor(name, cache_dtype(name, self.kv_cache), name.startswith("sink_"),
-                            1 if is_scale(name) else self.head_dim)
-                for name in cache_names(self.n_layers, self.sinks, self.kv_cache)]
+        return [CacheTensor(name, cache_dtype(name, self.kv_cache), fixed_slots(name, self.sinks, self.pool),
+                            1 if is_per_slot(name) else self.head_dim)
+                for name in cache_names(self.n_layers, self.sinks, self.kv_cache, self.pool)]
 
     @property
     def exact(self) -> bool:
         """Whether the cache computes the model's own attention at every length: a model trained
         with this very window and no sinks. Otherwise it is exact up to W tokens only."""
-        return self.trained_window == self.window and not self.sinks
+        return self.trained_window == self.window and not self.sinks and not self.pool
 
     def to_metadata(self) -> dict[str, str]:
         return {META_PREFIX + "graph_contract": str(GRAPH_CONTRACT_VERSION),
@@ -134,7 +154,7 @@ class GraphInfo:
             if raw is None:
                 raise EdgeError(f"{source}: not a mistral-edge decoder graph (metadata {META_PREFIX}{f.name} missing)")
             if f.type == "int":
-                low = 0 if f.name in ("sinks", "trained_window") else 1
+                low = 0 if f.name in ("sinks", "trained_window", "pool") else 1
                 if not raw.isdigit() or int(raw) < low or len(raw) > 12:
                     raise EdgeError(f"{source}: graph metadata {f.name} is {raw!r}, expected an integer >= {low}")
                 values[f.name] = int(raw)
@@ -146,20 +166,23 @@ class GraphInfo:
             check_kv_cache(values["kv_cache"], values["activation_dtype"])
         except EdgeError as e:
             raise EdgeError(f"{source}: graph metadata kv_cache: {e}") from None
-        if values["sinks"] >= values["window"] or values["chunk"] > values["window"] - values["sinks"]:
-            raise EdgeError(f"{source}: graph metadata sinks {values['sinks']} and chunk {values['chunk']} do not "
-                            f"fit the window {values['window']}")
+        ring = values["window"] - values["sinks"] - values["pool"]
+        if ring < 1 or values["chunk"] > ring:
+            raise EdgeError(f"{source}: graph metadata sinks {values['sinks']}, pool {values['pool']} and chunk "
+                            f"{values['chunk']} do not fit the window {values['window']}")
         return cls(**values)
 
 
-def attention_note(trained_window: int | None, window: int | None, sinks: int = 0) -> tuple[str, str]:
-    """(how the model was trained, what a W-slot cache with `sinks` computes), for `info` and `inspect`."""
+def attention_note(trained_window: int | None, window: int | None, sinks: int = 0, pool: int = 0) -> tuple[str, str]:
+    """(how the model was trained, what a W-slot cache with `sinks` and `pool` computes), for `info` and `inspect`."""
     trained = f"sliding window of {trained_window}" if trained_window else "full attention (no window)"
     if window is None:
         return trained, "no window chosen: give --window"
-    if trained_window == window and not sinks:
+    if trained_window == window and not sinks and not pool:
         return trained, f"W={window}: exact (the model's own window)"
-    kept = f"{sinks} sinks + the last {window - sinks} tokens" if sinks else f"the last {window} tokens"
+    kept = [f"{sinks} sinks"] if sinks else []
+    kept += [f"a pool of the {pool} most-attended older tokens"] if pool else []
+    kept = " + ".join(kept + [f"the last {window - sinks - pool} tokens"])
     return trained, f"W={window}: exact up to {window} tokens, an approximation past them ({kept})"
 
 

@@ -178,6 +178,7 @@ class Manifest:
     kv_cache: str | None = None
     """The KV cache's storage (contract.KV_CACHES: fp32, fp16 or int8); None, in a manifest written before
     graph contract 4, reads as the activation type."""
+    pool: int = 0  # of the W slots, how many keep the most-attended keys that left the ring (docs/cache.md)
     manifest_sha256: str | None = dataclasses.field(default=None, compare=False)
     """The digest as read from manifest.json; None for a manifest built in memory (to_json writes the true one)."""
     content_sha256: str | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
@@ -190,8 +191,10 @@ class Manifest:
             raise EdgeError(f"written by {self.toolkit.name!r}, not {TOOLKIT}")
         if not 0 <= self.sinks < self.window:
             raise EdgeError(f"sinks {self.sinks} must be between 0 and the window {self.window} - 1")
-        if not 0 < self.chunk <= self.window - self.sinks:
-            raise EdgeError(f"chunk {self.chunk} must be between 1 and the window {self.window} minus its sinks")
+        if not 0 <= self.pool < self.window - self.sinks:
+            raise EdgeError(f"pool {self.pool} must be between 0 and the window {self.window} minus its sinks, minus 1")
+        if not 0 < self.chunk <= self.window - self.sinks - self.pool:
+            raise EdgeError(f"chunk {self.chunk} must be between 1 and the window {self.window} minus its sinks and pool")
         if self.activation_dtype not in ACTIVATION_DTYPES:
             raise EdgeError(f"activation_dtype {self.activation_dtype!r}: expected one of {', '.join(ACTIVATION_DTYPES)}")
         if self.kv_cache is None:

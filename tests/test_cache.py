@@ -157,7 +157,7 @@ def test_graph_metadata_sinks_and_trained_window(ck, tmp_path):
     for bad in ("16", "-1", "x"):
         with pytest.raises(EdgeError, match="sinks"):
             GraphInfo.from_metadata({**meta, "mistral_edge.sinks": bad}, "m")
-    with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 4; export the model again"):
+    with pytest.raises(EdgeError, match="graph contract 2, this runtime runs version 5; export the model again"):
         GraphInfo.from_metadata({**meta, "mistral_edge.graph_contract": "2"}, "m")
 
 
@@ -312,3 +312,96 @@ def test_pool_bounds(sharp):
         ref.new_cache(window=W, sinks=S, pool=W - S)
     with pytest.raises(EdgeError, match="ring of 4 slots"):
         ref.forward(torch.zeros((1, 5), dtype=torch.long), ref.new_cache(window=W, sinks=S, pool=W - S - 4))
+
+
+def pooled_export(ck, path, chunk: int, kv_cache: str | None = None, activations: str = "fp32", sinks: int = S):
+    export_onnx(ck, parse_quant("fp32"), path, window=W, chunk=chunk, sinks=sinks, pool=P, kv_cache=kv_cache,
+                activations=activations)
+    return path
+
+
+@pytest.mark.parametrize("chunk,kv_cache,activations,sinks", [(1, None, "fp32", S), (4, None, "fp32", S),
+                                                              (W - S - P, None, "fp32", S), (4, "int8", "fp32", S),
+                                                              (4, None, "fp16", S), (4, None, "fp32", 0)])
+def test_graph_with_a_pool_matches_reference(sharp, tmp_path, chunk, kv_cache, activations, sinks):
+    """The pooled graph (function body) against ReferenceModel's pooled cache, two rows of different
+    lengths padded: the same logits, and every layer's pool holds the same positions in the same slots."""
+    model = pooled_export(sharp, tmp_path / "m.onnx", chunk, kv_cache, activations, sinks)
+    session = DecoderSession(model, batch=2)
+    assert (session.pool, session.ring) == (P, W - sinks - P)
+    assert session.attention_path == "function body (the native kernel keeps no pool)"
+    ref = ReferenceModel(sharp.config, sharp.weights)
+    cache = ref.new_cache(batch=2, window=W, sinks=sinks, pool=P, kv_cache=kv_cache)
+    a, b = sequences(12, [50, 37])
+    for tokens, valid in batched(a, b, chunk):
+        got = session.step(tokens, valid, all_logits=True)
+        expected = ref.forward(torch.tensor(tokens), cache, torch.tensor(valid)).numpy()
+        for i, n in enumerate(valid):
+            if n:
+                assert_close(got[i, :n], expected[i, :n], activations)
+        for layer in range(sharp.config.n_layers):
+            np.testing.assert_array_equal(session._arrays[f"pool_pos.{layer}"][..., 0] - 1, cache.pool_pos[layer].numpy())
+    assert (cache.pool_pos[0] >= 0).all()  # the pools filled
+
+
+def test_pool_cache_is_updated_in_place_and_memory_is_fixed_by_w(sharp, tmp_path, capfd):
+    session = DecoderSession(pooled_export(sharp, tmp_path / "m.onnx", 4), config=SessionConfig(kernel="auto"))
+    tokens = sequences(3, [5 * W])[0]
+    for s in range(0, W, 4):
+        session.step(np.array([tokens[s:s + 4]]))
+    before = {k: v.data_ptr() for k, v in session.cache.items()}
+    cfg = sharp.config
+    size = cfg.n_layers * cfg.n_kv_heads * (2 * W * cfg.head_dim * 4 + 4 * (W - S) + 8 * P)  # K, V; masses; positions
+    assert session.cache_bytes == size
+    pools = []
+    for s in range(W, len(tokens), 4):
+        session.step(np.array([tokens[s:s + 4]]))
+        assert session.cache_bytes == size
+        pools.append(session._arrays["pool_key.0"].copy())
+    assert "in-place optimization not activated" not in capfd.readouterr().err
+    assert {k: v.data_ptr() for k, v in session.cache.items()} == before
+    assert any((x != y).any() for x, y in zip(pools, pools[1:]))  # keys entered the pool in place
+    session.reset()
+    assert session.positions.tolist() == [0] and not session._arrays["pool_pos.0"].any()
+    with pytest.raises(EdgeError, match="^the native kernel keeps no pool$"):
+        DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel="on"))
+
+
+def test_graph_metadata_and_bounds_of_a_pool(sharp, tmp_path):
+    from mistral_edge.contract import attention_note
+
+    info = DecoderSession(pooled_export(sharp, tmp_path / "m.onnx", 4)).info
+    assert (info.sinks, info.pool, info.ring, info.exact) == (S, P, W - S - P, False)
+    meta = info.to_metadata()
+    for bad in ("13", "-1", "x"):  # 13: no ring left beside 3 sinks
+        with pytest.raises(EdgeError, match="pool"):
+            GraphInfo.from_metadata({**meta, "mistral_edge.pool": bad}, "m")
+    with pytest.raises(EdgeError, match="pool must be between 0 and W - sinks - 1 = 12, got 13"):
+        resolve_window(sharp, W, None, S, W - S)
+    with pytest.raises(EdgeError, match="chunk size must be between 1 and the window W=16 minus its 3 sinks and pool of 5, 8, got 9"):
+        resolve_window(sharp, W, 9, S, P)
+    assert attention_note(None, 1024, 64, 512)[1] == ("W=1024: exact up to 1024 tokens, an approximation past them "
+                                                      "(64 sinks + a pool of the 512 most-attended older tokens + "
+                                                      "the last 448 tokens)")
+
+
+def test_snapshot_of_a_pooled_cache_past_the_ring_resumes_exactly(sharp, tmp_path):
+    """serve's capture / save / load / restore carry the pool and the masses; a pooled state is never truncated."""
+    from mistral_edge.serve.snapshot import TokenHistory, capture, load, restore, save
+
+    model = pooled_export(sharp, tmp_path / "m.onnx", 4)
+    tokens = sequences(4, [3 * W + 2])[0]
+    first, second = DecoderSession(model), DecoderSession(model, batch=2)
+    for s in range(0, 2 * W, 4):
+        first.step(np.array([tokens[s:s + 4]]))
+    state = capture(first, 0, TokenHistory.of(tokens[:2 * W], W))
+    assert state.cache["pool_key.0"].shape[1] == P and state.cache["mass.0"].shape[1] == W - S - P
+    save(tmp_path / "s.snap", state, first, "bundle")
+    restore(second, 1, load(tmp_path / "s.snap", second, "bundle"))
+    rest = np.array([tokens[2 * W:2 * W + 4]])
+    want = first.step(rest, all_logits=True).copy()
+    got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
+    assert np.abs(got - want).max() < 1e-5
+    short = DecoderSession(model)
+    short.step(np.array([tokens[:6]]))
+    assert capture(short, 0, TokenHistory.of(tokens[:6], W)).truncated(4, W) is None

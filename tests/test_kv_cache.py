@@ -183,7 +183,7 @@ def test_graph_types_names_and_op(ck, tmp_path):
                                                           *SINK_PLAN_INPUTS]
     assert list(fn.output) == ["output", *(f"present_{k}" for k in kinds)]
     meta = {p.key: p.value for p in model.metadata_props}
-    assert (meta["mistral_edge.kv_cache"], meta["mistral_edge.graph_contract"]) == ("int8", "4")
+    assert (meta["mistral_edge.kv_cache"], meta["mistral_edge.graph_contract"]) == ("int8", "5")
 
     model = onnx.load(str(graph(ck, tmp_path / "f.onnx", "fp16")))
     onnx.checker.check_model(model, full_check=True)
@@ -302,7 +302,7 @@ def test_bundle_records_the_cache_type(tmp_path, cli):  # noqa: F811
     m = export(ck, tmp_path / "b", "cpu", "int4", kv_cache="int8")
     assert m.kv_cache == "int8" and verify(tmp_path / "b") == []
     raw = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert raw["kv_cache"] == "int8" and raw["graph_contract"] == 4
+    assert raw["kv_cache"] == "int8" and raw["graph_contract"] == 5
     cfg = ck.config
     assert m.memory_budget.kv_cache_bytes == cfg.n_layers * 2 * cfg.n_kv_heads * W * (cfg.head_dim + 2)
     session = Bundle.open(tmp_path / "b").session()

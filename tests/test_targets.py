@@ -216,7 +216,7 @@ def test_manifest_round_trip(ck, bundles):
     assert read_manifest(path) == written
     m = json.loads((path / "manifest.json").read_text())  # the JSON format of docs/bundle-format.md
     assert m == written.to_json() and m["manifest_sha256"] == written.digest()
-    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 4 and m["sinks"] == 0
+    assert m["format_version"] == FORMAT_VERSION == 2 and m["graph_contract"] == GRAPH_CONTRACT_VERSION == 5 and m["sinks"] == 0
     assert m["toolkit"] == {"name": "mistral-edge", "version": mistral_edge.__version__}
     assert m["source"] == {"path": "fixture", "format": "hf", "sha256": None}  # not a file: nothing to hash
     assert ModelConfig.from_dict(m["config"]) == ck.config
@@ -540,7 +540,7 @@ def old_contract_bundle(path, version: int = 1):
 def test_older_graph_contracts_say_export_again(copy_of, cli, version):
     path = copy_of("cpu")
     old_contract_bundle(path, version)
-    message = f"model.onnx: graph contract {version}, this runtime runs version 4; export the model again"
+    message = f"model.onnx: graph contract {version}, this runtime runs version 5; export the model again"
     assert verify(path) == [message]
     assert_cli_rejects(cli, path, message)
 

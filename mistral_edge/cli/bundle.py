@@ -23,8 +23,8 @@ def inspect(bundle: BundleArg) -> None:
     m = read_manifest(bundle)
     rows = [(key, json.dumps(dataclasses.asdict(getattr(m, key)))) for key in ("toolkit", "source")]
     rows += [(key, "-" if getattr(m, key) is None else str(getattr(m, key)))
-             for key in ("window", "sinks", "chunk", "graph_contract", "model", "activation_dtype", "kv_cache")]
-    trained, cache = attention_note(m.config.sliding_window, m.window, m.sinks)
+             for key in ("window", "sinks", "pool", "chunk", "graph_contract", "model", "activation_dtype", "kv_cache")]
+    trained, cache = attention_note(m.config.sliding_window, m.window, m.sinks, m.pool)
     rows += [("trained with", trained), ("attention", cache)]
     rows.append(("quant", f"{m.quant.spec} ({m.quant.format})"))
     rows += [(f"  {group}", scheme) for group, scheme in m.quant.tensors.items()]

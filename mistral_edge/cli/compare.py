@@ -32,13 +32,13 @@ def _window_list(text: str | None, window: int | None) -> tuple[int, ...]:
         raise EdgeError(f"--windows takes comma-separated integers, e.g. 256,1024,4096; got {text!r}") from None
 
 
-def _sink_list(text: str | None) -> tuple[int, ...]:
+def _int_list(text: str | None, flag: str, example: str) -> tuple[int, ...]:
     if text is None:
         return ()
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise EdgeError(f"--sinks takes comma-separated integers, e.g. 0,4; got {text!r}") from None
+        raise EdgeError(f"{flag} takes comma-separated integers, e.g. {example}; got {text!r}") from None
 
 
 def compare(
@@ -54,6 +54,8 @@ def compare(
     windows: Annotated[Optional[str], typer.Option(help="sweep W, e.g. 256,1024,4096: each quant at each W")] = None,
     sinks: Annotated[Optional[str], typer.Option(help="sweep attention sinks, e.g. 0,4: each quant at each W with "
                                                       "each (default: the export's)")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="sweep the pool of most-attended tokens, e.g. 0,512: each quant "
+                                                     "at each W with each (default: none; docs/cache.md)")] = None,
     ctx: Annotated[int, typer.Option(help="tokens per perplexity window; above W, PPL is also split into "
                                           "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,
@@ -72,7 +74,8 @@ def compare(
     from ..compare.run import CompareRequest, run_compare  # torch: only when comparing
 
     req = CompareRequest(model=model, quants=quants, text=text, dataset=dataset,
-                         windows=_window_list(windows, window), sinks=_sink_list(sinks), ctx=ctx, n_windows=n_windows,
+                         windows=_window_list(windows, window), sinks=_int_list(sinks, "--sinks", "0,4"),
+                         pools=_int_list(pool, "--pool", "0,512"), ctx=ctx, n_windows=n_windows,
                          calib=parse_calib(calib), threads=threads, runs=runs, out=out, torch_rows=torch_rows,
                          trust_pickle=trust_pickle, device=device or "cpu")
     console = Console(stderr=True)

@@ -31,6 +31,9 @@ def export(
     chunk: ChunkOpt = None,
     sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
                                                       "(default: W/16 within 4..64 for a model trained without a window, else 0)")] = None,
+    pool: Annotated[int, typer.Option(help="of the W cache slots, how many keep the most-attended tokens that left "
+                                           "the window (per layer and kv head; docs/cache.md; runs the function "
+                                           "body, not the native kernel)")] = 0,
     kv_cache: Annotated[Optional[str], typer.Option(help=f"KV cache storage: {', '.join(KV_CACHES)} (int8: a scale per "
                                                          "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,
@@ -47,7 +50,7 @@ def export(
     profile = get_target(target)
     spec = parse_quant(profile.quant if quant is None else quant, group_size=group_size, head=head, embedding=embedding)
     req = BundleRequest(profile, spec, window, chunk, device_memory, weight_format, activations, sinks,
-                        kv_cache=kv_cache, calib=export_calibration(calib, spec, profile.name))
+                        kv_cache=kv_cache, calib=export_calibration(calib, spec, profile.name), pool=pool)
 
     from ..model.loaders import load_checkpoint  # torch: imported only by the commands that need it
     from ..targets.bundle import write_bundle
@@ -64,6 +67,7 @@ def export(
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     b = manifest.memory_budget
     console.print(f"[green]wrote[/] {out}: {len(manifest.files)} files, W={manifest.window}, sinks={manifest.sinks}, "
+                  f"{f'pool={manifest.pool}, ' if manifest.pool else ''}"
                   f"chunk={manifest.chunk}, {manifest.activation_dtype} activations, {manifest.kv_cache} KV cache, "
                   f"weights {b.weight_bytes / 2**20:.1f} MiB, KV cache {b.kv_cache_bytes / 2**20:.1f} MiB, "
                   f"total {b.total_bytes / 2**20:.1f} MiB")

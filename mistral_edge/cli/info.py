@@ -40,7 +40,7 @@ def info(model: ModelArg = None, window: WindowOpt = None, trust_pickle: TrustPi
     W = cfg.sliding_window
     trained, cache = attention_note(trained_window, W)
     table.add_row("trained with", trained)
-    table.add_row("attention", cache + ("" if trained_window else "; export adds attention sinks (--sinks)"))
+    table.add_row("attention", cache + ("" if trained_window else "; export adds attention sinks (--sinks) and can keep a pool of the most-attended tokens (--pool)"))
     for kv_cache in KV_CACHES:  # export --kv-cache: the bytes of one slot of each layer's K and V
         per_token = kv_cache_bytes(cfg, 1, kv_cache)
         table.add_row(f"KV per token {kv_cache}", _bytes(per_token))

@@ -40,6 +40,7 @@ class Row:
     scored_tokens: int | None = None
     text: str | None = None
     sinks: int | None = None
+    pool: int | None = None  # of the W slots, those keeping the most-attended keys (docs/cache.md)
     ppl_within_w: float | None = None
     """Perplexity of the predictions made from positions < W (nothing evicted yet: exact)."""
     ppl_beyond_w: float | None = None
@@ -116,10 +117,10 @@ def write_png(rows: list[Row], path: Path) -> None:
 
 
 def _label(row: Row, rows: list[Row]) -> str:
-    """The quant name, plus W and the sinks when the rows sweep several."""
-    windows = {r.window for r in rows if r.backend == "onnx"}
-    sinks = {r.sinks for r in rows if r.backend == "onnx"}
-    return row.quant + (f" W={row.window}" if len(windows) > 1 else "") + (f" S={row.sinks}" if len(sinks) > 1 else "")
+    """The quant name, plus W, the sinks and the pool when the rows sweep several."""
+    swept = lambda key: len({getattr(r, key) for r in rows if r.backend == "onnx"}) > 1  # noqa: E731
+    return row.quant + (f" W={row.window}" if swept("window") else "") + (f" S={row.sinks}" if swept("sinks") else "") \
+        + (f" P={row.pool}" if swept("pool") else "")
 
 
 def _mib(n: int | None) -> str:
@@ -132,7 +133,8 @@ def _num(x: float | None, fmt: str) -> str:
 
 def table(rows: list[Row], title: str = "") -> Table:
     t = Table(title=title or None)
-    for name, justify in (("quant", "left"), ("backend", "left"), ("W", "right"), ("sinks", "right"), ("bits/w", "right"),
+    for name, justify in (("quant", "left"), ("backend", "left"), ("W", "right"), ("sinks", "right"), ("pool", "right"),
+                          ("bits/w", "right"),
                           ("size MiB", "right"), ("weights MiB", "right"), ("KV MiB", "right"),
                           ("peak RSS MiB", "right"), ("PPL", "right"), ("ΔPPL", "right"), ("PPL <W", "right"),
                           ("PPL ≥W", "right"), ("KL", "right"),
@@ -142,10 +144,11 @@ def table(rows: list[Row], title: str = "") -> Table:
     base = next((r.perplexity for r in rows if r.backend == "onnx" and r.quant == "fp32" and r.kl_vs_fp32 == 0), None)
     for r in rows:
         if r.perplexity is None and r.note:
-            t.add_row(r.quant, r.backend, *["-"] * 15, style="dim")
+            t.add_row(r.quant, r.backend, *["-"] * 16, style="dim")
             continue
         delta = None if base is None or r.perplexity is None else 100 * (r.perplexity / base - 1)
-        t.add_row(r.quant, r.backend, _num(r.window, "d"), _num(r.sinks, "d"), _num(r.model_bits_per_weight, ".2f"),
+        t.add_row(r.quant, r.backend, _num(r.window, "d"), _num(r.sinks, "d"), _num(r.pool, "d"),
+                  _num(r.model_bits_per_weight, ".2f"),
                   _mib(r.size_bytes), _mib(r.weight_bytes), _mib(r.kv_cache_bytes), _mib(r.peak_rss_bytes),
                   _num(r.perplexity, ".3f"), _num(delta, "+.2f") + ("%" if delta is not None else ""),
                   _num(r.ppl_within_w, ".3f"), _num(r.ppl_beyond_w, ".3f"),

@@ -51,6 +51,7 @@ class CompareRequest:
     dataset: str | None = None
     windows: tuple[int, ...] = ()  # W sweep; empty: the model's own (or the export default)
     sinks: tuple[int, ...] = ()  # attention-sink sweep; empty: the export default (resolve_sinks)
+    pools: tuple[int, ...] = ()  # pool sweep (docs/cache.md); empty: no pool
     ctx: int = 512
     n_windows: int = 32
     calib: Calibration | None = None  # SelfText, RandomTokens: no text (quantize/selfgen.py)
@@ -83,6 +84,8 @@ def check_request(req: CompareRequest) -> list[QuantChoice]:
         check_window(w, None)
     for s in req.sinks:
         check_window(min(req.windows, default=None), None, s)
+    for p in req.pools:
+        check_window(min(req.windows, default=None), None, min(req.sinks, default=None), p)
     check_out(req.out)
     if req.torch_rows:
         from ..model.torch_session import resolve_device  # torch: only for the torch rows
@@ -141,7 +144,7 @@ class _Run:
         self.chunk_step_s = 0.0  # seconds per chunk step of the latest quality pass (scales the speed timeout)
 
     def row(self, quant: str, backend: str, window: int, sinks: int, quality, speed: SpeedResult | None,
-            note: str = "", **sizes) -> Row:
+            note: str = "", pool: int = 0, **sizes) -> Row:
         """`speed` None: the speed worker timed out (the note says so)."""
         measured = {} if speed is None else asdict(speed)
         if speed is None:
@@ -151,7 +154,7 @@ class _Run:
                    prefill_tok_s=measured.get("prefill_tok_s"), decode_tok_s=measured.get("decode_tok_s"),
                    peak_rss_bytes=measured.get("peak_rss_bytes"), threads=self.threads, ctx=self.req.ctx,
                    n_windows=len(self.windows), scored_tokens=quality.scored_tokens, text=self.text, note=note,
-                   sinks=sinks, ppl_within_w=quality.ppl_within_w, ppl_beyond_w=quality.ppl_beyond_w, **sizes)
+                   sinks=sinks, pool=pool, ppl_within_w=quality.ppl_within_w, ppl_beyond_w=quality.ppl_beyond_w, **sizes)
 
     def quality(self, session, chunk: int, label: str, record: bool = False):
         task = self.progress.add_task(f"quality {label}", total=len(self.windows))
@@ -176,9 +179,9 @@ class _Run:
         finally:
             self.progress.remove_task(task)
 
-    def calibration_key(self, choice: QuantChoice, window: int, chunk: int) -> dict:
+    def calibration_key(self, choice: QuantChoice, window: int, chunk: int, sinks: int, pool: int) -> dict:
         return {"source": {"path": self.ck.source, "sha256": self.source_sha}, "quant": choice.name,
-                "window": window, "chunk": chunk, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
+                "window": window, "chunk": chunk, "sinks": sinks, "pool": pool, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
                 "code_sha256": export_code_sha256(),
                 "calibration": {"method": choice.calibration, "text_sha256": self.calib_sha,
                                 "windows": calibrate.CALIB_WINDOWS, "ctx": self.req.ctx, "alphas": list(calibrate.ALPHAS),
@@ -201,22 +204,23 @@ class _Run:
                      f"linears kept int8 (listed in variant.json)")
         return cal
 
-    def onnx_row(self, choice: QuantChoice, window: int, sinks: int, record: bool = False) -> Row:
-        _, chunk = resolve_window(self.ck, window, None, sinks)
-        path = self.req.out / "bundles" / (f"{choice.name}-w{window}" + (f"-s{sinks}" if sinks else ""))
-        label = f"{choice.name} W={window}" + (f" S={sinks}" if sinks else "")
+    def onnx_row(self, choice: QuantChoice, window: int, sinks: int, pool: int, record: bool = False) -> Row:
+        _, chunk = resolve_window(self.ck, window, None, sinks, pool)
+        path = self.req.out / "bundles" / (f"{choice.name}-w{window}" + (f"-s{sinks}" if sinks else "")
+                                           + (f"-p{pool}" if pool else ""))
+        label = f"{choice.name} W={window}" + (f" S={sinks}" if sinks else "") + (f" P={pool}" if pool else "")
         task = self.progress.add_task(f"export {label}", total=None)
         try:
             if choice.calibrated:
                 built = prepare_calibrated(self.ck, choice.spec, window, chunk, path,
-                                           self.calibration_key(choice, window, chunk),
+                                           self.calibration_key(choice, window, chunk, sinks, pool),
                                            lambda: self.calibrated(choice), log=lambda line: None,
                                            note=CALIBRATIONS[choice.calibration], kv_cache=choice.kv_cache,
-                                           fmt=choice.fmt)
+                                           fmt=choice.fmt, sinks=sinks, pool=pool)
             else:
                 built = prepare_bundle(self.ck, choice.spec, window, chunk, path, self.source_sha,
                                        log=lambda line: None, sinks=sinks, kv_cache=choice.kv_cache,
-                                       fmt=choice.fmt)
+                                       fmt=choice.fmt, pool=pool)
         finally:
             self.progress.remove_task(task)
         self.log(f"{'reused' if built.reused else 'exported'} {path}")
@@ -225,7 +229,8 @@ class _Run:
         del session
         speed = self.speed(SpeedJob("onnx", self.threads, chunk, self.prompt, self.decode, self.req.runs,
                                     model_path=str(built.model_path)), choice.name, built.weight_bytes)
-        return self.row(choice.name, "onnx", window, sinks, quality, speed, model_bits_per_weight=built.model_bits_per_weight,
+        return self.row(choice.name, "onnx", window, sinks, quality, speed, pool=pool,
+                        model_bits_per_weight=built.model_bits_per_weight,
                         size_bytes=built.size_bytes, weight_bytes=built.weight_bytes,
                         kv_cache_bytes=built.kv_cache_bytes, note=built.note)
 
@@ -333,14 +338,18 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
         windows = sorted({resolve_window(ck, w, None)[0] for w in req.windows} or {resolve_window(ck, None, None)[0]})
         if req.sinks and max(req.sinks) >= windows[0]:
             raise EdgeError(f"--sinks {max(req.sinks)} must be below every window (W={windows[0]})")
-        cells = [(w, s) for w in windows for s in (sorted(set(req.sinks)) or [resolve_sinks(ck, None, w)])]
-        top = next(cell for cell in cells if cell[0] == windows[-1])  # the largest W, fewest sinks: the reference
+        cells = [(w, s, p) for w in windows for s in (sorted(set(req.sinks)) or [resolve_sinks(ck, None, w)])
+                 for p in sorted(set(req.pools)) or [0]]
+        for w, s, p in cells:
+            if s + p >= w:
+                raise EdgeError(f"--pool {p} with {s} sinks leaves no ring in the window W={w}")
+        top = next(cell for cell in cells if cell[0] == windows[-1])  # the largest W, fewest sinks and pool: the reference
         reference = QuantChoice(parse_quant("fp32"))
         rows = [run.onnx_row(reference, *top, record=True)]
-        for window, s in cells:
+        for window, s, p in cells:
             for choice in choices:
-                if (choice, window, s) != (reference, *top):
-                    rows.append(run.onnx_row(choice, window, s))
+                if (choice, window, s, p) != (reference, *top):
+                    rows.append(run.onnx_row(choice, window, s, p))
         if req.torch_rows:
-            rows += [run.torch_row(name, *top) for name in TORCH_ROWS]
+            rows += [run.torch_row(name, *top[:2]) for name in TORCH_ROWS]
         return rows

@@ -132,7 +132,7 @@ def export_code_sha256() -> str:
 def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | None) -> dict:
     """The manifest entries that decide whether an existing bundle is `req` (window, chunk and sinks resolved)."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
-            "window": req.window, "sinks": req.sinks, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
+            "window": req.window, "sinks": req.sinks, "pool": req.pool, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
             "format": req.weight_format, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
             "weight_bytes": request_budget(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk,
                                            req).weight_bytes}
@@ -141,6 +141,7 @@ def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | N
 def _manifest_entries(m: dict) -> dict:
     return {"target": m.get("target"), "source": {k: m.get("source", {}).get(k) for k in ("path", "sha256")},
             "quant": m.get("quant", {}).get("spec"), "window": m.get("window"), "sinks": m.get("sinks"),
+            "pool": m.get("pool", 0),
             "kv_cache": m.get("kv_cache"), "chunk": m.get("chunk"), "format": m.get("quant", {}).get("format"),
             "graph_contract": m.get("graph_contract"), "toolkit": m.get("toolkit", {}).get("version"),
             "weight_bytes": m.get("memory_budget", {}).get("weight_bytes")}
@@ -152,10 +153,10 @@ def _dir_bytes(path: Path) -> int:
 
 def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path,
                    source_sha256: str | None, log=print, sinks: int = 0, kv_cache: str | None = None,
-                   fmt: str | None = None) -> Built:
+                   fmt: str | None = None, pool: int = 0) -> Built:
     """The cpu-target bundle at `path` (in weight format `fmt`, None: the target's): reused if its
     manifest matches and its files verify, else exported."""
-    req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache, fmt=fmt)
+    req = BundleRequest(get_target(TARGET), spec, window, chunk, sinks=sinks, kv_cache=kv_cache, fmt=fmt, pool=pool)
     expected = expected_manifest(ck, req, source_sha256)
     code, stamp = export_code_sha256(), path.with_name(path.name + ".code")
     try:
@@ -176,10 +177,10 @@ def prepare_bundle(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, pat
 
 def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int, path: Path, key: dict,
                        calibrate: Callable[[], Calibrated], log=print, note: str = "",
-                       kv_cache: str | None = None, fmt: str | None = None) -> Built:
+                       kv_cache: str | None = None, fmt: str | None = None, sinks: int = 0, pool: int = 0) -> Built:
     """A calibrated int4 export at `path` (model.onnx + variant.json): not a target bundle, since its
     per-tensor plan (activation scales, int8 linears) is its own; reused while `key` (which names
-    the KV cache type and the weight format too) matches; `fmt` None: the cpu target's format."""
+    the KV cache type, the weight format, sinks and pool too) matches; `fmt` None: the cpu target's format."""
     record_path = path / VARIANT_RECORD
     try:
         record = json.loads(record_path.read_text())
@@ -194,9 +195,9 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
             shutil.rmtree(path)
         with atomic_dir(path) as tmp:
             export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=fmt,
-                        accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache)
+                        accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache, sinks=sinks, pool=pool)
             budget = request_budget(ck.config, cal.plan, window, chunk,
-                                    BundleRequest(target, spec, window, chunk, kv_cache=kv_cache, fmt=fmt))
+                                    BundleRequest(target, spec, window, chunk, kv_cache=kv_cache, fmt=fmt, pool=pool))
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
                       "bits_per_weight": model_bits_per_weight(ck.config, cal.plan, fmt), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}

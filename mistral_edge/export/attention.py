@@ -18,6 +18,16 @@ With attention sinks (S > 0, docs/cache.md) the op is `SinkWindowedGroupQueryAtt
 cache tensors of S slots hold positions 0..S-1 for ever (written by a Where while p < S), the ring
 keeps the last W - S positions, and one softmax runs over (ring, overwritten entries, sinks).
 
+With a pool of P slots (docs/cache.md "A pool of the most-attended keys") the op is
+`Pool...`-prefixed (`PoolSinkWindowedGroupQueryAttention` with sinks too): the ring is W - S - P
+slots, every ring slot records the attention mass its key has received (`mass`), and the pool's
+tensors hold P keys and values per kv head, their masses and positions (+ 1: 0 is empty). Before
+attending, the C entries the chunk overwrites compete with the pool's by mean mass per query
+(TopK, ties to the pool); each losing pool slot takes a winner (paired in slot order by CumSum
+ranks), and a winner's ring copy is masked for this chunk. The softmax runs over (ring,
+overwritten entries, sinks, pool), and its probabilities, summed per key over the real queries,
+are added to the masses.
+
 The cache may store keys and values in another type than the activations (docs/cache.md): fp16
 under fp32 activations (same op names), or int8 codes with an fp16 scale per slot and kv head
 (`...Int8Cache` ops, a scale tensor beside each cache tensor, written at the same slot by the same
@@ -40,16 +50,18 @@ from .onnx_builder import ACTIVATIONS, FLOAT, FLOAT16, Activations, Builder
 DOMAIN = "mistral_edge"
 OP = "WindowedGroupQueryAttention"
 SINK_OP = "SinkWindowedGroupQueryAttention"
+POOL_PREFIX = "Pool"
 INT8_SUFFIX = "Int8Cache"
 """The ops of an int8 cache (four more inputs and outputs: the scales) are OP / SINK_OP + this."""
 PLAN_INPUTS = ("cos_q", "sin_q", "cos_k", "sin_k", "write_at", "gather_idx", "keep", "bias", "score_split")
 SINK_PLAN_INPUTS = ("sink_src", "sink_new")
+POOL_PLAN_INPUTS = ("query_weight", "old_pos", "age_base", "written")
 
 
-def op_name(sinks: int, kv_cache: str = "fp32") -> str:
-    """The attention op's name: with sinks or not, and an int8 cache or a float one (fp32 or fp16
-    caches share a name: the function's types follow its inputs)."""
-    return (SINK_OP if sinks else OP) + (INT8_SUFFIX if kv_cache == "int8" else "")
+def op_name(sinks: int, kv_cache: str = "fp32", pool: int = 0) -> str:
+    """The attention op's name: with a pool or not, with sinks or not, and an int8 cache or a float
+    one (fp32 or fp16 caches share a name: the function's types follow its inputs)."""
+    return (POOL_PREFIX if pool else "") + (SINK_OP if sinks else OP) + (INT8_SUFFIX if kv_cache == "int8" else "")
 
 
 @dataclass(frozen=True)
@@ -64,13 +76,17 @@ class AttentionPlan:
     gather_idx: str  # [B, Hkv, C, D] slots the chunk overwrites
     keep: str  # [B, 1, C, 1] real (not padding) chunk tokens
     bias: str  # [B, 1, G*C, S+C(+Ss)] additive mask over (ring slots, overwritten entries(, sinks))
-    score_split: str  # [2] = (S, C), or [3] = (S, C, Ss) with sinks
+    score_split: str  # (S, C), then Ss with sinks, then P with a pool
     sink_src: str | None = None  # [B, Hkv, Ss, D] chunk index each sink slot would take (clamped)
     sink_new: str | None = None  # [B, 1, Ss, 1] sink slots this chunk writes
+    query_weight: str | None = None  # [B, 1, 1, G*C] float32: 1 for a real query row, 0 for padding
+    old_pos: str | None = None  # [B, 1, C, 1] position + 1 of each overwritten entry that may enter the pool, else 0
+    age_base: str | None = None  # [B, 1, 1, 1] float32 positions + 1: a key at p has been seen by age_base - (p + 1) queries
+    written: str | None = None  # [B, 1, S, 1] the ring slots the chunk's real tokens write
 
     @property
     def inputs(self) -> list[str]:
-        names = PLAN_INPUTS + (SINK_PLAN_INPUTS if self.sink_src else ())
+        names = PLAN_INPUTS + (SINK_PLAN_INPUTS if self.sink_src else ()) + (POOL_PLAN_INPUTS if self.old_pos else ())
         return [getattr(self, name) for name in names]
 
 
@@ -82,15 +98,15 @@ def mask_value(act: Activations) -> float:
 
 
 def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: Activations,
-                   sinks: int = 0) -> AttentionPlan:
+                   sinks: int = 0, pool: int = 0) -> AttentionPlan:
     """Build the per-step tensors from the graph inputs `input_ids`, `positions`, `valid_lens` and
-    the slot count S of the cache input `cache` (the ring of W - sinks slots). Tables and mask are
+    the slot count S of the cache input `cache` (the ring of W - sinks - pool slots). Tables and mask are
     computed in float32 (fp16 cannot hold positions past 2048 exactly) and cast once to the
     activation type."""
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
     as_act = lambda x: x if act.onnx_type == FLOAT else b.op("Cast", [x], to=act.onnx_type)  # noqa: E731
     positions, valid_lens = "positions", "valid_lens"
-    w = b.const(window - sinks)  # the ring's period
+    w = b.const(window - sinks - pool)  # the ring's period
     c_dim = b.op("Shape", ["input_ids"], start=1, end=2)  # [1] = C
     j = b.op("Range", [b.const(0), b.op("Squeeze", [c_dim, i64(0)]), b.const(1)])  # [C]
     qpos = b.op("Add", [b.op("Unsqueeze", [positions, i64(1)]), j])  # [B, C]
@@ -138,7 +154,20 @@ def attention_plan(b: Builder, cfg: ModelConfig, window: int, cache: str, act: A
     bias = as_act(bias)  # [B, C, S+C(+Ss)]
     group = cfg.n_heads // cfg.n_kv_heads
     bias = b.op("Tile", [b.op("Unsqueeze", [bias, i64(1)]), i64(1, 1, group, 1)])  # query rows g-major
-    return AttentionPlan(cos_q, sin_q, cos_k, sin_k, write_at, idx, keep, bias, split, sink_src, sink_new)
+    pooled = {}
+    if pool:
+        split = b.op("Concat", [split, i64(pool)], axis=0)
+        rows = b.op("Unsqueeze", [b.op("Cast", [is_valid], to=TensorProto.FLOAT), i64(1, 2)])  # [B, 1, 1, C]
+        pooled["query_weight"] = b.op("Tile", [rows, i64(1, 1, 1, group)])
+        p_left = b.op("Sub", [qpos, w])  # the position each chunk token pushes out of the ring
+        enters = b.op("And", [is_valid, b.op("GreaterOrEqual", [p_left, b.const(sinks)])])  # not a sink's copy
+        pooled["old_pos"] = b.op("Unsqueeze", [b.op("Where", [enters, b.op("Add", [p_left, b.const(1)]), b.const(0)]),
+                                               i64(1, 3)])
+        pooled["age_base"] = b.op("Reshape", [b.op("Cast", [b.op("Add", [positions, b.const(1)])], to=TensorProto.FLOAT),
+                                              i64(-1, 1, 1, 1)])
+        ahead = b.op("Mod", [b.op("Sub", [slot_ids, b.op("Unsqueeze", [positions, i64(1)])]), w])  # [B, S]
+        pooled["written"] = b.op("Unsqueeze", [b.op("Less", [ahead, b.op("Unsqueeze", [valid_lens, i64(1)])]), i64(1, 3)])
+    return AttentionPlan(cos_q, sin_q, cos_k, sin_k, write_at, idx, keep, bias, split, sink_src, sink_new, **pooled)
 
 
 class CacheStorage:
@@ -184,19 +213,21 @@ class CacheStorage:
 
 
 def attention_function(cfg: ModelConfig, sinks: int = 0, kv_cache: str | None = None,
-                       act: Activations = ACTIVATIONS["fp32"]) -> FunctionProto:
+                       act: Activations = ACTIVATIONS["fp32"], pool: int = 0) -> FunctionProto:
     """Inputs: qkv [B, C, (Hq + 2 Hkv) D] (the fused projection, before RoPE), the layer's cache
     tensors past_<kind> in contract.layer_cache_names order (past_key, past_value [B, Hkv, S, D];
     an int8 cache then past_key_scale, past_value_scale [B, Hkv, S, 1]; with sinks the same over
-    Ss slots, prefixed sink_), then the plan tensors. Outputs: output [B, C, Hq D], then
-    present_<kind> for each cache tensor, in the same order. `kv_cache` (default: the activation
-    type `act`) is how the cache stores keys and values."""
+    Ss slots, prefixed sink_; with a pool past_mass [B, Hkv, S, 1], the key/value tensors over P
+    slots prefixed pool_, past_pool_mass and past_pool_pos [B, Hkv, P, 1]), then the plan tensors.
+    Outputs: output [B, C, Hq D], then present_<kind> for each cache tensor, in the same order.
+    `kv_cache` (default: the activation type `act`) is how the cache stores keys and values."""
     b = Builder("wgqa_")
     kv_cache = kv_cache or act.name
     store = CacheStorage(b, kv_cache, act)
     hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     i64 = lambda *vals: b.const(list(vals))  # noqa: E731
-    p = AttentionPlan(*PLAN_INPUTS, *(SINK_PLAN_INPUTS if sinks else (None, None)))
+    p = AttentionPlan(*PLAN_INPUTS, *(SINK_PLAN_INPUTS if sinks else (None, None)),
+                      *(POOL_PLAN_INPUTS if pool else (None, None, None)))
 
     heads = b.op("Transpose", [b.op("Reshape", ["qkv", i64(0, 0, hq + 2 * hkv, d)])], perm=[0, 2, 1, 3])
     q, k, v = b.op("Split", [heads, i64(hq, hkv, hkv)], n_out=3, axis=1)  # [B, H, C, D]
@@ -205,47 +236,107 @@ def attention_function(cfg: ModelConfig, sinks: int = 0, kv_cache: str | None = 
     scale_idx = {p.gather_idx: None, p.sink_src: None}
 
     def index(idx: str, part: str) -> str:
-        """An index over D for the codes, its first column for a scale ([..., 1])."""
-        if part != "_scale":
+        """An index over D for the codes, its first column for a one-per-slot tensor ([..., 1])."""
+        if part == "":
             return idx
         if scale_idx[idx] is None:
             scale_idx[idx] = b.op("Slice", [idx, i64(0), i64(1), i64(3)])
         return scale_idx[idx]
 
-    def update(kind: str, new: list[str]) -> str:
-        """Gather the entries the chunk overwrites (returned, read back), then write the chunk."""
+    def update(kind: str, new: list[str]) -> list[str]:
+        """Gather the entries the chunk overwrites (returned as stored), then write the chunk."""
         old = []
         for part, x in zip(store.parts, new):
             past = f"past_{kind}{part}"
             old.append(b.op("GatherElements", [past, index(p.gather_idx, part)], axis=2))
             b.op("TensorScatter", [past, b.op("Where", [p.keep, x, old[-1]]), p.write_at],
                  outputs=[f"present_{kind}{part}"], mode="circular", axis=2)
-        return store.load(old)
+        return old
     new_k, new_v = store.store(k), store.store(v)
-    old_k = update("key", new_k)
-    old_v = update("value", new_v)
+    old = {"key": update("key", new_k), "value": update("value", new_v)}
     present = lambda kind: store.load([f"present_{kind}{part}" for part in store.parts])  # noqa: E731
 
     # queries grouped by kv head: [B, Hkv, G*C, D] (rows g-major), so each kv head is one GEMM
     qg = b.op("Reshape", [q, i64(0, hkv, -1, d)])
-    s_cache = b.op("MatMul", [qg, b.op("Transpose", [present("key")], perm=[0, 1, 3, 2])])
-    s_old = b.op("MatMul", [qg, b.op("Transpose", [old_k], perm=[0, 1, 3, 2])])
-    keys, values = [s_cache, s_old], [present("value"), old_v]
+    scores_of = lambda keys: b.op("MatMul", [qg, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # noqa: E731
+    s_old = scores_of(store.load(old["key"]))
+    if pool:
+        old_mass = b.op("GatherElements", ["past_mass", index(p.gather_idx, "_mass")], axis=2)  # [B, Hkv, C, 1]
+        hidden, pool_bias = admit(b, p, old, old_mass, pool, d, act)
+        s_old = b.op("Add", [s_old, hidden])
+    keys, values = [scores_of(present("key")), s_old], [present("value"), store.load(old["value"])]
     if sinks:  # a sink slot takes the chunk token of its position, once
         for kind, new in (("key", new_k), ("value", new_v)):
             for part, x in zip(store.parts, new):
                 b.op("Where", [p.sink_new, b.op("GatherElements", [x, index(p.sink_src, part)], axis=2),
                                f"past_sink_{kind}{part}"], outputs=[f"present_sink_{kind}{part}"])
-        keys.append(b.op("MatMul", [qg, b.op("Transpose", [present("sink_key")], perm=[0, 1, 3, 2])]))
+        keys.append(scores_of(present("sink_key")))
         values.append(present("sink_value"))
     scores = b.op("Add", [b.op("Concat", keys, axis=-1), p.bias])
+    if pool:  # no shared mask: every held pool key is older than the ring, so every query sees it
+        scores = b.op("Concat", [scores, b.op("Add", [scores_of(present("pool_key")), pool_bias])], axis=-1)
+        keys.append(None)
+        values.append(present("pool_value"))
     probs = b.op("Split", [b.op("Softmax", [scores], axis=-1), p.score_split], n_out=len(keys), axis=-1)
     out = functools.reduce(lambda x, y: b.op("Add", [x, y]), [b.op("MatMul", [pr, val]) for pr, val in zip(probs, values)])
     out = b.op("Transpose", [b.op("Reshape", [out, i64(0, hq, -1, d)])], perm=[0, 2, 1, 3])  # [B, C, Hq, D]
     b.op("Reshape", [out, i64(0, 0, -1)], outputs=["output"])
+    if pool:
+        def received(pr: str) -> str:
+            """[B, Hkv, slots, 1]: the mass the real queries gave each key of one score group."""
+            pr = pr if act.onnx_type == FLOAT else b.op("Cast", [pr], to=FLOAT)
+            return b.op("Transpose", [b.op("MatMul", [p.query_weight, pr])], perm=[0, 1, 3, 2])
+        b.op("Add", ["admitted_pool_mass", received(probs[-1])], outputs=["present_pool_mass"])
+        kept = b.op("Where", [p.written, b.const(0.0, np.float32), "past_mass"])  # the chunk's own keys start at 0
+        b.op("Add", [kept, received(probs[0])], outputs=["present_mass"])
 
-    caches = [name.split(".")[0] for name in layer_cache_names(0, sinks, kv_cache)]
+    caches = [name.split(".")[0] for name in layer_cache_names(0, sinks, kv_cache, pool)]
     return helper.make_function(
-        DOMAIN, op_name(sinks, kv_cache), ["qkv", *(f"past_{c}" for c in caches), *p.inputs],
+        DOMAIN, op_name(sinks, kv_cache, pool), ["qkv", *(f"past_{c}" for c in caches), *p.inputs],
         ["output", *(f"present_{c}" for c in caches)], b.nodes, opset_imports=[helper.make_opsetid("", 24)],
     )
+
+
+def admit(b: Builder, p: AttentionPlan, old: dict[str, list[str]], old_mass: str, pool: int, head_dim: int,
+          act: Activations) -> tuple[str, str]:
+    """Write present_pool_* (but the mass, left as `admitted_pool_mass` for the step's own to be added):
+    the P keys with the highest mean mass among the pool's and the overwritten entries (`old`: their
+    stored parts by kind; `old_mass` [B, Hkv, C, 1]). Returns the additive masks of the winners' ring
+    copies [B, Hkv, 1, C] and of the empty pool slots [B, Hkv, 1, P]."""
+    i64 = lambda *vals: b.const(list(vals))  # noqa: E731
+    mask = b.const(mask_value(act), act.np_type)
+    zero = b.const(0.0, act.np_type)
+    old_pos = b.op("Expand", [p.old_pos, b.op("Shape", [old_mass])])
+    cand_pos = b.op("Concat", ["past_pool_pos", old_pos], axis=2)  # [B, Hkv, P + C, 1]
+    seen = b.op("Max", [b.op("Sub", [p.age_base, b.op("Cast", [cand_pos], to=FLOAT)]), b.const(1.0, np.float32)])
+    mean = b.op("Where", [b.op("Greater", [cand_pos, b.const(0)]),
+                          b.op("Div", [b.op("Concat", ["past_pool_mass", old_mass], axis=2), seen]),
+                          b.const(-np.inf, np.float32)])
+    best = b.op("TopK", [mean, i64(pool)], n_out=2, axis=2, largest=1, sorted=1)[1]  # ties: the lower index
+    kept = b.op("ScatterElements", [b.op("ConstantOfShape", [b.op("Shape", [mean])], value=helper.make_tensor(
+        "", TensorProto.INT64, [1], [0])), best, b.op("ConstantOfShape", [b.op("Shape", [best])], value=helper.make_tensor(
+            "", TensorProto.INT64, [1], [1]))], axis=2)  # [B, Hkv, P + C, 1]: 1 for the P kept
+    left, won = b.op("Split", [kept, b.op("Concat", [i64(pool), b.op("Shape", [old_mass], start=2, end=3)], axis=0)],
+                     n_out=2, axis=2)
+    lost = b.op("Equal", [left, b.const(0)])  # [B, Hkv, P, 1]
+    # the k-th losing pool slot (in slot order) takes the k-th winner (in chunk order)
+    lost_rank = b.op("Where", [lost, b.op("CumSum", [b.op("Sub", [b.const(1), left]), b.const(2)]), b.const(-1)])
+    won_rank = b.op("Where", [b.op("Equal", [won, b.const(1)]), b.op("CumSum", [won, b.const(2)]), b.const(-2)])
+    pairs = b.op("Equal", [lost_rank, b.op("Transpose", [won_rank], perm=[0, 1, 3, 2])])  # [B, Hkv, P, C]
+    src = b.op("ArgMax", [b.op("Cast", [pairs], to=TensorProto.INT32)], axis=3, keepdims=1)  # [B, Hkv, P, 1]
+    src_row = b.op("Expand", [src, i64(1, 1, 1, head_dim)])  # the same over D, for keys' and values' rows
+
+    def take(stored: str, past: str, out: str) -> None:
+        """Pool slot l of `out`: `stored`[src[l]] where l lost, else `past`[l]."""
+        idx = src if past.endswith(("_scale", "_pos", "_mass")) else src_row
+        b.op("Where", [lost, b.op("GatherElements", [stored, idx], axis=2), past], outputs=[out])
+
+    for kind, parts in old.items():
+        for part, stored in zip(("", "_scale"), parts):
+            take(stored, f"past_pool_{kind}{part}", f"present_pool_{kind}{part}")
+    take(old_pos, "past_pool_pos", "present_pool_pos")
+    take(old_mass, "past_pool_mass", "admitted_pool_mass")
+    hidden = b.op("Transpose", [b.op("Where", [b.op("Equal", [won, b.const(1)]), mask, zero])], perm=[0, 1, 3, 2])
+    pool_bias = b.op("Transpose", [b.op("Where", [b.op("Greater", ["present_pool_pos", b.const(0)]), zero, mask])],
+                     perm=[0, 1, 3, 2])
+    return hidden, pool_bias

@@ -49,17 +49,17 @@ Progress = Callable[[int, int], None]
 
 def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window: int, chunk: int,
                   emitter: WeightEmitter, progress: Progress | None = None, sinks: int = 0,
-                  kv_cache: str | None = None) -> onnx.ModelProto:
+                  kv_cache: str | None = None, pool: int = 0) -> onnx.ModelProto:
     """The graph, reading each weight from `weights` once, when its initializers are made (with a
     streaming builder nothing of a layer stays in memory after it); `sinks` of the W cache slots
-    hold the first positions for ever, `kv_cache` (default: the activation type) is how the cache
-    stores keys and values (docs/cache.md)."""
+    hold the first positions for ever and `pool` the most-attended keys that left the ring, `kv_cache`
+    (default: the activation type) is how the cache stores keys and values (docs/cache.md)."""
     b, act = emitter.builder, emitter.activations
     steps = cfg.n_layers + 2
     progress = progress or (lambda done, total: None)
     c = cfg
     info = GraphInfo(c.n_layers, c.n_kv_heads, c.head_dim, window, chunk, c.vocab_size, act.name,
-                     kv_cache or act.name, sinks, c.sliding_window or 0)  # checks the cache type
+                     kv_cache or act.name, sinks, c.sliding_window or 0, pool)  # checks the cache type
     inputs = [
         helper.make_tensor_value_info("input_ids", INT64, ["batch", "chunk"]),
         helper.make_tensor_value_info("positions", INT64, ["batch"]),
@@ -68,12 +68,12 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
     ]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "n_logits", c.vocab_size])]
     for t in info.cache_tensors:
-        shape = ["batch", c.n_kv_heads, sinks if t.sink else "slots", t.width]  # slots <= W - sinks
+        shape = ["batch", c.n_kv_heads, t.fixed or "slots", t.width]  # slots <= W - sinks - pool
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
         inputs.append(helper.make_tensor_value_info(f"past_{t.name}", elem, shape))
         outputs.append(helper.make_tensor_value_info(f"present_{t.name}", elem, shape))
 
-    plan = attention_plan(b, c, window, "past_key.0", act, sinks)  # per-step tensors shared by all layers
+    plan = attention_plan(b, c, window, "past_key.0", act, sinks, pool)  # per-step tensors shared by all layers
 
     def norm_weight(name: str) -> str:
         return b.init(name, weights[name].float().numpy().astype(act.np_type))
@@ -100,8 +100,8 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
                           [c.n_heads * c.head_dim] + [c.n_kv_heads * c.head_dim] * 2)
         qkv = emitter.linear(x, p + "attention.wqkv", wqkv)
         del wqkv
-        caches = layer_cache_names(i, sinks, info.kv_cache)
-        attn = b.op(op_name(sinks, info.kv_cache), [qkv, *(f"past_{n}" for n in caches), *plan.inputs], domain=DOMAIN,
+        caches = layer_cache_names(i, sinks, info.kv_cache, pool)
+        attn = b.op(op_name(sinks, info.kv_cache, pool), [qkv, *(f"past_{n}" for n in caches), *plan.inputs], domain=DOMAIN,
                     outputs=[b.fresh("attn"), *(f"present_{n}" for n in caches)], name=f"{p}attention")[0]
         x, h = add_norm(h, emitter.linear(attn, p + "attention.wo", weights[p + "attention.wo.weight"]),
                         p + "ffn_norm.weight")
@@ -127,7 +127,7 @@ def build_decoder(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], window:
 
     graph = helper.make_graph(b.nodes, "mistral_edge_decoder", inputs, outputs, b.initializers)
     model = helper.make_model(
-        graph, functions=[attention_function(c, sinks, info.kv_cache, act)], producer_name="mistral-edge",
+        graph, functions=[attention_function(c, sinks, info.kv_cache, act, pool)], producer_name="mistral-edge",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)],
     )

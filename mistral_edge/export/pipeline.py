@@ -60,17 +60,22 @@ def resolve_sinks(ck: Checkpoint, sinks: int | None, window: int | None = None) 
     return min(MAX_SINKS, max(MIN_SINKS, (window if window is not None else DEFAULT_WINDOW) // SINK_SHARE))
 
 
-def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks: int = 0) -> tuple[int, int]:
-    """(W, chunk): W the model's window or DEFAULT_WINDOW; the chunk fits the ring of W - sinks slots."""
+def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks: int = 0,
+                   pool: int = 0) -> tuple[int, int]:
+    """(W, chunk): W the model's window or DEFAULT_WINDOW; the chunk fits the ring of W - sinks - pool slots."""
     w = window if window is not None else (ck.config.sliding_window or DEFAULT_WINDOW)
     if w <= 0:
         raise EdgeError(f"window must be a positive integer, got {w}")
     if not 0 <= sinks < w:
         raise EdgeError(f"sinks must be between 0 and W - 1 = {w - 1}, got {sinks}")
-    c = chunk if chunk is not None else min(DEFAULT_CHUNK, w - sinks)
-    if not 0 < c <= w - sinks:
-        ring = f" minus its {sinks} sinks, {w - sinks}" if sinks else ""
-        raise EdgeError(f"chunk size must be between 1 and the window W={w}{ring}, got {c}")
+    if not 0 <= pool < w - sinks:
+        raise EdgeError(f"pool must be between 0 and W - sinks - 1 = {w - sinks - 1}, got {pool}")
+    ring = w - sinks - pool
+    c = chunk if chunk is not None else min(DEFAULT_CHUNK, ring)
+    if not 0 < c <= ring:
+        held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
+        minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
+        raise EdgeError(f"chunk size must be between 1 and the window W={w}{minus}, got {c}")
     return w, c
 
 
@@ -78,24 +83,25 @@ def export_onnx(ck: Checkpoint, spec: QuantSpec, out_path: Path, *, window: int 
                 chunk: int | None = None, fmt: str = "nbits", accuracy_level: int = 4,
                 plan: dict[str, TensorQuant] | None = None, activations: str = "fp32",
                 progress: Progress | None = None, sinks: int | None = None,
-                kv_cache: str | None = None,
+                kv_cache: str | None = None, pool: int = 0,
                 codes: Callable[[str], Int4Weight | None] | None = None) -> ExportResult:
     """Write the decoder-step graph to out_path, its weights to out_path + '.data' (folded into
     the .onnx when under INLINE_BELOW bytes); `activations` ("fp32" or "fp16") is the type it
     computes in, `kv_cache` (fp32, fp16 or int8; None: the activation type) the one its cache
-    stores keys and values in; `sinks` None takes `resolve_sinks`' default; `codes`: calibrated
+    stores keys and values in; `sinks` None takes `resolve_sinks`' default; `pool` slots keep the
+    most-attended keys that left the ring (docs/cache.md); `codes`: calibrated
     int4 codes by tensor name (WeightEmitter.codes)."""
     act = activation_type(activations)
     check_format(fmt, act.name)
     kv_cache = kv_cache or act.name
     check_kv_cache(kv_cache, act.name)
     s = resolve_sinks(ck, sinks, window)
-    w, c = resolve_window(ck, window, chunk, s)
+    w, c = resolve_window(ck, window, chunk, s, pool)
     plan = plan or quant_plan(ck.config, spec)
     data = ExternalData(out_path.with_name(out_path.name + ".data"))
     try:
         emitter = WeightEmitter(Builder(data=data), plan, fmt, accuracy_level, act, codes=codes)
-        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s, kv_cache)
+        model = build_decoder(ck.config, ck.weights, w, c, emitter, progress, s, kv_cache, pool)
     finally:
         data.close()
     save_model(model, out_path, data, INLINE_BELOW)

@@ -194,7 +194,7 @@ def _check_graph(bundle: Path, manifest: Manifest) -> list[str]:
         return [str(e)]
     cfg = manifest.config
     expected = {"graph_contract": manifest.graph_contract, "window": manifest.window, "chunk": manifest.chunk,
-                "sinks": manifest.sinks, "kv_cache": manifest.kv_cache,
+                "sinks": manifest.sinks, "pool": manifest.pool, "kv_cache": manifest.kv_cache,
                 "activation_dtype": manifest.activation_dtype, "n_layers": cfg.n_layers,
                 "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size}
     actual = {**dataclasses.asdict(info), "graph_contract": GRAPH_CONTRACT_VERSION}  # from_metadata checked it

@@ -5,8 +5,8 @@ int8 codes, plus one [B, Hkv, S, 1] float16 buffer of scales beside each); each
 past_* input and its present_* output are bound to the same buffer, so ONNX Runtime's
 TensorScatter updates it in place and no step copies it. Under the portable function body,
 which reads all S slots, S grows with the sequence in steps of GROW slots up to the window W
-and then stays there (a rolling buffer of W slots; W - sinks with attention sinks, whose own
-S-slot buffers are allocated once), so a short sequence does not pay for W. The native kernel
+and then stays there (a rolling buffer of W slots; W - sinks - pool with attention sinks or a
+pool, whose own buffers are allocated once), so a short sequence does not pay for W. The native kernel
 never reads a slot not yet written, so there the whole ring is allocated at the first step
 (zero pages: resident only once written) and kept across resets: growing cost as much
 resident memory again as the cache, in the malloc heap (docs/cache.md). Every cache tensor
@@ -117,11 +117,13 @@ def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple,
 def _kernel_covers(path: str, info: GraphInfo, mode: str | None, loaded: bool = True) -> str:
     """The attention path `_register_kernel` chose, unless the library has no kernel for this graph's
     (activation, cache) types (NATIVE_CACHES; `loaded` False: the graph only loaded without the
-    library): then the function body runs, and "on" (which requires the kernel) refuses."""
+    library) or has a pool (no kernel keeps one: its op name is not the library's): then the
+    function body runs, and "on" (which requires the kernel) refuses."""
     pair = (info.activation_dtype, info.kv_cache)
-    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES):
+    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES and not info.pool):
         return path
-    why = f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache"
+    why = (f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache" if not info.pool
+           else "the native kernel keeps no pool")
     if _kernel_mode(mode) == "on":
         raise EdgeError(why)
     return f"{FUNCTION_BODY} ({why})"
@@ -165,7 +167,7 @@ class _StepBuffers:
 GROW = 64
 """Under the function body, cache slots are added in steps of this many: attention reads at most
 GROW - 1 empty slots, and growing copies the cache about W / GROW times in all."""
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)", "int64": "tensor(int64)"}
 
 
 class DecoderSession:
@@ -182,7 +184,7 @@ class DecoderSession:
         self.info = info = GraphInfo.from_metadata(meta, str(model_path))
         self.attention_path = _kernel_covers(path, info, config.kernel, fits)
         self.n_layers, self.window, self.vocab_size = info.n_layers, info.window, info.vocab_size
-        self.sinks, self.ring = info.sinks, info.ring
+        self.sinks, self.pool, self.ring = info.sinks, info.pool, info.ring
         self.chunk = config.chunk or info.chunk
         if not 0 < self.chunk <= self.ring:
             raise EdgeError(f"chunk size must be between 1 and {self._span}, got {self.chunk}")
@@ -205,25 +207,26 @@ class DecoderSession:
         return twin
 
     def _rows(self, batch: int) -> None:
-        """Empty state for `batch` sequences: positions, step buffers, the cache (sinks: S slots, once)."""
+        """Empty state for `batch` sequences: positions, step buffers, the cache (sinks and pool: once)."""
         self.batch = batch
         self.positions = np.zeros(batch, np.int64)
         self._buffers: dict[tuple[int, int], _StepBuffers] = {}
         self._arrays: dict[str, np.ndarray] = {}  # the cache buffers; self.cache holds OrtValues over them
         self.cache: dict[str, ort.OrtValue] = {}
         for t in self._tensors.values():
-            if t.sink:
-                self._arrays[t.name] = np.zeros((batch, self.info.n_kv_heads, self.sinks, t.width), t.dtype)
+            if t.fixed:
+                self._arrays[t.name] = np.zeros((batch, self.info.n_kv_heads, t.fixed, t.width), t.dtype)
                 self.cache[t.name] = ort.OrtValue.ortvalue_from_numpy(self._arrays[t.name])
         self._allocate(0)
 
     @property
     def _span(self) -> str:
-        return f"the window W={self.window}" + (f" minus its {self.sinks} sinks, {self.ring}" if self.sinks else "")
+        held = [f"{self.sinks} sinks"] * bool(self.sinks) + [f"pool of {self.pool}"] * bool(self.pool)
+        return f"the window W={self.window}" + (f" minus its {' and '.join(held)}, {self.ring}" if held else "")
 
     @property
     def slots(self) -> int:
-        """Ring slots S currently allocated (<= W - sinks)."""
+        """Ring slots S currently allocated (<= W - sinks - pool)."""
         return self._arrays["key.0"].shape[2]
 
     @property
@@ -237,7 +240,7 @@ class DecoderSession:
         docs/graph-contract.md), zeroed (empty slots are masked, but 0 * NaN would still poison the
         weighted sum), and replaced a layer at a time, so growing holds at most one extra buffer."""
         for t in self._tensors.values():
-            if t.sink:
+            if t.fixed:
                 continue
             a = np.zeros((self.batch, self.info.n_kv_heads, slots, t.width), t.dtype)
             if keep:
@@ -263,7 +266,7 @@ class DecoderSession:
         whole, written = self._whole_ring, min(self.slots, int(self.positions.max()))
         self.positions[:] = 0
         for t in self._tensors.values():
-            if t.sink:
+            if t.fixed:
                 self._arrays[t.name][...] = 0
             elif whole:  # kept: zero what was written, touching no other page
                 self._arrays[t.name][:, :, :written] = 0
@@ -291,7 +294,7 @@ class DecoderSession:
         return self._buffers[key]
 
     def step(self, tokens: np.ndarray, valid_lens: np.ndarray | None = None, all_logits: bool = False) -> np.ndarray:
-        """Feed a [B, C] chunk (C <= W - sinks); returns logits [B, C, V] or, by default, [B, 1, V] of each
+        """Feed a [B, C] chunk (C <= the ring); returns logits [B, C, V] or, by default, [B, 1, V] of each
         sequence's last valid token. Sequences advance by their valid length. The returned array is
         a reused buffer: copy it to keep it past the next step."""
         batch, chunk = tokens.shape

@@ -11,7 +11,8 @@ File layout: MAGIC, an 8-byte little-endian header length, the JSON header, the 
 (int64), the cache arrays in contract.cache_names order, each in its own dtype (key.0, value.0,
 key.1, ... each [Hkv, slots, D]; an int8 cache's key_scale.i, value_scale.i [Hkv, slots, 1]
 float16 after each layer's codes; with attention sinks each layer's sink_ tensors [Hkv, sinks, .]
-follow its ring), then the sha256 of everything before it. The header names what computed the
+follow its ring; with a pool its mass [Hkv, slots, 1] and pool_ tensors [Hkv, pool, .]), then
+the sha256 of everything before it. The header names what computed the
 cache (its "bundle" field): a bundle's manifest sha256, or for the torch backend (`--model`)
 model_identity's hash of the checkpoint's config and tensors; a file from another bundle or model,
 or one whose checksum fails, is refused with one line.
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import cache_names, is_scale
+from ..contract import cache_names, fixed_slots, is_scale
 from ..errors import EdgeError
 from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.sampling import Sampler, SamplingParams
@@ -132,13 +133,15 @@ class SessionState:
         if n == h.count:
             return self
         if h.count > window or self.cache["key.0"].shape[1] != h.count or not h.complete or not 0 < n < h.count:
-            return None  # the ring (W - sinks slots) no longer holds every token
+            return None  # the ring (W - sinks - pool slots) no longer holds every token
+        if "mass.0" in self.cache:
+            return None  # a pool's masses hold what the later tokens' queries gave: not the first n's state
         return SessionState({k: a if k.startswith("sink_") else a[:, :n] for k, a in self.cache.items()},
                             TokenHistory.of(list(h.tail[:n]), h.keep), None)
 
 
 def _names(session) -> list[str]:
-    return cache_names(session.n_layers, session.sinks, session.kv_cache)
+    return cache_names(session.n_layers, session.sinks, session.kv_cache, session.pool)
 
 
 def _form(session) -> tuple[dict[str, tuple[int, np.dtype]], dict]:
@@ -152,7 +155,7 @@ def _form(session) -> tuple[dict[str, tuple[int, np.dtype]], dict]:
     dtype = np.dtype(session.cache_dtype)
     return {n: (1, np.dtype(np.float16)) if is_scale(n) else (c.head_dim, dtype) for n in session.cache_names()}, {
         "layers": c.n_layers, "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "window": session.window,
-        "sinks": session.sinks, "dtype": dtype.name}
+        "sinks": session.sinks, "pool": 0, "dtype": dtype.name}
 
 
 def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = None) -> SessionState:
@@ -164,7 +167,7 @@ def capture(session, row: int, history: TokenHistory, sampler: Sampler | None = 
         cache = session.read_row(row, min(history.count, session.window))
     else:
         n = min(history.count, session.ring)
-        cache = {name: session._arrays[name][row, :, :session.sinks if name.startswith("sink_") else n].copy()
+        cache = {name: session._arrays[name][row, :, :fixed_slots(name, session.sinks, session.pool) or n].copy()
                  for name in _names(session)}
     return SessionState(cache, history, sampler_state(sampler) if sampler else None)
 
@@ -186,7 +189,8 @@ def restore(session, row: int, state: SessionState) -> None:
 def _layout(session) -> dict:
     a = session._arrays["key.0"]
     return {"layers": session.n_layers, "kv_heads": a.shape[1], "head_dim": a.shape[3],
-            "window": session.window, "sinks": session.sinks, "dtype": np.dtype(session.cache_dtype).name}
+            "window": session.window, "sinks": session.sinks, "pool": session.pool,
+            "dtype": np.dtype(session.cache_dtype).name}
 
 
 def save(path: str | Path, state: SessionState, session, identity: str) -> int:
@@ -247,11 +251,12 @@ def load(path: str | Path, session, identity: str) -> SessionState:
                 raise EdgeError(f"{path}: snapshot cache layout does not match this {source}'s cache")
             count, slots, keep, n_tail = header["count"], header["slots"], header["keep"], header["tail"]
             window = layout["window"]
-            ring = window - (layout["sinks"] if any(n.startswith("sink_") for n in tensors) else 0)
+            sinks = layout["sinks"] if any(n.startswith("sink_") for n in tensors) else 0
+            ring = window - sinks - layout["pool"]
             if not (slots == min(count, ring) and BLOCK <= keep <= max(window, BLOCK)
                     and n_tail == min(count, keep)):
                 raise EdgeError(f"{path}: damaged snapshot (inconsistent counts)")
-            shapes = {n: (layout["kv_heads"], layout["sinks"] if n.startswith("sink_") else slots, last)
+            shapes = {n: (layout["kv_heads"], fixed_slots(n, sinks, layout["pool"]) or slots, last)
                       for n, (last, _) in tensors.items()}
             body = 8 * n_tail + sum(int(np.prod(s)) * tensors[n][1].itemsize for n, s in shapes.items())
             if size != len(head) + n_header + body + 32:
@@ -277,7 +282,7 @@ def load(path: str | Path, session, identity: str) -> SessionState:
 
 
 _HEADER_TYPES = {"format": int, "bundle": str, "layers": int, "kv_heads": int, "head_dim": int, "window": int,
-                 "sinks": int,
+                 "sinks": int, "pool": int,
                  "dtype": str, "count": int, "slots": int, "anchor": str, "keep": int, "tail": int}
 
 

@@ -94,16 +94,20 @@ def _tied_head_sums(cfg: ModelConfig, plan: dict[str, TensorQuant], fmt: str) ->
     return 4 * cfg.vocab_size if shared and fmt == "integer" else 0
 
 
-def kv_cache_bytes(cfg: ModelConfig, window: int, kv_cache: str, batch: int = 1) -> int:
-    """The cache of W slots (sinks included) per sequence, keys and values, in every layer."""
-    return cfg.n_layers * 2 * batch * cfg.n_kv_heads * window * slot_bytes(cfg.head_dim, kv_cache)
+def kv_cache_bytes(cfg: ModelConfig, window: int, kv_cache: str, batch: int = 1, pool: int = 0) -> int:
+    """The cache of W slots (sinks and pool included) per sequence, keys and values, in every layer;
+    with a pool, also a float32 mass per slot (the sinks have none: a bound) and an int64 position
+    per pool slot."""
+    pooled = 4 * window + 8 * pool if pool else 0
+    return cfg.n_layers * batch * cfg.n_kv_heads * (2 * window * slot_bytes(cfg.head_dim, kv_cache) + pooled)
 
 
 def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, batch: int = 1,
              activations: str = "fp32", fmt: str = "nbits", stored: bool = False,
-             kv_cache: str | None = None, packed: bool = False) -> MemoryBudget:
+             kv_cache: str | None = None, packed: bool = False, pool: int = 0) -> MemoryBudget:
     """The budget; `stored`: weight bytes as the file stores them instead of as loaded; `kv_cache`:
-    the cache's storage (default: the activation type); `packed`: MatMulNBits runs on ONNX Runtime's
+    the cache's storage (default: the activation type); `pool`: the W slots' pool (it adds masses
+    and positions); `packed`: MatMulNBits runs on ONNX Runtime's
     CPU provider, which holds PACKED_BLOCK_BYTES more per weight block."""
     act = activation_type(activations).itemsize
     shapes = tensor_shapes(cfg)
@@ -120,7 +124,7 @@ def estimate(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk:
                                             if name != "tok_embeddings" and plan[name].kind in ("int8", "int4"))
         if shared and plan["output"].kind in ("int8", "int4"):  # the tied head's MatMulNBits on the table
             weights += PACKED_BLOCK_BYTES * cfg.vocab_size * _nbits_blocks(cfg.dim, plan["output"], plan)
-    kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch)
+    kv = kv_cache_bytes(cfg, window, kv_cache or activations, batch, pool)
     summed = [name for name in shapes if name != "tok_embeddings"]  # the Gather needs no group sums
     if shared and fmt != "qdq":
         summed.append("output")  # the tied head's MatMulNBits (qdq: it unpacks the embedding's rows)

@@ -174,7 +174,7 @@ def request_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, 
     """The memory budget of `req`'s bundle as its manifest records it (the target's activations,
     weight format, cache type and weight packing)."""
     return estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
-                    kv_cache=req.kv_cache_type, packed=req.target.packs_weights)
+                    kv_cache=req.kv_cache_type, packed=req.target.packs_weights, pool=req.pool)
 
 
 def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
@@ -258,7 +258,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     target = req.target
     mlc = target.name == "mlc"
     sinks = 0 if mlc else resolve_sinks(ck, req.sinks, req.window)
-    window, chunk = resolve_window(ck, req.window, req.chunk, sinks)
+    window, chunk = resolve_window(ck, req.window, req.chunk, sinks, req.pool)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
     budget, usable = check_budget(ck.config, plan, window, chunk, req)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
@@ -282,7 +282,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
                                  activations=req.activation_dtype, progress=progress, sinks=sinks,
-                                 kv_cache=req.kv_cache_type, codes=codes)
+                                 kv_cache=req.kv_cache_type, pool=req.pool, codes=codes)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors if tensor_log else ():
                 tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -301,7 +301,8 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             tokenizer=tokenizer, generation=GenerationDefaults(),
             memory_budget=BudgetRecord(**budget.to_dict(), device_usable_bytes=usable),
             files=tuple(FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p))
-                        for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks, kv_cache=req.kv_cache_type)
+                        for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks, kv_cache=req.kv_cache_type,
+            pool=req.pool)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 

@@ -21,16 +21,21 @@ MAX_WINDOW = 1 << 20
 attention scores of one chunk, would not fit any device this toolkit targets."""
 
 
-def check_window(window: int | None, chunk: int | None, sinks: int | None = None) -> None:
-    """--window, --chunk and --sinks as given (None: the model's or the default), before any model is read."""
+def check_window(window: int | None, chunk: int | None, sinks: int | None = None, pool: int = 0) -> None:
+    """--window, --chunk, --sinks and --pool as given (None: the model's or the default), before any model is read."""
     for name, value in (("window", window), ("chunk size", chunk)):
         if value is not None and not (isinstance(value, int) and 0 < value <= MAX_WINDOW):
             raise EdgeError(f"{name} must be an integer between 1 and {MAX_WINDOW:,}, got {value}")
     if sinks is not None and not (isinstance(sinks, int) and 0 <= sinks < (window or MAX_WINDOW)):
         raise EdgeError(f"sinks must be an integer between 0 and {(window or MAX_WINDOW) - 1:,}, got {sinks}")
-    if window is not None and chunk is not None and chunk > window - (sinks or 0):
-        ring = f" minus its {sinks} sinks, {window - sinks}" if sinks else ""
-        raise EdgeError(f"chunk size must be between 1 and the window W={window}{ring}, got {chunk}")
+    if not (isinstance(pool, int) and 0 <= pool < (window or MAX_WINDOW) - (sinks or 0)):
+        raise EdgeError(f"pool must be an integer between 0 and {(window or MAX_WINDOW) - (sinks or 0) - 1:,} "
+                        f"(the window minus its sinks, minus 1), got {pool}")
+    ring = (window or 0) - (sinks or 0) - pool
+    if window is not None and chunk is not None and chunk > ring:
+        held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
+        minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
+        raise EdgeError(f"chunk size must be between 1 and the window W={window}{minus}, got {chunk}")
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,13 @@ class BundleRequest:
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
     kv_cache: str | None = None  # "fp32" | "fp16" | "int8": the KV cache's storage; None: the activation type
     calib: Calibration | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
+    pool: int = 0  # of the W slots, how many keep the most-attended keys that left the ring (docs/cache.md)
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
         from ..export.pipeline import check_format
 
-        check_window(self.window, self.chunk, self.sinks)
+        check_window(self.window, self.chunk, self.sinks, self.pool)
         if self.calib is not None:
             check_calibration(self.calib, self.quant, self.target.name)
         if self.device_memory is not None:
@@ -71,8 +77,9 @@ class BundleRequest:
         from .mlc import GROUP_SIZE as MLC_GROUP_SIZE, QUANTIZATION as MLC_QUANTIZATION
 
         mlc_like = {parse_quant(self.target.quant), parse_quant(f"int4-g{MLC_GROUP_SIZE}-sym-rtn")}
-        if self.sinks:
-            raise EdgeError("the mlc target has no attention sinks (MLC's own runtime): use --sinks 0 or another target")
+        if self.sinks or self.pool:
+            raise EdgeError("the mlc target has no attention sinks or pool (MLC's own runtime): use --sinks 0, "
+                            "no --pool, or another target")
         if self.quant not in mlc_like or self.fmt is not None or \
                 self.activation_dtype != self.target.activation_dtype or self.kv_cache_type != "fp16":
             raise EdgeError(f"the mlc target writes MLC's {MLC_QUANTIZATION} (int4, groups of {MLC_GROUP_SIZE}, "
