@@ -320,21 +320,30 @@ def pooled_export(ck, path, chunk: int, kv_cache: str | None = None, activations
     return path
 
 
-@pytest.mark.parametrize("chunk,kv_cache,activations,sinks", [(1, None, "fp32", S), (4, None, "fp32", S),
-                                                              (W - S - P, None, "fp32", S), (4, "int8", "fp32", S),
-                                                              (4, None, "fp16", S), (4, None, "fp32", 0)])
-def test_graph_with_a_pool_matches_reference(sharp, tmp_path, chunk, kv_cache, activations, sinks):
-    """The pooled graph (function body) against ReferenceModel's pooled cache, two rows of different
-    lengths padded: the same logits, and every layer's pool holds the same positions in the same slots."""
+POOL_CASES = [(1, None, "fp32", S), (4, None, "fp32", S), (W - S - P, None, "fp32", S), (4, "int8", "fp32", S),
+              (4, None, "fp16", S), (4, "int8", "fp16", S), (4, "fp16", "fp32", S), (4, None, "fp32", 0)]
+
+
+@pytest.mark.parametrize("kernel", ["off", "auto"])  # the function body, and the native kernel where built
+@pytest.mark.parametrize("chunk,kv_cache,activations,sinks", POOL_CASES)
+def test_graph_with_a_pool_matches_reference(sharp, tmp_path, chunk, kv_cache, activations, sinks, kernel):
+    """The pooled graph against ReferenceModel's pooled cache, two rows of different lengths padded:
+    the same logits, and every layer's pool holds the same positions in the same slots."""
+    from mistral_edge import kernels
+
     model = pooled_export(sharp, tmp_path / "m.onnx", chunk, kv_cache, activations, sinks)
-    session = DecoderSession(model, batch=2)
+    session = DecoderSession(model, batch=2, config=SessionConfig(kernel=kernel))
     assert (session.pool, session.ring) == (P, W - sinks - P)
-    assert session.attention_path == "function body (the native kernel keeps no pool)"
+    native = session.attention_path.startswith("native kernel")
+    assert native == (kernel == "auto" and sinks > 0 and kernels.unavailable_reason() is None), session.attention_path
     ref = ReferenceModel(sharp.config, sharp.weights)
     cache = ref.new_cache(batch=2, window=W, sinks=sinks, pool=P, kv_cache=kv_cache)
     a, b = sequences(12, [50, 37])
+    before = kernels.calls() if native else 0
+    steps = 0
     for tokens, valid in batched(a, b, chunk):
         got = session.step(tokens, valid, all_logits=True)
+        steps += 1
         expected = ref.forward(torch.tensor(tokens), cache, torch.tensor(valid)).numpy()
         for i, n in enumerate(valid):
             if n:
@@ -342,10 +351,13 @@ def test_graph_with_a_pool_matches_reference(sharp, tmp_path, chunk, kv_cache, a
         for layer in range(sharp.config.n_layers):
             np.testing.assert_array_equal(session._arrays[f"pool_pos.{layer}"][..., 0] - 1, cache.pool_pos[layer].numpy())
     assert (cache.pool_pos[0] >= 0).all()  # the pools filled
+    if native:
+        assert kernels.calls() - before == steps * sharp.config.n_layers  # every node ran natively
 
 
-def test_pool_cache_is_updated_in_place_and_memory_is_fixed_by_w(sharp, tmp_path, capfd):
-    session = DecoderSession(pooled_export(sharp, tmp_path / "m.onnx", 4), config=SessionConfig(kernel="auto"))
+@pytest.mark.parametrize("kernel", ["off", "auto"])
+def test_pool_cache_is_updated_in_place_and_memory_is_fixed_by_w(sharp, tmp_path, capfd, kernel):
+    session = DecoderSession(pooled_export(sharp, tmp_path / "m.onnx", 4), config=SessionConfig(kernel=kernel))
     tokens = sequences(3, [5 * W])[0]
     for s in range(0, W, 4):
         session.step(np.array([tokens[s:s + 4]]))
@@ -363,8 +375,16 @@ def test_pool_cache_is_updated_in_place_and_memory_is_fixed_by_w(sharp, tmp_path
     assert any((x != y).any() for x, y in zip(pools, pools[1:]))  # keys entered the pool in place
     session.reset()
     assert session.positions.tolist() == [0] and not session._arrays["pool_pos.0"].any()
-    with pytest.raises(EdgeError, match="^the native kernel keeps no pool$"):
-        DecoderSession(tmp_path / "m.onnx", config=SessionConfig(kernel="on"))
+
+
+def test_a_pool_without_sinks_runs_the_function_body(sharp, tmp_path):
+    from mistral_edge import kernels
+
+    if kernels.unavailable_reason():
+        pytest.skip(kernels.unavailable_reason())
+    model = pooled_export(sharp, tmp_path / "m.onnx", 4, sinks=0)
+    with pytest.raises(EdgeError, match="^the native kernel keeps a pool only beside attention sinks$"):
+        DecoderSession(model, config=SessionConfig(kernel="on"))
 
 
 def test_graph_metadata_and_bounds_of_a_pool(sharp, tmp_path):

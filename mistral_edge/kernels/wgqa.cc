@@ -8,7 +8,9 @@
 // WindowedGroupQueryAttention and SinkWindowedGroupQueryAttention (two more cache tensors), and
 // float32 or float16 activations over an int8 cache (codes plus one float16 scale per slot and kv
 // head, docs/kernel.md) for WindowedGroupQueryAttentionInt8Cache and
-// SinkWindowedGroupQueryAttentionInt8Cache. A node of any other pair finds no kernel, and ONNX
+// SinkWindowedGroupQueryAttentionInt8Cache, and the same for the pooled ops with sinks
+// (PoolSinkWindowedGroupQueryAttention and its Int8Cache twin: a pool's masses and positions beside
+// the cache). A pooled op without sinks has no kernel: its node runs the body. A node of any other pair finds no kernel, and ONNX
 // Runtime refuses it rather than inline the body: runtime/session.py NATIVE_CACHES lists these pairs.
 // Threads: one work unit per (batch row, kv head), run on the session's intra-op pool
 // (KernelContext_ParallelFor), so the session's intra_op_num_threads holds.
@@ -117,9 +119,27 @@ struct Sinks {
   const Tensor<bool>& fresh;
 };
 
+// The pool half of a PoolSinkWindowedGroupQueryAttention* node: the ring's masses, the pool's
+// tensors, and the four pool plan tensors (attention.POOL_PLAN_INPUTS).
+template <typename K>
+struct Pool {
+  const Tensor<float>& past_mass;
+  Tensor<float>& present_mass;
+  Store<K> key, value;
+  const Tensor<float>& past_pool_mass;
+  Tensor<float>& present_pool_mass;
+  const Tensor<int64_t>& past_pool_pos;
+  Tensor<int64_t>& present_pool_pos;
+  const Tensor<float>& query_weight;
+  const Tensor<int64_t>& old_pos;
+  const Tensor<float>& age_base;
+  const Tensor<bool>& written;
+};
+
 template <typename A, typename K>
 Ort::Status compute(OrtKernelContext* ctx, const Tensor<A>& qkv, const Plan<A>& plan, Tensor<A>& output,
-                    const Store<K>& key, const Store<K>& value, const Sinks<K>* sinks = nullptr) {
+                    const Store<K>& key, const Store<K>& value, const Sinks<K>* sinks = nullptr,
+                    const Pool<K>* pool = nullptr) {
   const auto& xs = qkv.Shape();
   const auto& cs = key.past.Shape();
   if (xs.size() != 3 || cs.size() != 4) return fail("qkv must be [B, C, (Hq+2Hkv) D] and past_key [B, Hkv, S, D]");
@@ -137,12 +157,20 @@ Ort::Status compute(OrtKernelContext* ctx, const Tensor<A>& qkv, const Plan<A>& 
                 !shaped(sinks->src.Shape(), {B, Hkv, Ss, D}) || !shaped(sinks->fresh.Shape(), {B, 1, Ss, 1})))
     return fail("sink cache and sink plan tensors must be [B, Hkv, Ss, D] (Ss > 0, scales [B, Hkv, Ss, 1]) "
                 "and [B, 1, Ss, 1]");
+  const int64_t P = pool ? pool->key.past.Shape().size() == 4 ? pool->key.past.Shape()[2] : -1 : 0;
+  if (pool && (P <= 0 || !pool->key.shaped_as({B, Hkv, P, D}) || !pool->value.shaped_as({B, Hkv, P, D}) ||
+               !shaped(pool->past_mass.Shape(), {B, Hkv, S, 1}) || !shaped(pool->past_pool_mass.Shape(), {B, Hkv, P, 1}) ||
+               !shaped(pool->past_pool_pos.Shape(), {B, Hkv, P, 1}) ||
+               !shaped(pool->query_weight.Shape(), {B, 1, 1, G * C}) || !shaped(pool->old_pos.Shape(), {B, 1, C, 1}) ||
+               !shaped(pool->age_base.Shape(), {B, 1, 1, 1}) || !shaped(pool->written.Shape(), {B, 1, S, 1})))
+    return fail("pool cache and pool plan tensors do not match qkv and the cache (P > 0)");
   if (!shaped(plan.write_at.Shape(), {B}) || !shaped(plan.gather_idx.Shape(), {B, Hkv, C, D}) ||
       !shaped(plan.keep.Shape(), {B, 1, C, 1}) || !shaped(plan.bias.Shape(), {B, 1, G * C, S + C + Ss}) ||
-      !shaped(plan.score_split.Shape(), {sinks ? 3 : 2}))
+      !shaped(plan.score_split.Shape(), {(sinks ? 3 : 2) + (pool ? 1 : 0)}))
     return fail("plan tensors do not match qkv and the cache");
   const int64_t* split = plan.score_split.Data();
-  if (split[0] != S || split[1] != C || (sinks && split[2] != Ss)) return fail("score_split must be (S, C[, Ss])");
+  if (split[0] != S || split[1] != C || (sinks && split[2] != Ss) || (pool && split[3] != P))
+    return fail("score_split must be (S, C[, Ss[, P]])");
   const int64_t* at = plan.write_at.Data();
   const int64_t* idx = plan.gather_idx.Data();
   for (int64_t b = 0; b < B; ++b)
@@ -169,6 +197,16 @@ Ort::Status compute(OrtKernelContext* ctx, const Tensor<A>& qkv, const Plan<A>& 
     p.sink_key = sinks->key.codes(), p.sink_key_scale = sinks->key.scales();
     p.sink_value = sinks->value.codes(), p.sink_value_scale = sinks->value.scales();
     p.sink_src = sinks->src.Data(), p.sink_new = sinks->fresh.Data();
+  }
+  if (pool) {
+    p.P = P;
+    p.pool_key = pool->key.codes(), p.pool_key_scale = pool->key.scales();
+    p.pool_value = pool->value.codes(), p.pool_value_scale = pool->value.scales();
+    p.mass = keep_in_place(pool->past_mass, pool->present_mass);
+    p.pool_mass = keep_in_place(pool->past_pool_mass, pool->present_pool_mass);
+    p.pool_pos = keep_in_place(pool->past_pool_pos, pool->present_pool_pos);
+    p.query_weight = pool->query_weight.Data(), p.old_pos = pool->old_pos.Data();
+    p.age_base = pool->age_base.Data(), p.written = pool->written.Data();
   }
   const size_t units = static_cast<size_t>(B * Hkv);
   if (units == 1 || S == 0) {
@@ -235,6 +273,57 @@ Ort::Status int8_with_sinks(
                             {past_value, present_value, &past_value_scale, &present_value_scale}, &sinks);
 }
 
+template <typename A, typename K>
+Ort::Status pooled(OrtKernelContext* ctx, const Tensor<A>& qkv, const Tensor<K>& past_key, const Tensor<K>& past_value,
+                   const Tensor<K>& past_sink_key, const Tensor<K>& past_sink_value, const Tensor<float>& past_mass,
+                   const Tensor<K>& past_pool_key, const Tensor<K>& past_pool_value,
+                   const Tensor<float>& past_pool_mass, const Tensor<int64_t>& past_pool_pos, const Tensor<A>& cos_q,
+                   const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k,
+                   const Tensor<int64_t>& write_at, const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep,
+                   const Tensor<A>& bias, const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src,
+                   const Tensor<bool>& sink_new, const Tensor<float>& query_weight, const Tensor<int64_t>& old_pos,
+                   const Tensor<float>& age_base, const Tensor<bool>& written, Tensor<A>& output,
+                   Tensor<K>& present_key, Tensor<K>& present_value, Tensor<K>& present_sink_key,
+                   Tensor<K>& present_sink_value, Tensor<float>& present_mass, Tensor<K>& present_pool_key,
+                   Tensor<K>& present_pool_value, Tensor<float>& present_pool_mass,
+                   Tensor<int64_t>& present_pool_pos) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  const Sinks<K> sinks{{past_sink_key, present_sink_key}, {past_sink_value, present_sink_value}, sink_src, sink_new};
+  const Pool<K> pool{past_mass, present_mass, {past_pool_key, present_pool_key}, {past_pool_value, present_pool_value},
+                     past_pool_mass, present_pool_mass, past_pool_pos, present_pool_pos, query_weight, old_pos,
+                     age_base, written};
+  return compute<A, K>(ctx, qkv, plan, output, {past_key, present_key}, {past_value, present_value}, &sinks, &pool);
+}
+
+template <typename A>
+Ort::Status int8_pooled(
+    OrtKernelContext* ctx, const Tensor<A>& qkv, const I8& past_key, const I8& past_value, const Scale& past_key_scale,
+    const Scale& past_value_scale, const I8& past_sink_key, const I8& past_sink_value,
+    const Scale& past_sink_key_scale, const Scale& past_sink_value_scale, const Tensor<float>& past_mass,
+    const I8& past_pool_key, const I8& past_pool_value, const Scale& past_pool_key_scale,
+    const Scale& past_pool_value_scale, const Tensor<float>& past_pool_mass, const Tensor<int64_t>& past_pool_pos,
+    const Tensor<A>& cos_q, const Tensor<A>& sin_q, const Tensor<A>& cos_k, const Tensor<A>& sin_k,
+    const Tensor<int64_t>& write_at, const Tensor<int64_t>& gather_idx, const Tensor<bool>& keep, const Tensor<A>& bias,
+    const Tensor<int64_t>& score_split, const Tensor<int64_t>& sink_src, const Tensor<bool>& sink_new,
+    const Tensor<float>& query_weight, const Tensor<int64_t>& old_pos, const Tensor<float>& age_base,
+    const Tensor<bool>& written, Tensor<A>& output, I8& present_key, I8& present_value, Scale& present_key_scale,
+    Scale& present_value_scale, I8& present_sink_key, I8& present_sink_value, Scale& present_sink_key_scale,
+    Scale& present_sink_value_scale, Tensor<float>& present_mass, I8& present_pool_key, I8& present_pool_value,
+    Scale& present_pool_key_scale, Scale& present_pool_value_scale, Tensor<float>& present_pool_mass,
+    Tensor<int64_t>& present_pool_pos) {
+  const Plan<A> plan{cos_q, sin_q, cos_k, sin_k, write_at, gather_idx, keep, bias, score_split};
+  const Sinks<int8_t> sinks{{past_sink_key, present_sink_key, &past_sink_key_scale, &present_sink_key_scale},
+                            {past_sink_value, present_sink_value, &past_sink_value_scale, &present_sink_value_scale},
+                            sink_src, sink_new};
+  const Pool<int8_t> pool{past_mass, present_mass,
+                          {past_pool_key, present_pool_key, &past_pool_key_scale, &present_pool_key_scale},
+                          {past_pool_value, present_pool_value, &past_pool_value_scale, &present_pool_value_scale},
+                          past_pool_mass, present_pool_mass, past_pool_pos, present_pool_pos, query_weight, old_pos,
+                          age_base, written};
+  return compute<A, int8_t>(ctx, qkv, plan, output, {past_key, present_key, &past_key_scale, &present_key_scale},
+                            {past_value, present_value, &past_value_scale, &present_value_scale}, &sinks, &pool);
+}
+
 template <typename Fn>
 Ort::Custom::OrtLiteCustomOp* op(const char* name, Fn fn) {
   return Ort::Custom::CreateLiteCustomOp(name, "CPUExecutionProvider", fn);
@@ -270,6 +359,12 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
       ops.emplace_back(op(ring8, int8<F16>));
       ops.emplace_back(op(sink8, int8_with_sinks<float>));
       ops.emplace_back(op(sink8, int8_with_sinks<F16>));
+      const char *pool = "PoolSinkWindowedGroupQueryAttention", *pool8 = "PoolSinkWindowedGroupQueryAttentionInt8Cache";
+      ops.emplace_back(op(pool, pooled<float, float>));
+      ops.emplace_back(op(pool, pooled<F16, F16>));
+      ops.emplace_back(op(pool, pooled<float, F16>));
+      ops.emplace_back(op(pool8, int8_pooled<float>));
+      ops.emplace_back(op(pool8, int8_pooled<F16>));
       Ort::CustomOpDomain d{"mistral_edge"};
       for (const auto& o : ops) d.Add(o.get());
       return d;

@@ -32,6 +32,19 @@ struct Problem {
   void* sink_value_scale;
   const int64_t* sink_src;       // [B, Hkv, Ss, D] chunk index each sink slot takes
   const bool* sink_new;          // [B, 1, Ss, 1] sink slots this chunk writes
+  // a pool (PoolSinkWindowedGroupQueryAttention; P = 0 and null pointers otherwise)
+  int64_t P;                     // pool slots
+  void* pool_key;                // present_pool_key [B, Hkv, P, D], holding past_pool_key on entry
+  void* pool_value;
+  void* pool_key_scale;          // int8 cache: [B, Hkv, P, 1]
+  void* pool_value_scale;
+  float* mass;                   // present_mass [B, Hkv, S, 1], holding past_mass on entry
+  float* pool_mass;              // present_pool_mass [B, Hkv, P, 1], likewise
+  int64_t* pool_pos;             // present_pool_pos [B, Hkv, P, 1]: position + 1, 0 empty
+  const float* query_weight;     // [B, 1, 1, G C]
+  const int64_t* old_pos;        // [B, 1, C, 1]
+  const float* age_base;         // [B, 1, 1, 1]
+  const bool* written;           // [B, 1, S, 1]
 };
 
 // Solves one (batch row, kv head) unit, unit = b * Hkv + h. Units touch disjoint cache slices.

@@ -1,12 +1,14 @@
 // One (batch row, kv head) unit of WindowedGroupQueryAttention, in the order the ONNX function
-// fixes (export/attention.py): gather the entries the chunk overwrites, write the rotated chunk
-// (and the sink slots it reaches), then attend over the S updated slots, the gathered entries and
-// the Ss sinks. The cache is stored as float32, float16 or int8 with a float16 scale per row
+// fixes (export/attention.py): gather the entries the chunk overwrites, admit the best of them into
+// the pool (a pooled op), write the rotated chunk (and the sink slots it reaches), then attend over
+// the S updated slots, the gathered entries, the Ss sinks and the P pool slots, adding each key's
+// probability mass to the ring's and the pool's masses. The cache is stored as float32, float16 or int8 with a float16 scale per row
 // (docs/kernel.md); int8 rows are read as codes, the scale applied once per key row. Compiled once
 // per instruction set with WGQA_UNIT naming the entry point; the loops use GCC vector extensions
 // over the head dimension, whose width follows the variant's flags.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -259,7 +261,7 @@ template <int L>
 // The stretches [from[k], to[k]) of the score axis a block computes (sorted, disjoint); its
 // other scores are neither computed nor read, their probabilities being exactly 0.
 struct Spans {
-  int64_t from[3], to[3];
+  int64_t from[4], to[4];
   int n = 0;
   void add(int64_t a, int64_t b) {
     if (b > a) from[n] = a, to[n] = b, ++n;
@@ -332,6 +334,9 @@ struct Scratch {
   std::vector<K> old_k, old_v;       // the entries the chunk overwrites: codes
   std::vector<half> old_ks, old_vs;  // and their scales (int8)
   std::vector<float> row, q, sc, acc;
+  std::vector<float> old_m, mean, bias, ring_mass, pool_got;  // a pool's
+  std::vector<int64_t> order;
+  std::vector<char> moved;
 
   static Scratch& mine() {
     thread_local Scratch s;
@@ -364,10 +369,10 @@ constexpr float HIDDEN = (std::is_same<A, half>::value ? -65504.0f : -3.40282347
 // skipping it changes no sum (leading and trailing zeros only), bit for bit. That is what spares
 // the empty tail of a ring not yet full (the runtime grows S in steps of 64) and the ring copies
 // of the sink positions. The ends are found NATIVE slots at a time, then slot by slot.
-template <typename A, typename K>
-void seen_span(const A* b, int64_t nr, int64_t L, const Part<K>& pt, int64_t& lo, int64_t& hi) {
+template <typename A, typename T, typename K>
+void seen_span(const T* b, int64_t nr, int64_t L, const Part<K>& pt, int64_t& lo, int64_t& hi) {
   constexpr int V = NATIVE;
-  const A* at = b + pt.at;
+  const T* at = b + pt.at;
   auto seen = [&](int64_t i) {
     for (int64_t r = 0; r < nr; ++r)
       if (f(at[r * L + i]) > HIDDEN<A>) return true;
@@ -413,6 +418,43 @@ void unit(const Problem& p, int64_t u) {
     std::memcpy(old_v + j * D, value.row(slot, D), D * sizeof(K));
     if constexpr (QUANT<K>) old_ks[j] = key.scale[slot], old_vs[j] = value.scale[slot];
   }
+  // (1b) with a pool: the P keys of highest mean mass among the pool's and the gathered entries
+  // stay (ties to the lower index, the pool's first, as ONNX TopK); the k-th losing pool slot takes
+  // the k-th winner; a winner's gathered copy is hidden below
+  const int64_t P = p.P, L2 = L + P;
+  char* moved = room(w.moved, C);
+  std::fill(moved, moved + C, 0);
+  const Rows<K> pool_key = P ? Rows<K>::of(p.pool_key, p.pool_key_scale, head, P, D) : Rows<K>{};
+  const Rows<K> pool_value = P ? Rows<K>::of(p.pool_value, p.pool_value_scale, head, P, D) : Rows<K>{};
+  float *ring_mass = nullptr, *pool_mass = nullptr;
+  int64_t* pool_pos = nullptr;
+  if (P) {
+    ring_mass = p.mass + head * S, pool_mass = p.pool_mass + head * P, pool_pos = p.pool_pos + head * P;
+    float *old_m = room(w.old_m, C), *mean = room(w.mean, P + C);
+    const int64_t* old_pos = p.old_pos + b * C;
+    for (int64_t j = 0; j < C; ++j) old_m[j] = ring_mass[gather[j * D]];
+    for (int64_t j = 0; j < P + C; ++j) {
+      const int64_t pos1 = j < P ? pool_pos[j] : old_pos[j - P];
+      const float m = j < P ? pool_mass[j] : old_m[j - P];
+      mean[j] = pos1 > 0 ? m / std::fmax(p.age_base[b] - static_cast<float>(pos1), 1.0f) : -INFINITY;
+    }
+    int64_t* order = room(w.order, P + C);
+    for (int64_t j = 0; j < P + C; ++j) order[j] = j;
+    std::nth_element(order, order + P, order + P + C, [&](int64_t x, int64_t y) {
+      return mean[x] > mean[y] || (mean[x] == mean[y] && x < y);
+    });
+    for (int64_t j = P; j < P + C; ++j) mean[order[j]] = NAN;  // dropped (NaN marks it: kept ones are never NaN)
+    int64_t l = 0;
+    for (int64_t j = 0; j < C; ++j) {
+      if (std::isnan(mean[P + j])) continue;
+      while (!std::isnan(mean[l])) ++l;  // the next losing pool slot
+      std::memcpy(pool_key.row(l, D), old_k + j * D, D * sizeof(K));
+      std::memcpy(pool_value.row(l, D), old_v + j * D, D * sizeof(K));
+      if constexpr (QUANT<K>) pool_key.scale[l] = old_ks[j], pool_value.scale[l] = old_vs[j];
+      pool_pos[l] = old_pos[j], pool_mass[l] = old_m[j], moved[j] = 1;
+      ++l;
+    }
+  }
   // (2) the chunk's rotated keys and values (rounded to the activation type, as the function holds
   // them) at slot (write_at + j) mod S; padding keeps the old entry
   float* row = room(w.row, D);
@@ -432,55 +474,89 @@ void unit(const Problem& p, int64_t u) {
     if (p.sink_new[b * Ss + s]) write(p.sink_src[(head * Ss + s) * D], sink_key, sink_value, s);
   const Part<K> parts[] = {{key.code, value.code, key.scale, value.scale, S, 0},
                            {old_k, old_v, old_ks, old_vs, C, S},
-                           {sink_key.code, sink_value.code, sink_key.scale, sink_value.scale, Ss, S + C}};
+                           {sink_key.code, sink_value.code, sink_key.scale, sink_value.scale, Ss, S + C},
+                           {pool_key.code, pool_value.code, pool_key.scale, pool_value.scale, P, L}};
+  constexpr int NPARTS = 4;
+  // the plan's bias, shared by the kv heads; a pool's is this head's own: the winners' gathered
+  // copies hidden, the pool's empty slots hidden, its held keys seen by every query
+  const A* bias_rows = bias;
+  float* own = nullptr;
+  if (P) {
+    const float hide = (std::is_same<A, half>::value ? -65504.0f : -3.40282347e38f) / 2;  // mask_value
+    own = room(w.bias, R * L2);
+    for (int64_t r = 0; r < R; ++r) {
+      float* o = own + r * L2;
+      for (int64_t c = 0; c < L; ++c) o[c] = f(bias[r * L + c]);
+      for (int64_t j = 0; j < C; ++j)
+        if (moved[j]) o[S + j] += hide;
+      for (int64_t j = 0; j < P; ++j) o[L + j] = pool_pos[j] > 0 ? 0.0f : hide;
+    }
+    float* got = room(w.ring_mass, S);
+    std::fill(got, got + S, 0.0f);
+    got = room(w.pool_got, P);
+    std::fill(got, got + P, 0.0f);
+  }
   // (3) queries of this kv head, rows g-major (r = g C + i), scaled by the tables
-  float *q = room(w.q, R * D), *sc = room(w.sc, ROWS * L), *acc = room(w.acc, ROWS * D);
+  float *q = room(w.q, R * D), *sc = room(w.sc, ROWS * L2), *acc = room(w.acc, ROWS * D);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < C; ++i)
       rope(qkv + i * width + (h * G + g) * D, cos_q + i * half_d, sin_q + i * half_d, D, &q[(g * C + i) * D]);
   A* out = static_cast<A*>(p.out) + b * C * p.Hq * D;
-  for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
-    const int64_t nr = R - r0 < ROWS ? R - r0 : ROWS;
-    const float* qb = &q[r0 * D];
-    const A* bb = bias + r0 * L;
-    // skip hidden slots only when every row sees some key (a padding row sees none: its softmax
-    // is over masked scores alike, so every slot counts)
-    bool skip = true;
-    for (int64_t r = 0; r < nr && skip; ++r) {
-      int64_t i = 0;
-      while (i < L && f(bb[r * L + i]) <= HIDDEN<A>) ++i;
-      skip = i < L;
-    }
-    int64_t lo[3], hi[3];
-    Spans spans;
-    for (int k = 0; k < 3; ++k) {
-      const Part<K>& pt = parts[k];
-      if (skip) {
-        seen_span(bb, nr, L, pt, lo[k], hi[k]);
-      } else {
-        lo[k] = 0, hi[k] = pt.n;
+  auto attend = [&](const auto* bias_rows, int64_t ld) {  // the plan's bias (type A) or a pool's own (float)
+    for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
+      const int64_t nr = R - r0 < ROWS ? R - r0 : ROWS;
+      const float* qb = &q[r0 * D];
+      const auto* bb = bias_rows + r0 * ld;
+      // skip hidden slots only when every row sees some key (a padding row sees none: its softmax
+      // is over masked scores alike, so every slot counts)
+      bool skip = true;
+      for (int64_t r = 0; r < nr && skip; ++r) {
+        int64_t i = 0;
+        while (i < ld && f(bb[r * ld + i]) <= HIDDEN<A>) ++i;
+        skip = i < ld;
       }
-      spans.add(pt.at + lo[k], pt.at + hi[k]);
-      if (hi[k] > lo[k])
-        block<NATIVE>(qb, nr, pt.keys + lo[k] * D, QUANT<K> ? pt.kscale + lo[k] : nullptr, pt.vals + lo[k] * D,
-                      hi[k] - lo[k], D, sc + pt.at + lo[k], L, nullptr, false);
+      int64_t lo[NPARTS], hi[NPARTS];
+      Spans spans;
+      for (int k = 0; k < NPARTS; ++k) {
+        const Part<K>& pt = parts[k];
+        if (skip) {
+          seen_span<A>(bb, nr, ld, pt, lo[k], hi[k]);
+        } else {
+          lo[k] = 0, hi[k] = pt.n;
+        }
+        spans.add(pt.at + lo[k], pt.at + hi[k]);
+        if (hi[k] > lo[k])
+          block<NATIVE>(qb, nr, pt.keys + lo[k] * D, QUANT<K> ? pt.kscale + lo[k] : nullptr, pt.vals + lo[k] * D,
+                        hi[k] - lo[k], D, sc + pt.at + lo[k], ld, nullptr, false);
+      }
+      for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * ld], bb + r * ld, spans);
+      for (int64_t r = 0; r < nr && P; ++r) {  // the mass each ring and pool key got from the real queries
+        const float wq = p.query_weight[b * R + r0 + r];
+        if (wq == 0.0f) continue;
+        for (int64_t i = lo[0]; i < hi[0]; ++i) w.ring_mass[i] += sc[r * ld + i] * wq;
+        for (int64_t i = lo[3]; i < hi[3]; ++i) w.pool_got[i] += sc[r * ld + L + i] * wq;
+      }
+      std::fill(acc, acc + ROWS * D, 0.0f);
+      for (int k = 0; k < NPARTS; ++k) {
+        const Part<K>& pt = parts[k];
+        if (hi[k] <= lo[k]) continue;
+        float* pk = sc + pt.at + lo[k];
+        if constexpr (QUANT<K>)  // p v' = (p s) codes: the value scales folded into the probabilities
+          for (int64_t r = 0; r < nr; ++r) scale_by(pk + r * ld, pt.vscale + lo[k], hi[k] - lo[k]);
+        block<NATIVE>(qb, nr, pt.keys + lo[k] * D, nullptr, pt.vals + lo[k] * D, hi[k] - lo[k], D, pk, ld, acc, true);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
+        A* o = out + i * p.Hq * D + (h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<A>(acc[r * D + d]);
+      }
     }
-    for (int64_t r = 0; r < nr; ++r) softmax(&sc[r * L], bb + r * L, spans);
-    std::fill(acc, acc + ROWS * D, 0.0f);
-    for (int k = 0; k < 3; ++k) {
-      const Part<K>& pt = parts[k];
-      if (hi[k] <= lo[k]) continue;
-      float* pk = sc + pt.at + lo[k];
-      if constexpr (QUANT<K>)  // p v' = (p s) codes: the value scales folded into the probabilities
-        for (int64_t r = 0; r < nr; ++r) scale_by(pk + r * L, pt.vscale + lo[k], hi[k] - lo[k]);
-      block<NATIVE>(qb, nr, pt.keys + lo[k] * D, nullptr, pt.vals + lo[k] * D, hi[k] - lo[k], D, pk, L, acc, true);
-    }
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t g = (r0 + r) / C, i = (r0 + r) % C;
-      A* o = out + i * p.Hq * D + (h * G + g) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<A>(acc[r * D + d]);
-    }
-  }
+  };
+  if (!P) return attend(bias_rows, L);
+  attend(own, L2);
+  const bool* written = p.written + b * S;  // the chunk's own keys start from what they got
+  for (int64_t i = 0; i < S; ++i) ring_mass[i] = (written[i] ? 0.0f : ring_mass[i]) + w.ring_mass[i];
+  for (int64_t j = 0; j < P; ++j) pool_mass[j] += w.pool_got[j];
 }
 
 }  // namespace

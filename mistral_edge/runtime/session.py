@@ -47,7 +47,8 @@ NATIVE_CACHES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "fp16"), ("fp32", 
 """(activation type, cache type) of the graphs the native library has a kernel for (kernels/wgqa.cc);
 a graph of another pair finds no kernel of its types or op name and runs its function body."""
 LIBRARY_OPS = ("WindowedGroupQueryAttention", "SinkWindowedGroupQueryAttention",
-               "WindowedGroupQueryAttentionInt8Cache", "SinkWindowedGroupQueryAttentionInt8Cache")
+               "WindowedGroupQueryAttentionInt8Cache", "SinkWindowedGroupQueryAttentionInt8Cache",
+               "PoolSinkWindowedGroupQueryAttention", "PoolSinkWindowedGroupQueryAttentionInt8Cache")
 """The op names the native library registers (kernels/wgqa.cc, domain mistral_edge)."""
 _LIBRARY_REFUSAL = re.compile(r"of operator \((\w+)\)|implementation for (\w+)\(")
 """ONNX Runtime's words when the library is why a graph does not load: a node of one of its op names
@@ -117,13 +118,14 @@ def _open(model_path: str | Path, so: ort.SessionOptions, providers: tuple,
 def _kernel_covers(path: str, info: GraphInfo, mode: str | None, loaded: bool = True) -> str:
     """The attention path `_register_kernel` chose, unless the library has no kernel for this graph's
     (activation, cache) types (NATIVE_CACHES; `loaded` False: the graph only loaded without the
-    library) or has a pool (no kernel keeps one: its op name is not the library's): then the
-    function body runs, and "on" (which requires the kernel) refuses."""
+    library) or has a pool without sinks (the library keeps a pool beside sinks only: that op name
+    is not the library's): then the function body runs, and "on" (which requires the kernel) refuses."""
     pair = (info.activation_dtype, info.kv_cache)
-    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES and not info.pool):
+    pool_alone = info.pool and not info.sinks
+    if not path.startswith("native kernel") or (loaded and pair in NATIVE_CACHES and not pool_alone):
         return path
-    why = (f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache" if not info.pool
-           else "the native kernel keeps no pool")
+    why = ("the native kernel keeps a pool only beside attention sinks" if pool_alone
+           else f"the native kernel has no variant for {pair[0]} activations with an {pair[1]} cache")
     if _kernel_mode(mode) == "on":
         raise EdgeError(why)
     return f"{FUNCTION_BODY} ({why})"
