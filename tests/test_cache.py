@@ -10,7 +10,7 @@ from helpers import FP16_TOL, assert_close, checkpoint_of, tiny_hf_mistral
 
 from mistral_edge.contract import GraphInfo
 from mistral_edge.errors import EdgeError
-from mistral_edge.export.pipeline import DEFAULT_WINDOW, export_onnx, resolve_sinks, resolve_window
+from mistral_edge.export.pipeline import DEFAULT_WINDOW, export_onnx, resolve_pool, resolve_sinks, resolve_window
 from mistral_edge.model.reference import ReferenceModel, apply_rope, rms_norm, rope_tables
 from mistral_edge.quantize.spec import parse_quant
 from mistral_edge.runtime.session import DecoderSession, SessionConfig
@@ -400,6 +400,12 @@ def test_graph_metadata_and_bounds_of_a_pool(sharp, tmp_path):
         resolve_window(sharp, W, None, S, W - S)
     with pytest.raises(EdgeError, match="chunk size must be between 1 and the window W=16 minus its 3 sinks and pool of 5, 8, got 9"):
         resolve_window(sharp, W, 9, S, P)
+    full = checkpoint_of(tiny_hf_mistral(window=W))
+    full.config = full.config.__class__(**{**full.config.__dict__, "sliding_window": None})
+    assert resolve_pool(sharp, None, W, S) == 0  # trained with a window: the ring is exact
+    # trained without one: W / 2 (docs/cache.md), a ring left beside the sinks
+    assert [resolve_pool(full, None, w, resolve_sinks(full, None, w)) for w in (8, 16, 256, 1024)] == [3, 8, 128, 512]
+    assert resolve_pool(full, None) == 512 and resolve_pool(full, 3, 16) == 3  # the default W; as given
     assert attention_note(None, 1024, 64, 512)[1] == ("W=1024: exact up to 1024 tokens, an approximation past them "
                                                       "(64 sinks + a pool of the 512 most-attended older tokens + "
                                                       "the last 448 tokens)")

@@ -55,7 +55,7 @@ def compare(
     sinks: Annotated[Optional[str], typer.Option(help="sweep attention sinks, e.g. 0,4: each quant at each W with "
                                                       "each (default: the export's)")] = None,
     pool: Annotated[Optional[str], typer.Option(help="sweep the pool of most-attended tokens, e.g. 0,512: each quant "
-                                                     "at each W with each (default: none; docs/cache.md)")] = None,
+                                                     "at each W with each (default: the export's)")] = None,
     ctx: Annotated[int, typer.Option(help="tokens per perplexity window; above W, PPL is also split into "
                                           "predictions within W and beyond it")] = 512,
     n_windows: Annotated[int, typer.Option(help="how many windows (the first N of the text)")] = 32,

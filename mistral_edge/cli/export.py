@@ -31,9 +31,9 @@ def export(
     chunk: ChunkOpt = None,
     sinks: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the first tokens for ever "
                                                       "(default: W/16 within 4..64 for a model trained without a window, else 0)")] = None,
-    pool: Annotated[int, typer.Option(help="of the W cache slots, how many keep the most-attended tokens that left "
-                                           "the window (per layer and kv head; docs/cache.md; runs the function "
-                                           "body, not the native kernel)")] = 0,
+    pool: Annotated[Optional[int], typer.Option(help="of the W cache slots, how many keep the most-attended tokens "
+                                                     "that left the window, per layer and kv head (default: W/2 for "
+                                                     "a model trained without a window, else 0; docs/cache.md)")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(help=f"KV cache storage: {', '.join(KV_CACHES)} (int8: a scale per "
                                                          "token and head; default: the activation type)")] = None,
     device_memory: Annotated[Optional[str], typer.Option(help="device memory to fit, e.g. 8GB or phone-4gb, orin-nano-8gb")] = None,

@@ -21,7 +21,7 @@ from rich.progress import Progress
 from .. import __version__
 from ..errors import EdgeError
 from ..contract import GRAPH_CONTRACT_VERSION
-from ..export.pipeline import resolve_sinks, resolve_window
+from ..export.pipeline import resolve_pool, resolve_sinks, resolve_window
 from ..model.checkpoint import Checkpoint
 from ..model.loaders import load_checkpoint
 from ..quantize.selfgen import textless_calibration
@@ -51,7 +51,7 @@ class CompareRequest:
     dataset: str | None = None
     windows: tuple[int, ...] = ()  # W sweep; empty: the model's own (or the export default)
     sinks: tuple[int, ...] = ()  # attention-sink sweep; empty: the export default (resolve_sinks)
-    pools: tuple[int, ...] = ()  # pool sweep (docs/cache.md); empty: no pool
+    pools: tuple[int, ...] = ()  # pool sweep (docs/cache.md); empty: the export default (resolve_pool)
     ctx: int = 512
     n_windows: int = 32
     calib: Calibration | None = None  # SelfText, RandomTokens: no text (quantize/selfgen.py)
@@ -339,7 +339,7 @@ def _compare(req: CompareRequest, choices: list[QuantChoice], progress: Progress
         if req.sinks and max(req.sinks) >= windows[0]:
             raise EdgeError(f"--sinks {max(req.sinks)} must be below every window (W={windows[0]})")
         cells = [(w, s, p) for w in windows for s in (sorted(set(req.sinks)) or [resolve_sinks(ck, None, w)])
-                 for p in sorted(set(req.pools)) or [0]]
+                 for p in sorted(set(req.pools)) or [resolve_pool(ck, None, w, s)]]
         for w, s, p in cells:
             if s + p >= w:
                 raise EdgeError(f"--pool {p} with {s} sinks leaves no ring in the window W={w}")

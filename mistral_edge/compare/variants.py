@@ -132,10 +132,10 @@ def export_code_sha256() -> str:
 def expected_manifest(ck: Checkpoint, req: BundleRequest, source_sha256: str | None) -> dict:
     """The manifest entries that decide whether an existing bundle is `req` (window, chunk and sinks resolved)."""
     return {"target": TARGET, "source": {"path": ck.source, "sha256": source_sha256}, "quant": req.quant.name,
-            "window": req.window, "sinks": req.sinks, "pool": req.pool, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
+            "window": req.window, "sinks": req.sinks, "pool": req.pool or 0, "kv_cache": req.kv_cache_type, "chunk": req.chunk,
             "format": req.weight_format, "graph_contract": GRAPH_CONTRACT_VERSION, "toolkit": __version__,
             "weight_bytes": request_budget(ck.config, quant_plan(ck.config, req.quant), req.window, req.chunk,
-                                           req).weight_bytes}
+                                           req, req.pool or 0).weight_bytes}
 
 
 def _manifest_entries(m: dict) -> dict:
@@ -197,7 +197,7 @@ def prepare_calibrated(ck: Checkpoint, spec: QuantSpec, window: int, chunk: int,
             export_onnx(cal.checkpoint, spec, tmp / "model.onnx", window=window, chunk=chunk, fmt=fmt,
                         accuracy_level=target.accuracy_level, plan=cal.plan, kv_cache=kv_cache, sinks=sinks, pool=pool)
             budget = request_budget(ck.config, cal.plan, window, chunk,
-                                    BundleRequest(target, spec, window, chunk, kv_cache=kv_cache, fmt=fmt, pool=pool))
+                                    BundleRequest(target, spec, window, chunk, kv_cache=kv_cache, fmt=fmt, pool=pool), pool)
             record = {"key": key, "model_sha256": sha256_file(tmp / "model.onnx"), "memory_budget": budget.to_dict(),
                       "bits_per_weight": model_bits_per_weight(ck.config, cal.plan, fmt), "int8": list(cal.int8),
                       "awq_alpha": cal.alphas}

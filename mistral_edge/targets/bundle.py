@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..contract import GRAPH_CONTRACT_VERSION
 from ..errors import EdgeError, first_line
-from ..export.pipeline import export_onnx, resolve_sinks, resolve_window
+from ..export.pipeline import export_onnx, resolve_pool, resolve_sinks, resolve_window
 from ..manifest import (FORMAT_VERSION, MANIFEST, TOOLKIT, BudgetRecord, FileEntry, GenerationDefaults, Manifest,
                         QuantInfo, RuntimeSettings, Source, TokenizerInfo, Toolkit)
 from ..model.checkpoint import Checkpoint
@@ -170,18 +170,18 @@ def _raise_for(signum: int):
 
 
 def request_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
-                   req: BundleRequest) -> MemoryBudget:
+                   req: BundleRequest, pool: int = 0) -> MemoryBudget:
     """The memory budget of `req`'s bundle as its manifest records it (the target's activations,
-    weight format, cache type and weight packing)."""
+    weight format, cache type and weight packing; `pool`: the resolved pool)."""
     return estimate(cfg, plan, window, chunk, activations=req.activation_dtype, fmt=req.weight_format,
-                    kv_cache=req.kv_cache_type, packed=req.target.packs_weights, pool=req.pool)
+                    kv_cache=req.kv_cache_type, packed=req.target.packs_weights, pool=pool)
 
 
 def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int,
-                 req: BundleRequest) -> tuple[MemoryBudget, int | None]:
+                 req: BundleRequest, pool: int = 0) -> tuple[MemoryBudget, int | None]:
     """The memory budget and the device's usable bytes (None: no device given); raises before
     writing when the bundle cannot fit, naming the changes to the request that would fit."""
-    budget = request_budget(cfg, plan, window, chunk, req)
+    budget = request_budget(cfg, plan, window, chunk, req, pool)
     spec = req.device_memory or req.target.device_memory
     if spec is None:
         return budget, None
@@ -193,12 +193,12 @@ def check_budget(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, ch
             f"bundle needs {_mb(budget.total_bytes)} (weights {_mb(budget.weight_bytes)}, KV cache "
             f"{_mb(budget.kv_cache_bytes)}, activations {_mb(budget.activation_bytes)}) but {spec} leaves "
             f"{_mb(usable)} ({fraction:.0%}) for the model on {req.target.name}: {_mb(short)} short; "
-            + _what_fits(cfg, plan, window, chunk, req, spec, budget.total_bytes, usable))
+            + _what_fits(cfg, plan, window, chunk, req, spec, budget.total_bytes, usable, pool))
     return budget, usable
 
 
 def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chunk: int, req: BundleRequest,
-               spec: str, total: int, usable: int) -> str:
+               spec: str, total: int, usable: int, pool: int = 0) -> str:
     """Each single change to the request that fits: the smallest larger named device (of the same
     family when one fits), the largest smaller window, int4 linears when they are not int4 already."""
     hints = []
@@ -211,7 +211,7 @@ def _what_fits(cfg: ModelConfig, plan: dict[str, TensorQuant], window: int, chun
         hints.append(f"--device-memory {min(same or devices)[2]}")
 
     def fits(w: int, p: dict[str, TensorQuant] = plan) -> bool:
-        return request_budget(cfg, p, w, min(chunk, w), req).total_bytes <= usable
+        return request_budget(cfg, p, w, min(chunk, w), req, min(pool, w // 2)).total_bytes <= usable
 
     if window > 1 and fits(1):
         lo, hi = 1, window - 1  # the largest window that fits: the budget grows with W
@@ -258,9 +258,10 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     target = req.target
     mlc = target.name == "mlc"
     sinks = 0 if mlc else resolve_sinks(ck, req.sinks, req.window)
-    window, chunk = resolve_window(ck, req.window, req.chunk, sinks, req.pool)
+    pool = 0 if mlc else resolve_pool(ck, req.pool, req.window, sinks)
+    window, chunk = resolve_window(ck, req.window, req.chunk, sinks, pool)
     plan = _mlc_plan(ck, req) if mlc else quant_plan(ck.config, req.quant)
-    budget, usable = check_budget(ck.config, plan, window, chunk, req)
+    budget, usable = check_budget(ck.config, plan, window, chunk, req, pool)
     tok_name = "tokenizer.json" if "tokenizer.json" in ck.tokenizer_files else next(iter(ck.tokenizer_files), None)
     if tok_name is None:
         raise EdgeError(f"{ck.source}: no tokenizer found (expected tokenizer.json or tokenizer.model)")
@@ -271,7 +272,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
     fmt = req.weight_format
     codes, calibration, plan = _calibration(ck, req, plan, log)
     if calibration is not None:  # the calibrated plan spends the same bits on other tensors
-        budget, usable = check_budget(ck.config, plan, window, chunk, req)
+        budget, usable = check_budget(ck.config, plan, window, chunk, req, pool)
     with atomic_dir(out, log) as tmp:
         if mlc:
             write_mlc(ck, tmp, tokenizer_files={tok_name: ck.tokenizer_files[tok_name]},
@@ -282,7 +283,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             result = export_onnx(ck, req.quant, tmp / "model.onnx", window=window, chunk=chunk,
                                  fmt=fmt, accuracy_level=target.accuracy_level, plan=plan,
                                  activations=req.activation_dtype, progress=progress, sinks=sinks,
-                                 kv_cache=req.kv_cache_type, pool=req.pool, codes=codes)
+                                 kv_cache=req.kv_cache_type, pool=pool, codes=codes)
             model_file = "model.onnx"
             for name, kind, shape, stats in result.errors if tensor_log else ():
                 tensor_log(f"  {name:36s} {kind:5s} {str(list(shape)):14s} {stats}")
@@ -302,7 +303,7 @@ def write_bundle(ck: Checkpoint, req: BundleRequest, out: Path, log=print, progr
             memory_budget=BudgetRecord(**budget.to_dict(), device_usable_bytes=usable),
             files=tuple(FileEntry(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_file(p))
                         for p in sorted(tmp.rglob("*")) if p.is_file()), sinks=sinks, kv_cache=req.kv_cache_type,
-            pool=req.pool)
+            pool=pool)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return manifest
 

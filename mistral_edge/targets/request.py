@@ -21,17 +21,17 @@ MAX_WINDOW = 1 << 20
 attention scores of one chunk, would not fit any device this toolkit targets."""
 
 
-def check_window(window: int | None, chunk: int | None, sinks: int | None = None, pool: int = 0) -> None:
+def check_window(window: int | None, chunk: int | None, sinks: int | None = None, pool: int | None = None) -> None:
     """--window, --chunk, --sinks and --pool as given (None: the model's or the default), before any model is read."""
     for name, value in (("window", window), ("chunk size", chunk)):
         if value is not None and not (isinstance(value, int) and 0 < value <= MAX_WINDOW):
             raise EdgeError(f"{name} must be an integer between 1 and {MAX_WINDOW:,}, got {value}")
     if sinks is not None and not (isinstance(sinks, int) and 0 <= sinks < (window or MAX_WINDOW)):
         raise EdgeError(f"sinks must be an integer between 0 and {(window or MAX_WINDOW) - 1:,}, got {sinks}")
-    if not (isinstance(pool, int) and 0 <= pool < (window or MAX_WINDOW) - (sinks or 0)):
+    if pool is not None and not (isinstance(pool, int) and 0 <= pool < (window or MAX_WINDOW) - (sinks or 0)):
         raise EdgeError(f"pool must be an integer between 0 and {(window or MAX_WINDOW) - (sinks or 0) - 1:,} "
                         f"(the window minus its sinks, minus 1), got {pool}")
-    ring = (window or 0) - (sinks or 0) - pool
+    ring = (window or 0) - (sinks or 0) - (pool or 0)
     if window is not None and chunk is not None and chunk > ring:
         held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
         minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
@@ -52,7 +52,7 @@ class BundleRequest:
     sinks: int | None = None  # attention sinks; None: export.pipeline.resolve_sinks' default
     kv_cache: str | None = None  # "fp32" | "fp16" | "int8": the KV cache's storage; None: the activation type
     calib: Calibration | None = None  # calibration text: GPTQ codes for the int4 tensors (quantize/calibrate.py)
-    pool: int = 0  # of the W slots, how many keep the most-attended keys that left the ring (docs/cache.md)
+    pool: int | None = None  # of the W slots, those keeping the most-attended keys that left the ring; None: resolve_pool's
 
     def __post_init__(self) -> None:
         from ..export.onnx_builder import activation_type
