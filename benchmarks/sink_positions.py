@@ -74,7 +74,9 @@ def pool_visibility(scores: torch.Tensor, window: int, sinks: int, pool: int, gr
             mean = (received / (start - k).clamp(min=1)).gather(1, cand.clamp(min=0))
             mean = torch.where(cand >= 0, mean, float("-inf"))
             best = cand.gather(1, torch.sort(mean, dim=1, descending=True, stable=True).indices[:, :pool])
-            pooled = torch.zeros_like(pooled).scatter_(1, best.clamp(min=0), best >= 0)
+            pooled = torch.zeros_like(pooled)
+            held = torch.nonzero(best >= 0, as_tuple=True)  # not scatter with clamped -1s: they hit position 0
+            pooled[held[0], best[held]] = True
         seen[:, q] = ((k[None] <= q[:, None]) & ((k[None] < sinks) | (k[None] > q[:, None] - ring)))[None] \
             | pooled[:, None]
         rows = scores[:, q].masked_fill(~seen[:, q].repeat_interleave(group, 0), float("-inf"))

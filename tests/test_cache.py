@@ -252,32 +252,32 @@ def sharp():
     return checkpoint_of(model)
 
 
-def pooled_positions(cache, layer: int) -> torch.Tensor:
-    return cache.slot_positions(layer)[:, :, S:S + P]
+def pooled_positions(cache, layer: int, sinks: int = S) -> torch.Tensor:
+    return cache.slot_positions(layer)[:, :, sinks:sinks + P]
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_pool_cache_equals_the_dense_policy(sharp, chunk):
+@pytest.mark.parametrize("chunk,sinks", [(1, S), (4, S), (1, 0)])
+def test_pool_cache_equals_the_dense_policy(sharp, chunk, sinks):
     """ReferenceModel's pooled cache fed `chunk` tokens a step against benchmarks/sink_positions.py's
     dense computation of the same policy from each layer's whole-sequence scores (sets of positions,
-    no slots)."""
+    no slots); without sinks, position 0 is a candidate like any other."""
     bench = load_sink_positions()
     T = 64
     t = np.asarray(sequences(11, [T])[0])
     w = {k: v.float() for k, v in sharp.weights.items()}
-    dense = bench.token_nll(sharp, w, t, W, S, False, pool=P, chunk=chunk)
+    dense = bench.token_nll(sharp, w, t, W, sinks, False, pool=P, chunk=chunk)
     ref = ReferenceModel(sharp.config, sharp.weights)
-    cache = ref.new_cache(window=W, sinks=S, pool=P)
+    cache = ref.new_cache(window=W, sinks=sinks, pool=P)
     logits = ref.prefill(torch.as_tensor(t)[None], cache, chunk=chunk)
     step = -torch.log_softmax(logits[0, :-1], -1)[torch.arange(T - 1), torch.as_tensor(t[1:])]
     torch.testing.assert_close(step, dense, atol=1e-4, rtol=1e-4)
-    full, sinks_only = bench.token_nll(sharp, w, t, T, 0, False), bench.token_nll(sharp, w, t, W, S, False)
+    full, sinks_only = bench.token_nll(sharp, w, t, T, 0, False), bench.token_nll(sharp, w, t, W, sinks, False)
     torch.testing.assert_close(dense[:W], full[:W], atol=1e-4, rtol=1e-4)  # nothing dropped before W keys
     assert (dense[W:] - sinks_only[W:]).abs().max() > 1e-2
     # the pool kept older keys than some it dropped: a choice by attention, not the ring's order
-    ring_start = T - (W - S - P)
-    kept = [pooled_positions(cache, i) for i in range(sharp.config.n_layers)]
-    assert all(((k >= S) & (k < ring_start)).all() for k in kept)
+    ring_start = T - (W - sinks - P)
+    kept = [pooled_positions(cache, i, sinks) for i in range(sharp.config.n_layers)]
+    assert all(((k >= sinks) & (k < ring_start)).all() for k in kept)
     assert any((k.amin(-1) < ring_start - P).any() for k in kept)
 
 
