@@ -438,12 +438,17 @@ void unit(const Problem& p, int64_t u) {
       const float m = j < P ? pool_mass[j] : old_m[j - P];
       mean[j] = pos1 > 0 ? m / std::fmax(p.age_base[b] - static_cast<float>(pos1), 1.0f) : -INFINITY;
     }
-    int64_t* order = room(w.order, P + C);
-    for (int64_t j = 0; j < P + C; ++j) order[j] = j;
-    std::nth_element(order, order + P, order + P + C, [&](int64_t x, int64_t y) {
-      return mean[x] > mean[y] || (mean[x] == mean[y] && x < y);
-    });
-    for (int64_t j = P; j < P + C; ++j) mean[order[j]] = NAN;  // dropped (NaN marks it: kept ones are never NaN)
+    auto better = [&](int64_t x, int64_t y) { return mean[x] > mean[y] || (mean[x] == mean[y] && x < y); };
+    if (C == 1) {  // decode: drop the one worst candidate, a single scan
+      int64_t worst = 0;
+      for (int64_t j = 1; j <= P; ++j) worst = better(worst, j) ? j : worst;
+      mean[worst] = NAN;  // dropped (NaN marks it: kept ones are never NaN)
+    } else {
+      int64_t* order = room(w.order, P + C);
+      for (int64_t j = 0; j < P + C; ++j) order[j] = j;
+      std::nth_element(order, order + P, order + P + C, better);
+      for (int64_t j = P; j < P + C; ++j) mean[order[j]] = NAN;
+    }
     int64_t l = 0;
     for (int64_t j = 0; j < C; ++j) {
       if (std::isnan(mean[P + j])) continue;
