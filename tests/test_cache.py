@@ -377,6 +377,19 @@ def test_pool_cache_is_updated_in_place_and_memory_is_fixed_by_w(sharp, tmp_path
     assert session.positions.tolist() == [0] and not session._arrays["pool_pos.0"].any()
 
 
+def test_the_default_chunk_keeps_a_pooled_prefill_exact_up_to_w(sharp):
+    """A chunk that runs past W from below it admits for all its queries at once, some still within W:
+    the default chunk of a pooled cache divides W, so a prefill from 0 attends as full attention up to W."""
+    chunk = resolve_window(sharp, W, None, S, P)[1]
+    assert chunk == W - S - P == 8 and W % chunk == 0 and resolve_window(sharp, 20, None, S, P)[1] == 10
+    ref = ReferenceModel(sharp.config, sharp.weights)
+    seq = sequences(13, [W + 2])[0]
+    full = dense_logits(sharp, seq, W + 2, 0)[:W]
+    for c, exact in ((chunk, True), (6, False)):  # 6: the third chunk runs from 12 to 18
+        got = ref.prefill(torch.tensor([seq]), ref.new_cache(window=W, sinks=S, pool=P), c)[0, :W]
+        assert ((got - full).abs().max() < 1e-4) == exact
+
+
 def test_a_pool_without_sinks_runs_the_function_body(sharp, tmp_path):
     from mistral_edge import kernels
 

@@ -77,7 +77,8 @@ def resolve_pool(ck: Checkpoint, pool: int | None, window: int | None = None, si
 
 def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks: int = 0,
                    pool: int = 0) -> tuple[int, int]:
-    """(W, chunk): W the model's window or DEFAULT_WINDOW; the chunk fits the ring of W - sinks - pool slots."""
+    """(W, chunk): W the model's window or DEFAULT_WINDOW; the chunk fits the ring of W - sinks - pool slots
+    (by default DEFAULT_CHUNK or the ring, and with a pool the largest such that divides W)."""
     w = window if window is not None else (ck.config.sliding_window or DEFAULT_WINDOW)
     if w <= 0:
         raise EdgeError(f"window must be a positive integer, got {w}")
@@ -87,6 +88,8 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks:
         raise EdgeError(f"pool must be between 0 and W - sinks - 1 = {w - sinks - 1}, got {pool}")
     ring = w - sinks - pool
     c = chunk if chunk is not None else min(DEFAULT_CHUNK, ring)
+    while chunk is None and pool and w % c:  # a chunk that runs past W from below it would admit for
+        c -= 1  # queries still within W: the largest that divides W keeps a prefill from 0 exact up to W
     if not 0 < c <= ring:
         held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
         minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
