@@ -173,6 +173,12 @@ class GraphInfo:
         return cls(**values)
 
 
+def ring_span(window: int, sinks: int = 0, pool: int = 0) -> str:
+    """'the window W=..', and what the sinks and pool leave of it for a chunk, for error messages."""
+    held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
+    return f"the window W={window}" + (f" minus its {' and '.join(held)}, {window - sinks - pool}" if held else "")
+
+
 def attention_note(trained_window: int | None, window: int | None, sinks: int = 0, pool: int = 0) -> tuple[str, str]:
     """(how the model was trained, what a W-slot cache with `sinks` and `pool` computes), for `info` and `inspect`."""
     trained = f"sliding window of {trained_window}" if trained_window else "full attention (no window)"

@@ -163,21 +163,28 @@ def test_graph_metadata_sinks_and_trained_window(ck, tmp_path):
 
 def test_snapshot_of_a_sink_cache_past_the_ring_resumes_exactly(ck, tmp_path):
     """serve's capture / save / load / restore carry the sinks, which the ring no longer holds."""
+    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
+    state = snapshot_resumes(tmp_path / "m.onnx", tmp_path)
+    assert state.cache["sink_key.0"].shape[1] == S and state.cache["key.0"].shape[1] == W - S
+
+
+def snapshot_resumes(model, tmp_path):
+    """Feed 2W tokens, capture row 0, save, load and restore it into row 1 of a batch-2 session, and
+    check the next chunk's logits there against the uninterrupted session's; returns the state."""
     from mistral_edge.serve.snapshot import TokenHistory, capture, load, restore, save
 
-    export_onnx(ck, parse_quant("fp32"), tmp_path / "m.onnx", window=W, chunk=4, sinks=S)
     tokens = sequences(4, [3 * W + 2])[0]
-    first, second = DecoderSession(tmp_path / "m.onnx"), DecoderSession(tmp_path / "m.onnx", batch=2)
+    first, second = DecoderSession(model), DecoderSession(model, batch=2)
     for s in range(0, 2 * W, 4):
         first.step(np.array([tokens[s:s + 4]]))
     state = capture(first, 0, TokenHistory.of(tokens[:2 * W], W))
-    assert state.cache["sink_key.0"].shape[1] == S and state.cache["key.0"].shape[1] == W - S
     save(tmp_path / "s.snap", state, first, "bundle")
     restore(second, 1, load(tmp_path / "s.snap", second, "bundle"))
     rest = np.array([tokens[2 * W:2 * W + 4]])
     want = first.step(rest, all_logits=True).copy()
     got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
     assert np.abs(got - want).max() < 1e-5
+    return state
 
 
 def test_attention_note_says_whether_the_window_is_exact():
@@ -426,21 +433,12 @@ def test_graph_metadata_and_bounds_of_a_pool(sharp, tmp_path):
 
 def test_snapshot_of_a_pooled_cache_past_the_ring_resumes_exactly(sharp, tmp_path):
     """serve's capture / save / load / restore carry the pool and the masses; a pooled state is never truncated."""
-    from mistral_edge.serve.snapshot import TokenHistory, capture, load, restore, save
+    from mistral_edge.serve.snapshot import TokenHistory, capture
 
     model = pooled_export(sharp, tmp_path / "m.onnx", 4)
-    tokens = sequences(4, [3 * W + 2])[0]
-    first, second = DecoderSession(model), DecoderSession(model, batch=2)
-    for s in range(0, 2 * W, 4):
-        first.step(np.array([tokens[s:s + 4]]))
-    state = capture(first, 0, TokenHistory.of(tokens[:2 * W], W))
+    state = snapshot_resumes(model, tmp_path)
     assert state.cache["pool_key.0"].shape[1] == P and state.cache["mass.0"].shape[1] == W - S - P
-    save(tmp_path / "s.snap", state, first, "bundle")
-    restore(second, 1, load(tmp_path / "s.snap", second, "bundle"))
-    rest = np.array([tokens[2 * W:2 * W + 4]])
-    want = first.step(rest, all_logits=True).copy()
-    got = second.step(np.concatenate([rest, rest]), np.array([0, 4]), all_logits=True)[1:]
-    assert np.abs(got - want).max() < 1e-5
+    tokens = sequences(4, [6])[0]
     short = DecoderSession(model)
-    short.step(np.array([tokens[:6]]))
+    short.step(np.array([tokens]))
     assert capture(short, 0, TokenHistory.of(tokens[:6], W)).truncated(4, W) is None

@@ -318,10 +318,10 @@ def admit(b: Builder, p: AttentionPlan, old: dict[str, list[str]], old_mass: str
             "", TensorProto.INT64, [1], [1]))], axis=2)  # [B, Hkv, P + C, 1]: 1 for the P kept
     left, won = b.op("Split", [kept, b.op("Concat", [i64(pool), b.op("Shape", [old_mass], start=2, end=3)], axis=0)],
                      n_out=2, axis=2)
-    lost = b.op("Equal", [left, b.const(0)])  # [B, Hkv, P, 1]
+    lost, winner = b.op("Equal", [left, b.const(0)]), b.op("Equal", [won, b.const(1)])  # [B, Hkv, P | C, 1]
     # the k-th losing pool slot (in slot order) takes the k-th winner (in chunk order)
     lost_rank = b.op("Where", [lost, b.op("CumSum", [b.op("Sub", [b.const(1), left]), b.const(2)]), b.const(-1)])
-    won_rank = b.op("Where", [b.op("Equal", [won, b.const(1)]), b.op("CumSum", [won, b.const(2)]), b.const(-2)])
+    won_rank = b.op("Where", [winner, b.op("CumSum", [won, b.const(2)]), b.const(-2)])
     pairs = b.op("Equal", [lost_rank, b.op("Transpose", [won_rank], perm=[0, 1, 3, 2])])  # [B, Hkv, P, C]
     src = b.op("ArgMax", [b.op("Cast", [pairs], to=TensorProto.INT32)], axis=3, keepdims=1)  # [B, Hkv, P, 1]
     src_row = b.op("Expand", [src, i64(1, 1, 1, head_dim)])  # the same over D, for keys' and values' rows
@@ -336,7 +336,7 @@ def admit(b: Builder, p: AttentionPlan, old: dict[str, list[str]], old_mass: str
             take(stored, f"past_pool_{kind}{part}", f"present_pool_{kind}{part}")
     take(old_pos, "past_pool_pos", "present_pool_pos")
     take(old_mass, "past_pool_mass", "admitted_pool_mass")
-    hidden = b.op("Transpose", [b.op("Where", [b.op("Equal", [won, b.const(1)]), mask, zero])], perm=[0, 1, 3, 2])
+    hidden = b.op("Transpose", [b.op("Where", [winner, mask, zero])], perm=[0, 1, 3, 2])
     pool_bias = b.op("Transpose", [b.op("Where", [b.op("Greater", ["present_pool_pos", b.const(0)]), zero, mask])],
                      perm=[0, 1, 3, 2])
     return hidden, pool_bias

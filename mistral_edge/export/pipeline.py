@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract import check_kv_cache, graph_ops
+from ..contract import check_kv_cache, graph_ops, ring_span
 from ..errors import EdgeError
 from ..model.checkpoint import Checkpoint
 from ..quantize.int4 import Int4Weight
@@ -91,9 +91,7 @@ def resolve_window(ck: Checkpoint, window: int | None, chunk: int | None, sinks:
     while chunk is None and pool and w % c:  # a chunk that runs past W from below it would admit for
         c -= 1  # queries still within W: the largest that divides W keeps a prefill from 0 exact up to W
     if not 0 < c <= ring:
-        held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
-        minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
-        raise EdgeError(f"chunk size must be between 1 and the window W={w}{minus}, got {c}")
+        raise EdgeError(f"chunk size must be between 1 and {ring_span(w, sinks, pool)}, got {c}")
     return w, c
 
 

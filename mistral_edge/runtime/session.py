@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..contract import GraphInfo
+from ..contract import GraphInfo, ring_span
 from ..errors import EdgeError, first_line
 
 
@@ -223,8 +223,7 @@ class DecoderSession:
 
     @property
     def _span(self) -> str:
-        held = [f"{self.sinks} sinks"] * bool(self.sinks) + [f"pool of {self.pool}"] * bool(self.pool)
-        return f"the window W={self.window}" + (f" minus its {' and '.join(held)}, {self.ring}" if held else "")
+        return ring_span(self.window, self.sinks, self.pool)
 
     @property
     def slots(self) -> int:

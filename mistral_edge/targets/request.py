@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..contract import check_kv_cache
+from ..contract import check_kv_cache, ring_span
 from ..errors import EdgeError
 from ..quantize.spec import Calibration, QuantSpec, check_calibration, parse_quant
 from .profiles import TargetProfile, parse_memory
@@ -33,9 +33,7 @@ def check_window(window: int | None, chunk: int | None, sinks: int | None = None
                         f"(the window minus its sinks, minus 1), got {pool}")
     ring = (window or 0) - (sinks or 0) - (pool or 0)
     if window is not None and chunk is not None and chunk > ring:
-        held = [f"{sinks} sinks"] * bool(sinks) + [f"pool of {pool}"] * bool(pool)
-        minus = f" minus its {' and '.join(held)}, {ring}" if held else ""
-        raise EdgeError(f"chunk size must be between 1 and the window W={window}{minus}, got {chunk}")
+        raise EdgeError(f"chunk size must be between 1 and {ring_span(window, sinks or 0, pool or 0)}, got {chunk}")
 
 
 @dataclass(frozen=True)
